@@ -1,0 +1,127 @@
+"""Run configurations: YAML files with the reference's keys or ours, plus ``--set key=value`` overrides.
+
+Reference keys (mapped): task (SR|DN|DR), sr (scale), TextImg_path + Imagelist (images), patch_path, h, w and
+ROI_size (roi = (h, w, ROI_size)), mask_block_size (block), coarse_num, fine_num, tol, Modellist (models).
+Reference keys accepted and ignored: prefix, batch_size_dict, load_previous.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .geometry import ROI
+
+OURS = {
+    "model": None, "models": None, "images": None, "image": None, "roi": None, "task": "DN", "scale": 4,
+    "sigma": 50.0, "noise_seed": 0, "rain_preset": "medium", "rain_beta": None, "rain_seed": None,
+    "block": 8, "coarse": 3, "fine": 50, "tol": 0.01, "patches": None, "seed": 0, "device": None,
+    "batch_size": None, "backend": None, "mode": "coarse-to-fine", "samples": None,
+}
+REFERENCE = {"sr": "scale", "patch_path": "patches", "mask_block_size": "block", "coarse_num": "coarse",
+             "fine_num": "fine", "Modellist": "models"}
+REFERENCE_ROI = ("h", "w", "ROI_size")
+REFERENCE_IMAGES = ("TextImg_path", "Imagelist")
+IGNORED = ("prefix", "batch_size_dict", "load_previous")
+VALID_KEYS = sorted(set(OURS) | set(REFERENCE) | set(REFERENCE_ROI) | set(REFERENCE_IMAGES) | set(IGNORED))
+
+
+@dataclass
+class RunConfig:
+    models: list[str]
+    images: list[str]
+    roi: ROI
+    options: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _closest(key: str) -> str:
+    m = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars or lists: ``8``, ``0.01``, ``[152, 96, 32]``, ``DN``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    base = Path(".")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config {path!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path!r} must be a mapping of keys to values, got {type(raw).__name__}")
+        base = p.parent
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        raw[k.strip()] = parse_value(v)
+    for k in raw:
+        if k not in VALID_KEYS:
+            raise ValueError(f"unknown config key {k!r}{_closest(k)}")
+    return normalise(raw, base)
+
+
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(str(path)).expanduser()
+    if not p.is_absolute() and not p.exists() and (base / p).exists():
+        return str(base / p)
+    return str(p)
+
+
+def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
+    opts = {k: v for k, v in OURS.items()}
+    for k, v in raw.items():
+        if k in REFERENCE:
+            opts[REFERENCE[k]] = v
+        elif k in OURS:
+            opts[k] = v
+    models = _as_list(opts.pop("models")) + _as_list(opts.pop("model"))
+    if not models:
+        raise ValueError("config must name a model (key 'model' or 'models': a checkpoint, bicubic, default, "
+                         "or pkg.module:factory)")
+    images = _as_list(opts.pop("images")) + _as_list(opts.pop("image"))
+    if "Imagelist" in raw:
+        folder = Path(str(raw.get("TextImg_path", ".")))
+        images += [str(folder / n) for n in _as_list(raw["Imagelist"])]
+    if not images:
+        raise ValueError("config must name images (key 'images', or the reference's TextImg_path + Imagelist)")
+    images = [_resolve(i, base) for i in images]
+    models = [m if not (Path(str(m)).suffix or "/" in str(m)) else _resolve(m, base) for m in models]
+    roi = opts.pop("roi")
+    if roi is None and any(k in raw for k in REFERENCE_ROI):
+        missing = [k for k in REFERENCE_ROI if k not in raw]
+        if missing:
+            raise ValueError(f"reference ROI keys need h, w and ROI_size; missing {', '.join(missing)}")
+        roi = (raw["h"], raw["w"], raw["ROI_size"])
+    if roi is None:
+        raise ValueError("config must give roi: [y, x, size] or [y, x, height, width] (or h, w, ROI_size)")
+    if opts.get("patches") is not None and opts["patches"] != "default":
+        opts["patches"] = _resolve(opts["patches"], base)
+    task = str(opts["task"]).strip()
+    if task.upper() not in ("SR", "DN", "DR", "IDENTITY"):
+        raise ValueError(f"task must be SR, DN, DR or identity, got {task!r}")
+    for k in ("block", "coarse", "fine", "seed", "scale"):
+        if not isinstance(opts[k], int) or isinstance(opts[k], bool):
+            raise ValueError(f"{k} must be an integer, got {opts[k]!r}")
+    return RunConfig([str(m) for m in models], images, ROI.parse(roi), opts, raw)

@@ -1,0 +1,137 @@
+"""Block grid and region of interest, both in output pixels.
+
+The block grid tiles the model's *output* into ``block x block`` squares (the last row and column may be
+partial). For super-resolution by ``scale`` a block covers ``block // scale`` input pixels, so ``block`` must be
+a multiple of ``scale``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+RoiLike = Union["ROI", Sequence[int], dict]
+
+
+@dataclass(frozen=True)
+class ROI:
+    """Rectangular region of interest in output pixels: top-left ``(y, x)``, size ``height x width``."""
+
+    y: int
+    x: int
+    height: int
+    width: int
+
+    @classmethod
+    def parse(cls, value: RoiLike) -> "ROI":
+        """Accept an ROI, ``(y, x, size)``, ``(y, x, height, width)`` or ``{"y", "x", "size"|"height","width"}``."""
+        if isinstance(value, ROI):
+            return value
+        if isinstance(value, dict):
+            size = value.get("size")
+            h = value.get("height", size)
+            w = value.get("width", size)
+            if "y" not in value or "x" not in value or h is None or w is None:
+                raise ValueError(f"roi {value!r} must give y, x and size (or height and width)")
+            value = (value["y"], value["x"], h, w)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        try:
+            nums = [int(v) for v in value]
+        except (TypeError, ValueError):
+            raise ValueError(f"roi must be (y, x, size) or (y, x, height, width) integers, got {value!r}") from None
+        if len(nums) == 3:
+            nums = [nums[0], nums[1], nums[2], nums[2]]
+        if len(nums) != 4:
+            raise ValueError(f"roi must be (y, x, size) or (y, x, height, width), got {len(nums)} numbers: {nums}")
+        y, x, h, w = nums
+        if h <= 0 or w <= 0:
+            raise ValueError(f"roi size must be positive, got height={h}, width={w}")
+        if y < 0 or x < 0:
+            raise ValueError(f"roi origin must be non-negative, got (y={y}, x={x})")
+        return cls(y, x, h, w)
+
+    def check_inside(self, out_h: int, out_w: int) -> None:
+        if self.y + self.height > out_h or self.x + self.width > out_w:
+            raise ValueError(
+                f"roi (y={self.y}, x={self.x}, {self.height}x{self.width}) must lie inside the "
+                f"{out_h}x{out_w} output")
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.y, self.x, self.height, self.width)
+
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y, self.y + self.height), slice(self.x, self.x + self.width)
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """Non-overlapping ``block x block`` output-pixel blocks over an ``out_h x out_w`` output.
+
+    Block ``(r, c)`` covers output rows ``[r*block, min((r+1)*block, out_h))`` and the matching input rows
+    ``[r*in_block, ...)`` with ``in_block = block // scale``.
+    """
+
+    out_h: int
+    out_w: int
+    block: int
+    scale: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block <= 0:
+            raise ValueError(f"block must be a positive number of pixels, got {self.block}")
+        if self.scale <= 0:
+            raise ValueError(f"scale must be positive, got {self.scale}")
+        if self.block % self.scale:
+            raise ValueError(f"block ({self.block} output px) must be a multiple of the scale x{self.scale}")
+        if self.out_h % self.scale or self.out_w % self.scale:
+            raise ValueError(f"output {self.out_h}x{self.out_w} must be a multiple of the scale x{self.scale}")
+        if self.out_h < self.block or self.out_w < self.block:
+            raise ValueError(f"image {self.out_h}x{self.out_w} must be at least one block ({self.block} px)")
+
+    @property
+    def rows(self) -> int:
+        return math.ceil(self.out_h / self.block)
+
+    @property
+    def cols(self) -> int:
+        return math.ceil(self.out_w / self.block)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def in_block(self) -> int:
+        return self.block // self.scale
+
+    @property
+    def in_h(self) -> int:
+        return self.out_h // self.scale
+
+    @property
+    def in_w(self) -> int:
+        return self.out_w // self.scale
+
+    def input_origins(self) -> torch.Tensor:
+        """(num_blocks, 2) int64 ``(y0, x0)`` of each block in input pixels, row-major block order."""
+        r = torch.arange(self.rows).repeat_interleave(self.cols)
+        c = torch.arange(self.cols).repeat(self.rows)
+        return torch.stack([r * self.in_block, c * self.in_block], dim=1)
+
+    def input_sizes(self) -> torch.Tensor:
+        """(num_blocks, 2) int64 ``(bh, bw)`` of each block in input pixels (edge blocks are smaller)."""
+        o = self.input_origins()
+        h = (self.in_h - o[:, 0]).clamp(max=self.in_block)
+        w = (self.in_w - o[:, 1]).clamp(max=self.in_block)
+        return torch.stack([h, w], dim=1)
+
+    def roi_blocks(self, roi: ROI) -> torch.Tensor:
+        """(rows, cols) bool: blocks that overlap the ROI."""
+        r0, r1 = roi.y // self.block, (roi.y + roi.height - 1) // self.block
+        c0, c1 = roi.x // self.block, (roi.x + roi.width - 1) // self.block
+        mask = torch.zeros(self.rows, self.cols, dtype=torch.bool)
+        mask[r0:r1 + 1, c0:c1 + 1] = True
+        return mask

@@ -1,0 +1,84 @@
+"""Public ops with backend dispatch: ``intervene`` and ``roi_psnr``.
+
+``backend="auto"`` (or the ``CEM_FAST_BACKEND`` environment variable) picks, for CUDA tensors,
+cuda -> triton -> torch and, for CPU tensors, cpp -> torch. Every backend explains why it cannot run; when none
+can, the error lists all the reasons. The torch backend (:mod:`cem_fast.reference`) always runs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+from .geometry import ROI
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+def _unavailable(name: str) -> Callable[[torch.device], list[str]]:
+    def reasons(device: torch.device) -> list[str]:
+        return [f"the {name} backend is not built yet in this version of cem_fast"]
+    return reasons
+
+
+def _torch_reasons(device: torch.device) -> list[str]:
+    return []
+
+
+# name -> (function returning why the backend cannot run on a device, op table)
+_REGISTRY: dict[str, tuple[Callable[[torch.device], list[str]], dict[str, Callable]]] = {
+    "torch": (_torch_reasons, {"intervene": reference.intervene_ref, "roi_sq_err": reference.roi_sq_err_ref}),
+    "triton": (_unavailable("triton"), {}),
+    "cuda": (_unavailable("cuda"), {}),
+    "cpp": (_unavailable("cpp"), {}),
+}
+
+
+def backend_reasons(name: str, device: torch.device) -> list[str]:
+    """Why backend ``name`` cannot run on ``device`` (empty list: it can)."""
+    if name not in _REGISTRY:
+        return [f"unknown backend {name!r}; expected one of {', '.join(('auto',) + BACKENDS)}"]
+    return _REGISTRY[name][0](torch.device(device))
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend that will run on ``device`` for the request ``backend`` (None/"auto": env var, then auto)."""
+    device = torch.device(device)
+    requested = backend or os.environ.get("CEM_FAST_BACKEND") or "auto"
+    requested = requested.lower()
+    if requested == "auto":
+        candidates = AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]
+    elif requested in BACKENDS:
+        candidates = (requested,)
+    else:
+        raise ValueError(f"backend must be one of {', '.join(('auto',) + BACKENDS)}, got {requested!r}")
+    why: list[str] = []
+    for name in candidates:
+        reasons = backend_reasons(name, device)
+        if not reasons:
+            return name
+        why.append(f"{name}: " + "; ".join(reasons))
+    raise RuntimeError(f"no backend can run on {device} for backend={requested!r}: " + " | ".join(why))
+
+
+def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor, origins: torch.Tensor,
+              sizes: torch.Tensor, *, backend: Optional[str] = None, **kwargs) -> torch.Tensor:
+    """K intervened inputs (K, C, h', w'); see :func:`cem_fast.reference.intervene_ref` for the arguments."""
+    name = resolve_backend(backend, base.device)
+    return _REGISTRY[name][1]["intervene"](base, patches, patch_idx, origins, sizes, **kwargs)
+
+
+def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """(K,) float64 ROI sum of squared errors, uint8 convention; see :func:`cem_fast.reference.roi_sq_err_ref`."""
+    name = resolve_backend(backend, outputs.device)
+    return _REGISTRY[name][1]["roi_sq_err"](outputs, target, roi)
+
+
+def roi_psnr(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """(K,) float64 ROI PSNR in dB of outputs (K, C, H, W) against target (C, roi.height, roi.width) in 0..255."""
+    return reference.psnr_from_sq_err(roi_sq_err(outputs, target, roi, backend=backend), target.numel())

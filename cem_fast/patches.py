@@ -1,0 +1,170 @@
+"""Patch banks: the natural patches that replace a block's clean content.
+
+* :meth:`PatchBank.from_folder` loads a folder of patch images in RGB order (the reference's DIV2K bank has
+  10,000 8x8 PNGs) and caches the stacked array beside the user's cache (``CEM_FAST_CACHE`` or
+  ``~/.cache/cem_fast``), keyed by the folder's file names, sizes and times.
+* :meth:`PatchBank.build` crops random patches from a folder of images and records their sharpness.
+* :meth:`PatchBank.default` is the bank shipped in the package (CC0 / public-domain images, see
+  ``cem_fast/data/LICENSES.md``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CEM_FAST_CACHE", Path.home() / ".cache" / "cem_fast"))
+
+
+def sharpness(patch_rgb: np.ndarray) -> float:
+    """``sqrt((sum|dx|)^2 + (sum|dy|)^2)`` of the grey patch (0..255), as the reference names its patches."""
+    grey = np.asarray(Image.fromarray(patch_rgb.astype(np.uint8)).convert("L"), dtype=np.float64)
+    dx = np.abs(np.diff(grey, axis=1)).sum()
+    dy = np.abs(np.diff(grey, axis=0)).sum()
+    return float(np.sqrt(dx * dx + dy * dy))
+
+
+@dataclass
+class PatchBank:
+    """``patches``: (P, 3, pb, pb) uint8 RGB; ``names``: one per patch; ``source``: where it came from."""
+
+    patches: torch.Tensor
+    names: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        p = self.patches
+        if p.dim() != 4 or p.shape[1] != 3 or p.shape[2] != p.shape[3] or p.dtype != torch.uint8:
+            raise ValueError(f"patch bank must be (P, 3, pb, pb) uint8, got {tuple(p.shape)} {p.dtype}")
+        if p.shape[0] == 0:
+            raise ValueError(f"patch bank {self.source or ''} is empty: expected at least one patch")
+
+    def __len__(self) -> int:
+        return self.patches.shape[0]
+
+    @property
+    def patch_size(self) -> int:
+        return self.patches.shape[-1]
+
+    def digest(self) -> str:
+        """Content hash of the patches (for caches and summaries)."""
+        return hashlib.sha256(self.patches.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    def sample(self, generator: torch.Generator, shape: Sequence[int]) -> torch.Tensor:
+        """Patch indices drawn uniformly with replacement, int64 of ``shape``."""
+        return torch.randint(len(self), tuple(shape), generator=generator)
+
+    @classmethod
+    def from_folder(cls, folder: "str | os.PathLike", use_cache: bool = True) -> "PatchBank":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"patch folder {str(folder)!r} does not exist or is not a folder")
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"patch folder {str(folder)!r} holds no images (expected .png/.jpg patches)")
+        h = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        cache = cache_dir() / "patch_banks" / f"{h.hexdigest()[:24]}.npz"
+        if use_cache and cache.exists():
+            try:
+                with np.load(cache) as z:
+                    return cls(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], str(folder))
+            except Exception:
+                pass  # a damaged cache is rebuilt below
+        arrays, size = [], None
+        for f in files:
+            try:
+                a = np.asarray(Image.open(f).convert("RGB"))
+            except Exception as e:
+                raise ValueError(f"patch {str(f)!r} cannot be read as an image: {e}") from None
+            if size is None:
+                size = a.shape[:2]
+            if a.shape[:2] != size or size[0] != size[1]:
+                raise ValueError(f"patch {f.name} is {a.shape[0]}x{a.shape[1]}: expected square patches of one "
+                                 f"size ({size[0]}x{size[1]} like the first)")
+            arrays.append(a)
+        patches = np.stack(arrays).transpose(0, 3, 1, 2).copy()
+        bank = cls(torch.from_numpy(patches), [f.name for f in files], str(folder))
+        if use_cache:
+            _atomic_savez(cache, patches=patches, names=np.array(bank.names))
+        return bank
+
+    @classmethod
+    def build(cls, images: Sequence["str | os.PathLike"], count: int, size: int = 8, seed: int = 0) -> "PatchBank":
+        """``count`` random ``size x size`` crops spread evenly over ``images``, named like the reference's
+        bank: ``<image>_<x>_<y>_sharpness-<s>.png``."""
+        if count <= 0 or size <= 0:
+            raise ValueError(f"count and size must be positive, got count={count}, size={size}")
+        if not images:
+            raise ValueError("images must name at least one image to crop patches from")
+        rs = np.random.RandomState(seed)
+        patches, names = [], []
+        for i in range(count):
+            path = Path(images[i % len(images)])
+            img = np.asarray(Image.open(path).convert("RGB"))
+            H, W = img.shape[:2]
+            if H < size or W < size:
+                raise ValueError(f"image {path.name} ({H}x{W}) is smaller than the patch size {size}")
+            y, x = rs.randint(0, H - size + 1), rs.randint(0, W - size + 1)
+            p = img[y:y + size, x:x + size]
+            patches.append(p)
+            names.append(f"{path.name}_{x}_{y}_sharpness-{sharpness(p):.1f}.png")
+        arr = np.stack(patches).transpose(0, 3, 1, 2).copy()
+        return cls(torch.from_numpy(arr), names, "built from " + ", ".join(Path(p).name for p in images))
+
+    def save(self, path: "str | os.PathLike") -> None:
+        _atomic_savez(Path(path), patches=self.patches.numpy(), names=np.array(self.names))
+
+    def save_folder(self, folder: "str | os.PathLike") -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for p, n in zip(self.patches.permute(0, 2, 3, 1).numpy(), self.names):
+            Image.fromarray(p).save(folder / n)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike") -> "PatchBank":
+        with np.load(path) as z:
+            return cls(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], str(path))
+
+    @classmethod
+    def default(cls) -> "PatchBank":
+        """The bank shipped in the package: 8x8 patches from CC0 / public-domain photographs."""
+        with resources.as_file(resources.files("cem_fast") / "data" / "default_patches.npz") as p:
+            bank = cls.load(p)
+        bank.source = "cem_fast default bank (CC0 / public domain, see cem_fast/data/LICENSES.md)"
+        return bank
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_patch_bank(spec: "str | os.PathLike | PatchBank | None") -> PatchBank:
+    """``None``/"default": the shipped bank; a folder of patch images; an ``.npz`` saved by :meth:`PatchBank.save`."""
+    if isinstance(spec, PatchBank):
+        return spec
+    if spec is None or str(spec) == "default":
+        return PatchBank.default()
+    p = Path(spec)
+    if p.suffix == ".npz" and p.is_file():
+        return PatchBank.load(p)
+    return PatchBank.from_folder(p)

@@ -1,0 +1,116 @@
+"""Pictures of a CEM (METHOD.md "Statistics and pictures"): overlay with colour bar, pie, images with ROI box."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+GAMMA = 1.2
+GREEN = np.array([0.0, 1.0, 0.0])
+
+
+def scaled_effect(cem: np.ndarray, bound: float) -> np.ndarray:
+    """CEM clipped to +-bound, sign-preserving power |c|^(1/1.2), scaled to [-1, 1]."""
+    c = np.clip(cem, -bound, bound)
+    return np.sign(c) * np.abs(c) ** (1 / GAMMA) / bound ** (1 / GAMMA)
+
+
+def overlay(res) -> np.ndarray:
+    """(H, W, 3) uint8: seismic map (nearest-upsampled to output pixels, ROI green) blended 0.9 / 0.1 with the
+    degraded input (upsampled to output size), with a green ROI rectangle."""
+    H, W = res.gt.shape[-2:]
+    cmap = matplotlib.colormaps["seismic"]
+    v = scaled_effect(res.cem, res.display_bound())
+    rgb = cmap((v + 1) / 2)[..., :3]
+    rgb[res.roi_mask] = GREEN
+    up = np.repeat(np.repeat(rgb, res.block, axis=0), res.block, axis=1)[:H, :W]
+    deg = res.degraded.permute(1, 2, 0).numpy()
+    deg = np.asarray(Image.fromarray(deg).resize((W, H), Image.NEAREST), dtype=np.float64) / 255
+    img = (0.9 * up + 0.1 * deg) * 255
+    pil = Image.fromarray(np.clip(np.round(img), 0, 255).astype(np.uint8))
+    _draw_roi(pil, res.roi)
+    return np.asarray(pil)
+
+
+def _draw_roi(pil: Image.Image, roi, scale: int = 1) -> None:
+    d = ImageDraw.Draw(pil)
+    y0, x0 = roi.y // scale, roi.x // scale
+    y1, x1 = (roi.y + roi.height) // scale - 1, (roi.x + roi.width) // scale - 1
+    d.rectangle([x0, y0, x1, y1], outline=(0, 255, 0), width=max(1, min(pil.size) // 128))
+
+
+def cem_figure(res, title=None):
+    """Figure: the overlay and a colour bar from -bound to +bound dB with the map's min and max marked."""
+    bound = res.display_bound()
+    fig, (ax, cax) = plt.subplots(1, 2, figsize=(5.4, 4.6), gridspec_kw={"width_ratios": [20, 1]})
+    ax.imshow(overlay(res), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title or f"{res.model_name} / {res.image_name}", fontsize=9)
+    # The bar shows the display scale in dB (power-law spacing, as in the map).
+    ticks_db = np.linspace(-bound, bound, 257)
+    cax.imshow(((scaled_effect(ticks_db, bound) + 1) / 2)[::-1, None], cmap="seismic", vmin=0, vmax=1,
+               aspect="auto", extent=(0, 1, -1, 1))
+    cax.set_xticks([])
+    cax.yaxis.tick_right()
+    lo, hi = float(res.cem.min()), float(res.cem.max())
+    marks = {f"+{bound:g} dB": 1.0, f"-{bound:g} dB": -1.0, "0": 0.0}
+    marks[f"max {hi:+.2f} dB"] = float(scaled_effect(np.array(hi), bound))
+    marks[f"min {lo:+.2f} dB"] = float(scaled_effect(np.array(lo), bound))
+    cax.set_yticks(list(marks.values()))
+    cax.set_yticklabels(list(marks.keys()), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def pie_figure(stats: dict):
+    """Pie of positive (red) / negative (blue) / zero (white) blocks outside the ROI."""
+    fig, ax = plt.subplots(figsize=(2.6, 2.6))
+    counts = [stats["positive"], stats["negative"], stats["zero"]]
+    labels = [f"+ {counts[0]}", f"- {counts[1]}", f"0 {counts[2]}"]
+    if sum(counts) == 0:
+        counts, labels = [1], ["no blocks"]
+    ax.pie(counts, labels=labels, colors=["#d62728", "#1f77b4", "#ffffff"][: len(counts)],
+           wedgeprops={"edgecolor": "#444444", "linewidth": 0.6}, textprops={"fontsize": 8})
+    ax.set_title("blocks outside the ROI", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_pictures(res, out: "str | os.PathLike") -> dict[str, str]:
+    """Write cem.png, overlay.png, pie.png, input.png, output.png (ROI box), gt.png; returns name -> file."""
+    out = Path(out)
+    files = {}
+    fig = cem_figure(res)
+    _save_fig(fig, out / "cem.png")
+    files["cem"] = "cem.png"
+    _save_png(Image.fromarray(overlay(res)), out / "overlay.png")
+    files["overlay"] = "overlay.png"
+    fig = pie_figure(res.stats())
+    _save_fig(fig, out / "pie.png")
+    files["pie"] = "pie.png"
+    for name, img, box in (("gt", res.gt, True), ("input", res.degraded, False), ("output", res.output, True)):
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        if box:
+            _draw_roi(pil, res.roi)
+        _save_png(pil, out / f"{name}.png")
+        files[name] = f"{name}.png"
+    return files
+
+
+def _save_fig(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _save_png(pil: Image.Image, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    pil.save(tmp)
+    os.replace(tmp, path)

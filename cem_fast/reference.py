@@ -1,0 +1,132 @@
+"""Pure-PyTorch reference ops: the CPU fallback and the oracle every fused backend is tested against.
+
+Two ops carry the whole CEM estimator:
+
+* :func:`intervene_ref` writes K intervened model inputs: a base input with one block replaced by a patch, the
+  task's degradation applied to the pasted pixels (DN: fresh counter-based noise; DR: the same rain re-added).
+* :func:`roi_psnr_ref` reduces K model outputs to the ROI PSNR with the reference's uint8 convention.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import rng
+from .geometry import ROI
+
+PEAK = 255.0
+
+
+def intervene_ref(
+    base: torch.Tensor,
+    patches: torch.Tensor,
+    patch_idx: torch.Tensor,
+    origins: torch.Tensor,
+    sizes: torch.Tensor,
+    *,
+    ids: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    noise_sigma: float = 0.0,
+    rain: Optional[torch.Tensor] = None,
+    window_origins: Optional[torch.Tensor] = None,
+    window_size: Optional[tuple[int, int]] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Write K intervened inputs.
+
+    Args:
+        base: (C, h, w) float input in [0, 1] (values on the uint8 grid, i.e. ``u8 / 255``).
+        patches: (P, C, pb, pb) patch bank at input resolution, uint8 values (any dtype holding integers 0..255).
+        patch_idx: (K,) int64 patch of each intervention.
+        origins: (K, 2) int64 ``(y0, x0)`` of the replaced block, input pixels.
+        sizes: (K, 2) int64 ``(bh, bw)`` of the block (``<= pb``; edge blocks are partial: the patch's top-left
+            ``bh x bw`` corner is pasted).
+        ids: (K,) int64 intervention ids keying the noise RNG (required when ``noise_sigma > 0``).
+        seed: RNG seed of the noise.
+        noise_sigma: DN: add ``N(0, sigma^2)`` (0..255 units) to the patch, clip to [0, 255], truncate.
+        rain: DR: (C, h, w) float rain contribution ``beta * rain`` in 0..255 units; the pasted value is
+            ``floor(min(patch + rain, 255))`` (saturating uint8 add).
+        window_origins: (K, 2) int64 top-left of the crop of the input to write for each intervention
+            (default: the whole input).
+        window_size: ``(wh, ww)`` of the crops (default: ``(h, w)``).
+        out: optional (K, C, wh, ww) float buffer to write into (any float dtype, any layout).
+
+    Returns:
+        (K, C, wh, ww) intervened inputs in [0, 1].
+    """
+    C, h, w = base.shape
+    K = patch_idx.shape[0]
+    pb = patches.shape[-1]
+    dev = base.device
+    wh, ww = window_size if window_size is not None else (h, w)
+    if window_origins is None:
+        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=dev)
+    if out is None:
+        out = torch.empty(K, C, wh, ww, dtype=base.dtype, device=dev)
+
+    # Base crops: out[k, :, i, j] = base[:, wy_k + i, wx_k + j]
+    wy = window_origins[:, 0].view(K, 1, 1) + torch.arange(wh, device=dev).view(1, wh, 1)
+    wx = window_origins[:, 1].view(K, 1, 1) + torch.arange(ww, device=dev).view(1, 1, ww)
+    out.copy_(base[:, wy, wx].permute(1, 0, 2, 3))
+
+    # Pasted values in 0..255 units, (K, C, pb, pb).
+    vals = patches[patch_idx].to(torch.float32)
+    if noise_sigma > 0:
+        if ids is None:
+            raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
+        key = rng.stream_key(seed, ids.to(dev)).view(K, 1, 1, 1)
+        counter = torch.arange(C * pb * pb, device=dev, dtype=torch.int64).view(1, C, pb, pb)
+        vals = torch.floor(torch.clamp(vals + float(noise_sigma) * rng.normal(key, counter), 0.0, PEAK))
+    dy = torch.arange(pb, device=dev).view(1, pb, 1)
+    dx = torch.arange(pb, device=dev).view(1, 1, pb)
+    ys = origins[:, 0].view(K, 1, 1) + dy  # (K, pb, 1) input rows of the patch pixels
+    xs = origins[:, 1].view(K, 1, 1) + dx
+    if rain is not None:
+        r = rain[:, ys.clamp(max=h - 1), xs.clamp(max=w - 1)].permute(1, 0, 2, 3)  # (K, C, pb, pb)
+        vals = torch.floor(torch.clamp(vals + r, max=PEAK))
+    # Keep the pixels inside the block and inside the window.
+    ly = ys - window_origins[:, 0].view(K, 1, 1)
+    lx = xs - window_origins[:, 1].view(K, 1, 1)
+    valid = ((dy < sizes[:, 0].view(K, 1, 1)) & (dx < sizes[:, 1].view(K, 1, 1))
+             & (ly >= 0) & (ly < wh) & (lx >= 0) & (lx < ww))  # (K, pb, pb)
+    k, py, px = valid.nonzero(as_tuple=True)
+    out[k, :, ly.expand(K, pb, pb)[k, py, px], lx.expand(K, pb, pb)[k, py, px]] = (
+        vals[k, :, py, px] / PEAK).to(out.dtype)
+    return out
+
+
+def quantize_output(x: torch.Tensor) -> torch.Tensor:
+    """The reference's image convention: clamp to [0, 1], times 255, round (half to even) -> float 0..255."""
+    return torch.round(x.float().clamp(0.0, 1.0) * PEAK)
+
+
+def roi_sq_err_ref(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> torch.Tensor:
+    """(K,) float64 sum of squared uint8-convention errors over the ROI.
+
+    Args:
+        outputs: (K, C, H, W) model outputs, any float dtype and layout; only the ROI is read.
+        target: (C, roi.height, roi.width) reference values in 0..255 (uint8 or float).
+        roi: the region, output pixels.
+    """
+    ys, xs = roi.slices()
+    diff = quantize_output(outputs[:, :, ys, xs]).double() - target.double().unsqueeze(0)
+    return (diff * diff).flatten(1).sum(1)
+
+
+def psnr_from_sq_err(sq_err: torch.Tensor, num_values: int) -> torch.Tensor:
+    """PSNR in dB, ``20 log10(255 / sqrt(MSE))``; an exact match gives ``inf``."""
+    mse = sq_err.double() / num_values
+    return 10.0 * torch.log10((PEAK * PEAK) / mse)
+
+
+def roi_psnr_ref(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> torch.Tensor:
+    """(K,) float64 ROI PSNR in dB of each output against ``target`` (uint8 convention, RGB, no crop)."""
+    return psnr_from_sq_err(roi_sq_err_ref(outputs, target, roi), target.numel())
+
+
+def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two images of 0..255 values (for reports and tests)."""
+    mse = ((a.double() - b.double()) ** 2).mean().item()
+    return math.inf if mse == 0 else 10.0 * math.log10(PEAK * PEAK / mse)

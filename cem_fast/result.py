@@ -1,0 +1,154 @@
+"""The result of a CEM run: the map, every sample, statistics, and saving to npz / JSON / PNG."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .geometry import ROI, BlockGrid
+
+# Colour-scale bounds of the METHOD.md picture, dB.
+DISPLAY_BOUND = {"SR": 2.5, "DN": 1.0, "DR": 2.0}
+
+
+@dataclass
+class CEMResult:
+    """A Causal Effect Map.
+
+    Attributes:
+        cem: (rows, cols) float64 dB, thresholded (|CE| < tol set to 0); ROI blocks keep their values.
+        effect: (rows, cols) float64 dB before thresholding.
+        samples_coarse: (rows, cols, coarse) ROI PSNRs (dB) of the coarse interventions.
+        samples_fine: (rows, cols, fine) ROI PSNRs of the fine interventions, NaN where a block was not gated.
+        gated: (rows, cols) bool, blocks that went to the fine stage.
+        psnr_origin: Y(I), the ROI PSNR of the unintervened input, dB.
+        gt, degraded, output: (3, H, W) / (3, h, w) / (3, H, W) uint8 images for pictures.
+    """
+
+    cem: np.ndarray
+    effect: np.ndarray
+    samples_coarse: np.ndarray
+    samples_fine: np.ndarray
+    gated: np.ndarray
+    psnr_origin: float
+    roi: ROI
+    block: int
+    scale: int
+    tol: float
+    task: dict
+    seed: int
+    mode: str
+    model_name: str
+    image_name: str
+    num_forwards: int
+    wall_time: float
+    backend: str
+    device: str
+    patch_bank: dict
+    gt: torch.Tensor
+    degraded: torch.Tensor
+    output: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> BlockGrid:
+        return BlockGrid(self.gt.shape[-2], self.gt.shape[-1], self.block, self.scale)
+
+    @property
+    def roi_mask(self) -> np.ndarray:
+        """(rows, cols) bool, blocks overlapping the ROI."""
+        return self.grid.roi_blocks(self.roi).numpy()
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of positive / negative / zero blocks and the effect range, ROI blocks excluded."""
+        outside = ~self.roi_mask
+        vals = self.cem[outside]
+        rows, cols = self.cem.shape
+        out: dict[str, Any] = {
+            "blocks": int(rows * cols), "roi_blocks": int((~outside).sum()),
+            "positive": int((vals > 0).sum()), "negative": int((vals < 0).sum()), "zero": int((vals == 0).sum()),
+            "gated": int(self.gated.sum()),
+        }
+        n = max(1, vals.size)
+        out.update(positive_frac=out["positive"] / n, negative_frac=out["negative"] / n)
+        if vals.size:
+            masked_max = np.where(outside, self.cem, -np.inf)
+            masked_min = np.where(outside, self.cem, np.inf)
+            imax = np.unravel_index(np.argmax(masked_max), self.cem.shape)
+            imin = np.unravel_index(np.argmin(masked_min), self.cem.shape)
+            out.update(max_db=float(self.cem[imax]), max_block=[int(i) for i in imax],
+                       min_db=float(self.cem[imin]), min_block=[int(i) for i in imin],
+                       range_db=float(self.cem[imax] - self.cem[imin]))
+        # Radius of influence: distance (output px) from the ROI centre to the farthest block centre with an effect.
+        cy, cx = self.roi.y + self.roi.height / 2, self.roi.x + self.roi.width / 2
+        r, c = np.nonzero((self.cem != 0) & outside)
+        d = np.hypot((r + 0.5) * self.block - cy, (c + 0.5) * self.block - cx)
+        out["radius_of_influence_px"] = float(d.max()) if d.size else 0.0
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        import cem_fast
+        return {
+            "model": self.model_name, "image": self.image_name, "task": self.task,
+            "roi": {"y": self.roi.y, "x": self.roi.x, "height": self.roi.height, "width": self.roi.width},
+            "block": self.block, "tol": self.tol, "seed": self.seed, "mode": self.mode,
+            "coarse": int(self.samples_coarse.shape[2]), "fine": int(self.samples_fine.shape[2]),
+            "grid": list(self.cem.shape), "psnr_origin": _finite_or_str(self.psnr_origin),
+            "stats": self.stats(), "num_forwards": self.num_forwards, "wall_time_s": round(self.wall_time, 3),
+            "backend": self.backend, "device": self.device, "patch_bank": self.patch_bank,
+            "versions": {"cem_fast": cem_fast.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            **self.extra,
+        }
+
+    def display_bound(self) -> float:
+        b = DISPLAY_BOUND.get(str(self.task.get("task")))
+        if b is None:
+            m = float(np.abs(self.cem).max())
+            b = m if m > 0 else 1.0
+        return b
+
+    def plot(self, path: Optional["str | os.PathLike"] = None, title: Optional[str] = None):
+        """The METHOD.md picture (overlay + colour bar in dB) as a matplotlib Figure; saved when ``path``."""
+        from .plotting import cem_figure
+        fig = cem_figure(self, title=title)
+        if path is not None:
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+        return fig
+
+    def save(self, out_dir: "str | os.PathLike", summary_extra: Optional[dict] = None) -> Path:
+        """Write result.npz, summary.json and the pictures (cem.png, overlay.png, pie.png, input.png, output.png,
+        gt.png) into ``out_dir``; every file is written to a temporary name and renamed."""
+        from . import plotting
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic(out / "result.npz", lambda f: np.savez_compressed(
+            f, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
+            samples_fine=self.samples_fine, gated=self.gated, psnr_origin=np.float64(self.psnr_origin),
+            roi=np.array(self.roi.as_tuple()), block=np.int64(self.block), scale=np.int64(self.scale)))
+        summary = self.summary()
+        if summary_extra:
+            summary.update(summary_extra)
+        _atomic(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        plotting.save_pictures(self, out)
+        return out
+
+
+def _finite_or_str(x: float):
+    return x if math.isfinite(x) else str(x)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

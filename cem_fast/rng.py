@@ -1,0 +1,49 @@
+"""Counter-based random numbers: the same value for the same (seed, intervention id, pixel) on every backend.
+
+A 32-bit integer hash (two multiply-xorshift rounds, constants from Wellons' hash prospector) is applied to
+``seed``, the intervention id and the pixel counter. Multiplier constants are below 2**31, so the products of
+32-bit values fit in int64 and torch, C++ and Triton compute bit-identical hashes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+MUL1 = 0x21F0AAAD
+MUL2 = 0x735A2D97
+GOLDEN = 0x9E3779B9
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """Mix int64 tensor values in [0, 2**32) into [0, 2**32)."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * MUL1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MUL2) & MASK32
+    x = x ^ (x >> 15)
+    return x
+
+
+def stream_key(seed: int, ids: torch.Tensor) -> torch.Tensor:
+    """Key of each intervention: int64 ``ids`` (any value >= 0) folded with ``seed`` into 32 bits."""
+    seed_lo = torch.tensor((seed & MASK32) ^ GOLDEN, dtype=torch.int64)
+    s = hash32(hash32(seed_lo) ^ ((seed >> 32) & MASK32))
+    lo = ids & MASK32
+    hi = (ids >> 32) & MASK32
+    return hash32(hash32(s ^ lo) ^ hi)
+
+
+def uniform_from_counter(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in (0, 1): 24-bit mantissa of hash(key ^ hash(counter)), shifted off zero."""
+    h = hash32(key ^ hash32(counter + GOLDEN))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def normal(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 by Box-Muller from the uniforms at counters ``2n`` and ``2n + 1``."""
+    u1 = uniform_from_counter(key, 2 * counter)
+    u2 = uniform_from_counter(key, 2 * counter + 1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)

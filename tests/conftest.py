@@ -1,0 +1,51 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter; this must be set before they are imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    assert SHARED.is_dir(), f"../shared/data is missing next to the repo ({SHARED})"
+    return SHARED
+
+
+@pytest.fixture
+def rng() -> np.random.RandomState:
+    return np.random.RandomState(1234)
+
+
+@pytest.fixture(scope="session")
+def demo2(shared) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.open(shared / "images" / "demo_2.png").convert("RGB")).copy()
+
+
+class TinyNet(torch.nn.Module):
+    """A small same-size conv net with a bounded receptive field (two 3x3 convs: radius 2)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 3, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+    def forward(self, x):
+        return x + self.c2(torch.relu(self.c1(x)))
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    return TinyNet()

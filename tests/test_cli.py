@@ -1,0 +1,111 @@
+"""The CLI as a user runs it: outputs exist and load, the report links only existing files, errors are one line."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLI = [sys.executable, "-m", "cem_fast.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture
+def sr_config(tmp_path, demo2):
+    Image.fromarray(demo2[96:160, 64:128]).save(tmp_path / "img_7.png")  # 64x64
+    cfg = tmp_path / "sr.yml"
+    cfg.write_text(f"""# reference keys
+task: SR
+sr: 4
+model: bicubic
+TextImg_path: {tmp_path}
+Imagelist: [img_7.png]
+h: 24
+w: 16
+ROI_size: 16
+mask_block_size: 8
+coarse_num: 3
+fine_num: 6
+tol: 0.01
+""")
+    return cfg
+
+
+def report_links(report: Path) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]+)"', report.read_text())
+
+
+def test_run_writes_results_and_a_report(sr_config, tmp_path):
+    out = tmp_path / "out"
+    p = run("run", sr_config, "--out", out, "--set", "models=[bicubic, 'torch.nn:Identity']", "--set", "task=SR")
+    # Identity is not an x4 model: that run fails with a one-line error, the other completes
+    assert p.returncode == 1, p.stderr
+    assert "Identity on img_7.png: model Identity output must be (1, 3, 64, 64)" in p.stderr
+    assert "Traceback" not in p.stderr
+    res_dir = out / "bicubic_x4" / "img_7"
+    z = np.load(res_dir / "result.npz")
+    assert z["cem"].shape == (8, 8) and z["samples_coarse"].shape == (8, 8, 3)
+    assert z["samples_fine"].shape == (8, 8, 6)
+    assert np.isnan(z["samples_fine"][~z["gated"]]).all() and not np.isnan(z["samples_fine"][z["gated"]]).any()
+    assert np.isfinite(z["psnr_origin"])
+    s = json.loads((res_dir / "summary.json").read_text())
+    assert s["roi"] == {"y": 24, "x": 16, "height": 16, "width": 16}
+    assert s["stats"]["positive"] + s["stats"]["negative"] + s["stats"]["zero"] == 64 - s["stats"]["roi_blocks"]
+    assert s["num_forwards"] == 1 + 64 * 3 + 6 * s["stats"]["gated"] and s["config"]["sr"] == 4
+    for name in ("cem.png", "overlay.png", "pie.png", "input.png", "output.png", "gt.png"):
+        Image.open(res_dir / name).verify()
+    report = out / "report.html"
+    links = report_links(report)
+    assert any(link.endswith("cem.png") for link in links)
+    for link in links:
+        assert (out / link).is_file(), link
+    assert "failed: model Identity output" in report.read_text()
+
+
+def test_unknown_key_suggests_the_closest(sr_config, tmp_path):
+    p = run("run", sr_config, "--out", tmp_path / "o", "--set", "fine_nun=3")
+    assert p.returncode == 2
+    assert p.stderr.strip() == "cem-fast: error: unknown config key 'fine_nun' (did you mean 'fine_num'?)"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("images=[/no/such.png]", "does not exist"),
+    ("roi=[60, 60, 16]", "must lie inside the 64x64 output"),
+    ("mask_block_size=6", "multiple of the scale"),
+    ("coarse_num=-1", "coarse must be a positive integer"),
+    ("task=XX", "task must be SR, DN, DR or identity"),
+])
+def test_bad_inputs_are_one_line_errors(sr_config, tmp_path, override, match):
+    p = run("run", sr_config, "--out", tmp_path / "o", "--set", override)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert match in p.stderr, p.stderr
+    assert len([line for line in p.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_missing_config_and_debug_traceback(tmp_path):
+    p = run("run", tmp_path / "none.yml", "--out", tmp_path)
+    assert p.returncode == 2 and p.stderr.strip() == f"cem-fast: error: config '{tmp_path / 'none.yml'}' does not exist"
+    p = run("--debug", "run", tmp_path / "none.yml", "--out", tmp_path)
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_info_lists_backends():
+    p = run("info")
+    assert p.returncode == 0
+    assert "torch   cpu   available" in p.stdout and "cuda" in p.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_says_where(tmp_path):
+    p = run("demo", "--out", tmp_path / "demo", "--fine", "5", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    report = tmp_path / "demo" / "report.html"
+    assert str(report) in p.stdout and report.is_file()
+    for link in report_links(report):
+        assert (report.parent / link).is_file(), link

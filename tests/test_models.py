@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cem_fast.models import Bicubic, DnCNN, default_denoiser, load_model, model_digest
+from cem_fast.reference import psnr_uint8
+
+
+def denoise_gain(net, img, sigma=50, seed=0):
+    noise = np.random.RandomState(seed).normal(0, sigma / 255, img.shape)
+    noisy = (np.clip(img / 255 + noise, 0, 1) * 255).astype(np.uint8)
+    x = torch.from_numpy(noisy).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        y = torch.round(net(x).clamp(0, 1) * 255)[0].permute(1, 2, 0)
+    gt = torch.from_numpy(img)
+    return psnr_uint8(y, gt) - psnr_uint8(torch.from_numpy(noisy), gt)
+
+
+def test_kair_dncnn_checkpoint_loads_and_denoises(shared, demo2):
+    model, name = load_model(str(shared / "models" / "dncnn_color_blind.pth"))
+    assert isinstance(model, DnCNN) and name == "dncnn_color_blind"
+    assert model.config == {"channels": 3, "width": 64, "depth": 20}
+    assert denoise_gain(model, demo2[64:160, 64:160].copy()) > 8
+
+
+def test_default_denoiser_beats_the_noisy_input_by_6db():
+    from importlib import resources
+    net = default_denoiser()
+    with resources.as_file(resources.files("cem_fast") / "data" / "demo.png") as p:
+        img = np.asarray(Image.open(p).convert("RGB")).copy()  # a crop of the held-out photograph
+    assert denoise_gain(net, img) >= 6
+    size = (resources.files("cem_fast") / "data" / "default_denoiser.pt").stat().st_size
+    assert size <= 2 * 1024 * 1024
+
+
+def test_wrapped_and_prefixed_state_dicts_load(tmp_path):
+    net = DnCNN(3, 8, 4)
+    sd = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"params": sd}, tmp_path / "ck.pth")
+    model, _ = load_model(str(tmp_path / "ck.pth"))
+    assert model_digest(model) == model_digest(net)
+
+
+def test_torchscript_and_factory_specs(tmp_path):
+    scripted = torch.jit.trace(Bicubic(2), torch.rand(1, 3, 4, 4))
+    scripted.save(str(tmp_path / "bic.pt"))
+    model, name = load_model(str(tmp_path / "bic.pt"))
+    x = torch.rand(1, 3, 5, 6)
+    assert name == "bic" and torch.equal(model(x), Bicubic(2)(x))
+    model, name = load_model("torch.nn:Identity")
+    assert isinstance(model, torch.nn.Identity) and name == "Identity"
+    model, name = load_model("bicubic:x3")
+    assert model(x).shape == (1, 3, 15, 18) and name == "bicubic_x3"
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("no_such_pkg_xyz:make", "cannot import module"),
+    ("torch.nn:NoSuchThing", "has no attribute"),
+    ("nothing-here.pth", "is not a file"),
+    ("bicubic:xq", "expected bicubic:xS"),
+])
+def test_bad_model_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        load_model(spec)
+
+
+def test_unknown_and_corrupt_checkpoints(tmp_path):
+    torch.save({"conv.weight": torch.rand(3, 3, 3, 3)}, tmp_path / "unknown.pth")
+    with pytest.raises(ValueError, match=r"unknown architecture \(keys conv.weight"):
+        load_model(str(tmp_path / "unknown.pth"))
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_model(str(tmp_path / "bad.pth"))

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cem_fast.patches import PatchBank, load_patch_bank, sharpness
+
+
+def test_div2k_bank_loads_in_rgb_order_and_caches(shared, tmp_path, monkeypatch):
+    monkeypatch.setenv("CEM_FAST_CACHE", str(tmp_path))
+    folder = shared / "patches" / "div2k-8"
+    bank = PatchBank.from_folder(folder)
+    assert len(bank) == 10000 and bank.patch_size == 8
+    name = bank.names[123]
+    want = np.asarray(Image.open(folder / name).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(bank.patches[123].numpy(), want)
+    assert list((tmp_path / "patch_banks").glob("*.npz")), "the stacked bank is cached"
+    again = PatchBank.from_folder(folder)
+    assert torch.equal(again.patches, bank.patches) and again.names == bank.names
+
+
+def test_sharpness_closed_form():
+    p = np.zeros((8, 8, 3), np.uint8)
+    p[:, 4:] = 100  # a vertical edge: 8 rows x one step of 100 in x, nothing in y
+    assert sharpness(p) == pytest.approx(800.0)
+    p[4:, :] += 50  # adds a horizontal step of 50 in y on all 8 columns
+    assert sharpness(p) == pytest.approx(np.hypot(800.0, 400.0))
+
+
+def test_build_bank_from_images(tmp_path, rng):
+    for i in range(2):
+        Image.fromarray(rng.randint(0, 256, (40, 30, 3)).astype(np.uint8)).save(tmp_path / f"im{i}.png")
+    bank = PatchBank.build(sorted(tmp_path.glob("*.png")), count=10, size=8, seed=0)
+    assert bank.patches.shape == (10, 3, 8, 8)
+    name = bank.names[3]
+    src, x, y = name.split("_")[0], int(name.split("_")[1]), int(name.split("_")[2])
+    img = np.asarray(Image.open(tmp_path / src))
+    assert np.array_equal(bank.patches[3].permute(1, 2, 0).numpy(), img[y:y + 8, x:x + 8])
+    assert name.endswith(f"sharpness-{sharpness(img[y:y + 8, x:x + 8]):.1f}.png")
+    bank.save(tmp_path / "b.npz")
+    assert torch.equal(load_patch_bank(tmp_path / "b.npz").patches, bank.patches)
+
+
+def test_default_bank_is_shipped():
+    bank = load_patch_bank(None)
+    assert len(bank) >= 1000 and bank.patch_size == 8
+    assert bank.patches.float().std() > 20  # natural content, not a constant
+
+
+def test_sampling_is_seeded_and_uniform():
+    bank = PatchBank(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8))
+    a = bank.sample(torch.Generator().manual_seed(0), (5000,))
+    b = bank.sample(torch.Generator().manual_seed(0), (5000,))
+    assert torch.equal(a, b)
+    counts = torch.bincount(a, minlength=10).double()
+    chi2 = ((counts - 500) ** 2 / 500).sum().item()
+    assert chi2 < 30  # 9 degrees of freedom: p < 0.001 above ~27.9
+
+
+def test_bad_banks_raise(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        PatchBank.from_folder(tmp_path / "nope")
+    with pytest.raises(ValueError, match="holds no images"):
+        PatchBank.from_folder(tmp_path)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8) + 9).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8) + 9).save(tmp_path / "b.png")
+    with pytest.raises(ValueError, match="expected square patches of one size"):
+        PatchBank.from_folder(tmp_path, use_cache=False)

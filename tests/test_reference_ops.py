@@ -1,0 +1,163 @@
+"""The torch reference ops against naive Python loops and closed forms."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cem_fast import ops, rng
+from cem_fast.geometry import ROI
+from cem_fast.reference import intervene_ref, roi_psnr_ref, roi_sq_err_ref
+
+
+def naive_intervene(base, patches, idx, origins, sizes, noise=None, rain=None, windows=None, wsize=None):
+    """One intervention at a time, one pixel at a time. ``noise[k]`` is (C, pb, pb) in 0..255 units."""
+    C, h, w = base.shape
+    wh, ww = wsize or (h, w)
+    outs = []
+    for k in range(len(idx)):
+        wy, wx = (windows[k] if windows is not None else (0, 0))
+        full = base.clone()
+        p = patches[idx[k]].double()
+        for c in range(C):
+            for dy in range(int(sizes[k][0])):
+                for dx in range(int(sizes[k][1])):
+                    y, x = int(origins[k][0]) + dy, int(origins[k][1]) + dx
+                    v = float(p[c, dy, dx])
+                    if noise is not None:
+                        v = math.floor(min(max(v + float(noise[k][c, dy, dx]), 0.0), 255.0))
+                    if rain is not None:
+                        v = math.floor(min(v + float(rain[c, y, x]), 255.0))
+                    full[c, y, x] = v / 255.0
+        outs.append(full[:, wy:wy + wh, wx:wx + ww])
+    return torch.stack(outs)
+
+
+def random_case(seed, C=3, h=13, w=11, pb=4, K=7, P=5):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (C, h, w), generator=g).float() / 255
+    patches = torch.randint(0, 256, (P, C, pb, pb), generator=g, dtype=torch.uint8)
+    idx = torch.randint(0, P, (K,), generator=g)
+    # block origins on a pb grid, including the partial edge blocks
+    by = torch.randint(0, (h + pb - 1) // pb, (K,), generator=g) * pb
+    bx = torch.randint(0, (w + pb - 1) // pb, (K,), generator=g) * pb
+    origins = torch.stack([by, bx], 1)
+    sizes = torch.stack([(h - by).clamp(max=pb), (w - bx).clamp(max=pb)], 1)
+    return base, patches, idx, origins, sizes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_intervene_matches_naive_paste(seed):
+    base, patches, idx, origins, sizes = random_case(seed)
+    got = intervene_ref(base, patches, idx, origins, sizes)
+    want = naive_intervene(base, patches, idx, origins, sizes).float()
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_intervene_noise_and_rain_match_naive():
+    base, patches, idx, origins, sizes = random_case(5)
+    ids = torch.arange(len(idx)) * 3 + 11
+    key = rng.stream_key(7, ids)
+    pb = patches.shape[-1]
+    counter = torch.arange(3 * pb * pb).view(3, pb, pb)
+    noise = [30.0 * rng.normal(key[k], counter) for k in range(len(idx))]
+    got = intervene_ref(base, patches, idx, origins, sizes, ids=ids, seed=7, noise_sigma=30.0)
+    want = naive_intervene(base, patches, idx, origins, sizes, noise=noise).float()
+    assert torch.equal(got, want)
+    rain = torch.rand(base.shape, generator=torch.Generator().manual_seed(3)) * 200
+    got = intervene_ref(base, patches, idx, origins, sizes, rain=rain)
+    want = naive_intervene(base, patches, idx, origins, sizes, rain=rain).float()
+    assert torch.equal(got, want)
+
+
+def test_intervene_writes_crops_of_the_input():
+    base, patches, idx, origins, sizes = random_case(9, h=16, w=16, K=5)
+    windows = torch.tensor([[0, 0], [2, 3], [8, 8], [5, 0], [0, 9]])
+    got = intervene_ref(base, patches, idx, origins, sizes, window_origins=windows, window_size=(7, 6))
+    want = naive_intervene(base, patches, idx, origins, sizes, windows=windows.tolist(), wsize=(7, 6)).float()
+    assert got.shape == (5, 3, 7, 6)
+    assert torch.equal(got, want)
+
+
+def test_intervene_into_channels_last_buffer():
+    base, patches, idx, origins, sizes = random_case(4)
+    out = torch.full((len(idx), 3, 13, 11), float("nan")).contiguous(memory_format=torch.channels_last)
+    intervene_ref(base, patches, idx, origins, sizes, out=out)
+    assert torch.equal(out, naive_intervene(base, patches, idx, origins, sizes).float())
+
+
+def test_noise_statistics_and_independence():
+    K, pb = 400, 8
+    patches = torch.full((1, 3, pb, pb), 128, dtype=torch.uint8)
+    base = torch.zeros(3, pb, pb)
+    ids = torch.arange(K)
+    out = intervene_ref(base, patches, torch.zeros(K, dtype=torch.long), torch.zeros(K, 2, dtype=torch.long),
+                        torch.full((K, 2), pb), ids=ids, seed=0, noise_sigma=25.0) * 255
+    d = out.double() - 128
+    # truncation lowers the mean by ~0.5; sigma 25 is far from the clip bounds
+    assert abs(d.mean().item() + 0.5) < 0.2, d.mean()
+    assert abs(d.std().item() - 25.0) < 0.5, d.std()
+    flat = d.view(K, -1)
+    corr = torch.corrcoef(torch.stack([flat[:-1].reshape(-1), flat[1:].reshape(-1)]))[0, 1]
+    assert abs(corr.item()) < 0.02  # neighbouring interventions draw independent noise
+
+
+def test_rng_is_keyed_by_seed_and_id():
+    c = torch.arange(1000)
+    a = rng.normal(rng.stream_key(0, torch.tensor([5])), c)
+    assert torch.equal(a, rng.normal(rng.stream_key(0, torch.tensor([5])), c))
+    assert not torch.equal(a, rng.normal(rng.stream_key(1, torch.tensor([5])), c))
+    assert not torch.equal(a, rng.normal(rng.stream_key(0, torch.tensor([6])), c))
+    u = rng.uniform_from_counter(rng.stream_key(3, torch.tensor([0])), torch.arange(100000))
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+def _gt(seed=0, size=(3, 6, 5)):
+    return torch.randint(20, 230, size, generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+
+
+@pytest.mark.parametrize("offset", [1, 3, 10])
+def test_roi_psnr_closed_form_offset(offset):
+    gt = _gt()
+    roi = ROI(2, 1, 4, 3)
+    out = ((gt.double() + offset) / 255).float().unsqueeze(0)
+    target = gt[:, 2:6, 1:4]
+    got = roi_psnr_ref(out, target, roi)
+    assert got.dtype == torch.float64
+    assert abs(got.item() - 20 * math.log10(255 / offset)) < 1e-9
+
+
+def test_roi_psnr_uses_the_uint8_convention():
+    gt = _gt(1)
+    roi = ROI(0, 0, 6, 5)
+    # +0.4 of a level rounds back to the GT: an exact match is inf dB
+    assert math.isinf(roi_psnr_ref(((gt.double() + 0.4) / 255).float()[None], gt, roi).item())
+    # values above 1 clamp to 255: error 255 - g per pixel
+    out = torch.full((1, 3, 6, 5), 1.7)
+    mse = ((255.0 - gt.double()) ** 2).mean().item()
+    assert abs(roi_psnr_ref(out, gt, roi).item() - 10 * math.log10(255 ** 2 / mse)) < 1e-9
+
+
+def test_roi_psnr_reads_only_the_roi():
+    gt = _gt(2, (3, 10, 10))
+    roi = ROI(3, 4, 5, 2)
+    out = torch.rand(4, 3, 10, 10)
+    poisoned = out.clone()
+    mask = torch.ones(10, 10, dtype=torch.bool)
+    mask[3:8, 4:6] = False
+    poisoned[:, :, mask] = float("nan")
+    target = gt[:, 3:8, 4:6]
+    assert torch.equal(roi_sq_err_ref(out, target, roi), roi_sq_err_ref(poisoned, target, roi))
+    assert torch.equal(ops.roi_psnr(out, target, roi, backend="torch"), roi_psnr_ref(out, target, roi))
+
+
+def test_dispatch_explains_unavailable_backends():
+    assert ops.resolve_backend("auto", torch.device("cpu")) in ("cpp", "torch")
+    assert ops.resolve_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.resolve_backend("fast", torch.device("cpu"))
+
+
+def test_dispatch_env_override(monkeypatch):
+    monkeypatch.setenv("CEM_FAST_BACKEND", "torch")
+    assert ops.resolve_backend(None, torch.device("cpu")) == "torch"
