@@ -11,7 +11,7 @@ OUT ?= demo_out
 $(VENV)/.ready: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q numpy Pillow PyYAML matplotlib tqdm scipy pytest pytest-benchmark setuptools wheel
+	$(PY) -m pip install -q numpy Pillow PyYAML matplotlib tqdm scipy pytest pytest-benchmark hypothesis setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+CACHE_DIR = ".cem_cache"  # inside --out: per-batch samples, so a re-run resumes after a crash
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -25,7 +26,8 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
-def run_config(cfg, out_dir: Path, progress: bool, title: str = "Causal Effect Maps") -> tuple[Path, int]:
+def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causal Effect Maps",
+               fresh: bool = False) -> tuple[Path, int]:
     """Run every model on every image of ``cfg``; returns the report path and the number of failed runs."""
     from .estimator import causal_effect_map
     from .models import load_model
@@ -54,12 +56,13 @@ def run_config(cfg, out_dir: Path, progress: bool, title: str = "Causal Effect M
             rel = f"{name}/{stem}"
             print(f"[cem-fast] {name} on {Path(image).name} ...", file=sys.stderr, flush=True)
             try:
-                res = causal_effect_map(model, image, task=opts["task"], roi=cfg.roi, block=opts["block"],
+                source = _load_cropped(image, opts["crop"]) if opts.get("crop") else image
+                res = causal_effect_map(model, source, image_name=Path(image).name, task=opts["task"], roi=cfg.roi, block=opts["block"],
                                         coarse=opts["coarse"], fine=opts["fine"], tol=opts["tol"],
                                         patches=opts["patches"], seed=opts["seed"], device=opts["device"],
                                         batch_size=opts["batch_size"], mode=opts["mode"], samples=opts["samples"],
                                         backend=opts["backend"], progress=progress, model_name=name,
-                                        **task_opts)
+                                        cache=out_dir / CACHE_DIR, fresh=fresh, **task_opts)
             except (ValueError, RuntimeError) as e:
                 failed += 1
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -69,12 +72,30 @@ def run_config(cfg, out_dir: Path, progress: bool, title: str = "Causal Effect M
             res.save(out_dir / rel, summary_extra={"config": _jsonable(cfg.raw), "model_spec": spec})
             st = res.stats()
             print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "
-                  f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards, "
+                  f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
+                  f"{_reused(res)}, "
                   f"{res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
             entries.append({"model": name, "image": Path(image).name, "dir": rel,
                             "summary": json.loads((out_dir / rel / "summary.json").read_text())})
     report = write_report(out_dir, entries, title=title)
     return report, failed
+
+
+def _load_cropped(image: str, box) -> "np.ndarray":
+    import numpy as np
+    from PIL import Image
+    path = Path(image)
+    if not path.is_file():
+        raise ValueError(f"image {image!r} does not exist")
+    with Image.open(path) as im:
+        if box[2] > im.width or box[3] > im.height:
+            raise ValueError(f"crop {list(box)} must lie inside the {im.width}x{im.height} image {path.name}")
+        return np.array(im.convert("RGB").crop(tuple(box)))
+
+
+def _reused(res) -> str:
+    n = res.extra.get("reused_from_cache", 0)
+    return f" (+{n} samples from the cache)" if n else ""
 
 
 def _jsonable(d):
@@ -84,7 +105,8 @@ def _jsonable(d):
 def cmd_run(args) -> int:
     from .config import load_config
     cfg = load_config(args.config, args.set)
-    report, failed = run_config(cfg, Path(args.out), progress=False if args.no_progress else None)
+    report, failed = run_config(cfg, Path(args.out), progress=False if args.no_progress else None,
+                                fresh=args.fresh)
     print(f"report: {report}")
     return EXIT_FAILED if failed else 0
 
@@ -119,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--fresh", action="store_true",
+                   help=f"ignore samples cached by an earlier run (in OUT/{CACHE_DIR}) and recompute")
     r.set_defaults(func=cmd_run)
     d = sub.add_parser("demo", help="run the offline demo and write a report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

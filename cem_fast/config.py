@@ -19,7 +19,7 @@ OURS = {
     "model": None, "models": None, "images": None, "image": None, "roi": None, "task": "DN", "scale": 4,
     "sigma": 50.0, "noise_seed": 0, "rain_preset": "medium", "rain_beta": None, "rain_seed": None,
     "block": 8, "coarse": 3, "fine": 50, "tol": 0.01, "patches": None, "seed": 0, "device": None,
-    "batch_size": None, "backend": None, "mode": "coarse-to-fine", "samples": None,
+    "batch_size": None, "backend": None, "mode": "coarse-to-fine", "samples": None, "crop": None,
 }
 REFERENCE = {"sr": "scale", "patch_path": "patches", "mask_block_size": "block", "coarse_num": "coarse",
              "fine_num": "fine", "Modellist": "models"}
@@ -121,6 +121,10 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
     task = str(opts["task"]).strip()
     if task.upper() not in ("SR", "DN", "DR", "IDENTITY"):
         raise ValueError(f"task must be SR, DN, DR or identity, got {task!r}")
+    crop = opts.get("crop")
+    if crop is not None and (not isinstance(crop, (list, tuple)) or len(crop) != 4
+                             or not all(isinstance(v, int) for v in crop) or crop[2] <= crop[0] or crop[3] <= crop[1]):
+        raise ValueError(f"crop must be a PIL box [left, upper, right, lower] of integers, got {crop!r}")
     for k in ("block", "coarse", "fine", "seed", "scale"):
         if not isinstance(opts[k], int) or isinstance(opts[k], bool):
             raise ValueError(f"{k} must be an integer, got {opts[k]!r}")

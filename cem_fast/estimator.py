@@ -21,8 +21,9 @@ from PIL import Image
 from torch import nn
 
 from . import ops
+from .cache import RunCache, digest_bytes, missing_ranges, run_key
 from .geometry import ROI, RoiLike
-from .models import load_model
+from .models import load_model, model_digest
 from .patches import PatchBank, load_patch_bank
 from .result import CEMResult
 from .tasks import Prepared, Task, make_task
@@ -84,34 +85,75 @@ def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {need} integer, got {value!r}")
 
 
+def _is_oom(e: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(e, oom_types) or "out of memory" in str(e).lower()
+
+
 class _Runner:
-    """Runs interventions in batches on the device; only ROI PSNRs come back to the host."""
+    """Runs interventions in batches on the device; only ROI PSNRs come back to the host.
+
+    With a cache, every finished batch is stored at once and a re-run only computes what is missing. A batch that
+    runs out of memory is split in halves (and the batch size lowered) until it fits.
+    """
 
     def __init__(self, model, task: Task, prep: Prepared, bank_in, target, roi, seed, batch_size, backend,
-                 progress):
+                 progress, cache: Optional[RunCache] = None):
         self.model, self.task, self.prep, self.bank_in = model, task, prep, bank_in
         self.target, self.roi, self.seed, self.batch_size, self.backend = target, roi, seed, batch_size, backend
+        self.cache = cache
         self.forwards = 0
+        self.reused = 0
+        self.oom_backoffs = 0
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=0, unit="fwd", desc="CEM", leave=False, file=sys.stderr)
 
-    def run(self, blocks: torch.Tensor, draws: torch.Tensor, patch_idx: torch.Tensor) -> np.ndarray:
+    def _scores(self, blocks, draws, patch_idx) -> np.ndarray:
+        dev = self.prep.base.device
+        b = blocks.to(dev)
+        ids = b * DRAW_STRIDE + draws.to(dev)
+        inputs = self.task.intervene(self.prep, self.bank_in, patch_idx.to(dev), b, ids, self.seed, self.backend)
+        out = self.model(inputs.contiguous(memory_format=torch.channels_last))
+        scores = ops.roi_psnr(out, self.target, self.roi, backend=self.backend)
+        ys, xs = self.roi.slices()
+        finite = torch.isfinite(out[:, :, ys, xs]).flatten(1).all(1)
+        # NaN/Inf in the ROI: recorded as NaN so that it is reported, never averaged into the map
+        return torch.where(finite, scores, torch.full_like(scores, float("nan"))).cpu().numpy()
+
+    def run(self, stage: str, blocks: torch.Tensor, draws: torch.Tensor, patch_idx: torch.Tensor) -> np.ndarray:
         n = blocks.shape[0]
-        scores = np.empty(n, dtype=np.float64)
+        if self.cache is not None:
+            scores, done = self.cache.load(stage, n)
+        else:
+            scores, done = np.full(n, np.nan), np.zeros(n, dtype=bool)
+        self.reused += int(done.sum())
         if self.bar is not None:
             self.bar.total += n
-            self.bar.refresh()
-        dev = self.prep.base.device
-        for s in range(0, n, self.batch_size):
-            e = min(n, s + self.batch_size)
-            b = blocks[s:e].to(dev)
-            ids = b * DRAW_STRIDE + draws[s:e].to(dev)
-            inputs = self.task.intervene(self.prep, self.bank_in, patch_idx[s:e].to(dev), b, ids, self.seed,
-                                         self.backend)
-            out = self.model(inputs.contiguous(memory_format=torch.channels_last))
-            scores[s:e] = ops.roi_psnr(out, self.target, self.roi, backend=self.backend).cpu().numpy()
+            self.bar.update(int(done.sum()))
+        pending = list(missing_ranges(done, self.batch_size))[::-1]
+        while pending:
+            s, e = pending.pop()
+            try:
+                chunk = self._scores(blocks[s:e], draws[s:e], patch_idx[s:e])
+            except Exception as err:
+                if not _is_oom(err):
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if e - s == 1:
+                    raise RuntimeError("out of memory with a batch of 1 intervention: the model does not fit "
+                                       f"on {self.prep.base.device}") from None
+                half = (e - s + 1) // 2
+                self.batch_size = half
+                self.oom_backoffs += 1
+                pending += [(s + half, e), (s, s + half)]
+                continue
+            scores[s:e] = chunk
+            if self.cache is not None:
+                self.cache.save(stage, s, chunk)
             self.forwards += e - s
             if self.bar is not None:
                 self.bar.update(e - s)
@@ -149,6 +191,8 @@ def causal_effect_map(
     progress: Optional[bool] = None,
     image_name: Optional[str] = None,
     model_name: Optional[str] = None,
+    cache: Union[None, str, os.PathLike] = None,
+    fresh: bool = False,
     **task_options: Any,
 ) -> CEMResult:
     """Causal Effect Map of ``model`` for the ROI ``roi`` of its output on ``image``.
@@ -172,6 +216,8 @@ def causal_effect_map(
         samples: draws per block in exhaustive mode (default ``fine``).
         backend: "auto", "torch", "triton", "cuda" or "cpp" for the intervention and reduction ops.
         progress: show a progress bar (default: when stderr is a terminal).
+        cache: folder of the crash-safe sample cache; a re-run with the same inputs resumes where it stopped
+            (see :mod:`cem_fast.cache`). ``fresh=True`` discards this run's cached samples first.
 
     Returns:
         :class:`CEMResult` with ``cem`` (rows, cols) in dB (|CE| < tol set to 0), all samples and statistics.
@@ -242,15 +288,26 @@ def causal_effect_map(
         gen = torch.Generator().manual_seed(int(seed))
         coarse_idx = bank.sample(gen, (grid.rows, grid.cols, coarse))
         fine_idx = bank.sample(gen, (grid.rows, grid.cols, fine))
+        run_cache = None
+        if cache is not None:
+            components = {
+                "model": model_digest(model), "gt": digest_bytes(prep.gt.cpu().numpy().tobytes()),
+                "input": digest_bytes(prep.base.cpu().numpy().tobytes(), str(tuple(prep.base.shape)).encode()),
+                "task": task_obj.describe(), "roi": roi.as_tuple(), "block": block, "bank": bank.digest(),
+                "seed": int(seed), "coarse": coarse, "fine": fine, "tol": float(tol), "mode": mode,
+                "model_name": name, "image": image_name,
+            }
+            key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
+            run_cache = RunCache(cache, run_key(key_parts), components, fresh=fresh)
         runner = _Runner(model, task_obj, prep, bank_in, target, roi, int(seed), batch_size, backend_name,
-                         progress)
+                         progress, run_cache)
         try:
             nb = grid.num_blocks
             samples_coarse = np.full((grid.rows, grid.cols, coarse), np.nan)
             if coarse:
                 blocks = torch.arange(nb).repeat_interleave(coarse)
                 draws = torch.arange(coarse).repeat(nb)
-                samples_coarse = runner.run(blocks, draws, coarse_idx.reshape(-1)).reshape(
+                samples_coarse = runner.run("coarse", blocks, draws, coarse_idx.reshape(-1)).reshape(
                     grid.rows, grid.cols, coarse)
                 gated = (np.abs(_effects(psnr_origin, samples_coarse)) >= tol).any(axis=2)
             else:
@@ -262,7 +319,7 @@ def causal_effect_map(
                 draws = coarse + torch.arange(fine).repeat(len(gated_ids))
                 pidx = fine_idx.reshape(nb, fine)[gated_ids].reshape(-1)
                 flat = samples_fine.reshape(nb, fine)
-                flat[gated_ids.numpy()] = runner.run(blocks, draws, pidx).reshape(-1, fine)
+                flat[gated_ids.numpy()] = runner.run("fine", blocks, draws, pidx).reshape(-1, fine)
                 samples_fine = flat.reshape(grid.rows, grid.cols, fine)
         finally:
             runner.close()
@@ -271,7 +328,7 @@ def causal_effect_map(
         bad = np.isnan(arr) & done[..., None] if arr.size else np.zeros(arr.shape, bool)
         if bad.any():
             r, c, k = np.argwhere(bad)[0]
-            raise ValueError(f"model {name} produced NaN outputs in the ROI for {int(bad.sum())} {stage} "
+            raise ValueError(f"model {name} produced NaN/Inf outputs in the ROI for {int(bad.sum())} {stage} "
                              f"interventions (first: block ({r}, {c}), draw {k}); refusing to average them")
 
     effect = np.where(gated & (fine > 0), _effects(psnr_origin, samples_fine).mean(axis=2) if fine else 0.0,
@@ -286,4 +343,7 @@ def causal_effect_map(
         device=str(dev), patch_bank={"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
                                      "digest": bank.digest()},
         gt=prep.gt.cpu(), degraded=to_u8(prep.base), output=to_u8(out0[0]),
+        extra={"reused_from_cache": runner.reused, "oom_backoffs": runner.oom_backoffs,
+               "final_batch_size": runner.batch_size,
+               **({"cache_entry": str(run_cache.dir)} if run_cache is not None else {})},
     )

@@ -58,10 +58,16 @@ def cem_figure(res, title=None):
                aspect="auto", extent=(0, 1, -1, 1))
     cax.set_xticks([])
     cax.yaxis.tick_right()
-    lo, hi = float(res.cem.min()), float(res.cem.max())
-    marks = {f"+{bound:g} dB": 1.0, f"-{bound:g} dB": -1.0, "0": 0.0}
-    marks[f"max {hi:+.2f} dB"] = float(scaled_effect(np.array(hi), bound))
-    marks[f"min {lo:+.2f} dB"] = float(scaled_effect(np.array(lo), bound))
+    # min and max outside the ROI (the ROI blocks are painted green); ticks too close to them are dropped
+    outside = res.cem[~res.roi_mask]
+    lo, hi = (float(outside.min()), float(outside.max())) if outside.size else (0.0, 0.0)
+    extremes = {f"max {hi:+.2f} dB": float(scaled_effect(np.array(hi), bound)),
+                f"min {lo:+.2f} dB": float(scaled_effect(np.array(lo), bound))}
+    if abs(hi - lo) < 1e-12:
+        extremes = {f"all {hi:+.2f} dB": float(scaled_effect(np.array(hi), bound))}
+    marks = {label: v for label, v in {f"+{bound:g} dB": 1.0, "0": 0.0, f"-{bound:g} dB": -1.0}.items()
+             if all(abs(v - e) > 0.12 for e in extremes.values())}
+    marks.update(extremes)
     cax.set_yticks(list(marks.values()))
     cax.set_yticklabels(list(marks.keys()), fontsize=7)
     fig.tight_layout()

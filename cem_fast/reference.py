@@ -61,15 +61,16 @@ def intervene_ref(
     pb = patches.shape[-1]
     dev = base.device
     wh, ww = window_size if window_size is not None else (h, w)
-    if window_origins is None:
-        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=dev)
     if out is None:
         out = torch.empty(K, C, wh, ww, dtype=base.dtype, device=dev)
-
-    # Base crops: out[k, :, i, j] = base[:, wy_k + i, wx_k + j]
-    wy = window_origins[:, 0].view(K, 1, 1) + torch.arange(wh, device=dev).view(1, wh, 1)
-    wx = window_origins[:, 1].view(K, 1, 1) + torch.arange(ww, device=dev).view(1, 1, ww)
-    out.copy_(base[:, wy, wx].permute(1, 0, 2, 3))
+    if window_origins is None:
+        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=dev)
+        out.copy_(base[:, :wh, :ww].unsqueeze(0).expand(K, C, wh, ww))
+    else:
+        # Base crops: out[k, :, i, j] = base[:, wy_k + i, wx_k + j]
+        wy = window_origins[:, 0].view(K, 1, 1) + torch.arange(wh, device=dev).view(1, wh, 1)
+        wx = window_origins[:, 1].view(K, 1, 1) + torch.arange(ww, device=dev).view(1, 1, ww)
+        out.copy_(base[:, wy, wx].permute(1, 0, 2, 3))
 
     # Pasted values in 0..255 units, (K, C, pb, pb).
     vals = patches[patch_idx].to(torch.float32)

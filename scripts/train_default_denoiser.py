@@ -36,7 +36,7 @@ def skimage_data_dir() -> Path:
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    return np.array(Image.open(path).convert("RGB"))
 
 
 def noisy_u8(img: np.ndarray, seed: int) -> np.ndarray:

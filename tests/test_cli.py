@@ -109,3 +109,30 @@ def test_demo_runs_offline_and_says_where(tmp_path):
     assert str(report) in p.stdout and report.is_file()
     for link in report_links(report):
         assert (report.parent / link).is_file(), link
+
+
+def test_crop_key_runs_on_a_crop_of_the_image(sr_config, tmp_path):
+    out = tmp_path / "o"
+    p = run("run", sr_config, "--out", out, "--set", "crop=[0, 0, 32, 48]", "--set", "roi=[8, 8, 8]")
+    assert p.returncode == 0, p.stderr
+    z = np.load(out / "bicubic_x4" / "img_7" / "result.npz")
+    assert z["cem"].shape == (6, 4)  # 48 rows x 32 columns, 8-px blocks
+    p = run("run", sr_config, "--out", out, "--set", "crop=[0, 0, 200, 48]")
+    assert p.returncode == 1 and "crop [0, 0, 200, 48] must lie inside the 64x64 image" in p.stderr
+
+
+@pytest.mark.slow
+def test_cli_reproduces_the_sr_golden_configuration(tmp_path):
+    from test_golden import assert_agrees
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "golden"
+    p = run("run", root / "configs" / "golden_sr_bicubic_demo2.yml", "--out", out, "--no-progress", cwd=root)
+    assert p.returncode == 0, p.stderr
+
+    class Loaded:  # the parts of a CEMResult that assert_agrees reads, from result.npz
+        z = np.load(out / "bicubic_x4" / "demo_2" / "result.npz")
+        cem, psnr_origin = z["cem"], float(z["psnr_origin"])
+        roi_mask = np.zeros_like(cem, dtype=bool)
+        roi_mask[19:23, 12:16] = True  # ROI (152, 96, 32) = blocks rows 19-22, cols 12-15
+
+    assert_agrees(Loaded, root.parent / "shared" / "data" / "golden" / "sr_bicubic_demo2_cpu")

@@ -161,7 +161,7 @@ class Raises(torch.nn.Module):
     (dict(tol=-1), ValueError, "tol must be a non-negative"),
     (dict(mode="fast"), ValueError, "mode must be one of"),
     (dict(model=WrongScale()), ValueError, r"output must be \(1, 3, 20, 28\)"),
-    (dict(model=NaNNet()), ValueError, "NaN/Inf"),
+    (dict(model=NaNNet()), ValueError, "NaN/Inf values on the unintervened"),
     (dict(model=Raises()), RuntimeError, "raised on the"),
     (dict(image=np.zeros((5, 5))), ValueError, r"image array must be \(H, W, 3\)"),
     (dict(image="/nonexistent.png"), ValueError, "does not exist"),

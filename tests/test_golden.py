@@ -37,6 +37,7 @@ def assert_agrees(res, folder: Path, y0_tol: float = 0.01):
     sign_ok = np.sign(ours[big]) == np.sign(ref[big])
     total = np.abs(ours).sum() / np.abs(ref).sum()
     msg = f"r_all={r_all:.4f} r_out={r_out:.4f} total_ratio={total:.3f} sign={sign_ok.mean():.3f}"
+    print(f"golden {folder.name}: Y(I) {res.psnr_origin:.4f} vs {origin:.4f}, {msg}")
     assert r_all >= 0.95, msg
     assert r_out >= 0.9, msg
     assert sign_ok.all(), msg + f" sign differs at {np.argwhere(big)[~sign_ok].tolist()}"

@@ -101,7 +101,7 @@ def load_model(spec: "str | nn.Module", scale: int = 4) -> tuple[nn.Module, str]
 
 def model_digest(model: nn.Module) -> str:
     """Hash of a model's class and weights (for caches and summaries)."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())

@@ -15,6 +15,9 @@ class Bicubic(nn.Module):
             raise ValueError(f"bicubic scale must be a positive integer, got {scale}")
         self.scale = int(scale)
 
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale == 1:
             return x
