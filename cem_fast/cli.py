@@ -69,6 +69,10 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
                 print(f"cem-fast: error: {name} on {Path(image).name}: {msg}", file=sys.stderr)
                 entries.append({"model": name, "image": Path(image).name, "dir": rel, "error": msg})
                 continue
+            if "cropped_from" in res.extra:
+                h, w = res.extra["cropped_from"]
+                print(f"[cem-fast]   note: {Path(image).name} ({h}x{w}) was cropped to {res.gt.shape[-2]}x"
+                      f"{res.gt.shape[-1]}, a multiple of the scale", file=sys.stderr)
             res.save(out_dir / rel, summary_extra={"config": _jsonable(cfg.raw), "model_spec": spec})
             st = res.stats()
             print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "

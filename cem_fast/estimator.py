@@ -79,7 +79,7 @@ def _pick_device(model: nn.Module, device: Optional[Union[str, torch.device]]) -
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, np.integer)) and (value >= 0 if allow_zero else value > 0)
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         need = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name} must be {need} integer, got {value!r}")
@@ -254,6 +254,7 @@ def causal_effect_map(
     bank = load_patch_bank(patches)
     prep = task_obj.prepare(clean, block, image_name)
     grid = prep.grid
+    cropped_from = list(clean.shape[-2:]) if tuple(prep.gt.shape) != tuple(clean.shape) else None
     roi.check_inside(grid.out_h, grid.out_w)
 
     dev = _pick_device(model, device)
@@ -343,7 +344,7 @@ def causal_effect_map(
         device=str(dev), patch_bank={"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
                                      "digest": bank.digest()},
         gt=prep.gt.cpu(), degraded=to_u8(prep.base), output=to_u8(out0[0]),
-        extra={"reused_from_cache": runner.reused, "oom_backoffs": runner.oom_backoffs,
+        extra={**({"cropped_from": cropped_from} if cropped_from else {}), "reused_from_cache": runner.reused, "oom_backoffs": runner.oom_backoffs,
                "final_batch_size": runner.batch_size,
                **({"cache_entry": str(run_cache.dir)} if run_cache is not None else {})},
     )

@@ -1,0 +1,114 @@
+"""Every bad input gives a one-line error that names the input, what was expected and what was found; the CLI
+exits non-zero without a traceback."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cem_fast
+from cem_fast.patches import PatchBank
+
+
+@pytest.fixture
+def bank(rng):
+    return PatchBank(torch.from_numpy(rng.randint(0, 256, (8, 3, 8, 8)).astype(np.uint8)))
+
+
+def cem(image, bank, **kw):
+    args = dict(model=torch.nn.Identity(), task="identity", roi=(0, 0, 8), patches=bank, coarse=1, fine=1)
+    args.update(kw)
+    return cem_fast.causal_effect_map(image=image, **args)
+
+
+def one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def test_corrupt_image_file(tmp_path, bank):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match="bad.png' cannot be read") as e:
+        cem(tmp_path / "bad.png", bank)
+    one_line(e)
+
+
+def test_greyscale_and_rgba_images_are_converted(tmp_path, bank, rng):
+    grey = rng.randint(0, 256, (16, 16)).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    rgba = rng.randint(0, 256, (16, 16, 4)).astype(np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    g = cem(tmp_path / "g.png", bank)
+    assert torch.equal(g.gt, torch.from_numpy(grey).expand(3, 16, 16))  # replicated to RGB
+    a = cem(tmp_path / "a.png", bank)
+    assert torch.equal(a.gt, torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1))  # alpha dropped
+
+
+def test_image_smaller_than_a_block_or_the_roi(bank, rng):
+    tiny = rng.randint(0, 256, (6, 6, 3)).astype(np.uint8)
+    with pytest.raises(ValueError, match="image 6x6 must be at least one block") as e:
+        cem(tiny, bank)
+    one_line(e)
+    small = rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"roi \(y=0, x=0, 32x32\) must lie inside the 16x16 output"):
+        cem(small, bank, roi=(0, 0, 32))
+
+
+def test_sr_image_is_cropped_to_a_multiple_of_the_scale_and_says_so(bank, rng):
+    img = rng.randint(0, 256, (18, 17, 3)).astype(np.uint8)
+    res = cem(img, bank, model="bicubic", task="SR", scale=4)
+    assert tuple(res.gt.shape) == (3, 16, 16)
+    assert res.extra["cropped_from"] == [18, 17]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(fine=-1), "fine must be a non-negative integer, got -1"),
+    (dict(task="DN", sigma=-5), "sigma must be positive"),
+    (dict(task="SR", scale=0), "sr scale must be a positive integer, got 0"),
+    (dict(mode="exhaustive", samples=0), "samples must be a positive integer, got 0"),
+    (dict(block=2.5), "block must be a positive integer, got 2.5"),
+])
+def test_zero_or_negative_parameters(bank, rng, kw, match):
+    img = rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)
+    with pytest.raises(ValueError, match=match) as e:
+        cem(img, bank, **kw)
+    one_line(e)
+
+
+def test_patch_bank_mismatched_with_the_image_channels(rng):
+    with pytest.raises(ValueError, match=r"patch bank must be \(P, 3, pb, pb\) uint8, got \(4, 1, 8, 8\)"):
+        PatchBank(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="is empty"):
+        PatchBank(torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "cem_fast.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("setup,override,match", [
+    ("empty_patches", "patches={tmp}/empty", "holds no images"),
+    ("unknown_ckpt", "model={tmp}/unknown.pth", "unknown architecture"),
+    ("corrupt_ckpt", "model={tmp}/corrupt.pth", "not a readable PyTorch checkpoint"),
+    ("none", "sigma=0", "sigma must be positive"),
+    ("none", "block=0", "block must be a positive"),
+    ("none", "roi=[0, 0]", "roi must be (y, x, size) or (y, x, height, width)"),
+    ("none", "crop=[1, 2]", "crop must be a PIL box"),
+    ("none", "seed=1.5", "seed must be an integer"),
+])
+def test_cli_bad_inputs(tmp_path, rng, setup, override, match):
+    Image.fromarray(rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)).save(tmp_path / "im.png")
+    (tmp_path / "empty").mkdir()
+    torch.save({"foo.weight": torch.rand(2, 2)}, tmp_path / "unknown.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"\x00\x01 not a checkpoint")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"task: DN\nmodel: default\nimages: [{tmp_path / 'im.png'}]\nroi: [0, 0, 8]\nfine: 1\n")
+    p = cli("run", cfg, "--out", tmp_path / "o", "--set", override.format(tmp=tmp_path))
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and match in errors[0], p.stderr
