@@ -27,8 +27,10 @@ def _safe_name(name: str) -> str:
 
 
 def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causal Effect Maps",
-               fresh: bool = False) -> tuple[Path, int]:
-    """Run every model on every image of ``cfg``; returns the report path and the number of failed runs."""
+               fresh: bool = False, keep: Optional[list] = None,
+               entries: Optional[list] = None) -> tuple[Path, int]:
+    """Run every model on every image of ``cfg``; returns the report path and the number of failed runs.
+    With ``keep``, (model name, image name, CEMResult) of each successful run are appended to it."""
     from .estimator import causal_effect_map
     from .models import load_model
     from .report import write_report
@@ -44,9 +46,13 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     if str(opts["task"]).upper() != "DR":
         for k in ("rain_preset", "rain_beta", "rain_seed"):
             task_opts.pop(k)
-    entries, failed, used = [], 0, set()
+    entries = [] if entries is None else entries
+    failed, used = 0, set()
+    from .models import apply_model_options
     for spec in cfg.models:
         model, name = load_model(spec, scale=int(cfg.options.get("scale", 4)))
+        scale = int(cfg.options.get("scale", 4)) if str(opts["task"]).upper() == "SR" else 1
+        model = apply_model_options(model, opts.get("model_options"), scale)
         name = _safe_name(name)
         while name in used:
             name += "_"
@@ -81,6 +87,8 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
                   f"{res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
             entries.append({"model": name, "image": Path(image).name, "dir": rel,
                             "summary": json.loads((out_dir / rel / "summary.json").read_text())})
+            if keep is not None:
+                keep.append((name, Path(image).name, res))
     report = write_report(out_dir, entries, title=title)
     return report, failed
 
@@ -115,14 +123,49 @@ def cmd_run(args) -> int:
     return EXIT_FAILED if failed else 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import difference, save_difference
+    from .config import load_config
+    from .report import write_compare_report
+    cfg = load_config(args.config, args.set)
+    if len(cfg.models) < 2:
+        raise ValueError(f"compare needs at least two models in the config, got {len(cfg.models)}")
+    out = Path(args.out)
+    kept: list = []
+    report, failed = run_config(cfg, out, progress=False if args.no_progress else None, fresh=args.fresh, keep=kept)
+    by_image: dict[str, list] = {}
+    for name, image, res in kept:
+        by_image.setdefault(image, []).append((name, res))
+    rows = []
+    for image, runs in by_image.items():
+        (base_name, base), diffs = runs[0], []
+        for name, res in runs[1:]:
+            d = difference(res, base)
+            rel = f"compare/{_safe_name(Path(image).stem)}/{name}_vs_{base_name}"
+            save_difference(d, res, out / rel)
+            diffs.append({"name": f"{name} - {base_name}", "dir": rel, "summary": d.summary()})
+        rows.append({"image": image, "runs": [(n, f"{n}/{_safe_name(Path(image).stem)}", r.summary())
+                                              for n, r in runs], "diffs": diffs})
+    path = write_compare_report(out, rows)
+    print(f"report: {report}\ncomparison: {path}")
+    return EXIT_FAILED if failed else 0
+
+
 def cmd_demo(args) -> int:
+    """The three shipped defaults on the shipped image: DN sigma 50, SR x4 and DR (medium rain)."""
     from .config import normalise
+    from .report import write_report
+    out = Path(args.out)
+    entries: list = []
+    failed = 0
+    t0 = time.perf_counter()
     with resources.as_file(resources.files("cem_fast") / "data" / "demo.png") as demo_image:
-        cfg = normalise({"model": "default", "images": [str(demo_image)], "task": "DN", "sigma": 50,
-                         "roi": list(DEMO_ROI), "block": 8, "coarse": 3, "fine": args.fine})
-        t0 = time.perf_counter()
-        report, failed = run_config(cfg, Path(args.out), progress=False if args.no_progress else None,
-                                    title="cem_fast demo: the shipped sigma=50 denoiser")
+        for task, model in (("DN", "default"), ("SR", "default:sr"), ("DR", "default:dr")):
+            cfg = normalise({"model": model, "images": [str(demo_image)], "task": task, "sigma": 50, "scale": 4,
+                             "roi": list(DEMO_ROI), "block": 8, "coarse": 3, "fine": args.fine})
+            _, n_failed = run_config(cfg, out, progress=False if args.no_progress else None, entries=entries)
+            failed += n_failed
+    report = write_report(out, entries, title="cem_fast demo: the shipped denoiser, x4 SR and deraining models")
     print(f"demo report written in {time.perf_counter() - t0:.1f} s: {report.resolve()}")
     return EXIT_FAILED if failed else 0
 
@@ -148,9 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fresh", action="store_true",
                    help=f"ignore samples cached by an earlier run (in OUT/{CACHE_DIR}) and recompute")
     r.set_defaults(func=cmd_run)
+    c = sub.add_parser("compare", help="run several models with the same draws and compare their maps")
+    c.add_argument("config", help="YAML config with `models:` (two or more)")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--fresh", action="store_true", help="ignore cached samples and recompute")
+    c.set_defaults(func=cmd_compare)
     d = sub.add_parser("demo", help="run the offline demo and write a report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--fine", type=int, default=50, help="fine interventions per gated block (default 50)")
+    d.add_argument("--fine", type=int, default=20,
+                   help="fine interventions per gated block (default 20 to keep the demo short; the paper uses 50)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
     i = sub.add_parser("info", help="versions, device, available backends and why others are not")

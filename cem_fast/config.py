@@ -20,6 +20,7 @@ OURS = {
     "sigma": 50.0, "noise_seed": 0, "rain_preset": "medium", "rain_beta": None, "rain_seed": None,
     "block": 8, "coarse": 3, "fine": 50, "tol": 0.01, "patches": None, "seed": 0, "device": None,
     "batch_size": None, "backend": None, "mode": "coarse-to-fine", "samples": None, "crop": None,
+    "model_options": None,
 }
 REFERENCE = {"sr": "scale", "patch_path": "patches", "mask_block_size": "block", "coarse_num": "coarse",
              "fine_num": "fine", "Modellist": "models"}

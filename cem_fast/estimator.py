@@ -23,7 +23,7 @@ from torch import nn
 from . import ops
 from .cache import RunCache, digest_bytes, missing_ranges, run_key
 from .geometry import ROI, RoiLike
-from .models import load_model, model_digest
+from .models import eval_mode, load_model, model_digest
 from .patches import PatchBank, load_patch_bank
 from .result import CEMResult
 from .tasks import Prepared, Task, make_task
@@ -263,7 +263,11 @@ def causal_effect_map(
     _check_positive("batch_size", batch_size)
     backend_name = ops.resolve_backend(backend, dev)
     # channels_last: about 2x faster convolutions on CPU and with cuDNN; results agree to fp32 round-off.
-    model = model.to(dev).eval().to(memory_format=torch.channels_last)
+    model = eval_mode(model.to(dev))
+    try:
+        model = model.to(memory_format=torch.channels_last)
+    except (NotImplementedError, RuntimeError, TypeError):
+        pass  # e.g. torch.export modules; the inputs are still channels_last
     prep = prep.to(dev)
     bank_in = task_obj.bank_at_input(bank.patches, block).to(dev)
     ys, xs = roi.slices()

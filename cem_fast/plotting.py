@@ -74,6 +74,25 @@ def cem_figure(res, title=None):
     return fig
 
 
+def difference_figure(d, res):
+    """Difference map (a - b, dB) on the seismic scale; blocks whose 95 % interval contains 0 are faded."""
+    H, W = res.gt.shape[-2:]
+    bound = float(np.abs(d.diff).max()) or 1.0
+    rgb = matplotlib.colormaps["seismic"]((np.clip(d.diff / bound, -1, 1) + 1) / 2)[..., :3]
+    rgb[~d.significant] = 0.3 * rgb[~d.significant] + 0.7
+    rgb[res.roi_mask] = GREEN
+    up = np.repeat(np.repeat(rgb, res.block, axis=0), res.block, axis=1)[:H, :W]
+    fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    im = ax.imshow(up, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{d.name_a} - {d.name_b} (faded: 95% CI contains 0)", fontsize=8)
+    sm = plt.cm.ScalarMappable(cmap="seismic", norm=matplotlib.colors.Normalize(-bound, bound))
+    fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.04, label="dB")
+    del im
+    fig.tight_layout()
+    return fig
+
+
 def pie_figure(stats: dict):
     """Pie of positive (red) / negative (blue) / zero (white) blocks outside the ROI."""
     fig, ax = plt.subplots(figsize=(2.6, 2.6))

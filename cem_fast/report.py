@@ -77,3 +77,38 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
     tmp.write_text(PAGE.format(title=html.escape(title), version=cem_fast.__version__, body="\n".join(parts)))
     os.replace(tmp, path)
     return path
+
+
+def write_compare_report(out_dir: "str | os.PathLike", rows: list[dict[str, Any]],
+                         name: str = "compare.html") -> Path:
+    """Side-by-side maps, pies, ranges and ROI PSNRs per image, and each model's paired difference to the first
+    model with 95 % intervals. ``rows``: ``{"image", "runs": [(model, dir, summary)], "diffs": [...]}``."""
+    import cem_fast
+    out_dir = Path(out_dir)
+    parts = []
+    for row in rows:
+        parts.append(f"<h2>{html.escape(row['image'])}</h2><table><tr><th></th>"
+                     + "".join(f"<th>{html.escape(m)}</th>" for m, _, _ in row["runs"]) + "</tr>")
+        for label, file in (("output", "output.png"), ("CEM", "cem.png"), ("blocks", "pie.png")):
+            parts.append(f"<tr><th>{label}</th>" + "".join(
+                f"<td class={'small' if file == 'pie.png' else ''}>{_img(out_dir, f'{d}/{file}', f'{m} {label}')}</td>"
+                for m, d, _ in row["runs"]) + "</tr>")
+        parts.append("<tr><th>numbers</th>" + "".join(
+            f"<td class=num>Y(I) {_fmt(s['psnr_origin']).lstrip('+')}<br>range {_fmt(s['stats'].get('range_db', 0))}"
+            f"<br>+ {s['stats']['positive']} / - {s['stats']['negative']} / 0 {s['stats']['zero']}</td>"
+            for _, _, s in row["runs"]) + "</tr></table>")
+        if row["diffs"]:
+            parts.append("<h3>paired differences (same draws for every model)</h3><table><tr>")
+            for d in row["diffs"]:
+                s = d["summary"]
+                parts.append(f"<td>{html.escape(d['name'])}<br>{_img(out_dir, d['dir'] + '/diff.png', d['name'])}"
+                             f"<div class=num>max |diff| {s['max_abs_diff_db']:.3f} dB, {s['significant_blocks']} "
+                             f"blocks with a 95% CI excluding 0, median CI half-width "
+                             f"{s['median_half_width_db'] if s['median_half_width_db'] is None else round(s['median_half_width_db'], 4)} dB"
+                             f"<br><a href=\"{html.escape(d['dir'])}/diff.npz\">diff.npz</a></div></td>")
+            parts.append("</tr></table>")
+    path = out_dir / name
+    tmp = path.with_name(name + ".tmp")
+    tmp.write_text(PAGE.format(title="Model comparison", version=cem_fast.__version__, body="\n".join(parts)))
+    os.replace(tmp, path)
+    return path

@@ -3,6 +3,7 @@ a TorchScript file, or a checkpoint whose architecture is recognised (KAIR DnCNN
 from __future__ import annotations
 
 import hashlib
+import math
 import importlib
 import re
 import zipfile
@@ -14,18 +15,103 @@ import torch
 from torch import nn
 
 from .bicubic import Bicubic
-from .dncnn import DnCNN, is_dncnn_state_dict
+from .dncnn import DnCNN, FDnCNN, is_dncnn_state_dict
+from .sr_archs import EDSR, RCAN, MSRResNet
+from .swinir import SwinIR
+from .wrappers import PadToMultiple, PerChannel, PreUpsample, WithNoiseMap, apply_model_options
 
-__all__ = ["Bicubic", "DnCNN", "load_model", "default_denoiser", "model_digest"]
+__all__ = ["Bicubic", "DnCNN", "FDnCNN", "MSRResNet", "EDSR", "RCAN", "SwinIR", "WithNoiseMap", "PadToMultiple",
+           "PreUpsample", "PerChannel", "apply_model_options", "load_model", "default_denoiser", "default_model",
+           "detect_architecture", "model_digest"]
+
+
+DEFAULTS = {"dn": "default_denoiser.pt", "sr": "default_sr.pt", "dr": "default_dr.pt"}
+
+
+def default_model(task: str = "dn") -> nn.Module:
+    """A shipped default, trained by scripts/ on CC0 / public-domain images (cem_fast/data/LICENSES.md):
+    ``dn`` a sigma=50 colour denoiser, ``sr`` an x4 MSRResNet, ``dr`` a deraining DnCNN."""
+    task = task.lower()
+    if task not in DEFAULTS:
+        raise ValueError(f"default model task must be one of {', '.join(DEFAULTS)}, got {task!r}")
+    with resources.as_file(resources.files("cem_fast") / "data" / DEFAULTS[task]) as p:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    return detect_architecture({k: v.float() for k, v in sd.items()}).eval()
 
 
 def default_denoiser() -> DnCNN:
-    """The shipped sigma=50 colour denoiser (DnCNN shape, trained by scripts/train_default_denoiser.py on CC0
-    images; see cem_fast/data/LICENSES.md)."""
-    with resources.as_file(resources.files("cem_fast") / "data" / "default_denoiser.pt") as p:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    net = DnCNN.from_state_dict({k: v.float() for k, v in sd.items()})
-    return net.eval()
+    """The shipped sigma=50 colour denoiser (DnCNN shape)."""
+    return default_model("dn")
+
+
+def _count(sd: dict, pattern: str) -> int:
+    return len({m.group(1) for k in sd for m in [re.match(pattern, k)] if m})
+
+
+def _upscale(sd: dict, num_feat: int) -> int:
+    convs = _count(sd, r"^upsample\.(\d+)\.weight$")
+    return 3 if sd["upsample.0.weight"].shape[0] == 9 * num_feat else 2 ** convs
+
+
+def _build_msrresnet(sd):
+    nf = sd["conv_first.weight"].shape[0]
+    up = 4 if "upconv2.weight" in sd else int(round(math.sqrt(sd["upconv1.weight"].shape[0] / nf)))
+    return MSRResNet(sd["conv_first.weight"].shape[1], sd["conv_last.weight"].shape[0], nf,
+                     _count(sd, r"^body\.(\d+)\.conv1\.weight$"), up)
+
+
+def _build_edsr(sd):
+    nf = sd["conv_first.weight"].shape[0]
+    return EDSR(sd["conv_first.weight"].shape[1], sd["conv_last.weight"].shape[0], nf,
+                _count(sd, r"^body\.(\d+)\.conv1\.weight$"), _upscale(sd, nf), 0.1 if nf >= 256 else 1.0)
+
+
+def _build_rcan(sd):
+    nf = sd["conv_first.weight"].shape[0]
+    squeeze = nf // sd["body.0.residual_group.0.rcab.3.attention.1.weight"].shape[0]
+    return RCAN(sd["conv_first.weight"].shape[1], sd["conv_last.weight"].shape[0], nf,
+                _count(sd, r"^body\.(\d+)\.conv\.weight$"),
+                _count(sd, r"^body\.0\.residual_group\.(\d+)\.rcab\.0\.weight$"), squeeze, _upscale(sd, nf))
+
+
+# name -> (test on the keys, builder, a small instance whose key pattern describes the layout)
+ARCHITECTURES = {
+    "SwinIR": (lambda sd: "layers.0.residual_group.blocks.0.attn.qkv.weight" in sd, SwinIR.from_state_dict,
+               lambda: SwinIR(img_size=8, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4, upscale=2,
+                              upsampler="pixelshuffle", num_feat=8)),
+    "RCAN": (lambda sd: "body.0.residual_group.0.rcab.0.weight" in sd, _build_rcan,
+             lambda: RCAN(num_feat=16, num_group=2, num_block=2, squeeze_factor=4)),
+    "MSRResNet": (lambda sd: {"conv_first.weight", "upconv1.weight", "conv_hr.weight"} <= sd.keys(),
+                  _build_msrresnet, lambda: MSRResNet(num_feat=8, num_block=2)),
+    "EDSR": (lambda sd: {"conv_first.weight", "conv_after_body.weight", "body.0.conv1.weight",
+                         "upsample.0.weight"} <= sd.keys(), _build_edsr, lambda: EDSR(num_feat=8, num_block=2)),
+    "DnCNN": (is_dncnn_state_dict, DnCNN.from_state_dict, lambda: DnCNN(3, 8, 3)),
+}
+
+
+def _key_pattern(keys) -> set[str]:
+    return {re.sub(r"\.\d+\.", ".#.", "." + k + ".").strip(".") for k in keys}
+
+
+def detect_architecture(sd: dict) -> nn.Module:
+    """Build the architecture a state dict belongs to (hyper-parameters from the tensor shapes) and load it.
+    Unknown layouts raise a ValueError naming the closest known architecture."""
+    for name, (matches, build, _) in ARCHITECTURES.items():
+        if matches(sd):
+            try:
+                net = build(sd)
+                net.load_state_dict(sd)
+            except Exception as e:
+                raise ValueError(f"state dict looks like {name} but does not load: {str(e).splitlines()[0]}") \
+                    from None
+            return net
+    pattern = _key_pattern(sd)
+    scores = {name: len(pattern & _key_pattern(example().state_dict())) / len(_key_pattern(example().state_dict()))
+              for name, (_, _, example) in ARCHITECTURES.items()}
+    best = max(scores, key=scores.get)
+    sample = ", ".join(list(sd)[:3])
+    raise ValueError(f"unknown architecture (keys {sample}, ...); closest known: {best} "
+                     f"({scores[best]:.0%} of its key pattern); known: {', '.join(ARCHITECTURES)}")
 
 
 def _unwrap_state_dict(obj) -> dict:
@@ -39,21 +125,37 @@ def _unwrap_state_dict(obj) -> dict:
 
 
 def _load_checkpoint(path: Path) -> nn.Module:
+    if path.suffix == ".pt2":
+        try:
+            return torch.export.load(str(path)).module()
+        except Exception as e:
+            raise ValueError(f"model file {str(path)!r} is not a readable torch.export program: "
+                             f"{str(e).splitlines()[0]}") from None
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            if any(n.endswith("/code/") or "/code/" in n for n in z.namelist()):
+            if any("/code/" in n for n in z.namelist()):
                 return torch.jit.load(str(path), map_location="cpu")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"model file {str(path)!r} is not a readable PyTorch checkpoint: {e}".splitlines()[0]) \
             from None
-    sd = _unwrap_state_dict(obj)
-    if is_dncnn_state_dict(sd):
-        return DnCNN.from_state_dict(sd)
-    sample = ", ".join(list(sd)[:3])
-    raise ValueError(f"model file {str(path)!r}: unknown architecture (keys {sample}, ...); known: KAIR DnCNN. "
-                     "Load it yourself and pass the nn.Module to cem_fast.causal_effect_map, or use pkg.module:factory")
+    try:
+        return detect_architecture(_unwrap_state_dict(obj))
+    except ValueError as e:
+        raise ValueError(f"model file {str(path)!r}: {e}") from None
+
+
+def _load_spandrel(path: str) -> nn.Module:
+    try:
+        import spandrel
+    except Exception as e:  # spandrel imports torchvision, which may not import beside a CPU torch
+        raise ValueError(f"spandrel:{path} needs the optional spandrel package ({type(e).__name__}: {e})"
+                         .splitlines()[0]) from None
+    try:
+        return spandrel.ModelLoader().load_from_file(path).model
+    except Exception as e:
+        raise ValueError(f"spandrel cannot load {path!r}: {str(e).splitlines()[0]}") from None
 
 
 def load_model(spec: "str | nn.Module", scale: int = 4) -> tuple[nn.Module, str]:
@@ -76,13 +178,18 @@ def load_model(spec: "str | nn.Module", scale: int = 4) -> tuple[nn.Module, str]
             except ValueError:
                 raise ValueError(f"model {spec!r}: expected bicubic:xS with an integer S") from None
         return Bicubic(s).eval(), f"bicubic_x{s}"
-    if low == "default":
+    if low in ("default", "default:dn"):
         return default_denoiser(), "default_denoiser"
+    if low in ("default:sr", "default:dr"):
+        return default_model(low[-2:]), f"default_{low[-2:]}"
+    if low.startswith("spandrel:"):
+        p = spec.split(":", 1)[1]
+        return _load_spandrel(p).eval(), Path(p).stem
     path = Path(spec)
     if path.exists():
         if not path.is_file():
             raise ValueError(f"model {spec!r} is a folder, expected a checkpoint or TorchScript file")
-        return _load_checkpoint(path).eval(), path.stem
+        return eval_mode(_load_checkpoint(path)), path.stem
     if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
         mod_name, _, factory = spec.partition(":")
         try:
@@ -97,6 +204,14 @@ def load_model(spec: "str | nn.Module", scale: int = 4) -> tuple[nn.Module, str]
             raise ValueError(f"model {spec!r}: {factory}() returned {type(model).__name__}, expected an nn.Module")
         return model.eval(), factory
     raise ValueError(f"model {spec!r} is not a file, 'bicubic[:xS]', 'default' or 'pkg.module:factory'")
+
+
+def eval_mode(model: nn.Module) -> nn.Module:
+    """``model.eval()`` where supported (torch.export modules refuse it and are already in inference form)."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def model_digest(model: nn.Module) -> str:
