@@ -90,6 +90,20 @@ def _resolve(path: str, base: Path) -> str:
     return str(p)
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".pt2")
+
+
+def _expand_folder(spec: str) -> list[str]:
+    """A folder of checkpoints stands for every checkpoint in it, in name order."""
+    p = Path(spec)
+    if not p.is_dir():
+        return [spec]
+    found = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in CHECKPOINT_SUFFIXES)
+    if not found:
+        raise ValueError(f"model folder {spec!r} holds no checkpoints ({', '.join(CHECKPOINT_SUFFIXES)})")
+    return found
+
+
 def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
     opts = {k: v for k, v in OURS.items()}
     for k, v in raw.items():
@@ -109,6 +123,7 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
         raise ValueError("config must name images (key 'images', or the reference's TextImg_path + Imagelist)")
     images = [_resolve(i, base) for i in images]
     models = [m if not (Path(str(m)).suffix or "/" in str(m)) else _resolve(m, base) for m in models]
+    models = [x for m in models for x in _expand_folder(str(m))]
     roi = opts.pop("roi")
     if roi is None and any(k in raw for k in REFERENCE_ROI):
         missing = [k for k in REFERENCE_ROI if k not in raw]

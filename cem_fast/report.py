@@ -37,7 +37,6 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
                  name: str = "report.html") -> Path:
     """``entries``: dicts with ``model``, ``image``, ``dir`` (result folder relative to ``out_dir``) and
     ``summary`` (summary.json contents), or ``error`` for a failed run."""
-    import cem_fast
     out_dir = Path(out_dir)
     images: dict[str, list[dict]] = {}
     for e in entries:
@@ -72,8 +71,12 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
                          f"<td class=small>{_img(out_dir, f'{d}/pie.png', 'block counts')}</td>"
                          f"<td class=num>{nums}</td></tr>")
         parts.append("</table>")
-    path = out_dir / name
-    tmp = path.with_name(name + ".tmp")
+    return _write_page(out_dir / name, title, parts)
+
+
+def _write_page(path: Path, title: str, parts: list[str]) -> Path:
+    import cem_fast
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(PAGE.format(title=html.escape(title), version=cem_fast.__version__, body="\n".join(parts)))
     os.replace(tmp, path)
     return path
@@ -107,8 +110,4 @@ def write_compare_report(out_dir: "str | os.PathLike", rows: list[dict[str, Any]
                              f"{s['median_half_width_db'] if s['median_half_width_db'] is None else round(s['median_half_width_db'], 4)} dB"
                              f"<br><a href=\"{html.escape(d['dir'])}/diff.npz\">diff.npz</a></div></td>")
             parts.append("</tr></table>")
-    path = out_dir / name
-    tmp = path.with_name(name + ".tmp")
-    tmp.write_text(PAGE.format(title="Model comparison", version=cem_fast.__version__, body="\n".join(parts)))
-    os.replace(tmp, path)
-    return path
+    return _write_page(out_dir / name, "Model comparison", parts)

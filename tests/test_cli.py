@@ -1,5 +1,6 @@
 """The CLI as a user runs it: outputs exist and load, the report links only existing files, errors are one line."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,10 +11,12 @@ import pytest
 from PIL import Image
 
 CLI = [sys.executable, "-m", "cem_fast.cli"]
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def run(*args, cwd=None):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env=ENV)
 
 
 @pytest.fixture
@@ -136,3 +139,54 @@ def test_cli_reproduces_the_sr_golden_configuration(tmp_path):
         roi_mask[19:23, 12:16] = True  # ROI (152, 96, 32) = blocks rows 19-22, cols 12-15
 
     assert_agrees(Loaded, root.parent / "shared" / "data" / "golden" / "sr_bicubic_demo2_cpu")
+
+
+def test_compare_writes_side_by_side_and_difference_maps(sr_config, tmp_path):
+    out = tmp_path / "cmp"
+    p = run("compare", sr_config, "--out", out, "--no-progress",
+            "--set", "models=[bicubic, 'cem_fast.models:Bicubic', 'tests_sharp_sr:make']")
+    assert p.returncode == 0, p.stderr
+    html = (out / "compare.html").read_text()
+    for link in report_links(out / "compare.html"):
+        assert (out / link).is_file(), link
+    assert "paired differences" in html
+    same = np.load(out / "compare" / "img_7" / "Bicubic_vs_bicubic_x4" / "diff.npz")
+    assert np.array_equal(same["diff"], np.zeros((8, 8))) and not same["significant"].any()
+    other = np.load(out / "compare" / "img_7" / "make_vs_bicubic_x4" / "diff.npz")
+    assert np.abs(other["diff"]).max() > 0.01
+
+
+def test_compare_needs_two_models(sr_config, tmp_path):
+    p = run("compare", sr_config, "--out", tmp_path / "c")
+    assert p.returncode == 2 and "compare needs at least two models in the config, got 1" in p.stderr
+
+
+def test_model_options_wrap_every_model(tmp_path, demo2):
+    Image.fromarray(demo2[:32, :32]).save(tmp_path / "im.png")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"task: DN\nsigma: 25\nmodel: tests_sharp_sr:make_fdncnn\nimages: [{tmp_path / 'im.png'}]\n"
+                   "roi: [8, 8, 8]\nfine: 2\nmodel_options: {noise_level: 25, pad_multiple: 16}\n")
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    p = run("run", cfg, "--out", tmp_path / "o2", "--set", "model_options={noise: 3}")
+    assert p.returncode == 2 and "model_options: unknown key(s) ['noise']" in p.stderr
+
+
+def test_a_folder_of_checkpoints_is_compared(tmp_path, demo2):
+    import torch
+    from cem_fast.models import DnCNN
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for i, width in enumerate((4, 6)):
+        torch.manual_seed(i)
+        torch.save({"params": DnCNN(3, width, 3).state_dict()}, folder / f"dncnn_{width}.pth")
+    Image.fromarray(demo2[:24, :24]).save(tmp_path / "im.png")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"task: DN\nmodels: [{folder}]\nimages: [{tmp_path / 'im.png'}]\nroi: [8, 8, 8]\nfine: 2\n")
+    p = run("compare", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "o" / "compare" / "im" / "dncnn_6_vs_dncnn_4" / "diff.png").is_file()
+    (folder / "dncnn_4.pth").unlink()
+    (folder / "dncnn_6.pth").unlink()
+    p = run("compare", cfg, "--out", tmp_path / "o")
+    assert p.returncode == 2 and "holds no checkpoints" in p.stderr
