@@ -17,6 +17,12 @@ from . import rng
 from .geometry import ROI
 
 PEAK = 255.0
+NOISE_ONE = 1 << 24  # one grey level in the integer noise arithmetic: 2^16 (gaussian12 scale) * 2^8 (sigma)
+
+
+def noise_sigma_units(sigma: float) -> int:
+    """sigma (0..255 units) in 1/256 steps, the resolution at which the intervention noise applies it."""
+    return int(round(float(sigma) * 256))
 
 
 def intervene_ref(
@@ -45,7 +51,8 @@ def intervene_ref(
             ``bh x bw`` corner is pasted).
         ids: (K,) int64 intervention ids keying the noise RNG (required when ``noise_sigma > 0``).
         seed: RNG seed of the noise.
-        noise_sigma: DN: add ``N(0, sigma^2)`` (0..255 units) to the patch, clip to [0, 255], truncate.
+        noise_sigma: DN: add noise of standard deviation sigma (0..255 units, applied in 1/256 steps; see
+            :func:`cem_fast.rng.gaussian12`) to the patch, truncate, clip to [0, 255].
         rain: DR: (C, h, w) float rain contribution ``beta * rain`` in 0..255 units; the pasted value is
             ``floor(min(patch + rain, 255))`` (saturating uint8 add).
         window_origins: (K, 2) int64 top-left of the crop of the input to write for each intervention
@@ -79,7 +86,10 @@ def intervene_ref(
             raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
         key = rng.stream_key(seed, ids.to(dev)).view(K, 1, 1, 1)
         counter = torch.arange(C * pb * pb, device=dev, dtype=torch.int64).view(1, C, pb, pb)
-        vals = torch.floor(torch.clamp(vals + float(noise_sigma) * rng.normal(key, counter), 0.0, PEAK))
+        # Integer arithmetic in units of 2^-24 grey levels: patch + sigma * z, truncated and clipped exactly.
+        sigma_q = noise_sigma_units(noise_sigma)
+        total = vals.to(torch.int64) * NOISE_ONE + rng.gaussian12(key, counter) * sigma_q
+        vals = torch.div(total, NOISE_ONE, rounding_mode="floor").clamp(0, 255).to(torch.float32)
     dy = torch.arange(pb, device=dev).view(1, pb, 1)
     dx = torch.arange(pb, device=dev).view(1, 1, pb)
     ys = origins[:, 0].view(K, 1, 1) + dy  # (K, pb, 1) input rows of the patch pixels

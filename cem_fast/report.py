@@ -13,6 +13,7 @@ PAGE = """<!doctype html>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: 6px; vertical-align: top; }}
 img {{ max-width: 300px; image-rendering: pixelated; }} .small img {{ max-width: 160px; }}
+.cem img {{ max-width: 460px; }}
 .num {{ font-size: 0.85em; line-height: 1.4; }} .pos {{ color: #c00; }} .neg {{ color: #06c; }}
 </style></head><body>
 <h1>{title}</h1>
@@ -27,6 +28,12 @@ def _img(out_dir: Path, rel: str, alt: str) -> str:
     if not (out_dir / rel).is_file():
         return f"<em>{html.escape(alt)}: missing</em>"
     return f'<img src="{html.escape(rel)}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
+
+
+def _task(summary: dict) -> str:
+    t = summary.get("task", {})
+    extra = {"SR": f"x{t.get('scale')}", "DN": f"sigma {t.get('sigma')}", "DR": str(t.get("preset", ""))}
+    return f"{t.get('task', '')} {extra.get(t.get('task'), '')}".strip()
 
 
 def _fmt(x: Any, unit: str = " dB") -> str:
@@ -49,11 +56,11 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
         parts.append('<table><tr><th>ground truth</th><th>degraded input</th></tr><tr class="small">'
                      f"<td>{_img(out_dir, f'{d}/gt.png', 'ground truth')}</td>"
                      f"<td>{_img(out_dir, f'{d}/input.png', 'degraded input')}</td></tr></table><br>")
-        parts.append("<table><tr><th>model</th><th>output (ROI box)</th><th>CEM</th><th>blocks</th>"
-                     "<th>numbers</th></tr>")
+        parts.append("<table><tr><th>model</th><th>its input</th><th>output (ROI box)</th><th>CEM</th>"
+                     "<th>blocks</th><th>numbers</th></tr>")
         for r in runs:
             if "error" in r:
-                parts.append(f"<tr><td>{html.escape(r['model'])}</td><td colspan=4>failed: "
+                parts.append(f"<tr><td>{html.escape(r['model'])}</td><td colspan=5>failed: "
                              f"{html.escape(r['error'])}</td></tr>")
                 continue
             s, st, d = r["summary"], r["summary"]["stats"], r["dir"]
@@ -62,12 +69,15 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
                     f"0 {st['zero']} blocks<br>range {_fmt(st.get('range_db', 0))}<br>"
                     f"max {_fmt(st.get('max_db', 0))} at {st.get('max_block')}<br>"
                     f"min {_fmt(st.get('min_db', 0))} at {st.get('min_block')}<br>"
-                    f"{s['num_forwards']} forwards, {s['wall_time_s']} s<br>"
+                    f"{s['num_forwards']} forwards"
+                    + (f" (+{s['reused_from_cache']} samples cached)" if s.get("reused_from_cache") else "")
+                    + f", {s['wall_time_s']} s<br>"
                     f'<a href="{html.escape(d)}/summary.json">summary.json</a> · '
                     f'<a href="{html.escape(d)}/result.npz">result.npz</a>')
-            parts.append(f"<tr><td>{html.escape(r['model'])}</td>"
+            parts.append(f"<tr><td>{html.escape(r['model'])}<br><span class=num>{html.escape(_task(s))}</span></td>"
+                         f"<td class=small>{_img(out_dir, f'{d}/input.png', 'input')}</td>"
                          f"<td>{_img(out_dir, f'{d}/output.png', 'output')}</td>"
-                         f"<td>{_img(out_dir, f'{d}/cem.png', 'causal effect map')}</td>"
+                         f"<td class=cem>{_img(out_dir, f'{d}/cem.png', 'causal effect map')}</td>"
                          f"<td class=small>{_img(out_dir, f'{d}/pie.png', 'block counts')}</td>"
                          f"<td class=num>{nums}</td></tr>")
         parts.append("</table>")
@@ -86,7 +96,6 @@ def write_compare_report(out_dir: "str | os.PathLike", rows: list[dict[str, Any]
                          name: str = "compare.html") -> Path:
     """Side-by-side maps, pies, ranges and ROI PSNRs per image, and each model's paired difference to the first
     model with 95 % intervals. ``rows``: ``{"image", "runs": [(model, dir, summary)], "diffs": [...]}``."""
-    import cem_fast
     out_dir = Path(out_dir)
     parts = []
     for row in rows:

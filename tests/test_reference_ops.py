@@ -60,7 +60,8 @@ def test_intervene_noise_and_rain_match_naive():
     key = rng.stream_key(7, ids)
     pb = patches.shape[-1]
     counter = torch.arange(3 * pb * pb).view(3, pb, pb)
-    noise = [30.0 * rng.normal(key[k], counter) for k in range(len(idx))]
+    # gaussian12 in units of 2^-16, times 30: noise in grey levels (exact in float64)
+    noise = [rng.gaussian12(key[k], counter).double() * 30.0 / 65536 for k in range(len(idx))]
     got = intervene_ref(base, patches, idx, origins, sizes, ids=ids, seed=7, noise_sigma=30.0)
     want = naive_intervene(base, patches, idx, origins, sizes, noise=noise).float()
     assert torch.equal(got, want)
@@ -110,6 +111,14 @@ def test_rng_is_keyed_by_seed_and_id():
     assert not torch.equal(a, rng.normal(rng.stream_key(0, torch.tensor([6])), c))
     u = rng.uniform_from_counter(rng.stream_key(3, torch.tensor([0])), torch.arange(100000))
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+def test_gaussian12_moments():
+    z = rng.gaussian12(rng.stream_key(11, torch.tensor([4])), torch.arange(200000)).double() / 65536
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    kurt = ((z - z.mean()) ** 4).mean() / z.var() ** 2
+    assert 2.85 < kurt.item() < 2.95  # Irwin-Hall(12): 3 - 1.2 / 12 = 2.9
+    assert z.abs().max() <= 6
 
 
 def _gt(seed=0, size=(3, 6, 5)):
