@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import reference
+from . import cpp_ops, reference
 from .geometry import ROI
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
@@ -33,7 +33,7 @@ _REGISTRY: dict[str, tuple[Callable[[torch.device], list[str]], dict[str, Callab
     "torch": (_torch_reasons, {"intervene": reference.intervene_ref, "roi_sq_err": reference.roi_sq_err_ref}),
     "triton": (_unavailable("triton"), {}),
     "cuda": (_unavailable("cuda"), {}),
-    "cpp": (_unavailable("cpp"), {}),
+    "cpp": (cpp_ops.cpp_reasons, {"intervene": cpp_ops.intervene_cpp, "roi_sq_err": cpp_ops.roi_sq_err_cpp}),
 }
 
 

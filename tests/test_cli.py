@@ -190,3 +190,17 @@ def test_a_folder_of_checkpoints_is_compared(tmp_path, demo2):
     (folder / "dncnn_6.pth").unlink()
     p = run("compare", cfg, "--out", tmp_path / "o")
     assert p.returncode == 2 and "holds no checkpoints" in p.stderr
+
+
+def test_backend_is_selectable_from_the_cli(sr_config, tmp_path):
+    samples = {}
+    for backend in ("torch", "cpp"):
+        p = run("run", sr_config, "--out", tmp_path / backend, "--set", f"backend={backend}", "--set", "task=DN",
+                "--set", "model=default", "--set", "fine_num=2")
+        if backend == "cpp" and "cem_fast._C is not built" in p.stderr:
+            pytest.skip("cem_fast._C is not built here")
+        assert p.returncode == 0, p.stderr
+        res = tmp_path / backend / "default_denoiser" / "img_7"
+        assert json.loads((res / "summary.json").read_text())["backend"] == backend
+        samples[backend] = np.load(res / "result.npz")["samples_coarse"]
+    np.testing.assert_array_equal(samples["torch"], samples["cpp"])
