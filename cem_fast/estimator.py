@@ -99,10 +99,11 @@ class _Runner:
     """
 
     def __init__(self, model, task: Task, prep: Prepared, bank_in, target, roi, seed, batch_size, backend,
-                 progress, cache: Optional[RunCache] = None):
+                 progress, cache: Optional[RunCache] = None, memory_format=torch.contiguous_format):
         self.model, self.task, self.prep, self.bank_in = model, task, prep, bank_in
         self.target, self.roi, self.seed, self.batch_size, self.backend = target, roi, seed, batch_size, backend
         self.cache = cache
+        self.memory_format = memory_format
         self.forwards = 0
         self.reused = 0
         self.oom_backoffs = 0
@@ -116,7 +117,7 @@ class _Runner:
         b = blocks.to(dev)
         ids = b * DRAW_STRIDE + draws.to(dev)
         inputs = self.task.intervene(self.prep, self.bank_in, patch_idx.to(dev), b, ids, self.seed, self.backend)
-        out = self.model(inputs.contiguous(memory_format=torch.channels_last))
+        out = self.model(inputs.contiguous(memory_format=self.memory_format))
         scores = ops.roi_psnr(out, self.target, self.roi, backend=self.backend)
         ys, xs = self.roi.slices()
         finite = torch.isfinite(out[:, :, ys, xs]).flatten(1).all(1)
@@ -262,12 +263,16 @@ def causal_effect_map(
         batch_size = 256 if dev.type == "cuda" else 8
     _check_positive("batch_size", batch_size)
     backend_name = ops.resolve_backend(backend, dev)
-    # channels_last: about 2x faster convolutions on CPU and with cuDNN; results agree to fp32 round-off.
+    # channels_last: about 2x faster convolutions on CPU and with cuDNN (results agree to fp32 round-off), but
+    # slower for models without convolutions (interpolation), so only for models that have them.
     model = eval_mode(model.to(dev))
-    try:
-        model = model.to(memory_format=torch.channels_last)
-    except (NotImplementedError, RuntimeError, TypeError):
-        pass  # e.g. torch.export modules; the inputs are still channels_last
+    memory_format = torch.contiguous_format
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        memory_format = torch.channels_last
+        try:
+            model = model.to(memory_format=memory_format)
+        except (NotImplementedError, RuntimeError, TypeError):
+            pass  # e.g. torch.export modules; the inputs are still channels_last
     prep = prep.to(dev)
     bank_in = task_obj.bank_at_input(bank.patches, block).to(dev)
     ys, xs = roi.slices()
@@ -277,7 +282,7 @@ def causal_effect_map(
 
     with torch.inference_mode():
         try:
-            out0 = model(prep.base.unsqueeze(0).contiguous(memory_format=torch.channels_last))
+            out0 = model(prep.base.unsqueeze(0).contiguous(memory_format=memory_format))
         except Exception as e:
             raise RuntimeError(f"model {name} raised on the {tuple(prep.base.shape)} input: "
                                f"{type(e).__name__}: {e}".splitlines()[0]) from e
@@ -305,7 +310,7 @@ def causal_effect_map(
             key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
             run_cache = RunCache(cache, run_key(key_parts), components, fresh=fresh)
         runner = _Runner(model, task_obj, prep, bank_in, target, roi, int(seed), batch_size, backend_name,
-                         progress, run_cache)
+                         progress, run_cache, memory_format)
         try:
             nb = grid.num_blocks
             samples_coarse = np.full((grid.rows, grid.cols, coarse), np.nan)

@@ -72,3 +72,33 @@ def test_unknown_and_corrupt_checkpoints(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         load_model(str(tmp_path / "bad.pth"))
+
+
+def _demo_image():
+    from importlib import resources
+    with resources.as_file(resources.files("cem_fast") / "data" / "demo.png") as p:
+        return np.asarray(Image.open(p).convert("RGB")).copy()
+
+
+def test_default_sr_beats_bicubic_on_the_held_out_crop():
+    from cem_fast.tasks import SuperResolution
+    img = _demo_image()
+    prep = SuperResolution(4).prepare(torch.from_numpy(img).permute(2, 0, 1), block=8)
+    net, name = load_model("default:sr")
+    with torch.inference_mode():
+        sr = torch.round(net(prep.base[None]).clamp(0, 1) * 255)[0]
+        bic = torch.round(Bicubic(4)(prep.base[None]).clamp(0, 1) * 255)[0]
+    assert name == "default_sr" and sr.shape == prep.gt.shape
+    assert psnr_uint8(sr, prep.gt) > psnr_uint8(bic, prep.gt)
+
+
+def test_default_dr_beats_the_rainy_input_on_the_held_out_crop():
+    from cem_fast.tasks import Derain
+    img = _demo_image()
+    prep = Derain("medium", rain_seed=0).prepare(torch.from_numpy(img).permute(2, 0, 1), block=8)
+    net, name = load_model("default:dr")
+    with torch.inference_mode():
+        out = torch.round(net(prep.base[None]).clamp(0, 1) * 255)[0]
+    rainy = torch.round(prep.base * 255)
+    assert name == "default_dr"
+    assert psnr_uint8(out, prep.gt) > psnr_uint8(rainy, prep.gt) + 2

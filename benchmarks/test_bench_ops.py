@@ -1,0 +1,73 @@
+"""Each op and backend: interventions/s and effective GB/s (bytes that must move / median time), beside a plain
+copy of the same number of bytes on the same device (the bandwidth baseline row)."""
+import pytest
+import torch
+
+from cem_fast import ops
+from cem_fast.geometry import ROI
+from conftest import sync
+
+# Full sizes of the issue on a GPU; CPU-size otherwise (the CPU rows are for relative comparisons only).
+SIZES = {"cuda": dict(K_int=1024, K_roi=4096), "cpu": dict(K_int=64, K_roi=256)}
+
+
+def intervene_args(device, K, h=256, w=256, pb=8, P=1000):
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randint(0, 256, (3, h, w), generator=g).float() / 255).to(device)
+    patches = torch.randint(0, 256, (P, 3, pb, pb), generator=g, dtype=torch.uint8).to(device)
+    idx = torch.randint(0, P, (K,), generator=g).to(device)
+    blocks = torch.randint(0, (h // pb) * (w // pb), (K,), generator=g)
+    origins = torch.stack([blocks // (w // pb) * pb, blocks % (w // pb) * pb], 1).to(device)
+    sizes = torch.full((K, 2), pb, device=device)
+    ids = torch.arange(K, device=device)
+    out = torch.empty(K, 3, h, w, device=device)
+    return dict(base=base, patches=patches, patch_idx=idx, origins=origins, sizes=sizes, ids=ids,
+                noise_sigma=50.0, out=out)
+
+
+def backends_for(device):
+    return [b for b in ("torch", "cpp", "triton", "cuda") if not ops.backend_reasons(b, torch.device(device))]
+
+
+@pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
+def test_intervene(benchmark, device, backend):
+    K = SIZES[device]["K_int"]
+    args = intervene_args(device, K)
+    moved = 2 * args["out"].numel() * 4  # write the outputs; the base read is cached, counted once per output
+    if backend == "copy":
+        src = torch.rand_like(args["out"])
+        fn = lambda: args["out"].copy_(src)  # noqa: E731
+    elif backend in backends_for(device):
+        fn = lambda: ops.intervene(backend=backend, **args)  # noqa: E731
+    else:
+        pytest.skip(f"{backend} cannot run on {device}: " + "; ".join(ops.backend_reasons(backend, torch.device(device))))
+    fn()
+    sync(device)
+    benchmark.group = f"intervene {device} K={K} 256x256"
+    benchmark.pedantic(lambda: (fn(), sync(device)), rounds=5, iterations=1, warmup_rounds=1)
+    t = benchmark.stats.stats.median
+    benchmark.extra_info.update(interventions_per_s=K / t, effective_GBps=moved / t / 1e9, bytes=moved)
+
+
+@pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
+def test_roi_psnr(benchmark, device, backend):
+    K = SIZES[device]["K_roi"]
+    g = torch.Generator().manual_seed(1)
+    outputs = torch.rand(K, 3, 256, 256, generator=g).to(device)
+    roi = ROI(152, 96, 32, 32)
+    target = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    moved = K * 3 * 32 * 32 * 4  # only the ROI must be read
+    if backend == "copy":
+        src = outputs[:, :, 152:184, 96:128]
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731
+    elif backend in backends_for(device):
+        fn = lambda: ops.roi_psnr(outputs, target, roi, backend=backend)  # noqa: E731
+    else:
+        pytest.skip(f"{backend} cannot run on {device}: " + "; ".join(ops.backend_reasons(backend, torch.device(device))))
+    fn()
+    sync(device)
+    benchmark.group = f"roi_psnr {device} K={K} 32x32 ROI of 256x256"
+    benchmark.pedantic(lambda: (fn(), sync(device)), rounds=5, iterations=1, warmup_rounds=1)
+    t = benchmark.stats.stats.median
+    benchmark.extra_info.update(interventions_per_s=K / t, effective_GBps=moved / t / 1e9, bytes=moved)
