@@ -13,7 +13,7 @@ PAGE = """<!doctype html>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: 6px; vertical-align: top; }}
 img {{ max-width: 300px; image-rendering: pixelated; }} .small img {{ max-width: 160px; }}
-.cem img {{ max-width: 460px; }}
+.cem img {{ max-width: 460px; }} .input img {{ width: 128px; }}
 .num {{ font-size: 0.85em; line-height: 1.4; }} .pos {{ color: #c00; }} .neg {{ color: #06c; }}
 </style></head><body>
 <h1>{title}</h1>
@@ -53,9 +53,8 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
         first = next((r for r in runs if "error" not in r), runs[0])
         d = first["dir"]
         parts.append(f"<h2>{html.escape(image)}</h2>")
-        parts.append('<table><tr><th>ground truth</th><th>degraded input</th></tr><tr class="small">'
-                     f"<td>{_img(out_dir, f'{d}/gt.png', 'ground truth')}</td>"
-                     f"<td>{_img(out_dir, f'{d}/input.png', 'degraded input')}</td></tr></table><br>")
+        parts.append('<table><tr><th>ground truth (ROI box)</th></tr><tr class="small">'
+                     f"<td>{_img(out_dir, f'{d}/gt.png', 'ground truth')}</td></tr></table><br>")
         parts.append("<table><tr><th>model</th><th>its input</th><th>output (ROI box)</th><th>CEM</th>"
                      "<th>blocks</th><th>numbers</th></tr>")
         for r in runs:
@@ -75,7 +74,7 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
                     f'<a href="{html.escape(d)}/summary.json">summary.json</a> · '
                     f'<a href="{html.escape(d)}/result.npz">result.npz</a>')
             parts.append(f"<tr><td>{html.escape(r['model'])}<br><span class=num>{html.escape(_task(s))}</span></td>"
-                         f"<td class=small>{_img(out_dir, f'{d}/input.png', 'input')}</td>"
+                         f"<td class=input>{_img(out_dir, f'{d}/input.png', 'input')}</td>"
                          f"<td>{_img(out_dir, f'{d}/output.png', 'output')}</td>"
                          f"<td class=cem>{_img(out_dir, f'{d}/cem.png', 'causal effect map')}</td>"
                          f"<td class=small>{_img(out_dir, f'{d}/pie.png', 'block counts')}</td>"
