@@ -12,6 +12,7 @@ $(VENV)/.ready: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q numpy Pillow PyYAML matplotlib tqdm scipy pytest pytest-benchmark hypothesis setuptools wheel ninja pybind11
+	$(PY) -m pip install -q triton || echo "note: triton not installed; the triton backend is skipped"
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import cpp_ops, reference
+from . import cpp_ops, reference, triton_ops
 from .geometry import ROI
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
@@ -31,7 +31,8 @@ def _torch_reasons(device: torch.device) -> list[str]:
 # name -> (function returning why the backend cannot run on a device, op table)
 _REGISTRY: dict[str, tuple[Callable[[torch.device], list[str]], dict[str, Callable]]] = {
     "torch": (_torch_reasons, {"intervene": reference.intervene_ref, "roi_sq_err": reference.roi_sq_err_ref}),
-    "triton": (_unavailable("triton"), {}),
+    "triton": (triton_ops.triton_reasons, {"intervene": triton_ops.intervene_triton,
+                                           "roi_sq_err": triton_ops.roi_sq_err_triton}),
     "cuda": (_unavailable("cuda"), {}),
     "cpp": (cpp_ops.cpp_reasons, {"intervene": cpp_ops.intervene_cpp, "roi_sq_err": cpp_ops.roi_sq_err_cpp}),
 }

@@ -42,7 +42,10 @@ def _filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Correlation with reflect-101 borders (OpenCV's filter2D default), float64."""
     kh, kw = kernel.shape
     t = torch.from_numpy(img.astype(np.float64))[None, None]
-    t = F.pad(t, (kw // 2, kw - 1 - kw // 2, kh // 2, kh - 1 - kh // 2), mode="reflect")
+    pads = (kw // 2, kw - 1 - kw // 2, kh // 2, kh - 1 - kh // 2)
+    # reflect needs pads smaller than the image; a streak kernel longer than a small image replicates instead
+    fits = max(pads[:2]) < img.shape[1] and max(pads[2:]) < img.shape[0]
+    t = F.pad(t, pads, mode="reflect" if fits else "replicate")
     return F.conv2d(t, torch.from_numpy(kernel.astype(np.float64))[None, None])[0, 0].numpy()
 
 

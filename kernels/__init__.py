@@ -1,1 +1,2 @@
-"""Triton kernels of cem_fast, installed as ``cem_fast._kernels`` (one file per op; importable without a GPU)."""
+"""Triton kernels of cem_fast, installed as ``cem_fast._kernels`` (one file per op). Importable without a GPU;
+on the CPU they run under the interpreter when TRITON_INTERPRET=1 is set before the import."""

@@ -9,7 +9,7 @@ from cem_fast import ops
 from cem_fast.geometry import ROI
 from cem_fast.reference import intervene_ref, roi_sq_err_ref
 
-CPU_BACKENDS = ["cpp"]  # triton (interpreter) and cuda join with the kernels issue
+CPU_BACKENDS = ["cpp", "triton"]  # triton on CPU tensors runs under the interpreter (TRITON_INTERPRET=1, conftest)
 
 
 def backend_or_skip(name, device="cpu"):
@@ -32,6 +32,13 @@ def case(seed, C=3, h=21, w=19, pb=8, K=37, P=11):
     return dict(base=base, patches=patches, patch_idx=idx, origins=torch.stack([by, bx], 1), sizes=sizes), ids, rain
 
 
+def sized(backend, seed):
+    """The interpreter runs each Triton program in Python: give it interpreter-sized cases (all of them on a GPU)."""
+    if backend == "triton" and not torch.cuda.is_available():
+        return case(seed, h=11, w=9, pb=4, K=6, P=5)
+    return case(seed)
+
+
 def assert_same(got, want):
     assert got.shape == want.shape and got.dtype == want.dtype
     bad = (got != want)
@@ -43,10 +50,11 @@ def assert_same(got, want):
 @pytest.mark.parametrize("kind", ["plain", "noise", "rain", "window"])
 def test_intervene_equals_the_reference(backend, kind):
     backend_or_skip(backend)
-    args, ids, rain = case(1)
+    args, ids, rain = sized(backend, 1)
+    K, (h, w) = len(ids), args["base"].shape[1:]
     kw = {"plain": {}, "noise": dict(ids=ids, seed=12345678901, noise_sigma=37.5), "rain": dict(rain=rain),
-          "window": dict(window_origins=torch.randint(0, 8, (37, 2)), window_size=(13, 11), ids=ids,
-                         noise_sigma=10.0)}[kind]
+          "window": dict(window_origins=torch.stack([torch.randint(0, h - 5, (K,)), torch.randint(0, w - 4, (K,))], 1),
+                         window_size=(6, 5), ids=ids, noise_sigma=10.0)}[kind]
     assert_same(ops.intervene(**args, backend=backend, **kw), intervene_ref(**args, **kw))
 
 
@@ -54,9 +62,12 @@ def test_intervene_equals_the_reference(backend, kind):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_intervene_low_precision_and_channels_last_outputs(backend, dtype):
     backend_or_skip(backend)
-    args, ids, _ = case(2)
-    out = torch.full((37, 3, 21, 19), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
-    want = intervene_ref(**args, ids=ids, noise_sigma=25.0, out=torch.empty(37, 3, 21, 19, dtype=dtype))
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter truncates to bfloat16 instead of rounding to nearest: GPU only")
+    args, ids, _ = sized(backend, 2)
+    shape = (len(ids), 3) + tuple(args["base"].shape[1:])
+    out = torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    want = intervene_ref(**args, ids=ids, noise_sigma=25.0, out=torch.empty(shape, dtype=dtype))
     got = ops.intervene(**args, ids=ids, noise_sigma=25.0, out=out, backend=backend)
     assert got is out and got.is_contiguous(memory_format=torch.channels_last)
     assert_same(got.contiguous(), want)
@@ -68,6 +79,8 @@ def test_intervene_single_and_many_interventions(backend):
     args, ids, _ = case(3, h=8, w=8, K=1)
     assert_same(ops.intervene(**args, ids=ids, noise_sigma=5.0, backend=backend),
                 intervene_ref(**args, ids=ids, noise_sigma=5.0))
+    if backend == "triton" and torch.device("cpu").type == "cpu":
+        pytest.skip("K=70,000 is not interpreter-sized (1.7M Triton programs): gpu_check.sh runs it on a GPU")
     args, ids, _ = case(4, h=8, w=8, pb=4, K=70000, P=3)  # beyond a 65,535 grid dimension
     assert_same(ops.intervene(**args, ids=ids, noise_sigma=5.0, backend=backend),
                 intervene_ref(**args, ids=ids, noise_sigma=5.0))
@@ -98,10 +111,12 @@ def test_roi_sq_err_equals_the_reference(backend, layout, dtype):
 @pytest.mark.parametrize("task", ["DN", "DR", "SR"])
 def test_whole_cem_is_identical_across_backends(backend, task, rng):
     backend_or_skip(backend)
-    img = rng.randint(0, 256, (24, 32, 3)).astype(np.uint8)
+    small = backend == "triton" and not torch.cuda.is_available()  # interpreter-sized
+    img = rng.randint(0, 256, (16, 16, 3) if small else (24, 32, 3)).astype(np.uint8)
     bank = cem_fast.PatchBank(torch.from_numpy(rng.randint(0, 256, (16, 3, 8, 8)).astype(np.uint8)))
     model = cem_fast.models.Bicubic(4) if task == "SR" else cem_fast.models.DnCNN(3, 4, 2)
-    kw = dict(task=task, roi=(8, 8, 8), patches=bank, coarse=2, fine=3, seed=9, batch_size=6)
+    kw = dict(task=task, roi=(4, 4, 8) if small else (8, 8, 8), patches=bank, coarse=2, fine=2 if small else 3,
+              seed=9, batch_size=6, tol=0.0 if small else 0.01)
     a = cem_fast.causal_effect_map(model, img, backend="torch", **kw)
     b = cem_fast.causal_effect_map(model, img, backend=backend, **kw)
     assert a.backend == "torch" and b.backend == backend
@@ -114,3 +129,24 @@ def test_auto_prefers_cpp_on_cpu_when_built():
     assert name == ("cpp" if not ops.backend_reasons("cpp", torch.device("cpu")) else "torch")
     with pytest.raises(RuntimeError, match="the cpp backend runs on CPU tensors"):
         ops.resolve_backend("cpp", torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_backends_equal_the_reference(backend, dtype):
+    backend_or_skip(backend, "cuda")
+    for seed, K in ((1, 37), (4, 70000)):
+        args, ids, rain = case(seed, K=K) if K < 1000 else case(seed, h=8, w=8, pb=4, K=K, P=3)
+        args = {k: v.cuda() for k, v in args.items()}
+        ids, rain = ids.cuda(), rain[:, :args["base"].shape[1], :args["base"].shape[2]].cuda()
+        for kw in ({}, dict(ids=ids, noise_sigma=50.0, seed=3), dict(rain=rain)):
+            out = torch.empty((K, 3) + tuple(args["base"].shape[1:]), dtype=dtype, device="cuda")
+            want = intervene_ref(**args, **kw, out=out.clone())
+            assert_same(ops.intervene(**args, **kw, out=out, backend=backend), want)
+    g = torch.Generator().manual_seed(6)
+    outputs = (torch.rand(4096, 3, 64, 64, generator=g) * 1.4 - 0.2).to(dtype).cuda()
+    roi = ROI(20, 17, 32, 32)
+    target = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8).cuda()
+    assert torch.equal(ops.roi_sq_err(outputs, target, roi, backend=backend), roi_sq_err_ref(outputs, target, roi))

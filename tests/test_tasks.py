@@ -112,6 +112,11 @@ def test_rain_layer_presets_and_seeding():
     assert set(PRESETS) == {"small", "medium", "large", "random"}
 
 
+def test_rain_on_an_image_smaller_than_the_streaks():
+    layer, _ = rain_layer(12, 10, seed=1, preset="large")  # streaks 45-55 px long
+    assert layer.shape == (12, 10) and np.isfinite(layer).all()
+
+
 def test_motion_kernel_is_a_rotated_line():
     k = motion_kernel(9, 45, 1)  # angle - 45 = 0: the diagonal itself
     assert np.allclose(k, np.eye(9))

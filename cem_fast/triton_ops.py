@@ -1,0 +1,83 @@
+"""The Triton backend: kernels in ``kernels/`` (installed as ``cem_fast._kernels``), wrappers with the signatures
+of the torch reference. Runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1, set
+before the kernels are imported)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .geometry import ROI
+from .reference import noise_sigma_units
+
+try:
+    import triton
+
+    from ._kernels.intervene import _intervene_kernel
+    from ._kernels.roi_reduce import _roi_sq_err_kernel
+    IMPORT_ERROR: Optional[str] = None
+except Exception as e:  # noqa: BLE001 - any failure to import means the backend is unavailable
+    IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})".splitlines()[0]
+
+_LUTS: dict = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_reasons(device: torch.device) -> list[str]:
+    if IMPORT_ERROR:
+        return [IMPORT_ERROR]
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return []
+    return [f"triton runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 set before import), got {device}"]
+
+
+def _lut(device: torch.device) -> torch.Tensor:
+    """v / 255 for v = 0..255, computed by torch: the kernels look values up, so every backend rounds alike."""
+    if device not in _LUTS:
+        _LUTS[device] = torch.arange(256, dtype=torch.float32, device=device) / 255.0
+    return _LUTS[device]
+
+
+def intervene_triton(base, patches, patch_idx, origins, sizes, *, ids=None, seed=0, noise_sigma=0.0, rain=None,
+                     window_origins=None, window_size=None, out=None):
+    C, h, w = base.shape
+    K = patch_idx.shape[0]
+    dev = base.device
+    wh, ww = window_size if window_size is not None else (h, w)
+    if window_origins is None:
+        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=dev)
+    if out is None:
+        out = torch.empty(K, C, wh, ww, dtype=base.dtype, device=dev)
+    noisy = noise_sigma > 0
+    if noisy and ids is None:
+        raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
+    if K == 0:
+        return out
+    base_c = base.float().contiguous()
+    block_w = min(1024, triton.next_power_of_2(ww))
+    grid = (K * C * wh, triton.cdiv(ww, block_w))
+    _intervene_kernel[grid](
+        out, base_c, patches.to(torch.uint8).contiguous(), patch_idx.long().contiguous(),
+        origins.long().contiguous(), sizes.long().contiguous(), window_origins.long().contiguous(),
+        ids.long().contiguous() if noisy else patch_idx.long(), rain.float().contiguous() if rain is not None
+        else base_c, _lut(dev), int(seed), noise_sigma_units(noise_sigma) if noisy else 0,
+        C, h, w, wh, ww, patches.shape[-1], *out.stride(),
+        NOISY=noisy, RAINY=rain is not None, BLOCK_W=block_w)
+    return out
+
+
+def roi_sq_err_triton(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> torch.Tensor:
+    K, C = outputs.shape[:2]
+    res = torch.empty(K, dtype=torch.float64, device=outputs.device)
+    if K == 0:
+        return res
+    t = target.to(torch.int32).contiguous()
+    block = min(1024, triton.next_power_of_2(C * roi.height * roi.width))
+    kwargs = {} if interpreting() else {"enable_fp_fusion": False}
+    _roi_sq_err_kernel[(K,)](res, outputs, t, roi.y, roi.x, roi.height, roi.width, C, *outputs.stride(),
+                             BLOCK=block, **kwargs)
+    return res

@@ -1,0 +1,45 @@
+"""intervene in Triton: one program per output row segment of one intervention and channel.
+
+Layout: program (pid0, pid1) writes out[k, c, i, j0:j0+BLOCK_W] with pid0 = (k * C + c) * wh + i (axis 0 allows
+2^31 - 1 programs, so K above 65,535 is fine) and j0 = pid1 * BLOCK_W. Each pixel reads the base input at
+(window origin + (i, j)); pixels inside the replaced block take the patch value instead, with the task's
+degradation (integer DN noise, DR rain re-add). Values / 255 come from a 256-entry table so that every backend
+rounds identically.
+"""
+import triton
+import triton.language as tl
+
+from ._rng import _gaussian12, _stream_key
+
+
+@triton.jit
+def _intervene_kernel(out_ptr, base_ptr, patch_ptr, idx_ptr, org_ptr, size_ptr, win_ptr, ids_ptr, rain_ptr,
+                      lut_ptr, seed, sigma_q, C, h, w, wh, ww, pb,
+                      s_ok, s_oc, s_oh, s_ow,
+                      NOISY: tl.constexpr, RAINY: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid0 = tl.program_id(0).to(tl.int64)
+    i = pid0 % wh
+    c = (pid0 // wh) % C
+    k = pid0 // (wh * C)
+    j = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    in_row = j < ww
+    gy = tl.load(win_ptr + 2 * k) + i + 0 * j   # input row of this output row, as a vector (the interpreter
+    #                                           # refuses vector & scalar masks)
+    gx = tl.load(win_ptr + 2 * k + 1) + j       # input columns
+    v = tl.load(base_ptr + (c * h + gy) * w + gx, mask=in_row, other=0.0)
+    dy = gy - tl.load(org_ptr + 2 * k)
+    dx = gx - tl.load(org_ptr + 2 * k + 1)
+    inside = in_row & (dy >= 0) & (dy < tl.load(size_ptr + 2 * k)) & (dx >= 0) & (dx < tl.load(size_ptr + 2 * k + 1))
+    p = tl.load(idx_ptr + k)
+    pv = tl.load(patch_ptr + ((p * C + c) * pb + dy) * pb + dx, mask=inside, other=0).to(tl.int64)
+    if NOISY:
+        key = _stream_key(seed, tl.load(ids_ptr + k))
+        counter = ((c * pb + dy) * pb + dx).to(tl.uint32)
+        total = pv * 16777216 + _gaussian12(key, counter) * sigma_q
+        pv = tl.minimum(tl.maximum(total >> 24, 0), 255)  # arithmetic shift: floor, then clip
+    if RAINY:
+        r = tl.load(rain_ptr + (c * h + gy) * w + gx, mask=inside, other=0.0)
+        pv = tl.floor(tl.minimum(pv.to(tl.float32) + r, 255.0)).to(tl.int64)
+    pval = tl.load(lut_ptr + pv, mask=inside, other=0.0)
+    res = tl.where(inside, pval, v)
+    tl.store(out_ptr + k * s_ok + c * s_oc + i * s_oh + j * s_ow, res.to(out_ptr.dtype.element_ty), mask=in_row)

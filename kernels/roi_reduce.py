@@ -1,0 +1,36 @@
+"""ROI squared error in Triton: one program per intervention, reading only the ROI.
+
+out[k] = sum over (c, i, j) in the ROI of (round(clamp(x, 0, 1) * 255) - target)^2, accumulated as integers (exact);
+NaN anywhere in the ROI makes out[k] NaN. Launched with enable_fp_fusion=False so x * 255 is rounded before the
+round-half-even (a fused multiply-add would round once, unlike the torch reference).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C, s_k, s_c, s_h, s_w,
+                       BLOCK: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64)
+    n = C * rh * rw
+    acc = tl.zeros([BLOCK], dtype=tl.int64)
+    nan = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        m = e < n
+        c = e // (rh * rw)
+        rem = e % (rh * rw)
+        i = rem // rw
+        j = rem % rw
+        v = tl.load(x_ptr + k * s_k + c * s_c + (y0 + i) * s_h + (x0 + j) * s_w, mask=m, other=0.0).to(tl.float32)
+        nan = nan | (v != v).to(tl.int32)
+        v = tl.where(v != v, 0.0, v)  # recorded above; keep the integer conversion below well defined
+        v = tl.where(v > 1.0, 1.0, tl.where(v < 0.0, 0.0, v))
+        s = v * 255.0
+        q = ((s + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even via the FPU's default rounding
+        t = tl.load(t_ptr + e, mask=m, other=0).to(tl.int32)
+        d = tl.where(m, q - t, 0)
+        acc += (d * d).to(tl.int64)
+    total = tl.sum(acc, axis=0).to(tl.float64)
+    has_nan = tl.max(nan, axis=0)
+    tl.store(out_ptr + k, tl.where(has_nan > 0, float("nan"), total))
