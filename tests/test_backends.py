@@ -8,6 +8,7 @@ import cem_fast
 from cem_fast import ops
 from cem_fast.geometry import ROI
 from cem_fast.reference import intervene_ref, roi_sq_err_ref
+from test_reference_ops import random_case
 
 CPU_BACKENDS = ["cpp", "triton"]  # triton on CPU tensors runs under the interpreter (TRITON_INTERPRET=1, conftest)
 
@@ -20,16 +21,12 @@ def backend_or_skip(name, device="cpu"):
 
 
 def case(seed, C=3, h=21, w=19, pb=8, K=37, P=11):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randint(0, 256, (C, h, w), generator=g).float() / 255
-    patches = torch.randint(0, 256, (P, C, pb, pb), generator=g, dtype=torch.uint8)
-    idx = torch.randint(0, P, (K,), generator=g)
-    by = torch.randint(0, (h + pb - 1) // pb, (K,), generator=g) * pb
-    bx = torch.randint(0, (w + pb - 1) // pb, (K,), generator=g) * pb
-    sizes = torch.stack([(h - by).clamp(max=pb), (w - bx).clamp(max=pb)], 1)
+    """random_case of test_reference_ops plus intervention ids beyond 32 bits and a rain layer."""
+    base, patches, idx, origins, sizes = random_case(seed, C=C, h=h, w=w, pb=pb, K=K, P=P)
+    g = torch.Generator().manual_seed(seed + 1000)
     ids = torch.randint(0, 2 ** 40, (K,), generator=g)
     rain = torch.rand(C, h, w, generator=g) * 180
-    return dict(base=base, patches=patches, patch_idx=idx, origins=torch.stack([by, bx], 1), sizes=sizes), ids, rain
+    return dict(base=base, patches=patches, patch_idx=idx, origins=origins, sizes=sizes), ids, rain
 
 
 def sized(backend, seed):
