@@ -1,6 +1,6 @@
 """Packaging. ``kernels/`` (Triton kernels) installs as ``cem_fast._kernels``: a PyPI package named ``kernels``
 exists, so a top-level ``kernels`` is never installed. ``cem_fast._C`` is the C++ extension (CPU ops with
-OpenMP); it is optional: when it cannot be built, cem_fast still installs and runs on the torch backend, and
+OpenMP, plus the CUDA kernels of csrc/*.cu when torch has CUDA and a toolkit is found); it is optional: when it cannot be built, cem_fast still installs and runs on the torch backend, and
 ``cem-fast info`` says why the cpp backend is missing."""
 import glob
 
@@ -8,14 +8,20 @@ from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 try:
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    ext_modules.append(CppExtension(
-        "cem_fast._C", sorted(glob.glob("csrc/*.cpp")),
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],  # without it at::parallel_for silently runs on one thread
-        optional=True,
-    ))
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]
+    if torch.version.cuda and CUDA_HOME:  # a CUDA torch and a toolkit: add the .cu kernels
+        ext_modules.append(CUDAExtension(
+            "cem_fast._C", sources + sorted(glob.glob("csrc/*.cu")), define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"], optional=True))
+    else:
+        ext_modules.append(CppExtension(
+            "cem_fast._C", sources, extra_compile_args=cxx,
+            extra_link_args=["-fopenmp"],  # without it at::parallel_for silently runs on one thread
+            optional=True))
     cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=False)
 except ImportError:  # no torch at build time: pure-Python install
     pass

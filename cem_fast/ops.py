@@ -11,17 +11,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import cpp_ops, reference, triton_ops
+from . import cpp_ops, cuda_ops, reference, triton_ops
 from .geometry import ROI
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
-
-
-def _unavailable(name: str) -> Callable[[torch.device], list[str]]:
-    def reasons(device: torch.device) -> list[str]:
-        return [f"the {name} backend is not built yet in this version of cem_fast"]
-    return reasons
 
 
 def _torch_reasons(device: torch.device) -> list[str]:
@@ -33,7 +27,7 @@ _REGISTRY: dict[str, tuple[Callable[[torch.device], list[str]], dict[str, Callab
     "torch": (_torch_reasons, {"intervene": reference.intervene_ref, "roi_sq_err": reference.roi_sq_err_ref}),
     "triton": (triton_ops.triton_reasons, {"intervene": triton_ops.intervene_triton,
                                            "roi_sq_err": triton_ops.roi_sq_err_triton}),
-    "cuda": (_unavailable("cuda"), {}),
+    "cuda": (cuda_ops.cuda_reasons, {"intervene": cuda_ops.intervene_cuda, "roi_sq_err": cuda_ops.roi_sq_err_cuda}),
     "cpp": (cpp_ops.cpp_reasons, {"intervene": cpp_ops.intervene_cpp, "roi_sq_err": cpp_ops.roi_sq_err_cpp}),
 }
 
