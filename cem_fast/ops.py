@@ -24,7 +24,8 @@ def _torch_reasons(device: torch.device) -> list[str]:
 
 # name -> (function returning why the backend cannot run on a device, op table)
 _REGISTRY: dict[str, tuple[Callable[[torch.device], list[str]], dict[str, Callable]]] = {
-    "torch": (_torch_reasons, {"intervene": reference.intervene_ref, "roi_sq_err": reference.roi_sq_err_ref}),
+    "torch": (_torch_reasons, {"intervene": reference.intervene_ref, "roi_sq_err": reference.roi_sq_err_ref,
+                               "roi_sq_err_multi": reference.roi_sq_err_multi_ref}),
     "triton": (triton_ops.triton_reasons, {"intervene": triton_ops.intervene_triton,
                                            "roi_sq_err": triton_ops.roi_sq_err_triton}),
     "cuda": (cuda_ops.cuda_reasons, {"intervene": cuda_ops.intervene_cuda, "roi_sq_err": cuda_ops.roi_sq_err_cuda}),
@@ -32,15 +33,19 @@ _REGISTRY: dict[str, tuple[Callable[[torch.device], list[str]], dict[str, Callab
 }
 
 
-def backend_reasons(name: str, device: torch.device) -> list[str]:
-    """Why backend ``name`` cannot run on ``device`` (empty list: it can)."""
+def backend_reasons(name: str, device: torch.device, op: Optional[str] = None) -> list[str]:
+    """Why backend ``name`` cannot run on ``device`` (op ``op``, if given); empty list: it can."""
     if name not in _REGISTRY:
         return [f"unknown backend {name!r}; expected one of {', '.join(('auto',) + BACKENDS)}"]
-    return _REGISTRY[name][0](torch.device(device))
+    reasons = _REGISTRY[name][0](torch.device(device))
+    if op is not None and op not in _REGISTRY[name][1]:
+        reasons = reasons + [f"the {name} backend has no {op} kernel yet"]
+    return reasons
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend that will run on ``device`` for the request ``backend`` (None/"auto": env var, then auto)."""
+def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[str] = None) -> str:
+    """The backend that will run on ``device`` for the request ``backend`` (None/"auto": env var, then auto);
+    with ``op``, only backends that implement it (``auto`` then falls back to torch)."""
     device = torch.device(device)
     requested = backend or os.environ.get("CEM_FAST_BACKEND") or "auto"
     requested = requested.lower()
@@ -52,7 +57,7 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         raise ValueError(f"backend must be one of {', '.join(('auto',) + BACKENDS)}, got {requested!r}")
     why: list[str] = []
     for name in candidates:
-        reasons = backend_reasons(name, device)
+        reasons = backend_reasons(name, device, op)
         if not reasons:
             return name
         why.append(f"{name}: " + "; ".join(reasons))
@@ -71,6 +76,14 @@ def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
     """(K,) float64 ROI sum of squared errors, uint8 convention; see :func:`cem_fast.reference.roi_sq_err_ref`."""
     name = resolve_backend(backend, outputs.device)
     return _REGISTRY[name][1]["roi_sq_err"](outputs, target, roi)
+
+
+def roi_sq_err_multi(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]", *,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """(K, n_rois) float64 squared errors for many ROIs from one pass; ``target`` (C, H, W) is the ground truth or,
+    GT-free, the quantised unintervened output. See :func:`cem_fast.reference.roi_sq_err_multi_ref`."""
+    name = resolve_backend(backend, outputs.device, "roi_sq_err_multi")
+    return _REGISTRY[name][1]["roi_sq_err_multi"](outputs, target, rois)
 
 
 def roi_psnr(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,

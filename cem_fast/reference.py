@@ -126,6 +126,36 @@ def roi_sq_err_ref(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> tor
     return (diff * diff).flatten(1).sum(1)
 
 
+def roi_sq_err_multi_ref(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]") -> torch.Tensor:
+    """(K, n_rois) float64 squared errors for many ROIs in one pass over their bounding box.
+
+    Args:
+        outputs: (K, C, H, W) model outputs, any float dtype and layout.
+        target: (C, H, W) full-size reference in 0..255: the ground truth, or for the GT-free form the quantised
+            unintervened output (``quantize_output(out0)``), which measures how far each intervention moves the ROI.
+        rois: ROIs inside (H, W).
+    """
+    if not rois:
+        return torch.zeros(outputs.shape[0], 0, dtype=torch.float64, device=outputs.device)
+    y0, x0 = min(r.y for r in rois), min(r.x for r in rois)
+    y1, x1 = max(r.y + r.height for r in rois), max(r.x + r.width for r in rois)
+    sq = (quantize_output(outputs[:, :, y0:y1, x0:x1]).double()
+          - target[:, y0:y1, x0:x1].double().unsqueeze(0)) ** 2
+    per_pixel = sq.sum(1)  # (K, y1 - y0, x1 - x0)
+    # summed-area table: each ROI's sum is four lookups, whatever the number and overlap of the ROIs
+    sat = torch.nn.functional.pad(per_pixel.cumsum(1).cumsum(2), (1, 0, 1, 0))
+    cols = []
+    for r in rois:
+        a, b, c, d = r.y - y0, r.y + r.height - y0, r.x - x0, r.x + r.width - x0
+        cols.append(sat[:, b, d] - sat[:, a, d] - sat[:, b, c] + sat[:, a, c])
+    return torch.stack(cols, 1)
+
+
+def roi_grid(out_h: int, out_w: int, size: int) -> "list[ROI]":
+    """Every ``size x size`` tile of an output (full tiles only), row-major."""
+    return [ROI(y, x, size, size) for y in range(0, out_h - size + 1, size) for x in range(0, out_w - size + 1, size)]
+
+
 def psnr_from_sq_err(sq_err: torch.Tensor, num_values: int) -> torch.Tensor:
     """PSNR in dB, ``20 log10(255 / sqrt(MSE))``; an exact match gives ``inf``."""
     mse = sq_err.double() / num_values

@@ -170,3 +170,41 @@ def test_dispatch_explains_unavailable_backends():
 def test_dispatch_env_override(monkeypatch):
     monkeypatch.setenv("CEM_FAST_BACKEND", "torch")
     assert ops.resolve_backend(None, torch.device("cpu")) == "torch"
+
+
+def test_multi_roi_reduction_equals_one_roi_at_a_time():
+    from cem_fast.reference import roi_grid, roi_sq_err_multi_ref
+    g = torch.Generator().manual_seed(8)
+    out = torch.rand(5, 3, 40, 36, generator=g) * 1.3 - 0.1
+    gt = torch.randint(0, 256, (3, 40, 36), generator=g, dtype=torch.uint8)
+    rois = roi_grid(40, 36, 8) + [ROI(3, 5, 17, 9), ROI(0, 0, 40, 36), ROI(39, 35, 1, 1)]
+    assert len(roi_grid(40, 36, 8)) == 5 * 4
+    got = roi_sq_err_multi_ref(out, gt, rois)
+    assert got.shape == (5, len(rois))
+    for i, r in enumerate(rois):
+        ys, xs = r.slices()
+        assert torch.allclose(got[:, i], roi_sq_err_ref(out, gt[:, ys, xs], r), rtol=1e-12, atol=1e-6), r
+
+
+def test_gt_free_form_measures_the_change_of_the_output():
+    from cem_fast.reference import quantize_output, roi_sq_err_multi_ref
+    g = torch.Generator().manual_seed(9)
+    out0 = torch.rand(1, 3, 16, 16, generator=g)
+    moved = out0.repeat(3, 1, 1, 1)
+    moved[1, :, 2:4, 2:4] += 0.5   # changes pixels inside the first ROI only
+    moved[2, :, 12:14, 12:14] -= 0.5  # inside the second ROI only
+    ref = quantize_output(out0[0])
+    got = roi_sq_err_multi_ref(moved, ref, [ROI(0, 0, 8, 8), ROI(8, 8, 8, 8)])
+    assert got[0].eq(0).all()
+    assert got[1, 0] > 0 and got[1, 1] == 0 and got[2, 0] == 0 and got[2, 1] > 0
+
+
+def test_multi_roi_op_falls_back_to_torch_where_no_kernel_exists():
+    import cem_fast
+    out = torch.rand(2, 3, 16, 16)
+    gt = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    got = cem_fast.roi_sq_err_multi(out, gt, cem_fast.roi_grid(16, 16, 8))
+    assert got.shape == (2, 4)
+    assert ops.resolve_backend("auto", torch.device("cpu"), "roi_sq_err_multi") == "torch"
+    with pytest.raises(RuntimeError, match="has no roi_sq_err_multi kernel yet"):
+        ops.resolve_backend("cpp", torch.device("cpu"), "roi_sq_err_multi")
