@@ -208,3 +208,11 @@ def test_multi_roi_op_falls_back_to_torch_where_no_kernel_exists():
     assert ops.resolve_backend("auto", torch.device("cpu"), "roi_sq_err_multi") == "torch"
     with pytest.raises(RuntimeError, match="has no roi_sq_err_multi kernel yet"):
         ops.resolve_backend("cpp", torch.device("cpu"), "roi_sq_err_multi")
+
+
+def test_quantisation_rounds_x255_in_float32():
+    from cem_fast.reference import quantize_output
+    # float32(0.38627452) * 255 rounds to 98.5 in float32 (-> 98, half to even) but is 98.50000036 in float64 (-> 99)
+    v = torch.tensor([0.38627452], dtype=torch.float32)
+    assert quantize_output(v).item() == 98.0
+    assert round(float(v.double()) * 255) == 99
