@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .geometry import ROI
-from .reference import noise_sigma_units
+from .reference import intervene_buffers, noise_sigma_units
 
 try:
     from . import _C
@@ -29,11 +29,7 @@ def intervene_cpp(base, patches, patch_idx, origins, sizes, *, ids=None, seed=0,
                   window_origins=None, window_size=None, out=None):
     C, h, w = base.shape
     K = patch_idx.shape[0]
-    wh, ww = window_size if window_size is not None else (h, w)
-    if window_origins is None:
-        window_origins = torch.zeros(K, 2, dtype=torch.int64)
-    if out is None:
-        out = torch.empty(K, C, wh, ww, dtype=base.dtype)
+    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out)
     if noise_sigma > 0 and ids is None:
         raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
     empty = torch.empty(0)

@@ -5,7 +5,7 @@ import torch
 
 from . import cpp_ops
 from .geometry import ROI
-from .reference import noise_sigma_units
+from .reference import intervene_buffers, noise_sigma_units
 
 
 def cuda_reasons(device: torch.device) -> list[str]:
@@ -25,11 +25,7 @@ def intervene_cuda(base, patches, patch_idx, origins, sizes, *, ids=None, seed=0
     C, h, w = base.shape
     K = patch_idx.shape[0]
     dev = base.device
-    wh, ww = window_size if window_size is not None else (h, w)
-    if window_origins is None:
-        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=dev)
-    if out is None:
-        out = torch.empty(K, C, wh, ww, dtype=base.dtype, device=dev)
+    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out)
     if noise_sigma > 0 and ids is None:
         raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
     empty = torch.empty(0, device=dev)

@@ -25,6 +25,19 @@ def noise_sigma_units(sigma: float) -> int:
     return int(round(float(sigma) * 256))
 
 
+def intervene_buffers(base: torch.Tensor, K: int, window_origins: Optional[torch.Tensor],
+                      window_size: Optional[tuple[int, int]], out: Optional[torch.Tensor]):
+    """Defaults shared by every backend: window origins (zeros: the whole input), window size and the output
+    buffer (K, C, wh, ww) in the base's dtype. Returns ``(window_origins, wh, ww, out)``."""
+    C, h, w = base.shape
+    wh, ww = window_size if window_size is not None else (h, w)
+    if window_origins is None:
+        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=base.device)
+    if out is None:
+        out = torch.empty(K, C, wh, ww, dtype=base.dtype, device=base.device)
+    return window_origins, wh, ww, out
+
+
 def intervene_ref(
     base: torch.Tensor,
     patches: torch.Tensor,
@@ -67,11 +80,9 @@ def intervene_ref(
     K = patch_idx.shape[0]
     pb = patches.shape[-1]
     dev = base.device
-    wh, ww = window_size if window_size is not None else (h, w)
-    if out is None:
-        out = torch.empty(K, C, wh, ww, dtype=base.dtype, device=dev)
-    if window_origins is None:
-        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=dev)
+    whole_input = window_origins is None
+    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out)
+    if whole_input:
         out.copy_(base[:, :wh, :ww].unsqueeze(0).expand(K, C, wh, ww))
     else:
         # Base crops: out[k, :, i, j] = base[:, wy_k + i, wx_k + j]

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .geometry import ROI
-from .reference import noise_sigma_units
+from .reference import intervene_buffers, noise_sigma_units
 
 try:
     import triton
@@ -47,11 +47,7 @@ def intervene_triton(base, patches, patch_idx, origins, sizes, *, ids=None, seed
     C, h, w = base.shape
     K = patch_idx.shape[0]
     dev = base.device
-    wh, ww = window_size if window_size is not None else (h, w)
-    if window_origins is None:
-        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=dev)
-    if out is None:
-        out = torch.empty(K, C, wh, ww, dtype=base.dtype, device=dev)
+    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out)
     noisy = noise_sigma > 0
     if noisy and ids is None:
         raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
