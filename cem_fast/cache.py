@@ -18,6 +18,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from .fileio import atomic_write
+
 CACHE_FORMAT = 1  # bump when the meaning of cached samples changes
 _CHUNK = re.compile(r"^(\d+)-(\d+)\.npy$")
 
@@ -36,16 +38,6 @@ def run_key(components: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class RunCache:
     """One run's entry under ``root/<key>/``."""
 
@@ -56,8 +48,8 @@ class RunCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
         if not meta.exists():
-            _atomic_write(meta, json.dumps({"format": CACHE_FORMAT, **components}, indent=2, sort_keys=True,
-                                           default=str).encode())
+            text = json.dumps({"format": CACHE_FORMAT, **components}, indent=2, sort_keys=True, default=str)
+            atomic_write(meta, lambda f: f.write(text.encode()))
 
     def load(self, stage: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores (n,) float64, done (n,) bool) from the stage's chunks; unreadable chunks are removed."""
@@ -83,10 +75,9 @@ class RunCache:
         return scores, done
 
     def save(self, stage: str, start: int, scores: np.ndarray) -> None:
-        import io
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(scores, dtype=np.float64), allow_pickle=False)
-        _atomic_write(self.dir / stage / f"{start:09d}-{len(scores):06d}.npy", buf.getvalue())
+        arr = np.ascontiguousarray(scores, dtype=np.float64)
+        atomic_write(self.dir / stage / f"{start:09d}-{len(scores):06d}.npy",
+                     lambda f: np.save(f, arr, allow_pickle=False))
 
     def get_value(self, name: str) -> Optional[float]:
         p = self.dir / f"{name}.json"
@@ -96,7 +87,8 @@ class RunCache:
             return None
 
     def put_value(self, name: str, value: float) -> None:
-        _atomic_write(self.dir / f"{name}.json", json.dumps({"value": repr(float(value))}).encode())
+        text = json.dumps({"value": repr(float(value))})
+        atomic_write(self.dir / f"{name}.json", lambda f: f.write(text.encode()))
 
 
 def missing_ranges(done: np.ndarray, batch: int) -> Iterator[tuple[int, int]]:

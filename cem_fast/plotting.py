@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from .fileio import atomic_write  # noqa: E402
+
 GAMMA = 1.2
 GREEN = np.array([0.0, 1.0, 0.0])
 
@@ -129,13 +131,9 @@ def save_pictures(res, out: "str | os.PathLike") -> dict[str, str]:
 
 
 def _save_fig(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _save_png(pil: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    pil.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: pil.save(f, format="PNG"))

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write
+
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -85,10 +87,8 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
 
 def _write_page(path: Path, title: str, parts: list[str]) -> Path:
     import cem_fast
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(PAGE.format(title=html.escape(title), version=cem_fast.__version__, body="\n".join(parts)))
-    os.replace(tmp, path)
-    return path
+    page = PAGE.format(title=html.escape(title), version=cem_fast.__version__, body="\n".join(parts))
+    return atomic_write(path, lambda f: f.write(page.encode()))
 
 
 def write_compare_report(out_dir: "str | os.PathLike", rows: list[dict[str, Any]],

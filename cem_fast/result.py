@@ -12,6 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .fileio import atomic_write
 from .geometry import ROI, BlockGrid
 
 # Colour-scale bounds of the METHOD.md picture, dB.
@@ -129,26 +130,17 @@ class CEMResult:
         from . import plotting
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic(out / "result.npz", lambda f: np.savez_compressed(
+        atomic_write(out / "result.npz", lambda f: np.savez_compressed(
             f, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
             samples_fine=self.samples_fine, gated=self.gated, psnr_origin=np.float64(self.psnr_origin),
             roi=np.array(self.roi.as_tuple()), block=np.int64(self.block), scale=np.int64(self.scale)))
         summary = self.summary()
         if summary_extra:
             summary.update(summary_extra)
-        _atomic(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
         plotting.save_pictures(self, out)
         return out
 
 
 def _finite_or_str(x: float):
     return x if math.isfinite(x) else str(x)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
