@@ -25,19 +25,25 @@ def cpp_reasons(device: torch.device) -> list[str]:
     return reasons
 
 
-def intervene_cpp(base, patches, patch_idx, origins, sizes, *, ids=None, seed=0, noise_sigma=0.0, rain=None,
-                  window_origins=None, window_size=None, out=None):
-    C, h, w = base.shape
+def extension_intervene(kernel, base, patches, patch_idx, origins, sizes, *, ids=None, seed=0, noise_sigma=0.0,
+                       rain=None, window_origins=None, window_size=None, out=None):
+    """Call a ``cem_fast._C`` intervene kernel (``intervene_cpu`` or ``intervene_cuda``, one signature) with the
+    arguments of the torch reference; absent tensors are passed empty."""
     K = patch_idx.shape[0]
-    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out)
-    if noise_sigma > 0 and ids is None:
-        raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
-    empty = torch.empty(0)
-    _C.intervene_cpu(base.float(), patches.to(torch.uint8), patch_idx.long(), origins.long(), sizes.long(),
-                     ids.long() if ids is not None else torch.empty(0, dtype=torch.int64), int(seed),
-                     noise_sigma_units(noise_sigma) if noise_sigma > 0 else 0,
-                     rain.float() if rain is not None else empty, window_origins.long(), out)
+    dev = base.device
+    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out, ids, noise_sigma)
+    noisy = noise_sigma > 0
+    kernel(base.float().contiguous(), patches.to(torch.uint8).contiguous(), patch_idx.long().contiguous(),
+           origins.long().contiguous(), sizes.long().contiguous(),
+           ids.long().contiguous() if noisy else torch.empty(0, dtype=torch.int64, device=dev), int(seed),
+           noise_sigma_units(noise_sigma) if noisy else 0,
+           rain.float().contiguous() if rain is not None else torch.empty(0, device=dev),
+           window_origins.long().contiguous(), out)
     return out
+
+
+def intervene_cpp(base, patches, patch_idx, origins, sizes, **kwargs):
+    return extension_intervene(_C.intervene_cpu, base, patches, patch_idx, origins, sizes, **kwargs)
 
 
 def roi_sq_err_cpp(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> torch.Tensor:

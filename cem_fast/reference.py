@@ -26,9 +26,12 @@ def noise_sigma_units(sigma: float) -> int:
 
 
 def intervene_buffers(base: torch.Tensor, K: int, window_origins: Optional[torch.Tensor],
-                      window_size: Optional[tuple[int, int]], out: Optional[torch.Tensor]):
-    """Defaults shared by every backend: window origins (zeros: the whole input), window size and the output
-    buffer (K, C, wh, ww) in the base's dtype. Returns ``(window_origins, wh, ww, out)``."""
+                      window_size: Optional[tuple[int, int]], out: Optional[torch.Tensor],
+                      ids: Optional[torch.Tensor] = None, noise_sigma: float = 0.0):
+    """Checks and defaults shared by every backend: noise needs ids; window origins (zeros: the whole input),
+    window size and the output buffer (K, C, wh, ww) in the base's dtype. Returns ``(window_origins, wh, ww, out)``."""
+    if noise_sigma > 0 and ids is None:
+        raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
     C, h, w = base.shape
     wh, ww = window_size if window_size is not None else (h, w)
     if window_origins is None:
@@ -81,7 +84,7 @@ def intervene_ref(
     pb = patches.shape[-1]
     dev = base.device
     whole_input = window_origins is None
-    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out)
+    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out, ids, noise_sigma)
     if whole_input:
         out.copy_(base[:, :wh, :ww].unsqueeze(0).expand(K, C, wh, ww))
     else:
@@ -93,8 +96,6 @@ def intervene_ref(
     # Pasted values in 0..255 units, (K, C, pb, pb).
     vals = patches[patch_idx].to(torch.float32)
     if noise_sigma > 0:
-        if ids is None:
-            raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
         key = rng.stream_key(seed, ids.to(dev)).view(K, 1, 1, 1)
         counter = torch.arange(C * pb * pb, device=dev, dtype=torch.int64).view(1, C, pb, pb)
         # Integer arithmetic in units of 2^-24 grey levels: patch + sigma * z, truncated and clipped exactly.

@@ -47,10 +47,8 @@ def intervene_triton(base, patches, patch_idx, origins, sizes, *, ids=None, seed
     C, h, w = base.shape
     K = patch_idx.shape[0]
     dev = base.device
-    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out)
+    window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out, ids, noise_sigma)
     noisy = noise_sigma > 0
-    if noisy and ids is None:
-        raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
     if K == 0:
         return out
     base_c = base.float().contiguous()
