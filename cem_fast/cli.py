@@ -32,26 +32,18 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     """Run every model on every image of ``cfg``; returns the report path and the number of failed runs.
     With ``keep``, (model name, image name, CEMResult) of each successful run are appended to it."""
     from .estimator import causal_effect_map
-    from .models import load_model
+    from .models import apply_model_options, load_model
     from .report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = dict(cfg.options)
-    task_keys = ("scale", "sigma", "noise_seed", "rain_preset", "rain_beta", "rain_seed")
-    task_opts = {k: opts.pop(k) for k in task_keys}
-    if str(opts["task"]).upper() != "SR":
-        task_opts.pop("scale")
-    if str(opts["task"]).upper() != "DN":
-        task_opts.pop("sigma"), task_opts.pop("noise_seed")
-    if str(opts["task"]).upper() != "DR":
-        for k in ("rain_preset", "rain_beta", "rain_seed"):
-            task_opts.pop(k)
+    # make_task takes the options of the configured task and ignores the others
+    task_opts = {k: opts.pop(k) for k in ("scale", "sigma", "noise_seed", "rain_preset", "rain_beta", "rain_seed")}
     entries = [] if entries is None else entries
     failed, used = 0, set()
-    from .models import apply_model_options
     for spec in cfg.models:
-        model, name = load_model(spec, scale=int(cfg.options.get("scale", 4)))
-        scale = int(cfg.options.get("scale", 4)) if str(opts["task"]).upper() == "SR" else 1
+        model, name = load_model(spec, scale=int(task_opts["scale"]))
+        scale = int(task_opts["scale"]) if str(opts["task"]).upper() == "SR" else 1
         model = apply_model_options(model, opts.get("model_options"), scale)
         name = _safe_name(name)
         while name in used:
@@ -63,8 +55,8 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
             print(f"[cem-fast] {name} on {Path(image).name} ...", file=sys.stderr, flush=True)
             try:
                 source = _load_cropped(image, opts["crop"]) if opts.get("crop") else image
-                res = causal_effect_map(model, source, image_name=Path(image).name, task=opts["task"], roi=cfg.roi, block=opts["block"],
-                                        coarse=opts["coarse"], fine=opts["fine"], tol=opts["tol"],
+                res = causal_effect_map(model, source, image_name=Path(image).name, task=opts["task"],
+                                        roi=cfg.roi, block=opts["block"], coarse=opts["coarse"], fine=opts["fine"], tol=opts["tol"],
                                         patches=opts["patches"], seed=opts["seed"], device=opts["device"],
                                         batch_size=opts["batch_size"], mode=opts["mode"], samples=opts["samples"],
                                         backend=opts["backend"], progress=progress, model_name=name,
@@ -93,7 +85,7 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     return report, failed
 
 
-def _load_cropped(image: str, box) -> "np.ndarray":
+def _load_cropped(image: str, box):
     import numpy as np
     from PIL import Image
     path = Path(image)

@@ -79,7 +79,8 @@ def _pick_device(model: nn.Module, device: Optional[Union[str, torch.device]]) -
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    ok = is_int and (value >= 0 if allow_zero else value > 0)
     if not ok:
         need = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name} must be {need} integer, got {value!r}")
@@ -234,8 +235,6 @@ def causal_effect_map(
     else:
         model, name = load_model(model, scale=int(task_options.get("scale", 4)))
         name = model_name or name
-    if isinstance(task, str) and task.strip().upper() == "SR" and "scale" not in task_options:
-        task_options["scale"] = 4
     task_obj = make_task(task, **task_options)
     _check_positive("block", block)
     if mode not in MODES:
@@ -253,6 +252,7 @@ def causal_effect_map(
     image_name = image_name or default_name
     roi = ROI.parse(roi)
     bank = load_patch_bank(patches)
+    bank_digest = bank.digest()
     prep = task_obj.prepare(clean, block, image_name)
     grid = prep.grid
     cropped_from = list(clean.shape[-2:]) if tuple(prep.gt.shape) != tuple(clean.shape) else None
@@ -303,7 +303,7 @@ def causal_effect_map(
             components = {
                 "model": model_digest(model), "gt": digest_bytes(prep.gt.cpu().numpy().tobytes()),
                 "input": digest_bytes(prep.base.cpu().numpy().tobytes(), str(tuple(prep.base.shape)).encode()),
-                "task": task_obj.describe(), "roi": roi.as_tuple(), "block": block, "bank": bank.digest(),
+                "task": task_obj.describe(), "roi": roi.as_tuple(), "block": block, "bank": bank_digest,
                 "seed": int(seed), "coarse": coarse, "fine": fine, "tol": float(tol), "mode": mode,
                 "model_name": name, "image": image_name,
             }
@@ -351,9 +351,9 @@ def causal_effect_map(
         task=task_obj.describe(), seed=int(seed), mode=mode, model_name=name, image_name=image_name,
         num_forwards=runner.forwards + 1, wall_time=time.perf_counter() - t0, backend=backend_name,
         device=str(dev), patch_bank={"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
-                                     "digest": bank.digest()},
+                                     "digest": bank_digest},
         gt=prep.gt.cpu(), degraded=to_u8(prep.base), output=to_u8(out0[0]),
-        extra={**({"cropped_from": cropped_from} if cropped_from else {}), "reused_from_cache": runner.reused, "oom_backoffs": runner.oom_backoffs,
-               "final_batch_size": runner.batch_size,
+        extra={**({"cropped_from": cropped_from} if cropped_from else {}), "reused_from_cache": runner.reused,
+               "oom_backoffs": runner.oom_backoffs, "final_batch_size": runner.batch_size,
                **({"cache_entry": str(run_cache.dir)} if run_cache is not None else {})},
     )

@@ -149,9 +149,6 @@ class Denoise(_GridTask):
         noisy = (np.clip(img + noise, 0, 1) * 255).astype(np.uint8)
         return torch.from_numpy(noisy).permute(2, 0, 1).float() / 255.0, {}
 
-    def bank_at_input(self, bank, block):
-        return resize_patches(bank, block)
-
     def intervene_kwargs(self, prep):
         return {"noise_sigma": self.sigma}
 
@@ -181,9 +178,6 @@ class Derain(_GridTask):
         rain = torch.from_numpy(beta * layer).float().expand(C, H, W).contiguous()
         rainy = torch.floor(torch.clamp(gt.float() + rain, max=255.0))
         return rainy / 255.0, {"rain": rain, "rain_seed": seed, "beta": beta}
-
-    def bank_at_input(self, bank, block):
-        return resize_patches(bank, block)
 
     def intervene_kwargs(self, prep):
         return {"rain": prep.extra["rain"]}

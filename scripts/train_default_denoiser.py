@@ -53,24 +53,40 @@ def evaluate(net: DnCNN, img: np.ndarray) -> tuple[float, float]:
     return psnr_uint8(torch.from_numpy(noisy), gt), psnr_uint8(y, gt)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--width", type=int, default=48)
-    ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--crop", type=int, default=48)
+def training_parser(doc: str, steps: int, batch: int) -> argparse.ArgumentParser:
+    """The options every training script takes."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--out", default="cem_fast/data")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    rs = np.random.RandomState(args.seed)
+    return ap
+
+
+def seeded_data(seed: int) -> tuple[np.random.RandomState, list[np.ndarray], np.ndarray]:
+    """Seed torch; return the generator of the crops, the training photographs and the held-out one."""
+    torch.manual_seed(seed)
+    rs = np.random.RandomState(seed)
     data = skimage_data_dir()
-    train = [torch.from_numpy(load_rgb(data / n)).permute(2, 0, 1).float() / 255 for n in TRAIN]
-    held = load_rgb(data / HELD_OUT)
-    net = DnCNN(3, args.width, args.depth)
+    return rs, [load_rgb(data / n) for n in TRAIN], load_rgb(data / HELD_OUT)
+
+
+def adam_cosine(net: torch.nn.Module, steps: int):
+    """Adam at 1e-3 with a cosine decay over ``steps``: (optimizer, scheduler)."""
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+
+def main() -> None:
+    ap = training_parser(__doc__, steps=1500, batch=24)
+    ap.add_argument("--width", type=int, default=48)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--crop", type=int, default=48)
+    args = ap.parse_args()
+    rs, images, held = seeded_data(args.seed)
+    train = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images]
+    net = DnCNN(3, args.width, args.depth)
+    opt, sched = adam_cosine(net, args.steps)
     t0 = time.time()
     for step in range(1, args.steps + 1):
         crops = []
@@ -110,6 +126,7 @@ def main() -> None:
     (out / "default_denoiser.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
 
+    data = skimage_data_dir()
     bank = PatchBank.build([data / n for n in TRAIN[:3] + [HELD_OUT] + TRAIN[3:6]], count=4096, size=8, seed=1)
     bank.save(out / "default_patches.npz")
     # demo image: a 128x128 crop of the held-out photograph (the cat's face)

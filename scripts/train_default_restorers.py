@@ -12,7 +12,6 @@ Writes default_<task>.pt and default_<task>.json (held-out PSNRs) into --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from cem_fast.models.dncnn import DnCNN
 from cem_fast.models.sr_archs import MSRResNet
 from cem_fast.rain import rain_layer
 from cem_fast.reference import psnr_uint8
-from train_default_denoiser import HELD_OUT, TRAIN, load_rgb, skimage_data_dir
+from train_default_denoiser import HELD_OUT, TRAIN, adam_cosine, seeded_data, training_parser
 
 SCALE = 4
 
@@ -64,18 +63,10 @@ def evaluate(task: str, net, img: np.ndarray) -> tuple[float, float, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = training_parser(__doc__, steps=1200, batch=16)
     ap.add_argument("task", choices=["sr", "dr"])
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--out", default="cem_fast/data")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    rs = np.random.RandomState(args.seed)
-    data = skimage_data_dir()
-    images = [load_rgb(data / n) for n in TRAIN]
-    held = load_rgb(data / HELD_OUT)
+    rs, images, held = seeded_data(args.seed)
     if args.task == "sr":
         net = MSRResNet(num_feat=32, num_block=4, upscale=SCALE)
         crop = 64
@@ -85,8 +76,7 @@ def main() -> None:
         crop = 48
         # a few rain layers per image, drawn once (the streak blur is the slow part)
         pairs = [(to_tensor(rainy(im, 1000 * i + k)), to_tensor(im)) for i, im in enumerate(images) for k in range(4)]
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+    opt, sched = adam_cosine(net, args.steps)
     t0 = time.time()
     for step in range(1, args.steps + 1):
         xs, ys = [], []

@@ -1,7 +1,6 @@
 """The torch reference ops against naive Python loops and closed forms."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

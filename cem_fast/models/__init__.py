@@ -9,7 +9,6 @@ import re
 import zipfile
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
