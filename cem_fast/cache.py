@@ -20,7 +20,7 @@ import numpy as np
 
 from .fileio import atomic_write
 
-CACHE_FORMAT = 1  # bump when the meaning of cached samples changes
+CACHE_FORMAT = 2  # bump when the meaning of cached samples changes
 _CHUNK = re.compile(r"^(\d+)-(\d+)\.npy$")
 
 
@@ -51,9 +51,9 @@ class RunCache:
             text = json.dumps({"format": CACHE_FORMAT, **components}, indent=2, sort_keys=True, default=str)
             atomic_write(meta, lambda f: f.write(text.encode()))
 
-    def load(self, stage: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (n,) float64, done (n,) bool) from the stage's chunks; unreadable chunks are removed."""
-        scores = np.full(n, np.nan)
+    def load(self, stage: str, n: int, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (n, width) float64, done (n,) bool) from the stage's chunks; unreadable chunks are removed."""
+        scores = np.full((n, width), np.nan)
         done = np.zeros(n, dtype=bool)
         folder = self.dir / stage
         if not folder.is_dir():
@@ -65,7 +65,7 @@ class RunCache:
             start, count = int(m.group(1)), int(m.group(2))
             try:
                 arr = np.load(f, allow_pickle=False)
-                if arr.shape != (count,) or arr.dtype != np.float64 or start + count > n:
+                if arr.shape != (count, width) or arr.dtype != np.float64 or start + count > n:
                     raise ValueError("chunk shape does not match its name")
             except Exception:
                 f.unlink(missing_ok=True)  # a damaged chunk is recomputed

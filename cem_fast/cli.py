@@ -1,6 +1,6 @@
 """``cem-fast``: run CEMs from a YAML config, run the offline demo, or show what is available.
 
-    cem-fast run CONFIG.yml --out DIR [--set key=value ...]
+    cem-fast run CONFIG.yml --out DIR [--set key=value ...] [--exact] [--fresh]
     cem-fast demo [--out DIR]
     cem-fast info
 
@@ -31,7 +31,7 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
                entries: Optional[list] = None) -> tuple[Path, int]:
     """Run every model on every image of ``cfg``; returns the report path and the number of failed runs.
     With ``keep``, (model name, image name, CEMResult) of each successful run are appended to it."""
-    from .estimator import causal_effect_map
+    from .estimator import causal_effect_maps
     from .models import apply_model_options, load_model
     from .report import write_report
 
@@ -55,30 +55,43 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
             print(f"[cem-fast] {name} on {Path(image).name} ...", file=sys.stderr, flush=True)
             try:
                 source = _load_cropped(image, opts["crop"]) if opts.get("crop") else image
-                res = causal_effect_map(model, source, image_name=Path(image).name, task=opts["task"],
-                                        roi=cfg.roi, block=opts["block"], coarse=opts["coarse"], fine=opts["fine"], tol=opts["tol"],
-                                        patches=opts["patches"], seed=opts["seed"], device=opts["device"],
-                                        batch_size=opts["batch_size"], mode=opts["mode"], samples=opts["samples"],
-                                        backend=opts["backend"], progress=progress, model_name=name,
-                                        cache=out_dir / CACHE_DIR, fresh=fresh, **task_opts)
+                results = causal_effect_maps(
+                    model, source, image_name=Path(image).name, task=opts["task"],
+                    rois=None if cfg.roi_grid else cfg.rois, roi_grid=cfg.roi_grid, block=opts["block"],
+                    coarse=opts["coarse"], fine=opts["fine"], tol=opts["tol"], patches=opts["patches"],
+                    seed=opts["seed"], device=opts["device"], batch_size=opts["batch_size"], mode=opts["mode"],
+                    samples=opts["samples"], backend=opts["backend"], locality=opts["locality"],
+                    precision=opts["precision"], progress=progress, model_name=name,
+                    cache=out_dir / CACHE_DIR, fresh=fresh, **task_opts)
             except (ValueError, RuntimeError) as e:
                 failed += 1
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 print(f"cem-fast: error: {name} on {Path(image).name}: {msg}", file=sys.stderr)
                 entries.append({"model": name, "image": Path(image).name, "dir": rel, "error": msg})
                 continue
+            res = results[0]
             if "cropped_from" in res.extra:
                 h, w = res.extra["cropped_from"]
                 print(f"[cem-fast]   note: {Path(image).name} ({h}x{w}) was cropped to {res.gt.shape[-2]}x"
                       f"{res.gt.shape[-1]}, a multiple of the scale", file=sys.stderr)
-            res.save(out_dir / rel, summary_extra={"config": _jsonable(cfg.raw), "model_spec": spec})
-            st = res.stats()
-            print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "
-                  f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
-                  f"{_reused(res)}, "
-                  f"{res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
-            entries.append({"model": name, "image": Path(image).name, "dir": rel,
-                            "summary": json.loads((out_dir / rel / "summary.json").read_text())})
+            extra = {"config": _jsonable(cfg.raw), "model_spec": spec}
+            loc = _locality_note(res.extra.get("locality", {}))
+            if cfg.multi_roi:
+                for r in results:
+                    r.extra.update(extra)
+                results.save(out_dir / rel)
+                print(f"[cem-fast]   {len(results)} ROIs from {res.num_forwards} forwards{_reused(res)}{loc}, "
+                      f"{res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
+                entries.append({"model": name, "image": Path(image).name, "dir": rel,
+                                "rois": json.loads((out_dir / rel / "rois.json").read_text())})
+            else:
+                res.save(out_dir / rel, summary_extra=extra)
+                st = res.stats()
+                print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "
+                      f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
+                      f"{_reused(res)}{loc}, {res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
+                entries.append({"model": name, "image": Path(image).name, "dir": rel,
+                                "summary": json.loads((out_dir / rel / "summary.json").read_text())})
             if keep is not None:
                 keep.append((name, Path(image).name, res))
     report = write_report(out_dir, entries, title=title)
@@ -97,6 +110,15 @@ def _load_cropped(image: str, box):
         return np.array(im.convert("RGB").crop(tuple(box)))
 
 
+def _locality_note(info: dict) -> str:
+    """How locality changed the run, for the progress line."""
+    if not info.get("active"):
+        return f" (whole image: {info['reason']})" if info.get("mode") == "auto" and info.get("reason") else ""
+    crop = info.get("crop")
+    what = [f"{info['skipped_blocks']} blocks skipped"] + ([f"crop {crop[2]}x{crop[3]} input px"] if crop else [])
+    return f" (locality: {', '.join(what)}, verified)"
+
+
 def _reused(res) -> str:
     n = res.extra.get("reused_from_cache", 0)
     return f" (+{n} samples from the cache)" if n else ""
@@ -106,9 +128,13 @@ def _jsonable(d):
     return json.loads(json.dumps(d, default=str))
 
 
+def _with_exact(args) -> list[str]:
+    return list(args.set) + (["locality=off", "precision=fp32"] if args.exact else [])
+
+
 def cmd_run(args) -> int:
     from .config import load_config
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, _with_exact(args))
     report, failed = run_config(cfg, Path(args.out), progress=False if args.no_progress else None,
                                 fresh=args.fresh)
     print(f"report: {report}")
@@ -119,7 +145,9 @@ def cmd_compare(args) -> int:
     from .compare import difference, save_difference
     from .config import load_config
     from .report import write_compare_report
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, _with_exact(args))
+    if cfg.multi_roi:
+        raise ValueError("compare takes one roi, got rois / roi_grid")
     if len(cfg.models) < 2:
         raise ValueError(f"compare needs at least two models in the config, got {len(cfg.models)}")
     out = Path(args.out)
@@ -182,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--fresh", action="store_true",
                    help=f"ignore samples cached by an earlier run (in OUT/{CACHE_DIR}) and recompute")
+    r.add_argument("--exact", action="store_true",
+                   help="exact mode: every block on the whole input in fp32 (same as --set locality=off "
+                        "--set precision=fp32)")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare", help="run several models with the same draws and compare their maps")
     c.add_argument("config", help="YAML config with `models:` (two or more)")
@@ -189,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--fresh", action="store_true", help="ignore cached samples and recompute")
+    c.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
     c.set_defaults(func=cmd_compare)
     d = sub.add_parser("demo", help="run the offline demo and write a report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

@@ -3,6 +3,8 @@
 Reference keys (mapped): task (SR|DN|DR), sr (scale), TextImg_path + Imagelist (images), patch_path, h, w and
 ROI_size (roi = (h, w, ROI_size)), mask_block_size (block), coarse_num, fine_num, tol, Modellist (models).
 Reference keys accepted and ignored: prefix, batch_size_dict, load_previous.
+Ours beyond the reference: rois (a list) or roi_grid (a tile size) for many ROIs from one set of forwards,
+locality (auto | off), precision (fp32 | tf32 | bf16 | fp16), batch_size (auto or a number), crop, model_options.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ OURS = {
     "model": None, "models": None, "images": None, "image": None, "roi": None, "task": "DN", "scale": 4,
     "sigma": 50.0, "noise_seed": 0, "rain_preset": "medium", "rain_beta": None, "rain_seed": None,
     "block": 8, "coarse": 3, "fine": 50, "tol": 0.01, "patches": None, "seed": 0, "device": None,
-    "batch_size": None, "backend": None, "mode": "coarse-to-fine", "samples": None, "crop": None,
-    "model_options": None,
+    "batch_size": "auto", "backend": None, "mode": "coarse-to-fine", "samples": None, "crop": None,
+    "model_options": None, "rois": None, "roi_grid": None, "locality": "auto", "precision": "fp32",
 }
 REFERENCE = {"sr": "scale", "patch_path": "patches", "mask_block_size": "block", "coarse_num": "coarse",
              "fine_num": "fine", "Modellist": "models"}
@@ -32,11 +34,22 @@ VALID_KEYS = sorted(set(OURS) | set(REFERENCE) | set(REFERENCE_ROI) | set(REFERE
 
 @dataclass
 class RunConfig:
+    """``rois``: the ROIs (one for ``roi``; several for ``rois``); ``roi_grid``: a tile size instead."""
+
     models: list[str]
     images: list[str]
-    roi: ROI
+    rois: list[ROI]
     options: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    roi_grid: Optional[int] = None
+
+    @property
+    def roi(self) -> ROI:
+        return self.rois[0]
+
+    @property
+    def multi_roi(self) -> bool:
+        return self.roi_grid is not None or len(self.rois) > 1
 
 
 def _closest(key: str) -> str:
@@ -125,13 +138,27 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
     models = [m if not (Path(str(m)).suffix or "/" in str(m)) else _resolve(m, base) for m in models]
     models = [x for m in models for x in _expand_folder(str(m))]
     roi = opts.pop("roi")
+    rois, roi_grid = opts.pop("rois"), opts.pop("roi_grid")
     if roi is None and any(k in raw for k in REFERENCE_ROI):
         missing = [k for k in REFERENCE_ROI if k not in raw]
         if missing:
             raise ValueError(f"reference ROI keys need h, w and ROI_size; missing {', '.join(missing)}")
         roi = (raw["h"], raw["w"], raw["ROI_size"])
-    if roi is None:
-        raise ValueError("config must give roi: [y, x, size] or [y, x, height, width] (or h, w, ROI_size)")
+    given = [k for k, v in (("roi", roi), ("rois", rois), ("roi_grid", roi_grid)) if v is not None]
+    if not given:
+        raise ValueError("config must give roi: [y, x, size] or [y, x, height, width] (or h, w, ROI_size), "
+                         "rois: a list of them, or roi_grid: a tile size")
+    if len(given) > 1:
+        raise ValueError(f"config must give one of roi, rois, roi_grid, got {', '.join(given)}")
+    if rois is not None and (not isinstance(rois, (list, tuple)) or not rois):
+        raise ValueError(f"rois must be a non-empty list of [y, x, size] or [y, x, height, width], got {rois!r}")
+    if roi_grid is not None and (not isinstance(roi_grid, int) or isinstance(roi_grid, bool) or roi_grid < 1):
+        raise ValueError(f"roi_grid must be a positive tile size in pixels, got {roi_grid!r}")
+    if isinstance(opts["locality"], bool):  # YAML reads a bare `off` / `on` as a boolean
+        opts["locality"] = "auto" if opts["locality"] else "off"
+    for k, allowed in (("locality", ("auto", "off")), ("precision", ("fp32", "tf32", "bf16", "fp16"))):
+        if opts[k] not in allowed:
+            raise ValueError(f"{k} must be one of {', '.join(allowed)}, got {opts[k]!r}")
     if opts.get("patches") is not None and opts["patches"] != "default":
         opts["patches"] = _resolve(opts["patches"], base)
     task = str(opts["task"]).strip()
@@ -144,4 +171,5 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
     for k in ("block", "coarse", "fine", "seed", "scale"):
         if not isinstance(opts[k], int) or isinstance(opts[k], bool):
             raise ValueError(f"{k} must be an integer, got {opts[k]!r}")
-    return RunConfig([str(m) for m in models], images, ROI.parse(roi), opts, raw)
+    roi_list = [ROI.parse(r) for r in rois] if rois is not None else [ROI.parse(roi)] if roi is not None else []
+    return RunConfig([str(m) for m in models], images, roi_list, opts, raw, roi_grid)

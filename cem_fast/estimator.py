@@ -2,9 +2,13 @@
 
 ``CE_ij = Y(I) - mean_k Y(I with block ij <- p_k)`` with ``Y`` the ROI PSNR (uint8 convention). Every block gets
 ``coarse`` interventions; blocks whose largest |Y(I) - Y_k| reaches ``tol`` get ``fine`` fresh ones, whose mean
-replaces the coarse one. Draws are keyed by (seed, block, draw index): patch indices come from a seeded
-generator over the whole (rows, cols, draws) plan and DN noise from a counter-based RNG, so the samples do not
-depend on the batch size or the backend.
+replaces the coarse one. Draws are keyed by (seed, block, draw index) (:func:`cem_fast.rng.patch_draws` for the
+patch, the counter-based noise for DN), so the samples depend neither on the batch size, nor on the backend, nor
+on which other blocks run.
+
+Speed (``locality="auto"``, the default): blocks that cannot reach the ROI are skipped (CE exactly 0) and the rest
+run on the input crop that determines the ROI, both found by probing and verified (:mod:`cem_fast.locality`).
+``locality="off"`` is the exact mode. Many ROIs (:func:`causal_effect_maps`) share one set of forward passes.
 """
 from __future__ import annotations
 
@@ -13,23 +17,31 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+import contextlib
+import weakref
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from . import ops
+from . import ops, reference, rng
 from .cache import RunCache, digest_bytes, missing_ranges, run_key
 from .geometry import ROI, RoiLike
+from .locality import LocalityPlan, Window, plan_locality
 from .models import eval_mode, load_model, model_digest
 from .patches import PatchBank, load_patch_bank
-from .result import CEMResult
+from .result import CEMResult, CEMResults
 from .tasks import Prepared, Task, make_task
 
 DRAW_STRIDE = 1 << 20  # intervention id = block * DRAW_STRIDE + draw index
+DRAWS_VERSION = "hash-v1"  # how (seed, block, draw) map to patches and noise; part of the cache key
 MODES = ("coarse-to-fine", "exhaustive")
+LOCALITY = ("auto", "off")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+FULL_FORWARD_MAX_PX = 1024 * 1024  # larger inputs with locality: no full-image forward (verify on the window)
+PRECISION_CHECK_BLOCKS = 8
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
@@ -92,73 +104,201 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, oom_types) or "out of memory" in str(e).lower()
 
 
-class _Runner:
-    """Runs interventions in batches on the device; only ROI PSNRs come back to the host.
+def _is_oom(e: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(e, oom_types) or "out of memory" in str(e).lower()
 
-    With a cache, every finished batch is stored at once and a re-run only computes what is missing. A batch that
-    runs out of memory is split in halves (and the batch size lowered) until it fits.
+
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device):
+    """fp32: true fp32 (TF32 off for cuDNN convolutions and matmuls, which torch allows by default for cuDNN);
+    tf32: TF32 allowed; bf16 / fp16: autocast. Restores the global flags afterwards."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            with torch.autocast(device.type, dtype=dtype):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+# batch sizes that fitted, per model, input shape, precision and device (``batch_size="auto"``)
+_BATCH_MEMORY: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+CPU_BATCH_PIXELS = 1 << 20  # CPU: about this many input pixels per batch (larger batches gain nothing)
+MAX_AUTO_BATCH = 4096
+
+
+def auto_batch_size(model: nn.Module, forward: Callable, sample: torch.Tensor, key: tuple) -> int:
+    """The batch to start with: remembered, else on CUDA what fits in half the free memory judging by the peak of a
+    batch of 4, else (CPU) about ``CPU_BATCH_PIXELS`` input pixels. Out-of-memory errors still back off."""
+    remembered = _BATCH_MEMORY.get(model, {}).get(key)
+    if remembered:
+        return remembered
+    C, h, w = sample.shape
+    if sample.device.type == "cuda":
+        torch.cuda.synchronize(sample.device)
+        torch.cuda.reset_peak_memory_stats(sample.device)
+        before = torch.cuda.memory_allocated(sample.device)
+        try:
+            forward(sample.unsqueeze(0).repeat(4, 1, 1, 1))
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            return 1
+        per_item = max(1, (torch.cuda.max_memory_allocated(sample.device) - before) // 4)
+        free, _ = torch.cuda.mem_get_info(sample.device)
+        return int(max(1, min(MAX_AUTO_BATCH, free // 2 // per_item)))
+    return int(max(1, min(256, CPU_BATCH_PIXELS // (h * w))))
+
+
+def remember_batch_size(model: nn.Module, key: tuple, batch_size: int) -> None:
+    try:
+        _BATCH_MEMORY.setdefault(model, {})[key] = batch_size
+    except TypeError:  # not weak-referenceable
+        pass
+
+
+class _Runner:
+    """Runs interventions in batches on the device; only the ROI PSNRs (K, n_rois) come back to the host.
+
+    Every batch is written by the fused intervene op into one reused input buffer (the crop of the locality
+    window, in the model's memory format) and reduced to ROI scores on the device; the copy of a batch's scores
+    to the host waits until the next batch is queued. With a cache, every finished batch is stored at once and a
+    re-run only computes what is missing. A batch that runs out of memory is split in halves (and the batch size
+    lowered) until it fits.
     """
 
-    def __init__(self, model, task: Task, prep: Prepared, bank_in, target, roi, seed, batch_size, backend,
-                 progress, cache: Optional[RunCache] = None, memory_format=torch.contiguous_format):
-        self.model, self.task, self.prep, self.bank_in = model, task, prep, bank_in
-        self.target, self.roi, self.seed, self.batch_size, self.backend = target, roi, seed, batch_size, backend
-        self.cache = cache
-        self.memory_format = memory_format
+    def __init__(self, forward, task: Task, prep: Prepared, bank_in, rois: Sequence[ROI], seed, batch_size,
+                 backend, progress, cache: Optional[RunCache] = None, memory_format=torch.contiguous_format,
+                 window: Optional[Window] = None):
+        self.forward, self.task, self.prep, self.bank_in = forward, task, prep, bank_in
+        self.seed, self.batch_size, self.backend = seed, batch_size, backend
+        # the multi-ROI reduction runs on the chosen backend when it has that kernel, else on torch
+        dev = prep.base.device
+        self.multi_backend = backend if not ops.backend_reasons(backend, dev, "roi_sq_err_multi") else "torch"
+        self.cache, self.memory_format, self.window = cache, memory_format, window
+        self.rois = list(rois)
+        s = task.scale
+        C, h, w = prep.base.shape
+        self.win = window or Window(0, 0, h, w)
+        oy, ox = self.win.y * s, self.win.x * s
+        self.local_rois = [ROI(r.y - oy, r.x - ox, r.height, r.width) for r in self.rois]
+        gt_win = prep.gt[:, oy:oy + self.win.h * s, ox:ox + self.win.w * s]
+        if len(self.rois) == 1:
+            ys, xs = self.local_rois[0].slices()
+            self.target = gt_win[:, ys, xs].contiguous()
+        else:
+            self.target = gt_win.contiguous()
         self.forwards = 0
         self.reused = 0
         self.oom_backoffs = 0
+        self._buffer: Optional[torch.Tensor] = None
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=0, unit="fwd", desc="CEM", leave=False, file=sys.stderr)
 
-    def _scores(self, blocks, draws, patch_idx) -> np.ndarray:
-        dev = self.prep.base.device
-        b = blocks.to(dev)
-        ids = b * DRAW_STRIDE + draws.to(dev)
-        inputs = self.task.intervene(self.prep, self.bank_in, patch_idx.to(dev), b, ids, self.seed, self.backend)
-        out = self.model(inputs.contiguous(memory_format=self.memory_format))
-        scores = ops.roi_psnr(out, self.target, self.roi, backend=self.backend)
-        ys, xs = self.roi.slices()
-        finite = torch.isfinite(out[:, :, ys, xs]).flatten(1).all(1)
-        # NaN/Inf in the ROI: recorded as NaN so that it is reported, never averaged into the map
-        return torch.where(finite, scores, torch.full_like(scores, float("nan"))).cpu().numpy()
-
-    def run(self, stage: str, blocks: torch.Tensor, draws: torch.Tensor, patch_idx: torch.Tensor) -> np.ndarray:
-        n = blocks.shape[0]
-        if self.cache is not None:
-            scores, done = self.cache.load(stage, n)
+    def score_outputs(self, out: torch.Tensor) -> torch.Tensor:
+        """(K, n_rois) float64 ROI PSNRs of outputs of the window; NaN where the ROI holds NaN/Inf."""
+        if len(self.rois) == 1:
+            roi = self.local_rois[0]
+            scores = ops.roi_psnr(out, self.target, roi, backend=self.backend).unsqueeze(1)
         else:
-            scores, done = np.full(n, np.nan), np.zeros(n, dtype=bool)
+            sq = ops.roi_sq_err_multi(out, self.target, self.local_rois, backend=self.multi_backend)
+            sizes = torch.tensor([r.height * r.width * out.shape[1] for r in self.local_rois], device=sq.device,
+                                 dtype=torch.float64)
+            scores = reference.psnr_from_sq_err(sq, sizes)
+        finite = torch.stack([torch.isfinite(out[:, :, r.slices()[0], r.slices()[1]]).flatten(1).all(1)
+                              for r in self.local_rois], 1)
+        # NaN/Inf in the ROI: recorded as NaN so that it is reported, never averaged into the map
+        return torch.where(finite, scores, torch.full_like(scores, float("nan")))
+
+    def origin(self) -> np.ndarray:
+        """(n_rois,) Y(I) from the unintervened window, through the same forward and reduction as the samples."""
+        out = self.forward(self.win.crop(self.prep.base).unsqueeze(0))
+        self.forwards += 1
+        return self.score_outputs(out)[0].cpu().numpy()
+
+    def _input_buffer(self, k: int) -> torch.Tensor:
+        C = self.prep.base.shape[0]
+        if self._buffer is None or self._buffer.shape[0] < k:
+            self._buffer = torch.empty((k, C, self.win.h, self.win.w), dtype=self.prep.base.dtype,
+                                       device=self.prep.base.device).contiguous(memory_format=self.memory_format)
+        return self._buffer[:k]
+
+    def _scores(self, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        ids = blocks * DRAW_STRIDE + draws
+        patch_idx = rng.patch_draws(self.seed, ids, self.bank_in.shape[0])
+        out_buf = self._input_buffer(len(blocks)) if self.task.supports_windows else None
+        inputs = self.task.intervene(self.prep, self.bank_in, patch_idx, blocks, ids, self.seed, self.backend,
+                                     window=self.window, out=out_buf)
+        return self.score_outputs(self.forward(inputs))
+
+    def run(self, stage: str, blocks: torch.Tensor, draws: torch.Tensor) -> np.ndarray:
+        """(n, n_rois) ROI PSNRs of interventions (blocks[i], draws[i])."""
+        n, width = blocks.shape[0], len(self.rois)
+        dev = self.prep.base.device
+        blocks, draws = blocks.to(dev), draws.to(dev)
+        if self.cache is not None:
+            scores, done = self.cache.load(stage, n, width)
+        else:
+            scores, done = np.full((n, width), np.nan), np.zeros(n, dtype=bool)
         self.reused += int(done.sum())
         if self.bar is not None:
             self.bar.total += n
             self.bar.update(int(done.sum()))
         pending = list(missing_ranges(done, self.batch_size))[::-1]
-        while pending:
-            s, e = pending.pop()
-            try:
-                chunk = self._scores(blocks[s:e], draws[s:e], patch_idx[s:e])
-            except Exception as err:
-                if not _is_oom(err):
-                    raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if e - s == 1:
-                    raise RuntimeError("out of memory with a batch of 1 intervention: the model does not fit "
-                                       f"on {self.prep.base.device}") from None
-                half = (e - s + 1) // 2
-                self.batch_size = half
-                self.oom_backoffs += 1
-                pending += [(s + half, e), (s, s + half)]
-                continue
+        queued: Optional[tuple[int, int, torch.Tensor]] = None  # scores still on the device
+
+        def collect():
+            s, e, dev_scores = queued
+            chunk = dev_scores.cpu().numpy()
             scores[s:e] = chunk
             if self.cache is not None:
                 self.cache.save(stage, s, chunk)
             self.forwards += e - s
             if self.bar is not None:
                 self.bar.update(e - s)
+
+        try:
+            while pending:
+                s, e = pending.pop()
+                if e - s > self.batch_size:  # the batch size was lowered: split what was planned with the old one
+                    pending += [(s + self.batch_size, e), (s, s + self.batch_size)]
+                    continue
+                try:
+                    dev_scores = self._scores(blocks[s:e], draws[s:e])
+                except Exception as err:
+                    if not _is_oom(err):
+                        raise
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    if e - s == 1:
+                        raise RuntimeError("out of memory with a batch of 1 intervention: the model does not "
+                                           f"fit on {dev}") from None
+                    self._buffer = None
+                    half = (e - s + 1) // 2
+                    self.batch_size = half
+                    self.oom_backoffs += 1
+                    pending += [(s + half, e), (s, s + half)]
+                    continue
+                if queued is not None:
+                    collect()
+                queued = (s, e, dev_scores)
+        except BaseException:
+            if queued is not None:  # keep the finished batch (a crash or an interrupt loses nothing done)
+                try:
+                    collect()
+                except Exception:
+                    pass
+            raise
+        if queued is not None:
+            collect()
         return scores
 
     def close(self):
@@ -174,6 +314,23 @@ def _effects(psnr_origin: float, samples: np.ndarray) -> np.ndarray:
     return np.where(both_inf, 0.0, d)
 
 
+
+def _parse_rois(rois, roi_grid: Optional[int], out_h: int, out_w: int) -> list[ROI]:
+    if roi_grid is not None:
+        _check_positive("roi_grid", roi_grid)
+        parsed = reference.roi_grid(out_h, out_w, int(roi_grid))
+        if not parsed:
+            raise ValueError(f"roi_grid {roi_grid} px must fit inside the {out_h}x{out_w} output")
+        return parsed
+    if isinstance(rois, (list, tuple)) and rois and not isinstance(rois[0], (int, np.integer, str)):
+        parsed = [ROI.parse(r) for r in rois]
+    else:
+        parsed = [ROI.parse(rois)]
+    for r in parsed:
+        r.check_inside(out_h, out_w)
+    return parsed
+
+
 def causal_effect_map(
     model: Union[nn.Module, str],
     image: ImageLike,
@@ -185,17 +342,7 @@ def causal_effect_map(
     tol: float = 0.01,
     patches: Union[None, str, os.PathLike, PatchBank] = None,
     seed: int = 0,
-    device: Optional[Union[str, torch.device]] = None,
-    batch_size: Optional[int] = None,
-    mode: str = "coarse-to-fine",
-    samples: Optional[int] = None,
-    backend: Optional[str] = None,
-    progress: Optional[bool] = None,
-    image_name: Optional[str] = None,
-    model_name: Optional[str] = None,
-    cache: Union[None, str, os.PathLike] = None,
-    fresh: bool = False,
-    **task_options: Any,
+    **options: Any,
 ) -> CEMResult:
     """Causal Effect Map of ``model`` for the ROI ``roi`` of its output on ``image``.
 
@@ -212,14 +359,8 @@ def causal_effect_map(
         tol: gate and display threshold in dB.
         patches: patch bank (folder, .npz, :class:`PatchBank`); default: the bank shipped in the package.
         seed: seed of the intervention draws (patch indices and intervention noise).
-        device: where to run (default: the model's CUDA device, else CUDA when available, else CPU).
-        batch_size: interventions per forward (default 256 on CUDA, 8 on CPU).
-        mode: "coarse-to-fine" (the paper's) or "exhaustive" (``samples`` draws for every block).
-        samples: draws per block in exhaustive mode (default ``fine``).
-        backend: "auto", "torch", "triton", "cuda" or "cpp" for the intervention and reduction ops.
-        progress: show a progress bar (default: when stderr is a terminal).
-        cache: folder of the crash-safe sample cache; a re-run with the same inputs resumes where it stopped
-            (see :mod:`cem_fast.cache`). ``fresh=True`` discards this run's cached samples first.
+        **options: see :func:`causal_effect_maps` (locality, precision, batch_size, device, backend, mode,
+            samples, cache, fresh, progress, names).
 
     Returns:
         :class:`CEMResult` with ``cem`` (rows, cols) in dB (|CE| < tol set to 0), all samples and statistics.
@@ -228,6 +369,64 @@ def causal_effect_map(
         >>> import cem_fast
         >>> res = cem_fast.causal_effect_map("bicubic:x4", "img.png", task="SR", scale=4, roi=(40, 40, 16))
         >>> res.stats()["positive"], res.cem.shape
+    """
+    if "rois" in options or "roi_grid" in options:
+        raise ValueError("causal_effect_map takes one roi; use causal_effect_maps for rois / roi_grid")
+    return causal_effect_maps(model, image, task, rois=[roi], block=block, coarse=coarse, fine=fine, tol=tol,
+                              patches=patches, seed=seed, **options)[0]
+
+
+def causal_effect_maps(
+    model: Union[nn.Module, str],
+    image: ImageLike,
+    task: Union[str, Task] = "DN",
+    rois: Union[RoiLike, Sequence[RoiLike], None] = None,
+    roi_grid: Optional[int] = None,
+    block: int = 8,
+    coarse: int = 3,
+    fine: int = 50,
+    tol: float = 0.01,
+    patches: Union[None, str, os.PathLike, PatchBank] = None,
+    seed: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+    batch_size: Union[int, str, None] = "auto",
+    locality: str = "auto",
+    precision: str = "fp32",
+    mode: str = "coarse-to-fine",
+    samples: Optional[int] = None,
+    backend: Optional[str] = None,
+    progress: Optional[bool] = None,
+    image_name: Optional[str] = None,
+    model_name: Optional[str] = None,
+    cache: Union[None, str, os.PathLike] = None,
+    fresh: bool = False,
+    **task_options: Any,
+) -> CEMResults:
+    """Causal Effect Maps of ``model`` for many ROIs of its output from one set of forward passes.
+
+    The arguments of :func:`causal_effect_map`, plus:
+
+    Args:
+        rois: a list of ROIs (``(y, x, size)``, ``(y, x, h, w)`` or dicts); ``roi_grid=s``: every full ``s x s``
+            tile of the output instead. Each map equals what a single-ROI run with the same seed gives.
+        locality: "auto" (default): skip blocks that cannot reach the ROIs (CE exactly 0, no forwards) and run the
+            rest on the input crop that determines them, after probing and verifying the model
+            (:mod:`cem_fast.locality`); it falls back to the whole image, and says why, when verification fails.
+            "off": the exact mode (every block, whole input).
+        precision: "fp32" (default; TF32 off), "tf32", "bf16" or "fp16" (autocast); reduced precision is checked
+            against fp32 on a sample of blocks and reported (``summary.json: precision_check``).
+        device: where to run (default: the model's CUDA device, else CUDA when available, else CPU).
+        batch_size: interventions per forward; "auto" (default): the largest that fits (CUDA) or about 1M input
+            pixels (CPU), remembered per model and input shape; out-of-memory errors back off and continue.
+        mode: "coarse-to-fine" (the paper's) or "exhaustive" (``samples`` draws for every block).
+        samples: draws per block in exhaustive mode (default ``fine``).
+        backend: "auto", "torch", "triton", "cuda" or "cpp" for the intervention and reduction ops.
+        progress: show a progress bar (default: when stderr is a terminal).
+        cache: folder of the crash-safe sample cache; a re-run with the same inputs resumes where it stopped
+            (see :mod:`cem_fast.cache`). ``fresh=True`` discards this run's cached samples first.
+
+    Returns:
+        :class:`CEMResults`, one :class:`CEMResult` per ROI, in order.
     """
     t0 = time.perf_counter()
     if isinstance(model, nn.Module):
@@ -239,6 +438,10 @@ def causal_effect_map(
     _check_positive("block", block)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if locality not in LOCALITY:
+        raise ValueError(f"locality must be one of {', '.join(LOCALITY)}, got {locality!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if mode == "exhaustive":
         samples = fine if samples is None else samples
         _check_positive("samples", samples)
@@ -248,20 +451,21 @@ def causal_effect_map(
         _check_positive("fine", fine, allow_zero=True)
     if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a non-negative number of dB, got {tol!r}")
+    if batch_size is not None and batch_size != "auto":
+        _check_positive("batch_size", batch_size)
     clean, default_name = load_image(image)
     image_name = image_name or default_name
-    roi = ROI.parse(roi)
     bank = load_patch_bank(patches)
     bank_digest = bank.digest()
     prep = task_obj.prepare(clean, block, image_name)
     grid = prep.grid
+    if rois is None and roi_grid is None:
+        raise ValueError("give rois (a list of (y, x, size)) or roi_grid (a tile size in px)")
+    roi_list = _parse_rois(rois, roi_grid, grid.out_h, grid.out_w)
+    n_rois = len(roi_list)
     cropped_from = list(clean.shape[-2:]) if tuple(prep.gt.shape) != tuple(clean.shape) else None
-    roi.check_inside(grid.out_h, grid.out_w)
 
     dev = _pick_device(model, device)
-    if batch_size is None:
-        batch_size = 256 if dev.type == "cuda" else 8
-    _check_positive("batch_size", batch_size)
     backend_name = ops.resolve_backend(backend, dev)
     # channels_last: about 2x faster convolutions on CPU and with cuDNN (results agree to fp32 round-off), but
     # slower for models without convolutions (interpolation), so only for models that have them.
@@ -275,85 +479,223 @@ def causal_effect_map(
             pass  # e.g. torch.export modules; the inputs are still channels_last
     prep = prep.to(dev)
     bank_in = task_obj.bank_at_input(bank.patches, block).to(dev)
-    ys, xs = roi.slices()
-    target = prep.gt[:, ys, xs].contiguous()
     if progress is None:
         progress = sys.stderr.isatty()
 
-    with torch.inference_mode():
+    def forward_in(prec: str):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with precision_mode(prec, dev):
+                return model(x.contiguous(memory_format=memory_format))
+        return forward
+
+    forward = forward_in(precision)
+    expected = (1,) + tuple(prep.gt.shape)
+    in_px = grid.in_h * grid.in_w
+
+    def full_forward() -> torch.Tensor:
         try:
-            out0 = model(prep.base.unsqueeze(0).contiguous(memory_format=memory_format))
+            out = forward(prep.base.unsqueeze(0))
         except Exception as e:
             raise RuntimeError(f"model {name} raised on the {tuple(prep.base.shape)} input: "
                                f"{type(e).__name__}: {e}".splitlines()[0]) from e
-        expected = (1,) + tuple(prep.gt.shape)
-        if not isinstance(out0, torch.Tensor) or tuple(out0.shape) != expected:
-            got = tuple(out0.shape) if isinstance(out0, torch.Tensor) else type(out0).__name__
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model {name} output must be {expected} for a {tuple(prep.base.shape)} input "
                              f"(task {task_obj.name} x{task_obj.scale}), got {got}")
-        if not torch.isfinite(out0).all():
+        if not torch.isfinite(out).all():
             raise ValueError(f"model {name} output has NaN/Inf values on the unintervened input")
-        psnr_origin = float(ops.roi_psnr(out0, target, roi, backend=backend_name)[0])
+        return out
 
-        gen = torch.Generator().manual_seed(int(seed))
-        coarse_idx = bank.sample(gen, (grid.rows, grid.cols, coarse))
-        fine_idx = bank.sample(gen, (grid.rows, grid.cols, fine))
+    with torch.inference_mode():
+        use_locality = locality == "auto" and task_obj.supports_windows
+        out0 = full_forward() if (not use_locality or in_px <= FULL_FORWARD_MAX_PX) else None
+        if batch_size in (None, "auto"):
+            sample_in = prep.base
+            bs_key = (tuple(prep.base.shape), precision, str(dev))
+            batch = auto_batch_size(model, forward, sample_in, bs_key)
+        else:
+            batch, bs_key = int(batch_size), None
+
+        def verification_inputs(block_ids: np.ndarray, window: Window) -> torch.Tensor:
+            b = torch.from_numpy(block_ids).to(dev)
+            ids = b * DRAW_STRIDE
+            pidx = rng.patch_draws(int(seed), ids, bank_in.shape[0])
+            return task_obj.intervene(prep, bank_in, pidx, b, ids, int(seed), backend_name, window=window)
+
+        if use_locality:
+            plan = plan_locality(forward, prep.base, grid, roi_list, batch_size=min(batch, 64),
+                                 precision=precision, full_reference=out0 is not None,
+                                 interventions=verification_inputs)
+        else:
+            why = "exact mode (locality='off')" if locality == "off" else \
+                "a custom degradation sees the whole image, so it cannot be cropped"
+            plan = LocalityPlan.off(n_rois, grid, locality, why)
+        if out0 is None and plan.window is None:
+            out0 = full_forward()  # locality found nothing to crop: the whole image runs after all
+        if bs_key is not None and plan.window is not None:  # the batches hold crops: size the batch for them
+            bs_key = (tuple(plan.window.crop(prep.base).shape), precision, str(dev))
+            batch = auto_batch_size(model, forward, plan.window.crop(prep.base), bs_key)
+
         run_cache = None
         if cache is not None:
             components = {
                 "model": model_digest(model), "gt": digest_bytes(prep.gt.cpu().numpy().tobytes()),
                 "input": digest_bytes(prep.base.cpu().numpy().tobytes(), str(tuple(prep.base.shape)).encode()),
-                "task": task_obj.describe(), "roi": roi.as_tuple(), "block": block, "bank": bank_digest,
-                "seed": int(seed), "coarse": coarse, "fine": fine, "tol": float(tol), "mode": mode,
-                "model_name": name, "image": image_name,
+                "task": task_obj.describe(), "rois": [r.as_tuple() for r in roi_list], "block": block,
+                "bank": bank_digest, "seed": int(seed), "coarse": coarse, "fine": fine, "tol": float(tol),
+                "mode": mode, "locality": locality, "window": plan.window.as_list() if plan.window else None,
+                "precision": precision, "draws": DRAWS_VERSION, "model_name": name, "image": image_name,
             }
             key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
             run_cache = RunCache(cache, run_key(key_parts), components, fresh=fresh)
-        runner = _Runner(model, task_obj, prep, bank_in, target, roi, int(seed), batch_size, backend_name,
-                         progress, run_cache, memory_format)
+        runner = _Runner(forward, task_obj, prep, bank_in, roi_list, int(seed), batch, backend_name,
+                         progress, run_cache, memory_format, plan.window)
         try:
-            nb = grid.num_blocks
-            samples_coarse = np.full((grid.rows, grid.cols, coarse), np.nan)
-            if coarse:
-                blocks = torch.arange(nb).repeat_interleave(coarse)
-                draws = torch.arange(coarse).repeat(nb)
-                samples_coarse = runner.run("coarse", blocks, draws, coarse_idx.reshape(-1)).reshape(
-                    grid.rows, grid.cols, coarse)
-                gated = (np.abs(_effects(psnr_origin, samples_coarse)) >= tol).any(axis=2)
+            if plan.window is None and out0 is not None:
+                psnr_origin = runner.score_outputs(out0)[0].cpu().numpy()
             else:
-                gated = np.ones((grid.rows, grid.cols), dtype=bool)
-            samples_fine = np.full((grid.rows, grid.cols, fine), np.nan)
-            gated_ids = torch.from_numpy(np.flatnonzero(gated.reshape(-1)))
-            if fine and len(gated_ids):
-                blocks = gated_ids.repeat_interleave(fine)
-                draws = coarse + torch.arange(fine).repeat(len(gated_ids))
-                pidx = fine_idx.reshape(nb, fine)[gated_ids].reshape(-1)
-                flat = samples_fine.reshape(nb, fine)
-                flat[gated_ids.numpy()] = runner.run("fine", blocks, draws, pidx).reshape(-1, fine)
-                samples_fine = flat.reshape(grid.rows, grid.cols, fine)
+                psnr_origin = runner.origin()
+            samples_coarse, samples_fine, gated = _sample(runner, grid, plan.reach, psnr_origin, coarse, fine, tol,
+                                                          mode)
         finally:
             runner.close()
+        if bs_key is not None:
+            remember_batch_size(model, bs_key, runner.batch_size)
 
-    for stage, arr, done in (("coarse", samples_coarse, np.ones_like(gated)), ("fine", samples_fine, gated)):
-        bad = np.isnan(arr) & done[..., None] if arr.size else np.zeros(arr.shape, bool)
-        if bad.any():
-            r, c, k = np.argwhere(bad)[0]
-            raise ValueError(f"model {name} produced NaN/Inf outputs in the ROI for {int(bad.sum())} {stage} "
-                             f"interventions (first: block ({r}, {c}), draw {k}); refusing to average them")
+        for j in range(n_rois):
+            for stage, arr, done in (("coarse", samples_coarse[j], np.ones_like(gated[j])),
+                                     ("fine", samples_fine[j], gated[j])):
+                bad = np.isnan(arr) & done[..., None] if arr.size else np.zeros(arr.shape, bool)
+                if bad.any():
+                    r, c, k = np.argwhere(bad)[0]
+                    raise ValueError(f"model {name} produced NaN/Inf outputs in the ROI for {int(bad.sum())} "
+                                     f"{stage} interventions (first: block ({r}, {c}), draw {k}); refusing to "
+                                     "average them")
+        effects = [_block_effects(psnr_origin[j], samples_coarse[j], samples_fine[j], gated[j], coarse, fine)
+                   for j in range(n_rois)]
+        precision_check = None
+        if precision != "fp32":
+            precision_check = _check_precision(
+                forward_in("fp32"), task_obj, prep, bank_in, roi_list, int(seed), batch, backend_name,
+                memory_format, plan, effects, psnr_origin, gated, coarse, fine)
+        picture = _output_picture(out0, prep, plan.window, forward, task_obj.scale)
 
-    effect = np.where(gated & (fine > 0), _effects(psnr_origin, samples_fine).mean(axis=2) if fine else 0.0,
-                      _effects(psnr_origin, samples_coarse).mean(axis=2) if coarse else 0.0)
-    cem = np.where(np.abs(effect) >= tol, effect, 0.0)
+    wall = time.perf_counter() - t0
     to_u8 = lambda t: torch.round(t.float().clamp(0, 1) * 255).to(torch.uint8).cpu()  # noqa: E731
-    return CEMResult(
-        cem=cem, effect=effect, samples_coarse=samples_coarse, samples_fine=samples_fine, gated=gated,
-        psnr_origin=psnr_origin, roi=roi, block=block, scale=task_obj.scale, tol=float(tol),
-        task=task_obj.describe(), seed=int(seed), mode=mode, model_name=name, image_name=image_name,
-        num_forwards=runner.forwards + 1, wall_time=time.perf_counter() - t0, backend=backend_name,
-        device=str(dev), patch_bank={"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
-                                     "digest": bank_digest},
-        gt=prep.gt.cpu(), degraded=to_u8(prep.base), output=to_u8(out0[0]),
-        extra={**({"cropped_from": cropped_from} if cropped_from else {}), "reused_from_cache": runner.reused,
-               "oom_backoffs": runner.oom_backoffs, "final_batch_size": runner.batch_size,
-               **({"cache_entry": str(run_cache.dir)} if run_cache is not None else {})},
-    )
+    common_extra = {
+        **({"cropped_from": cropped_from} if cropped_from else {}), "reused_from_cache": runner.reused,
+        "oom_backoffs": runner.oom_backoffs, "final_batch_size": runner.batch_size,
+        "batch_size": batch_size if batch_size in (None, "auto") else int(batch_size),
+        "precision": precision, "locality": plan.info,
+        **({"precision_check": precision_check} if precision_check else {}),
+        **({"rois_in_pass": n_rois} if n_rois > 1 else {}),
+        **({"cache_entry": str(run_cache.dir)} if run_cache is not None else {}),
+        **({"output_picture": "model output inside the locality crop only"} if out0 is None else {}),
+    }
+    results = CEMResults()
+    for j, roi in enumerate(roi_list):
+        effect = effects[j]
+        results.append(CEMResult(
+            cem=np.where(np.abs(effect) >= tol, effect, 0.0), effect=effect, samples_coarse=samples_coarse[j],
+            samples_fine=samples_fine[j], gated=gated[j], psnr_origin=float(psnr_origin[j]), roi=roi,
+            block=block, scale=task_obj.scale, tol=float(tol), task=task_obj.describe(), seed=int(seed),
+            mode=mode, model_name=name, image_name=image_name, num_forwards=runner.forwards + (out0 is not None),
+            wall_time=wall, backend=backend_name, device=str(dev),
+            patch_bank={"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
+                        "digest": bank_digest},
+            gt=prep.gt.cpu(), degraded=to_u8(prep.base), output=picture,
+            reachable=plan.reach[j], extra=dict(common_extra)))
+    return results
+
+
+def _sample(runner: _Runner, grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, fine: int,
+            tol: float, mode: str):
+    """Run the coarse stage on every block that reaches some ROI and the fine stage on every block gated for some
+    ROI. A block outside a ROI's reach gets Y_k = Y(I) exactly for that ROI (it cannot change it).
+    Returns per ROI: samples_coarse (n, rows, cols, coarse), samples_fine (n, rows, cols, fine), gated."""
+    n = len(psnr_origin)
+    rows, cols, nb = grid.rows, grid.cols, grid.num_blocks
+    flat_reach = reach.reshape(n, nb)
+    origin = psnr_origin.reshape(n, 1, 1)
+    samples_coarse = np.broadcast_to(origin, (n, nb, coarse)).copy()
+    samples_fine = np.full((n, nb, fine), np.nan)
+    if coarse:
+        run_blocks = torch.from_numpy(np.flatnonzero(flat_reach.any(0)))
+        if len(run_blocks):
+            b = run_blocks.repeat_interleave(coarse)
+            d = torch.arange(coarse).repeat(len(run_blocks))
+            got = runner.run("coarse", b, d).reshape(len(run_blocks), coarse, n).transpose(2, 0, 1)
+            keep = flat_reach[:, run_blocks.numpy()][..., None]
+            samples_coarse[:, run_blocks.numpy()] = np.where(keep, got, samples_coarse[:, run_blocks.numpy()])
+        gated = (np.abs(_effects(origin, samples_coarse)) >= tol).any(axis=2) & flat_reach
+    else:
+        gated = np.ones((n, nb), dtype=bool)
+    fine_blocks = torch.from_numpy(np.flatnonzero((gated & flat_reach).any(0)))
+    if fine and len(fine_blocks):
+        b = fine_blocks.repeat_interleave(fine)
+        d = coarse + torch.arange(fine).repeat(len(fine_blocks))
+        got = runner.run("fine", b, d).reshape(len(fine_blocks), fine, n).transpose(2, 0, 1)
+        fb = fine_blocks.numpy()
+        samples_fine[:, fb] = np.where(flat_reach[:, fb][..., None], got, origin)
+    if fine:
+        # unreachable blocks gated by the mode (exhaustive) hold the exact value; the others stay NaN (not run)
+        samples_fine = np.where((gated & ~flat_reach)[..., None], origin, samples_fine)
+        samples_fine = np.where(gated[..., None], samples_fine, np.nan)
+    return (samples_coarse.reshape(n, rows, cols, coarse), samples_fine.reshape(n, rows, cols, fine),
+            gated.reshape(n, rows, cols))
+
+
+def _block_effects(psnr_origin: float, samples_coarse, samples_fine, gated, coarse: int, fine: int) -> np.ndarray:
+    """Per block: the fine mean where gated (and fine > 0), else the coarse mean, of Y(I) - Y_k."""
+    fine_mean = _effects(psnr_origin, samples_fine).mean(axis=-1) if fine else 0.0
+    coarse_mean = _effects(psnr_origin, samples_coarse).mean(axis=-1) if coarse else 0.0
+    return np.where(gated & (fine > 0), fine_mean, coarse_mean)
+
+
+def _check_precision(forward32, task_obj, prep, bank_in, rois, seed, batch, backend, memory_format,
+                     plan: LocalityPlan, effects, psnr_origin, gated, coarse, fine) -> dict:
+    """Recompute a sample of blocks in fp32 (same draws, same crop): the largest effects and a few at random.
+    Reports the largest |CE(precision) - CE(fp32)| and the shift of Y(I)."""
+    strength = np.max([np.abs(e) for e in effects], axis=0).reshape(-1)
+    reach_any = plan.reach.any(0).reshape(-1)
+    candidates = np.flatnonzero(reach_any)
+    top = candidates[np.argsort(-strength[candidates], kind="stable")][:PRECISION_CHECK_BLOCKS // 2]
+    rest = np.setdiff1d(candidates, top)
+    pick = np.random.RandomState(seed).choice(rest, min(len(rest), PRECISION_CHECK_BLOCKS - len(top)),
+                                              replace=False) if len(rest) else rest
+    blocks = np.sort(np.concatenate([top, pick])).astype(np.int64)
+    runner = _Runner(forward32, task_obj, prep, bank_in, rois, seed, batch, backend, False, None, memory_format,
+                     plan.window)
+    origin32 = runner.origin()
+    n = len(rois)
+    draws_per_block = coarse + (fine if np.asarray(gated).reshape(n, -1)[:, blocks].any() else 0)
+    b = torch.from_numpy(blocks).repeat_interleave(draws_per_block)
+    d = torch.arange(draws_per_block).repeat(len(blocks))
+    got = runner.run("precision", b, d).reshape(len(blocks), draws_per_block, n)
+    worst = 0.0
+    for j in range(n):
+        g = np.asarray(gated[j]).reshape(-1)[blocks]
+        reach = plan.reach[j].reshape(-1)[blocks]
+        sc = np.where(reach[:, None], got[:, :coarse, j], origin32[j])
+        sf = np.where(reach[:, None], got[:, coarse:, j], origin32[j]) if draws_per_block > coarse else \
+            np.full((len(blocks), fine), np.nan)
+        ce32 = _block_effects(origin32[j], sc, sf, g, coarse, fine if draws_per_block > coarse else 0)
+        worst = max(worst, float(np.nanmax(np.abs(ce32 - effects[j].reshape(-1)[blocks]))))
+    return {"blocks_checked": int(len(blocks)), "max_abs_delta_ce_db": round(worst, 5),
+            "psnr_origin_fp32": [float(v) for v in origin32],
+            "psnr_origin_delta_db": round(float(np.max(np.abs(psnr_origin - origin32))), 5),
+            "forwards": runner.forwards}
+
+
+def _output_picture(out0: Optional[torch.Tensor], prep: Prepared, window: Optional[Window], forward,
+                    scale: int) -> torch.Tensor:
+    """(3, H, W) uint8 model output for pictures; without a full forward (large inputs), the crop's output pasted
+    into the degraded input (nearest-upsampled)."""
+    to_u8 = lambda t: torch.round(t.float().clamp(0, 1) * 255).to(torch.uint8).cpu()  # noqa: E731
+    if out0 is not None:
+        return to_u8(out0[0])
+    canvas = prep.base.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    out = forward(window.crop(prep.base).unsqueeze(0))[0]
+    s = scale
+    canvas[:, window.y * s:(window.y + window.h) * s, window.x * s:(window.x + window.w) * s] = out.to(canvas.dtype)
+    return to_u8(canvas)

@@ -137,3 +137,20 @@ def _save_fig(fig, path: Path) -> None:
 
 def _save_png(pil: Image.Image, path: Path) -> None:
     atomic_write(path, lambda f: pil.save(f, format="PNG"))
+
+
+def save_overlay_grid(results, path: "str | os.PathLike", tile: int = 192) -> None:
+    """One picture of many ROIs' overlays (each scaled to at most ``tile`` px), row-major, ROI boxes included."""
+    n = len(results)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    thumbs = []
+    for res in results:
+        pil = Image.fromarray(overlay(res))
+        pil.thumbnail((tile, tile), Image.NEAREST)
+        thumbs.append(pil)
+    tw, th = max(t.width for t in thumbs), max(t.height for t in thumbs)
+    sheet = Image.new("RGB", (cols * (tw + 2), rows * (th + 2)), (255, 255, 255))
+    for i, t in enumerate(thumbs):
+        sheet.paste(t, ((i % cols) * (tw + 2), (i // cols) * (th + 2)))
+    _save_png(sheet, Path(path))

@@ -53,7 +53,7 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
     parts = []
     for image, runs in images.items():
         first = next((r for r in runs if "error" not in r), runs[0])
-        d = first["dir"]
+        d = first["dir"] if "rois" not in first else f"{first['dir']}/{first['rois']['rois'][0]['folder']}"
         parts.append(f"<h2>{html.escape(image)}</h2>")
         parts.append('<table><tr><th>ground truth (ROI box)</th></tr><tr class="small">'
                      f"<td>{_img(out_dir, f'{d}/gt.png', 'ground truth')}</td></tr></table><br>")
@@ -64,6 +64,9 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
                 parts.append(f"<tr><td>{html.escape(r['model'])}</td><td colspan=5>failed: "
                              f"{html.escape(r['error'])}</td></tr>")
                 continue
+            if "rois" in r:
+                parts.append(_multi_roi_row(out_dir, r))
+                continue
             s, st, d = r["summary"], r["summary"]["stats"], r["dir"]
             nums = (f"Y(I) = {_fmt(s['psnr_origin'], ' dB').lstrip('+')}<br>"
                     f"<span class=pos>+ {st['positive']}</span> / <span class=neg>- {st['negative']}</span> / "
@@ -72,7 +75,7 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
                     f"min {_fmt(st.get('min_db', 0))} at {st.get('min_block')}<br>"
                     f"{s['num_forwards']} forwards"
                     + (f" (+{s['reused_from_cache']} samples cached)" if s.get("reused_from_cache") else "")
-                    + f", {s['wall_time_s']} s<br>"
+                    + f", {s['wall_time_s']} s<br>{html.escape(_locality(s))}<br>"
                     f'<a href="{html.escape(d)}/summary.json">summary.json</a> · '
                     f'<a href="{html.escape(d)}/result.npz">result.npz</a>')
             parts.append(f"<tr><td>{html.escape(r['model'])}<br><span class=num>{html.escape(_task(s))}</span></td>"
@@ -83,6 +86,36 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
                          f"<td class=num>{nums}</td></tr>")
         parts.append("</table>")
     return _write_page(out_dir / name, title, parts)
+
+
+def _locality(s: dict) -> str:
+    info = s.get("locality") or {}
+    if not info.get("active"):
+        return f"whole image ({info.get('reason', 'exact mode')})" if info else ""
+    crop = info.get("crop")
+    return (f"locality: {info['skipped_blocks']} blocks skipped"
+            + (f", crop {crop[2]}x{crop[3]} input px" if crop else "") + " (verified)")
+
+
+def _multi_roi_row(out_dir: Path, r: dict) -> str:
+    """One model on one image with many ROIs: every overlay side by side and a table of the ROIs' numbers."""
+    s, d = r["rois"], r["dir"]
+    first_input = f"{d}/{s['rois'][0]['folder']}/input.png"
+    rows = "".join(
+        f"<tr><td>{e['roi']['y']}, {e['roi']['x']}, {e['roi']['height']}x{e['roi']['width']}</td>"
+        f"<td>{_fmt(e['psnr_origin'], '').lstrip('+')}</td><td class=pos>{e['stats']['positive']}</td>"
+        f"<td class=neg>{e['stats']['negative']}</td><td>{_fmt(e['stats'].get('range_db', 0), '')}</td>"
+        f"<td>{e['stats'].get('radius_of_influence_px', 0):.0f}</td>"
+        f'<td><a href="{html.escape(d)}/{html.escape(e["folder"])}/cem.png">map</a></td></tr>'
+        for e in s["rois"])
+    table = ("<table class=num><tr><th>ROI (y, x, size)</th><th>Y(I) dB</th><th>+</th><th>-</th>"
+             f"<th>range dB</th><th>radius px</th><th></th></tr>{rows}</table>")
+    return (f"<tr><td>{html.escape(r['model'])}<br><span class=num>{html.escape(_task(s))}<br>"
+            f"{len(s['rois'])} ROIs, {s['num_forwards']} forwards, {s['wall_time_s']} s<br>"
+            f"{html.escape(_locality(s))}</span></td>"
+            f"<td class=input>{_img(out_dir, first_input, 'input')}</td>"
+            f"<td colspan=2 class=cem>{_img(out_dir, f'{d}/maps.png', 'maps of every ROI')}</td>"
+            f"<td colspan=2>{table}</td></tr>")
 
 
 def _write_page(path: Path, title: str, parts: list[str]) -> Path:

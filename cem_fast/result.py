@@ -29,6 +29,8 @@ class CEMResult:
         samples_coarse: (rows, cols, coarse) ROI PSNRs (dB) of the coarse interventions.
         samples_fine: (rows, cols, fine) ROI PSNRs of the fine interventions, NaN where a block was not gated.
         gated: (rows, cols) bool, blocks that went to the fine stage.
+        reachable: (rows, cols) bool, blocks that can reach the ROI (locality probe; all True in exact mode).
+            The others ran no forwards: their samples are Y(I) exactly and their CE is 0.
         psnr_origin: Y(I), the ROI PSNR of the unintervened input, dB.
         gt, degraded, output: (3, H, W) / (3, h, w) / (3, H, W) uint8 images for pictures.
     """
@@ -56,7 +58,12 @@ class CEMResult:
     gt: torch.Tensor
     degraded: torch.Tensor
     output: torch.Tensor
+    reachable: Optional[np.ndarray] = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.reachable is None:
+            self.reachable = np.ones(self.cem.shape, dtype=bool)
 
     @property
     def grid(self) -> BlockGrid:
@@ -75,7 +82,7 @@ class CEMResult:
         out: dict[str, Any] = {
             "blocks": int(rows * cols), "roi_blocks": int((~outside).sum()),
             "positive": int((vals > 0).sum()), "negative": int((vals < 0).sum()), "zero": int((vals == 0).sum()),
-            "gated": int(self.gated.sum()),
+            "gated": int(self.gated.sum()), "skipped": int((~self.reachable).sum()),
         }
         n = max(1, vals.size)
         out.update(positive_frac=out["positive"] / n, negative_frac=out["negative"] / n)
@@ -132,7 +139,7 @@ class CEMResult:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "result.npz", lambda f: np.savez_compressed(
             f, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
-            samples_fine=self.samples_fine, gated=self.gated, psnr_origin=np.float64(self.psnr_origin),
+            samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable, psnr_origin=np.float64(self.psnr_origin),
             roi=np.array(self.roi.as_tuple()), block=np.int64(self.block), scale=np.int64(self.scale)))
         summary = self.summary()
         if summary_extra:
@@ -144,3 +151,34 @@ class CEMResult:
 
 def _finite_or_str(x: float):
     return x if math.isfinite(x) else str(x)
+
+
+class CEMResults(list):
+    """The maps of many ROIs computed from one set of forward passes (:func:`cem_fast.causal_effect_maps`)."""
+
+    def summary(self) -> dict[str, Any]:
+        """The run's summary (that of the first map) with one entry per ROI instead of the per-ROI fields."""
+        if not self:
+            return {"rois": []}
+        common = {k: v for k, v in self[0].summary().items() if k not in ("roi", "psnr_origin", "stats")}
+        common["rois"] = [{"roi": r.summary()["roi"], "psnr_origin": _finite_or_str(r.psnr_origin),
+                           "stats": r.stats(), "folder": roi_folder(i, r.roi)} for i, r in enumerate(self)]
+        return common
+
+    def save(self, out_dir: "str | os.PathLike") -> Path:
+        """Each map into ``out_dir/<roi folder>/`` (as :meth:`CEMResult.save`), plus rois.json (the run and every
+        ROI's numbers) and maps.png (all overlays side by side)."""
+        from . import plotting
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(self):
+            r.save(out / roi_folder(i, r.roi))
+        summary = self.summary()
+        atomic_write(out / "rois.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        if self:
+            plotting.save_overlay_grid(self, out / "maps.png")
+        return out
+
+
+def roi_folder(index: int, roi: ROI) -> str:
+    return f"roi_{index:03d}_y{roi.y}_x{roi.x}_{roi.height}x{roi.width}"

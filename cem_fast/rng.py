@@ -56,3 +56,17 @@ def gaussian12(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
         h = hash32(key ^ hash32(6 * counter + j + GOLDEN))
         total = total + (h & 0xFFFF) + (h >> 16)
     return total - GAUSS12_MEAN
+
+
+PATCH_SALT = 0x2545F491  # separates the patch-index stream from the noise stream of the same intervention
+
+
+def patch_draws(seed: int, ids: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """int64 patch index in [0, num_patches) of each intervention id: ``hash * P >> 32`` (bias below P / 2^32).
+
+    Keyed only by (seed, id), with ``id = block * DRAW_STRIDE + draw``, so a block's draws do not depend on the
+    image size, on which other blocks run (locality skipping) or on the batch size."""
+    if num_patches < 1:
+        raise ValueError(f"num_patches must be positive, got {num_patches}")
+    h = hash32(stream_key(seed, ids) ^ PATCH_SALT)
+    return (h * int(num_patches)) >> 32

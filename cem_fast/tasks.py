@@ -74,13 +74,22 @@ class Task:
         """The patch bank as pasted into the input: (P, C, block/scale, block/scale) uint8."""
         return resize_patches(bank, block // self.scale)
 
+    #: whether :meth:`intervene` can write crops of the input (needed for locality cropping)
+    supports_windows = True
+
     def intervene(self, prep: Prepared, bank_in: torch.Tensor, patch_idx: torch.Tensor, blocks: torch.Tensor,
-                  ids: torch.Tensor, seed: int, backend: Optional[str] = None) -> torch.Tensor:
-        """(K, C, h, w) inputs with block ``blocks[k]`` (row-major id) replaced by patch ``patch_idx[k]``."""
+                  ids: torch.Tensor, seed: int, backend: Optional[str] = None, window=None,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(K, C, h, w) inputs with block ``blocks[k]`` (row-major id) replaced by patch ``patch_idx[k]``; with
+        ``window`` (a :class:`cem_fast.locality.Window`) only that crop of each input, written into ``out``."""
         origins = prep.extra["origins"][blocks]
         sizes = prep.extra["sizes"][blocks]
+        crop = {}
+        if window is not None:
+            o = torch.tensor([[window.y, window.x]], dtype=torch.int64, device=prep.base.device)
+            crop = {"window_origins": o.repeat(len(blocks), 1), "window_size": (window.h, window.w)}
         return ops.intervene(prep.base, bank_in, patch_idx, origins, sizes, ids=ids, seed=seed,
-                             backend=backend, **self.intervene_kwargs(prep))
+                             backend=backend, out=out, **crop, **self.intervene_kwargs(prep))
 
     def intervene_kwargs(self, prep: Prepared) -> dict:
         return {}
@@ -214,7 +223,11 @@ class CustomTask(Task):
     def bank_at_input(self, bank, block):
         return resize_patches(bank, block)
 
-    def intervene(self, prep, bank_in, patch_idx, blocks, ids, seed, backend=None):
+    supports_windows = False  # the degradation sees the whole intervened image
+
+    def intervene(self, prep, bank_in, patch_idx, blocks, ids, seed, backend=None, window=None, out=None):
+        if window is not None:
+            raise ValueError("a custom task cannot write crops (window must be None)")
         clean = prep.extra["clean"].to(prep.base.device)
         intervened = ops.intervene(clean, bank_in, patch_idx, prep.extra["origins"][blocks],
                                    prep.extra["sizes"][blocks], ids=ids, seed=seed, backend=backend)

@@ -60,7 +60,11 @@ def test_run_writes_results_and_a_report(sr_config, tmp_path):
     s = json.loads((res_dir / "summary.json").read_text())
     assert s["roi"] == {"y": 24, "x": 16, "height": 16, "width": 16}
     assert s["stats"]["positive"] + s["stats"]["negative"] + s["stats"]["zero"] == 64 - s["stats"]["roi_blocks"]
-    assert s["num_forwards"] == 1 + 64 * 3 + 6 * s["stats"]["gated"] and s["config"]["sr"] == 4
+    reach = z["reachable"]
+    assert s["locality"]["active"] and s["stats"]["skipped"] == (~reach).sum() > 0  # bicubic is local
+    assert np.all(z["cem"][~reach] == 0)
+    # Y(I) on the whole input and on the crop, 3 coarse draws per reachable block, 6 per gated one
+    assert s["num_forwards"] == 2 + 3 * reach.sum() + 6 * s["stats"]["gated"] and s["config"]["sr"] == 4
     for name in ("cem.png", "overlay.png", "pie.png", "input.png", "output.png", "gt.png"):
         Image.open(res_dir / name).verify()
     report = out / "report.html"
@@ -69,6 +73,36 @@ def test_run_writes_results_and_a_report(sr_config, tmp_path):
     for link in links:
         assert (out / link).is_file(), link
     assert "failed: model Identity output" in report.read_text()
+
+
+def test_many_rois_write_one_folder_each_and_a_sheet(tmp_path, demo2):
+    Image.fromarray(demo2[96:160, 64:128]).save(tmp_path / "im.png")
+    cfg = tmp_path / "multi.yml"
+    cfg.write_text(f"task: SR\nscale: 4\nmodel: bicubic\nimages: [{tmp_path / 'im.png'}]\n"
+                   "rois: [[24, 16, 16], [40, 40, 8]]\ncoarse: 2\nfine: 3\n")
+    out = tmp_path / "out"
+    p = run("run", cfg, "--out", out)
+    assert p.returncode == 0, p.stderr
+    assert "2 ROIs from" in p.stderr and "locality:" in p.stderr
+    folder = out / "bicubic_x4" / "im"
+    idx = json.loads((folder / "rois.json").read_text())
+    assert [e["roi"]["y"] for e in idx["rois"]] == [24, 40]
+    for e in idx["rois"]:
+        assert np.load(folder / e["folder"] / "result.npz")["cem"].shape == (8, 8)
+    Image.open(folder / "maps.png").verify()
+    links = report_links(out / "report.html")
+    assert "bicubic_x4/im/maps.png" in links
+    for link in links:
+        assert (out / link).is_file(), link
+
+
+def test_exact_flag_turns_locality_off(sr_config, tmp_path):
+    out = tmp_path / "out"
+    p = run("run", sr_config, "--out", out, "--exact", "--set", "fine_num=2")
+    assert p.returncode == 0, p.stderr
+    s = json.loads((out / "bicubic_x4" / "img_7" / "summary.json").read_text())
+    assert s["locality"]["mode"] == "off" and not s["locality"]["active"] and s["precision"] == "fp32"
+    assert s["num_forwards"] == 1 + 64 * 2 + 2 * s["stats"]["gated"]
 
 
 def test_unknown_key_suggests_the_closest(sr_config, tmp_path):
@@ -83,6 +117,9 @@ def test_unknown_key_suggests_the_closest(sr_config, tmp_path):
     ("mask_block_size=6", "multiple of the scale"),
     ("coarse_num=-1", "coarse must be a positive integer"),
     ("task=XX", "task must be SR, DN, DR or identity"),
+    ("rois=[[0, 0, 8]]", "config must give one of roi, rois, roi_grid, got roi, rois"),
+    ("locality=fast", "locality must be one of auto, off, got 'fast'"),
+    ("precision=fp8", "precision must be one of fp32, tf32, bf16, fp16, got 'fp8'"),
 ])
 def test_bad_inputs_are_one_line_errors(sr_config, tmp_path, override, match):
     p = run("run", sr_config, "--out", tmp_path / "o", "--set", override)

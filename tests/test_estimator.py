@@ -9,6 +9,7 @@ import cem_fast
 from cem_fast.geometry import ROI
 from cem_fast.patches import PatchBank
 from cem_fast.result import CEMResult
+from cem_fast.rng import patch_draws
 
 
 @pytest.fixture
@@ -25,9 +26,10 @@ def naive_cem(model, img, bank, roi, block, coarse, fine, tol, seed):
     """One intervention at a time, full output to numpy, PSNR there (the reference's structure)."""
     H, W, _ = img.shape
     rows, cols = math.ceil(H / block), math.ceil(W / block)
-    gen = torch.Generator().manual_seed(seed)  # the documented draw plan
-    cidx = torch.randint(len(bank), (rows, cols, coarse), generator=gen).numpy()
-    fidx = torch.randint(len(bank), (rows, cols, fine), generator=gen).numpy()
+    # the documented draw plan: patch of (block, draw) = patch_draws(seed, block * 2^20 + draw)
+    blocks = torch.arange(rows * cols).view(rows, cols, 1) * (1 << 20)
+    cidx = patch_draws(seed, blocks + torch.arange(coarse), len(bank)).numpy()
+    fidx = patch_draws(seed, blocks + coarse + torch.arange(fine), len(bank)).numpy()
     patches = bank.patches.permute(0, 2, 3, 1).numpy()
     y, x, h, w = roi
 
@@ -54,10 +56,11 @@ def naive_cem(model, img, bank, roi, block, coarse, fine, tol, seed):
     return y0, sc, sf, gated, np.where(np.abs(ce) >= tol, ce, 0)
 
 
-def test_estimator_matches_the_naive_reference_loop(tiny_net, small_image, bank):
+@pytest.mark.parametrize("locality", ["off", "auto"])
+def test_estimator_matches_the_naive_reference_loop(tiny_net, small_image, bank, locality):
     roi = (5, 9, 6, 10)
     res = cem_fast.causal_effect_map(tiny_net, small_image, task="identity", roi=roi, block=8, coarse=2,
-                                     fine=4, tol=0.01, patches=bank, seed=3, batch_size=5)
+                                     fine=4, tol=0.01, patches=bank, seed=3, batch_size=5, locality=locality)
     y0, sc, sf, gated, cem = naive_cem(tiny_net, small_image, bank, roi, 8, 2, 4, 0.01, 3)
     assert res.psnr_origin == pytest.approx(y0, abs=1e-9)
     np.testing.assert_allclose(res.samples_coarse, sc, atol=2e-3)
@@ -65,7 +68,14 @@ def test_estimator_matches_the_naive_reference_loop(tiny_net, small_image, bank)
     np.testing.assert_allclose(res.samples_fine, sf, atol=2e-3)  # NaN where not gated, on both sides
     np.testing.assert_allclose(res.cem, cem, atol=2e-3)
     assert gated.sum() > 0 and (~gated).sum() > 0  # both branches exercised
-    assert res.num_forwards == 1 + sc.size + 4 * gated.sum()
+    reach = res.reachable
+    if locality == "off":
+        assert res.num_forwards == 1 + sc.size + 4 * gated.sum() and reach.all()
+    else:  # tiny_net has radius 2: only input rows < 13 and columns < 21 reach the ROI (rows 5-10, cols 9-18)
+        want = np.zeros((3, 4), bool)
+        want[:2, :3] = True
+        assert res.extra["locality"]["active"] and np.array_equal(reach, want)
+        assert res.num_forwards == 2 + 2 * reach.sum() + 4 * gated.sum()  # Y(I): full input and crop
 
 
 class Blur(torch.nn.Module):

@@ -1,0 +1,262 @@
+"""Locality: which input blocks can reach the ROI at all, and which input window determines it.
+
+A CEM intervention on a block that cannot reach the ROI changes nothing: its causal effect is exactly 0 and
+needs no forward pass. A block that can reach it only needs the input window that the ROI depends on. For a
+model with a bounded receptive field both sets are small and found by *structural probing*:
+
+1. Probe: inside a window around the ROI, put NaN into one whole block-row (or block-column) per probe input and
+   see whether NaN reaches the ROI (NaN survives every multiply, add, ReLU and clamp, and no weight can cancel
+   it). A side of the window that the dependency reaches is grown (margin doubled) and the probe repeated, so
+   the probe's cost follows the receptive field, not the image. Reachable blocks are (reached rows) x (reached
+   columns) per ROI; the crop is their bounding box.
+2. Verify: (a) with NaN in *every* block outside a ROI's reachable set at once, that ROI must stay finite;
+   (b) the ROI computed from the crop must equal the one computed from the full input (or, for large images,
+   from the probe window, which holds a ring of unreached blocks) for the unintervened input and a few
+   interventions, to the round-off of the precision in use (convolution algorithms differ by input size; TF32
+   and bf16 more so).
+
+Models with global paths (global pooling, channel attention, full attention) reach the window's edge every time;
+the window grows to the whole image and nothing is skipped or cropped. A model that hides NaN, fails on crops
+or changes the output size is run without locality, and the reason is reported.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .geometry import ROI, BlockGrid
+
+INITIAL_MARGIN_BLOCKS = 2
+PROBE_MAX_INPUT_PX = 2048 * 2048  # beyond this the probe gives up: the ROI depends on most of a huge input
+# Largest |ROI output (crop) - ROI output (reference)| accepted, in [0, 1] output units, per precision.
+VERIFY_TOL = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Window:
+    """A rectangle of input pixels ``[y, y + h) x [x, x + w)``."""
+
+    y: int
+    x: int
+    h: int
+    w: int
+
+    def crop(self, t: torch.Tensor) -> torch.Tensor:
+        return t[..., self.y:self.y + self.h, self.x:self.x + self.w]
+
+    def as_list(self) -> list[int]:
+        return [self.y, self.x, self.h, self.w]
+
+
+@dataclass
+class LocalityPlan:
+    """``reach`` (n_rois, rows, cols) bool: blocks that can affect each ROI; ``window``: the input crop that
+    determines every ROI (None: the whole input); ``active``: whether anything is skipped or cropped;
+    ``info``: what summary.json reports (mode, reason, probe cost, verification error)."""
+
+    reach: np.ndarray
+    window: Optional[Window]
+    active: bool
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def off(cls, n_rois: int, grid: BlockGrid, mode: str, reason: str, **info) -> "LocalityPlan":
+        return cls(np.ones((n_rois, grid.rows, grid.cols), bool), None, False,
+                   {"mode": mode, "active": False, "reason": reason, **info})
+
+
+def _block_span(index: int, in_block: int, limit: int) -> tuple[int, int]:
+    return index * in_block, min((index + 1) * in_block, limit)
+
+
+def _roi_finite(out: torch.Tensor, rois: Sequence[ROI], oy: int, ox: int) -> torch.Tensor:
+    """(N, n_rois) bool: every value of each ROI (shifted by the output origin (oy, ox)) is finite."""
+    cols = []
+    for r in rois:
+        part = out[:, :, r.y - oy:r.y - oy + r.height, r.x - ox:r.x - ox + r.width]
+        cols.append(torch.isfinite(part).flatten(1).all(1))
+    return torch.stack(cols, 1).cpu()
+
+
+def _forward_batched(forward: Forward, inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [forward(inputs[i:i + batch_size]) for i in range(0, inputs.shape[0], batch_size)]
+
+
+class _Prober:
+    def __init__(self, forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: Sequence[ROI],
+                 batch_size: int):
+        self.forward, self.base, self.grid, self.rois = forward, base, grid, list(rois)
+        self.batch_size = max(1, batch_size)
+        self.forwards = 0
+
+    def window_of_blocks(self, r0: int, r1: int, c0: int, c1: int) -> Window:
+        g = self.grid
+        y0, y1 = r0 * g.in_block, min(r1 * g.in_block, g.in_h)
+        x0, x1 = c0 * g.in_block, min(c1 * g.in_block, g.in_w)
+        return Window(y0, x0, y1 - y0, x1 - x0)
+
+    def run(self, inputs: torch.Tensor, win: Window) -> torch.Tensor:
+        """(N, n_rois) bool: ROI finite for each input (crops of ``win``)."""
+        s = self.grid.scale
+        finite = []
+        for out in _forward_batched(self.forward, inputs, self.batch_size):
+            want = (out.shape[0], inputs.shape[1], win.h * s, win.w * s)
+            if tuple(out.shape) != want:
+                raise _NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, "
+                                  f"expected {want}")
+            finite.append(_roi_finite(out, self.rois, win.y * s, win.x * s))
+        self.forwards += inputs.shape[0]
+        return torch.cat(finite)
+
+    def probe(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """NaN in each block-row, then each block-column of the window: (n_rois, nrows), (n_rois, ncols) reached."""
+        g = self.grid
+        win = self.window_of_blocks(r0, r1, c0, c1)
+        crop = win.crop(self.base)
+        nr, nc = r1 - r0, c1 - c0
+        inputs = crop.unsqueeze(0).repeat(nr + nc, 1, 1, 1)
+        for i, r in enumerate(range(r0, r1)):
+            a, b = _block_span(r, g.in_block, g.in_h)
+            inputs[i, :, a - win.y:b - win.y, :] = float("nan")
+        for j, c in enumerate(range(c0, c1)):
+            a, b = _block_span(c, g.in_block, g.in_w)
+            inputs[nr + j, :, :, a - win.x:b - win.x] = float("nan")
+        reached = ~self.run(inputs, win).numpy().T  # (n_rois, nr + nc)
+        return reached[:, :nr], reached[:, nr:]
+
+
+class _NoLocality(Exception):
+    pass
+
+
+def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: Sequence[ROI], *,
+                  batch_size: int, precision: str = "fp32", full_reference: bool = True,
+                  interventions: Optional[Callable[[np.ndarray, Window], torch.Tensor]] = None,
+                  verify_blocks: int = 4) -> LocalityPlan:
+    """Probe and verify (module docstring). ``forward`` runs the model on (N, C, h, w) input crops;
+    ``interventions(block_ids, window)`` returns intervened crops of ``window`` for verification;
+    ``full_reference``: verify against the full input (else against the probe window)."""
+    t0 = time.perf_counter()
+    rois = list(rois)
+    prober = _Prober(forward, base, grid, rois, batch_size)
+    try:
+        with torch.inference_mode():
+            plan = _probe_and_verify(prober, grid, rois, precision, full_reference, interventions, verify_blocks)
+    except _NoLocality as e:
+        plan = LocalityPlan.off(len(rois), grid, "auto", str(e))
+    except Exception as e:  # a model that cannot run on crops: run it whole
+        plan = LocalityPlan.off(len(rois), grid, "auto", f"the model failed on a crop: {type(e).__name__}: "
+                                f"{e}".splitlines()[0])
+    plan.info.update(probe_forwards=prober.forwards, probe_seconds=round(time.perf_counter() - t0, 4))
+    return plan
+
+
+def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, full_reference, interventions,
+                      verify_blocks) -> LocalityPlan:
+    b = grid.block
+    ra, rb = min(r.y // b for r in rois), max((r.y + r.height - 1) // b for r in rois)
+    ca, cb = min(r.x // b for r in rois), max((r.x + r.width - 1) // b for r in rois)
+    margin = [INITIAL_MARGIN_BLOCKS] * 4  # top, bottom, left, right
+    rounds = 0
+    while True:
+        r0, r1 = max(0, ra - margin[0]), min(grid.rows, rb + 1 + margin[1])
+        c0, c1 = max(0, ca - margin[2]), min(grid.cols, cb + 1 + margin[3])
+        win = prober.window_of_blocks(r0, r1, c0, c1)
+        if win.h * win.w > PROBE_MAX_INPUT_PX:
+            raise _NoLocality(f"the ROI depends on more than a {win.h}x{win.w} input window (global paths?)")
+        rows, cols = prober.probe(r0, r1, c0, c1)
+        rounds += 1
+        grow = [r0 > 0 and rows[:, 0].any(), r1 < grid.rows and rows[:, -1].any(),
+                c0 > 0 and cols[:, 0].any(), c1 < grid.cols and cols[:, -1].any()]
+        if not any(grow):
+            break
+        margin = [m * 2 if g else m for m, g in zip(margin, grow)]
+
+    for j, roi in enumerate(rois):
+        own_r = range(roi.y // b - r0, (roi.y + roi.height - 1) // b - r0 + 1)
+        own_c = range(roi.x // b - c0, (roi.x + roi.width - 1) // b - c0 + 1)
+        if not (rows[j, list(own_r)].all() and cols[j, list(own_c)].all()):
+            raise _NoLocality("NaN put into the ROI's own input does not reach the ROI: the model hides NaN, "
+                              "so its reach cannot be probed")
+    reach = np.zeros((len(rois), grid.rows, grid.cols), bool)
+    for j in range(len(rois)):
+        reach[j, r0:r1, c0:c1] = np.outer(rows[j], cols[j])
+    any_r, any_c = rows.any(0), cols.any(0)
+    rr = np.flatnonzero(any_r) + r0
+    cc = np.flatnonzero(any_c) + c0
+    crop = prober.window_of_blocks(int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1)
+    whole = Window(0, 0, grid.in_h, grid.in_w)
+    reference = whole if full_reference else win
+    info = {"mode": "auto", "probe_rounds": rounds, "probe_window": win.as_list(),
+            "verified_against": "full input" if reference == whole else f"probe window {win.as_list()}"}
+    max_err = _verify(prober, grid, rois, reach, crop, reference, interventions, verify_blocks, precision)
+    skipped = int((~reach.any(0)).sum())
+    is_crop = crop != whole
+    info.update(active=bool(skipped or is_crop), reason="verified" if (skipped or is_crop)
+                else "every block reaches the ROI and the crop is the whole input",
+                skipped_blocks=skipped, reachable_blocks=int(reach.any(0).sum()),
+                crop=crop.as_list() if is_crop else None, verify_max_abs_err=max_err,
+                verify_tol=VERIFY_TOL[precision])
+    return LocalityPlan(reach, crop if is_crop else None, bool(skipped or is_crop), info)
+
+
+def _verify(prober: _Prober, grid, rois, reach, crop: Window, reference: Window, interventions, verify_blocks,
+            precision) -> float:
+    g = grid
+    s = g.scale
+    base_ref = reference.crop(prober.base)
+    # (a) NaN in every block outside each ROI's reach (inside the reference region) at once: the ROI stays finite.
+    r0, r1 = reference.y // g.in_block, -(-(reference.y + reference.h) // g.in_block)
+    c0, c1 = reference.x // g.in_block, -(-(reference.x + reference.w) // g.in_block)
+    outside = torch.from_numpy(~reach[:, r0:r1, c0:c1])  # (n_rois, block rows, block cols) of the reference
+    ib = g.in_block
+    pixel_mask = outside.repeat_interleave(ib, 1).repeat_interleave(ib, 2)
+    oy, ox = reference.y - r0 * ib, reference.x - c0 * ib
+    pixel_mask = pixel_mask[:, oy:oy + reference.h, ox:ox + reference.w].to(base_ref.device)
+    nan_inputs = base_ref.unsqueeze(0).repeat(len(rois), 1, 1, 1)
+    nan_inputs.masked_fill_(pixel_mask.unsqueeze(1), float("nan"))
+    finite = prober.run(nan_inputs, reference).numpy()
+    if not np.diagonal(finite).all():
+        j = int(np.flatnonzero(~np.diagonal(finite))[0])
+        raise _NoLocality(f"blocks outside the probed reach still change ROI {j} (NaN reached it): the model's "
+                          "dependency is not a rectangle")
+    if crop == reference:
+        return 0.0
+    # (b) the crop reproduces the reference's ROI values: unintervened and a few interventions.
+    pairs = [(base_ref.unsqueeze(0), crop.crop(prober.base).unsqueeze(0))]
+    if interventions is not None and verify_blocks > 0:
+        ids = _verification_blocks(reach.any(0), verify_blocks, g.cols)
+        pairs.append((interventions(ids, reference), interventions(ids, crop)))
+    err = 0.0
+    for full_in, crop_in in pairs:
+        prober.forwards += 2 * full_in.shape[0]
+        a = torch.cat(_forward_batched(prober.forward, full_in, prober.batch_size))
+        c = torch.cat(_forward_batched(prober.forward, crop_in, prober.batch_size))
+        for r in rois:
+            ay, ax = r.y - reference.y * s, r.x - reference.x * s
+            cy, cx = r.y - crop.y * s, r.x - crop.x * s
+            da = a[:, :, ay:ay + r.height, ax:ax + r.width].float()
+            dc = c[:, :, cy:cy + r.height, cx:cx + r.width].float()
+            err = max(err, float((da - dc).abs().max()))
+    if not err <= VERIFY_TOL[precision]:
+        raise _NoLocality(f"the ROI computed from the {crop.h}x{crop.w} crop differs from the full input by "
+                          f"{err:.3g} (tolerance {VERIFY_TOL[precision]:g} for {precision})")
+    return err
+
+
+def _verification_blocks(reachable: np.ndarray, n: int, cols: int) -> np.ndarray:
+    """Up to ``n`` reachable block ids, the farthest-apart first (the reach's corners, then its centre)."""
+    r, c = np.nonzero(reachable)
+    picks = [np.argmin(r + c), np.argmax(r + c), np.argmin(r - c), np.argmax(r - c), len(r) // 2]
+    ids = []
+    for p in picks:
+        bid = int(r[p] * cols + c[p])
+        if bid not in ids:
+            ids.append(bid)
+    return np.array(ids[:n], dtype=np.int64)

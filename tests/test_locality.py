@@ -1,0 +1,270 @@
+"""Locality (speed mode): probing finds exactly the blocks a model can reach, cropping changes no sample beyond
+round-off, models that are not local are detected and run whole, and many ROIs share one set of forwards."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cem_fast
+from cem_fast.locality import plan_locality
+from cem_fast.geometry import ROI, BlockGrid
+from cem_fast.patches import PatchBank
+
+
+class ConvStack(torch.nn.Module):
+    """``n`` same-padded 3x3 convs with ``dilation``: receptive-field radius ``n * dilation`` px."""
+
+    def __init__(self, n=2, dilation=1, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(3, 3, 3, padding=dilation, dilation=dilation) for _ in range(n))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x):
+        y = x
+        for c in self.convs:
+            y = torch.tanh(c(y))
+        return x + 0.5 * y
+
+
+class GlobalMean(torch.nn.Module):
+    """A global path: every output pixel depends on the image mean (like channel attention)."""
+
+    def forward(self, x):
+        return 0.8 * x + 0.2 * x.mean(dim=(2, 3), keepdim=True)
+
+
+class HidesNaN(torch.nn.Module):
+    def forward(self, x):
+        return torch.nan_to_num(x * 0.9, nan=0.5)
+
+
+class FixedSize(torch.nn.Module):
+    def forward(self, x):
+        if x.shape[-2:] != (40, 48):
+            raise RuntimeError("this model only takes 40x48 inputs")
+        return x * 0.9
+
+
+class FarCorner(torch.nn.Module):
+    """Local plus one far region: every pixel also depends on the top-left 4x4 corner."""
+
+    def forward(self, x):
+        return x * 0.9 + 0.1 * x[..., :4, :4].mean(dim=(2, 3), keepdim=True)
+
+
+class Mirror(torch.nn.Module):
+    """Depends on the mirrored position: on a crop it reads other pixels than on the whole image."""
+
+    def forward(self, x):
+        return x * 0.9 + 0.1 * x.flip(-1)
+
+
+def reach_from_radius(grid: BlockGrid, roi: ROI, radius_in_px: int) -> np.ndarray:
+    """Blocks whose input pixels lie within ``radius`` (input px) of the ROI's input footprint."""
+    s = grid.scale
+    y0, y1 = roi.y // s - radius_in_px, (roi.y + roi.height - 1) // s + radius_in_px
+    x0, x1 = roi.x // s - radius_in_px, (roi.x + roi.width - 1) // s + radius_in_px
+    want = np.zeros((grid.rows, grid.cols), bool)
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            by0, bx0 = r * grid.in_block, c * grid.in_block
+            by1, bx1 = min(by0 + grid.in_block, grid.in_h) - 1, min(bx0 + grid.in_block, grid.in_w) - 1
+            want[r, c] = by1 >= y0 and by0 <= y1 and bx1 >= x0 and bx0 <= x1
+    return want
+
+
+def probe(model, shape, block, rois, scale=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (3,) + shape, generator=g).float() / 255
+    grid = BlockGrid(shape[0] * scale, shape[1] * scale, block, scale)
+    with torch.inference_mode():
+        return plan_locality(model, base, grid, [ROI.parse(r) for r in rois], batch_size=16), grid
+
+
+@pytest.mark.parametrize("n,dilation,block,roi", [
+    (2, 1, 8, (5, 9, 6, 10)),        # radius 2
+    (3, 4, 4, (40, 44, 8, 8)),       # radius 12 > the first window's 8-px margin: the window must grow
+    (2, 1, 8, (0, 0, 8, 8)),         # ROI on the top-left border
+    (2, 3, 8, (64, 88, 16, 8)),      # ROI on the bottom-right border
+])
+def test_probe_finds_exactly_the_blocks_within_the_receptive_field(n, dilation, block, roi):
+    plan, grid = probe(ConvStack(n, dilation), (80, 96), block, [roi])
+    want = reach_from_radius(grid, ROI.parse(roi), n * dilation)
+    assert plan.active and np.array_equal(plan.reach[0], want), plan.info
+    if dilation == 4:
+        assert plan.info["probe_rounds"] >= 2
+    # the crop is the bounding box of the reachable blocks, in input pixels
+    r, c = np.nonzero(want)
+    w = plan.window
+    assert (w.y, w.x) == (r.min() * grid.in_block, c.min() * grid.in_block)
+    assert w.y + w.h == min((r.max() + 1) * grid.in_block, grid.in_h)
+
+
+def test_probe_cost_follows_the_receptive_field_not_the_image():
+    small, _ = probe(ConvStack(2), (64, 64), 8, [(24, 24, 8)])
+    large, _ = probe(ConvStack(2), (512, 512), 8, [(240, 240, 8)])
+    assert large.info["probe_forwards"] <= small.info["probe_forwards"] + 4
+    assert large.info["probe_window"][2] <= 64
+
+
+@pytest.mark.parametrize("model,reason", [
+    (GlobalMean(), "every block reaches the ROI"),
+    (HidesNaN(), "hides NaN"),
+    (FixedSize(), "failed on a crop"),
+    (Mirror(), "not a rectangle"),
+])
+def test_models_that_are_not_local_run_whole_and_say_why(model, reason):
+    plan, grid = probe(model, (40, 48), 8, [(16, 24, 8)])
+    assert not plan.active and plan.reach.all() and plan.window is None
+    assert reason in plan.info["reason"]
+
+
+def test_a_far_dependency_is_found_and_kept():
+    plan, grid = probe(FarCorner(), (40, 96), 8, [(16, 40, 8)])
+    want = np.zeros((5, 12), bool)
+    want[np.ix_([0, 2], [0, 5])] = True  # the corner block and the ROI's own block (rows x columns)
+    assert plan.active and np.array_equal(plan.reach[0], want)
+    assert plan.window.as_list() == [0, 0, 24, 48]
+
+
+@pytest.fixture
+def bank(rng):
+    return PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
+
+
+@pytest.fixture
+def image(rng):
+    return rng.randint(0, 256, (48, 64, 3)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("task,model,opts", [
+    ("DN", ConvStack(2), dict(sigma=30)),
+    ("DR", ConvStack(2, 2), dict(rain_seed=3)),
+    ("SR", "bicubic", dict(scale=4)),
+])
+def test_speed_mode_equals_exact_mode(task, model, opts, image, bank):
+    args = dict(task=task, roi=(16, 24, 16), block=8, coarse=2, fine=3, tol=0.0, patches=bank, seed=5, **opts)
+    exact = cem_fast.causal_effect_map(model, image, locality="off", **args)
+    fast = cem_fast.causal_effect_map(model, image, locality="auto", **args)
+    loc = fast.extra["locality"]
+    assert loc["active"] and loc["skipped_blocks"] > 0 and fast.num_forwards < exact.num_forwards
+    reach = fast.reachable
+    assert fast.psnr_origin == pytest.approx(exact.psnr_origin, abs=1e-4)
+    # reachable blocks: the same draws, so the same samples (to the round-off of a different input size)
+    np.testing.assert_allclose(fast.samples_coarse[reach], exact.samples_coarse[reach], atol=1e-3)
+    # unreachable blocks: exact mode measures no effect at all; speed mode writes Y(I) without running them
+    np.testing.assert_allclose(exact.samples_coarse[~reach], exact.psnr_origin, atol=1e-9)
+    assert np.all(fast.cem[~reach] == 0) and np.all(exact.cem[~reach] == 0)
+    np.testing.assert_allclose(fast.cem, exact.cem, atol=1e-3)
+
+
+def test_many_rois_share_the_forwards_and_equal_single_runs(image, bank):
+    rois = [(8, 8, 8), (16, 24, 16), (32, 48, 8, 16)]
+    args = dict(task="DN", sigma=30, block=8, coarse=2, fine=3, patches=bank, seed=2, locality="off")
+    multi = cem_fast.causal_effect_maps(ConvStack(2), image, rois=rois, **args)
+    assert len(multi) == 3 and multi[0].num_forwards == multi[2].num_forwards
+    singles = [cem_fast.causal_effect_map(ConvStack(2), image, roi=r, **args) for r in rois]
+    assert multi[0].num_forwards < sum(s.num_forwards for s in singles)
+    for m, s in zip(multi, singles):
+        assert m.roi == s.roi
+        assert m.psnr_origin == pytest.approx(s.psnr_origin, abs=1e-9)
+        np.testing.assert_allclose(m.samples_coarse, s.samples_coarse, atol=1e-4)
+        assert np.array_equal(m.gated, s.gated)
+        np.testing.assert_allclose(m.cem, s.cem, atol=1e-4)
+
+
+def test_many_rois_with_locality_equal_single_runs(image, bank):
+    rois = [(8, 8, 8), (32, 48, 8, 16)]
+    args = dict(task="DN", sigma=30, block=8, coarse=2, fine=3, patches=bank, seed=2)
+    multi = cem_fast.causal_effect_maps(ConvStack(2), image, rois=rois, **args)
+    for m, r in zip(multi, rois):
+        s = cem_fast.causal_effect_map(ConvStack(2), image, roi=r, **args)
+        assert np.array_equal(m.reachable, s.reachable)
+        np.testing.assert_allclose(m.cem, s.cem, atol=1e-3)
+
+
+def test_roi_grid_gives_every_tile(image, bank):
+    res = cem_fast.causal_effect_maps(ConvStack(2), image, roi_grid=16, task="DN", coarse=1, fine=0,
+                                      patches=bank)
+    assert [r.roi.as_tuple() for r in res] == [(y, x, 16, 16) for y in (0, 16, 32) for x in (0, 16, 32, 48)]
+    assert res.summary()["rois"][5]["roi"] == {"y": 16, "x": 16, "height": 16, "width": 16}
+
+
+def test_multi_roi_results_save_folders_index_and_sheet(image, bank, tmp_path):
+    res = cem_fast.causal_effect_maps(ConvStack(2), image, rois=[(8, 8, 8), (16, 24, 16)], task="DN", coarse=1,
+                                      fine=2, patches=bank)
+    res.save(tmp_path)
+    import json
+    idx = json.loads((tmp_path / "rois.json").read_text())
+    assert [e["folder"] for e in idx["rois"]] == ["roi_000_y8_x8_8x8", "roi_001_y16_x24_16x16"]
+    assert (tmp_path / "maps.png").is_file() and (tmp_path / "roi_001_y16_x24_16x16" / "cem.png").is_file()
+    assert idx["locality"]["mode"] == "auto"
+
+
+def test_large_input_runs_without_a_full_size_forward(bank):
+    """1088x1088 (above the full-forward limit): probe, crop and verification on the probe window; the samples
+    of a block equal a direct full-image computation."""
+    rng = np.random.RandomState(7)
+    img = rng.randint(0, 256, (1088, 1088, 3)).astype(np.uint8)
+    calls = []
+
+    class Recording(ConvStack):
+        def forward(self, x):
+            calls.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    model = Recording(2)
+    roi = (520, 560, 16)
+    res = cem_fast.causal_effect_map(model, img, task="identity", roi=roi, coarse=2, fine=0, patches=bank, seed=1)
+    loc = res.extra["locality"]
+    assert loc["active"] and loc["verified_against"].startswith("probe window")
+    assert max(h * w for h, w in calls) < 200 * 200  # never the full 1088x1088 input
+    assert res.reachable.sum() == 16 and res.output.shape == (3, 1088, 1088)
+    # one block, recomputed by hand on the whole image
+    r, c = 66, 71
+    assert res.reachable[r, c]
+    block = r * res.cem.shape[1] + c
+    ids = torch.tensor([block * (1 << 20)])
+    p = cem_fast.rng.patch_draws(1, ids, len(bank))[0]
+    x = torch.from_numpy(img).permute(2, 0, 1).float().clone()
+    x[:, r * 8:r * 8 + 8, c * 8:c * 8 + 8] = bank.patches[p].float()
+    with torch.inference_mode():
+        out = ConvStack(2)(x[None, :, 480:620, 520:660] / 255)[0]  # a window holding the receptive field
+    q = torch.round(out.clamp(0, 1) * 255)[:, 40:56, 40:56].double()
+    mse = ((q - torch.from_numpy(img[520:536, 560:576]).permute(2, 0, 1).double()) ** 2).mean()
+    assert res.samples_coarse[r, c, 0] == pytest.approx(10 * math.log10(255 ** 2 / float(mse)), abs=1e-6)
+
+
+def test_reduced_precision_is_checked_against_fp32(image, bank):
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    res = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", sigma=30, roi=(16, 24, 16), coarse=2,
+                                     fine=3, patches=bank, precision="bf16")
+    chk = res.extra["precision_check"]
+    assert res.extra["precision"] == "bf16" and chk["blocks_checked"] > 0
+    assert 0 < chk["max_abs_delta_ce_db"] < 1.0  # bf16 moves the map a little, not a lot
+    assert abs(chk["psnr_origin_fp32"][0] - res.psnr_origin) == pytest.approx(chk["psnr_origin_delta_db"],
+                                                                                abs=1e-5)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags
+    fp32 = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", sigma=30, roi=(16, 24, 16), coarse=2,
+                                      fine=3, patches=bank)
+    assert "precision_check" not in fp32.extra
+
+
+def test_auto_batch_size_is_remembered_per_model_and_shape(image, bank):
+    from cem_fast import estimator
+    model = ConvStack(2)
+    args = dict(task="DN", roi=(16, 24, 16), coarse=1, fine=0, patches=bank, locality="off")
+    first = cem_fast.causal_effect_map(model, image, **args)
+    assert first.extra["batch_size"] == "auto"
+    assert first.extra["final_batch_size"] == min(256, estimator.CPU_BATCH_PIXELS // (48 * 64))
+    key = ((3, 48, 64), "fp32", "cpu")
+    estimator.remember_batch_size(model, key, 7)
+    again = cem_fast.causal_effect_map(model, image, **args)
+    assert again.extra["final_batch_size"] == 7
+    other = cem_fast.causal_effect_map(ConvStack(2), image, **args)  # another model: not remembered
+    assert other.extra["final_batch_size"] == first.extra["final_batch_size"]
