@@ -102,7 +102,7 @@ def test_exact_flag_turns_locality_off(sr_config, tmp_path):
     assert p.returncode == 0, p.stderr
     s = json.loads((out / "bicubic_x4" / "img_7" / "summary.json").read_text())
     assert s["locality"]["mode"] == "off" and not s["locality"]["active"] and s["precision"] == "fp32"
-    assert s["num_forwards"] == 1 + 64 * 2 + 2 * s["stats"]["gated"]
+    assert s["num_forwards"] == 1 + 64 * 3 + 2 * s["stats"]["gated"]
 
 
 def test_unknown_key_suggests_the_closest(sr_config, tmp_path):
