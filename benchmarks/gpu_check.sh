@@ -21,13 +21,8 @@ echo "== tests (backends, golden incl. the GPU golden)"
 echo "== benchmarks"
 "$PY" -m pytest -q benchmarks/test_bench_ops.py --benchmark-only --benchmark-json="$DEST/bench_ops.json" \
   > "$DEST/bench_ops.txt" 2>&1
-"$PY" - "$DEST/bench_ops.json" <<'PYEOF' | tee "$DEST/summary.md"
-import json, sys
-d = json.load(open(sys.argv[1]))
-print("| group | backend | median ms | interventions/s | GB/s |")
-print("|---|---|---|---|---|")
-for b in d["benchmarks"]:
-    e = b.get("extra_info", {})
-    print(f"| {b['group']} | {b['param'] if 'param' in b else b['name']} | {b['stats']['median'] * 1e3:.3f} | "
-          f"{e.get('interventions_per_s', 0):.0f} | {e.get('effective_GBps', 0):.2f} |")
-PYEOF
+echo "== whole CEMs (exact / speed / large images / many ROIs)"
+"$PY" -m pytest -q benchmarks/test_bench_cem.py --benchmark-only --benchmark-json="$DEST/bench_cem.json" \
+  > "$DEST/bench_cem.txt" 2>&1
+tail -3 "$DEST/bench_cem.txt"
+"$PY" benchmarks/summarize.py "$DEST"/bench_*.json | tee "$DEST/summary.md"

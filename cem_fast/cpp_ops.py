@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .geometry import ROI
+from .geometry import ROI, rois_table
 from .reference import intervene_buffers, noise_sigma_units
 
 try:
@@ -48,3 +48,7 @@ def intervene_cpp(base, patches, patch_idx, origins, sizes, **kwargs):
 
 def roi_sq_err_cpp(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> torch.Tensor:
     return _C.roi_sq_err_cpu(outputs, target, roi.y, roi.x)
+
+
+def roi_sq_err_multi_cpp(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]") -> torch.Tensor:
+    return _C.roi_sq_err_multi_cpu(outputs, target, rois_table(rois, outputs.shape[2], outputs.shape[3], "cpu"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import cpp_ops
-from .geometry import ROI
+from .geometry import ROI, rois_table
 
 
 def cuda_reasons(device: torch.device) -> list[str]:
@@ -25,3 +25,8 @@ def intervene_cuda(base, patches, patch_idx, origins, sizes, **kwargs):
 
 def roi_sq_err_cuda(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> torch.Tensor:
     return cpp_ops._C.roi_sq_err_cuda(outputs, target, roi.y, roi.x)
+
+
+def roi_sq_err_multi_cuda(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]") -> torch.Tensor:
+    table = rois_table(rois, outputs.shape[2], outputs.shape[3], outputs.device)  # bounds checked here
+    return cpp_ops._C.roi_sq_err_multi_cuda(outputs, target, table)

@@ -135,3 +135,20 @@ class BlockGrid:
         mask = torch.zeros(self.rows, self.cols, dtype=torch.bool)
         mask[r0:r1 + 1, c0:c1 + 1] = True
         return mask
+
+
+_TABLES: dict = {}
+
+
+def rois_table(rois: Sequence[ROI], out_h: int, out_w: int, device: torch.device) -> torch.Tensor:
+    """(n, 4) int64 ``(y, x, h, w)`` of ROIs inside ``out_h x out_w`` on ``device``, for the fused multi-ROI kernels;
+    cached per ROI list and device, so a run does not copy it to the device once per batch."""
+    for r in rois:
+        r.check_inside(out_h, out_w)
+    key = (tuple(r.as_tuple() for r in rois), str(device))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        table = _TABLES[key] = torch.tensor([r.as_tuple() for r in rois], dtype=torch.int64, device=device)
+    return table

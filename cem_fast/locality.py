@@ -30,7 +30,7 @@ import torch
 
 from .geometry import ROI, BlockGrid
 
-INITIAL_MARGIN_BLOCKS = 2
+INITIAL_MARGIN_BLOCKS = 4  # 32 px at 8-px blocks: most CNNs need one probe round
 PROBE_MAX_INPUT_PX = 2048 * 2048  # beyond this the probe gives up: the ROI depends on most of a huge input
 # Largest |ROI output (crop) - ROI output (reference)| accepted, in [0, 1] output units, per precision.
 VERIFY_TOL = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
@@ -136,18 +136,21 @@ class _NoLocality(Exception):
 
 
 def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: Sequence[ROI], *,
-                  batch_size: int, precision: str = "fp32", full_reference: bool = True,
+                  batch_size: int, precision: str = "fp32", full_output: Optional[torch.Tensor] = None,
                   interventions: Optional[Callable[[np.ndarray, Window], torch.Tensor]] = None,
-                  verify_blocks: int = 4) -> LocalityPlan:
+                  verify_blocks: int = 2) -> LocalityPlan:
     """Probe and verify (module docstring). ``forward`` runs the model on (N, C, h, w) input crops;
     ``interventions(block_ids, window)`` returns intervened crops of ``window`` for verification;
-    ``full_reference``: verify against the full input (else against the probe window)."""
+    ``full_output``: the model's output on the whole input, when it was affordable: verification is then against
+    the whole input (else against the probe window)."""
+    full_reference = full_output is not None
     t0 = time.perf_counter()
     rois = list(rois)
     prober = _Prober(forward, base, grid, rois, batch_size)
     try:
         with torch.inference_mode():
-            plan = _probe_and_verify(prober, grid, rois, precision, full_reference, interventions, verify_blocks)
+            plan = _probe_and_verify(prober, grid, rois, precision, full_reference, interventions, verify_blocks,
+                                     full_output)
     except _NoLocality as e:
         plan = LocalityPlan.off(len(rois), grid, "auto", str(e))
     except Exception as e:  # a model that cannot run on crops: run it whole
@@ -158,7 +161,7 @@ def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: S
 
 
 def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, full_reference, interventions,
-                      verify_blocks) -> LocalityPlan:
+                      verify_blocks, full_output) -> LocalityPlan:
     b = grid.block
     ra, rb = min(r.y // b for r in rois), max((r.y + r.height - 1) // b for r in rois)
     ca, cb = min(r.x // b for r in rois), max((r.x + r.width - 1) // b for r in rois)
@@ -195,7 +198,8 @@ def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, full_re
     reference = whole if full_reference else win
     info = {"mode": "auto", "probe_rounds": rounds, "probe_window": win.as_list(),
             "verified_against": "full input" if reference == whole else f"probe window {win.as_list()}"}
-    max_err = _verify(prober, grid, rois, reach, crop, reference, interventions, verify_blocks, precision)
+    max_err = _verify(prober, grid, rois, reach, crop, reference, interventions, verify_blocks, precision,
+                      full_output if reference == whole else None)
     skipped = int((~reach.any(0)).sum())
     is_crop = crop != whole
     info.update(active=bool(skipped or is_crop), reason="verified" if (skipped or is_crop)
@@ -207,7 +211,7 @@ def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, full_re
 
 
 def _verify(prober: _Prober, grid, rois, reach, crop: Window, reference: Window, interventions, verify_blocks,
-            precision) -> float:
+            precision, reference_output: Optional[torch.Tensor]) -> float:
     g = grid
     s = g.scale
     base_ref = reference.crop(prober.base)
@@ -229,19 +233,21 @@ def _verify(prober: _Prober, grid, rois, reach, crop: Window, reference: Window,
     if crop == reference:
         return 0.0
     # (b) the crop reproduces the reference's ROI values: unintervened and a few interventions.
-    pairs = [(base_ref.unsqueeze(0), crop.crop(prober.base).unsqueeze(0))]
+    pairs = [(base_ref.unsqueeze(0), crop.crop(prober.base).unsqueeze(0), reference_output)]
     if interventions is not None and verify_blocks > 0:
         ids = _verification_blocks(reach.any(0), verify_blocks, g.cols)
-        pairs.append((interventions(ids, reference), interventions(ids, crop)))
+        pairs.append((interventions(ids, reference), interventions(ids, crop), None))
     err = 0.0
-    for full_in, crop_in in pairs:
-        prober.forwards += 2 * full_in.shape[0]
-        a = torch.cat(_forward_batched(prober.forward, full_in, prober.batch_size))
+    for full_in, crop_in, known in pairs:
+        if known is None:
+            prober.forwards += full_in.shape[0]
+            known = torch.cat(_forward_batched(prober.forward, full_in, prober.batch_size))
+        prober.forwards += crop_in.shape[0]
         c = torch.cat(_forward_batched(prober.forward, crop_in, prober.batch_size))
         for r in rois:
             ay, ax = r.y - reference.y * s, r.x - reference.x * s
             cy, cx = r.y - crop.y * s, r.x - crop.x * s
-            da = a[:, :, ay:ay + r.height, ax:ax + r.width].float()
+            da = known[:, :, ay:ay + r.height, ax:ax + r.width].float()
             dc = c[:, :, cy:cy + r.height, cx:cx + r.width].float()
             err = max(err, float((da - dc).abs().max()))
     if not err <= VERIFY_TOL[precision]:

@@ -27,9 +27,12 @@ _REGISTRY: dict[str, tuple[Callable[[torch.device], list[str]], dict[str, Callab
     "torch": (_torch_reasons, {"intervene": reference.intervene_ref, "roi_sq_err": reference.roi_sq_err_ref,
                                "roi_sq_err_multi": reference.roi_sq_err_multi_ref}),
     "triton": (triton_ops.triton_reasons, {"intervene": triton_ops.intervene_triton,
-                                           "roi_sq_err": triton_ops.roi_sq_err_triton}),
-    "cuda": (cuda_ops.cuda_reasons, {"intervene": cuda_ops.intervene_cuda, "roi_sq_err": cuda_ops.roi_sq_err_cuda}),
-    "cpp": (cpp_ops.cpp_reasons, {"intervene": cpp_ops.intervene_cpp, "roi_sq_err": cpp_ops.roi_sq_err_cpp}),
+                                           "roi_sq_err": triton_ops.roi_sq_err_triton,
+                                           "roi_sq_err_multi": triton_ops.roi_sq_err_multi_triton}),
+    "cuda": (cuda_ops.cuda_reasons, {"intervene": cuda_ops.intervene_cuda, "roi_sq_err": cuda_ops.roi_sq_err_cuda,
+                                     "roi_sq_err_multi": cuda_ops.roi_sq_err_multi_cuda}),
+    "cpp": (cpp_ops.cpp_reasons, {"intervene": cpp_ops.intervene_cpp, "roi_sq_err": cpp_ops.roi_sq_err_cpp,
+                                  "roi_sq_err_multi": cpp_ops.roi_sq_err_multi_cpp}),
 }
 
 

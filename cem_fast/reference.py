@@ -154,12 +154,20 @@ def roi_sq_err_multi_ref(outputs: torch.Tensor, target: torch.Tensor, rois: "lis
     sq = (quantize_output(outputs[:, :, y0:y1, x0:x1]).double()
           - target[:, y0:y1, x0:x1].double().unsqueeze(0)) ** 2
     per_pixel = sq.sum(1)  # (K, y1 - y0, x1 - x0)
-    # summed-area table: each ROI's sum is four lookups, whatever the number and overlap of the ROIs
-    sat = torch.nn.functional.pad(per_pixel.cumsum(1).cumsum(2), (1, 0, 1, 0))
+    # NaN would spread through the table to ROIs that do not hold it: count NaN pixels in a table of their own
+    nan_pixels = torch.isnan(per_pixel)
+    per_pixel = per_pixel.masked_fill(nan_pixels, 0.0)
+
+    def table(v):  # summed-area table: each ROI's sum is four lookups, whatever the number and overlap of ROIs
+        return torch.nn.functional.pad(v.cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+    sat, nan_sat = table(per_pixel), table(nan_pixels.double())
     cols = []
     for r in rois:
         a, b, c, d = r.y - y0, r.y + r.height - y0, r.x - x0, r.x + r.width - x0
-        cols.append(sat[:, b, d] - sat[:, a, d] - sat[:, b, c] + sat[:, a, c])
+        total = sat[:, b, d] - sat[:, a, d] - sat[:, b, c] + sat[:, a, c]
+        nans = nan_sat[:, b, d] - nan_sat[:, a, d] - nan_sat[:, b, c] + nan_sat[:, a, c]
+        cols.append(torch.where(nans > 0, torch.full_like(total, float("nan")), total))
     return torch.stack(cols, 1)
 
 

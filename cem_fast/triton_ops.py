@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .geometry import ROI
+from .geometry import ROI, rois_table
 from .reference import intervene_buffers, noise_sigma_units
 
 try:
@@ -72,6 +72,21 @@ def roi_sq_err_triton(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> 
     t = target.to(torch.int32).contiguous()
     block = min(1024, triton.next_power_of_2(C * roi.height * roi.width))
     kwargs = {} if interpreting() else {"enable_fp_fusion": False}
-    _roi_sq_err_kernel[(K,)](res, outputs, t, roi.y, roi.x, roi.height, roi.width, C, *outputs.stride(),
-                             BLOCK=block, **kwargs)
+    _roi_sq_err_kernel[(K, 1)](res, outputs, t, roi.y, roi.x, roi.height, roi.width, C, *outputs.stride(),
+                               t, 1, roi.height, roi.width, BLOCK=block, MULTI=False, **kwargs)
+    return res
+
+
+def roi_sq_err_multi_triton(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]") -> torch.Tensor:
+    K, C, H, W = outputs.shape
+    n = len(rois)
+    res = torch.empty(K, n, dtype=torch.float64, device=outputs.device)
+    if K == 0 or n == 0:
+        return res
+    table = rois_table(rois, H, W, outputs.device)
+    t = target.to(torch.int32).contiguous()
+    block = min(1024, triton.next_power_of_2(max(C * r.height * r.width for r in rois)))
+    kwargs = {} if interpreting() else {"enable_fp_fusion": False}
+    _roi_sq_err_kernel[(K, n)](res, outputs, t, 0, 0, 1, 1, C, *outputs.stride(), table, n, t.shape[1], t.shape[2],
+                               BLOCK=block, MULTI=True, **kwargs)
     return res

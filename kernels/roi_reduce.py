@@ -1,17 +1,29 @@
-"""ROI squared error in Triton: one program per intervention, reading only the ROI.
+"""ROI squared error in Triton: one program per (intervention, ROI), reading only the ROI.
 
-out[k] = sum over (c, i, j) in the ROI of (round(clamp(x, 0, 1) * 255) - target)^2, accumulated as integers (exact);
-NaN anywhere in the ROI makes out[k] NaN. Launched with enable_fp_fusion=False so x * 255 is rounded before the
-round-half-even (a fused multiply-add would round once, unlike the torch reference).
+out[k, r] = sum over (c, i, j) in ROI r of (round(clamp(x, 0, 1) * 255) - target)^2, accumulated as integers
+(exact); NaN anywhere in the ROI makes it NaN. One ROI (MULTI=False): the ROI is (y0, x0, rh, rw) and the target is
+the ROI itself; many (MULTI=True): ROI r is rois_ptr[4r:4r+4] and the target is the whole (C, TH, TW) output.
+Launched with enable_fp_fusion=False so x * 255 is rounded before the round-half-even (a fused multiply-add would
+round once, unlike the torch reference).
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C, s_k, s_c, s_h, s_w,
-                       BLOCK: tl.constexpr):
+def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C, s_k, s_c, s_h, s_w, rois_ptr, n_rois, TH, TW,
+                       BLOCK: tl.constexpr, MULTI: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1).to(tl.int64)
+    ty = 0
+    tx = 0
+    if MULTI:
+        y0 = tl.load(rois_ptr + 4 * r)
+        x0 = tl.load(rois_ptr + 4 * r + 1)
+        rh = tl.load(rois_ptr + 4 * r + 2)
+        rw = tl.load(rois_ptr + 4 * r + 3)
+        ty = y0
+        tx = x0
     n = C * rh * rw
     acc = tl.zeros([BLOCK], dtype=tl.int64)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
@@ -28,9 +40,9 @@ def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C, s_k, s_c, s_h, 
         v = tl.where(v > 1.0, 1.0, tl.where(v < 0.0, 0.0, v))
         s = v * 255.0
         q = ((s + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even via the FPU's default rounding
-        t = tl.load(t_ptr + e, mask=m, other=0).to(tl.int32)
+        t = tl.load(t_ptr + (c * TH + ty + i) * TW + tx + j, mask=m, other=0).to(tl.int32)
         d = tl.where(m, q - t, 0)
         acc += (d * d).to(tl.int64)
     total = tl.sum(acc, axis=0).to(tl.float64)
     has_nan = tl.max(nan, axis=0)
-    tl.store(out_ptr + k, tl.where(has_nan > 0, float("nan"), total))
+    tl.store(out_ptr + k * n_rois + r, tl.where(has_nan > 0, float("nan"), total))

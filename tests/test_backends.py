@@ -104,6 +104,41 @@ def test_roi_sq_err_equals_the_reference(backend, layout, dtype):
     assert torch.equal(got[1:], want[1:]), (got - want).abs().max()
 
 
+def multi_roi_case(dtype, layout, small):
+    g = torch.Generator().manual_seed(7)
+    K, H, W = (3, 12, 10) if small else (7, 30, 26)
+    out = (torch.rand(K, 3, H, W, generator=g) * 1.4 - 0.2).to(dtype)
+    out[1, 2, H - 1, 3] = float("nan")  # in the bottom row: only the ROIs holding it become NaN
+    if layout == "channels_last":
+        out = out.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        big = torch.zeros(K, 3, H, 2 * W, dtype=dtype)
+        big[..., ::2] = out
+        out = big[..., ::2]
+    target = torch.randint(0, 256, (3, H, W), generator=g, dtype=torch.uint8)
+    tile = 4 if small else 8
+    rois = cem_fast.roi_grid(H, W, tile) + [ROI(1, 2, H - 3, 5), ROI(0, 0, H, W), ROI(H - 1, W - 1, 1, 1)]
+    return out, target, rois
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_roi_sq_err_multi_equals_one_roi_at_a_time(backend, layout, dtype):
+    backend_or_skip(backend)
+    out, target, rois = multi_roi_case(dtype, layout, small=backend == "triton" and not torch.cuda.is_available())
+    got = ops.roi_sq_err_multi(out, target, rois, backend=backend)
+    assert got.shape == (out.shape[0], len(rois)) and got.dtype == torch.float64
+    for i, r in enumerate(rois):
+        ys, xs = r.slices()
+        want = roi_sq_err_ref(out, target[:, ys, xs], r)
+        assert torch.equal(torch.isnan(got[:, i]), torch.isnan(want)), r
+        assert torch.equal(got[:, i].nan_to_num(-1), want.nan_to_num(-1)), r
+    ref = ops.roi_sq_err_multi(out, target, rois, backend="torch")  # the summed-area-table reference
+    assert torch.equal(got.nan_to_num(-1), ref.nan_to_num(-1))
+    assert torch.isnan(got[1]).any() and not torch.isnan(got[1]).all() and not torch.isnan(got[0]).any()
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("task", ["DN", "DR", "SR"])
 def test_whole_cem_is_identical_across_backends(backend, task, rng):
@@ -147,3 +182,7 @@ def test_gpu_backends_equal_the_reference(backend, dtype):
     roi = ROI(20, 17, 32, 32)
     target = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8).cuda()
     assert torch.equal(ops.roi_sq_err(outputs, target, roi, backend=backend), roi_sq_err_ref(outputs, target, roi))
+    full = torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8).cuda()
+    rois = cem_fast.roi_grid(64, 64, 16) + [ROI(3, 5, 40, 21)]
+    assert torch.equal(ops.roi_sq_err_multi(outputs, full, rois, backend=backend),
+                       ops.roi_sq_err_multi(outputs, full, rois, backend="torch"))

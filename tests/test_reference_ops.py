@@ -198,15 +198,25 @@ def test_gt_free_form_measures_the_change_of_the_output():
     assert got[1, 0] > 0 and got[1, 1] == 0 and got[2, 0] == 0 and got[2, 1] > 0
 
 
-def test_multi_roi_op_falls_back_to_torch_where_no_kernel_exists():
+def test_multi_roi_op_dispatches_per_op():
     import cem_fast
     out = torch.rand(2, 3, 16, 16)
     gt = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     got = cem_fast.roi_sq_err_multi(out, gt, cem_fast.roi_grid(16, 16, 8))
     assert got.shape == (2, 4)
-    assert ops.resolve_backend("auto", torch.device("cpu"), "roi_sq_err_multi") == "torch"
-    with pytest.raises(RuntimeError, match="has no roi_sq_err_multi kernel yet"):
-        ops.resolve_backend("cpp", torch.device("cpu"), "roi_sq_err_multi")
+    assert ops.resolve_backend("auto", torch.device("cpu"), "roi_sq_err_multi") == \
+        ops.resolve_backend("auto", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="has no no_such_op kernel yet"):
+        ops.resolve_backend("torch", torch.device("cpu"), "no_such_op")
+
+
+def test_multi_roi_nan_stays_in_the_rois_that_hold_it():
+    from cem_fast.reference import roi_sq_err_multi_ref
+    out = torch.rand(2, 3, 16, 16)
+    out[0, 0, 2, 2] = float("nan")
+    gt = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    got = roi_sq_err_multi_ref(out, gt, [ROI(0, 0, 8, 8), ROI(8, 8, 8, 8), ROI(0, 8, 8, 8)])
+    assert torch.isnan(got[0, 0]) and not torch.isnan(got[0, 1:]).any() and not torch.isnan(got[1]).any()
 
 
 def test_quantisation_rounds_x255_in_float32():

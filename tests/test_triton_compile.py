@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent('''
                  "pb": "i32", "s_ok": "i64", "s_oc": "i64", "s_oh": "i64", "s_ow": "i64", "NOISY": "constexpr",
                  "RAINY": "constexpr", "BLOCK_W": "constexpr"}
     ROI = {"out_ptr": "*fp64", "x_ptr": "*fp32", "t_ptr": "*i32", "y0": "i32", "x0": "i32", "rh": "i32",
-           "rw": "i32", "C": "i32", "s_k": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "BLOCK": "constexpr"}
+           "rw": "i32", "C": "i32", "s_k": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "rois_ptr": "*i64",
+           "n_rois": "i32", "TH": "i32", "TW": "i32", "BLOCK": "constexpr", "MULTI": "constexpr"}
 
     def compile_sm90(fn, sig, constexprs, **options):
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
@@ -35,8 +36,10 @@ SCRIPT = textwrap.dedent('''
                              {"NOISY": noisy, "RAINY": rainy, "BLOCK_W": 256})
             report[f"intervene {out} noisy={noisy} rainy={rainy}"] = {"cubin": "cubin" in k.asm, "fma": False}
     for x in ("*fp32", "*fp16", "*bf16"):
-        k = compile_sm90(_roi_sq_err_kernel, dict(ROI, x_ptr=x), {"BLOCK": 1024}, enable_fp_fusion=False)
-        report[f"roi {x}"] = {"cubin": "cubin" in k.asm, "fma": "fma.rn.f32" in k.asm["ptx"]}
+        for multi in (False, True):
+            k = compile_sm90(_roi_sq_err_kernel, dict(ROI, x_ptr=x), {"BLOCK": 1024, "MULTI": multi},
+                             enable_fp_fusion=False)
+            report[f"roi {x} multi={multi}"] = {"cubin": "cubin" in k.asm, "fma": "fma.rn.f32" in k.asm["ptx"]}
     print(json.dumps(report))
 ''')
 
@@ -46,7 +49,7 @@ def test_every_triton_kernel_compiles_for_sm90():
     p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(report) == 12
+    assert len(report) == 15
     for name, r in report.items():
         assert r["cubin"], f"{name}: no cubin"
         # the ROI kernel must round x * 255 before the round-half-even step, like the reference: no FMA

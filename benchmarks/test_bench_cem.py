@@ -1,0 +1,253 @@
+"""Whole CEMs (issue 6), each group measured as ratios against a baseline row of the same run.
+
+Groups (``SIZE``: ``full`` by default; ``CEM_FAST_BENCH_SIZE=ci`` shrinks every case so that CI runs them all in
+about a minute; on a GPU the full sizes are those of PRODUCT.md):
+
+* ``DN demo``: the model-forward floor (the model alone on as many inputs as the exact run used, same batch),
+  the exact mode (locality off, fp32) and the speed mode (locality auto, fp32; Pearson r against the golden map).
+* ``DN speed vs image size``: the speed-mode CEM of the same ROI on the demo image and on the demo tiled to
+  2048x2048 (and 8192x8192 on a GPU).
+* ``many ROIs``: every 32-px ROI against one ROI, same sampling (exhaustive, 3 draws: the forwards are shared).
+* ``plain loop``: on the CPU, a plain per-intervention loop with the reference's structure (one intervention at a
+  time, the whole output to the host, PSNR there) against the pipeline, for bicubic SR (demo_2) and DnCNN (a
+  96x96 crop), same draws.
+"""
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cem_fast
+from cem_fast import rng
+from cem_fast.estimator import DRAW_STRIDE, _effects
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIZE = os.environ.get("CEM_FAST_BENCH_SIZE", "full")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DNCNN = str(SHARED / "models" / "dncnn_color_blind.pth")
+BANK = SHARED / "patches" / "div2k-8"
+ROWS: dict = {}  # numbers shared between the rows of a group (same process, same run)
+
+
+def demo2() -> np.ndarray:
+    return np.asarray(Image.open(SHARED / "images" / "demo_2.png").convert("RGB")).copy()
+
+
+def dn_case():
+    """(image, roi, coarse, fine, golden folder) of the DN demo at this size on this device."""
+    if SIZE == "ci":
+        return demo2()[120:168, 80:128], (16, 16, 16), 3, 2, None
+    if DEV == "cuda":
+        return demo2(), (152, 96, 32), 3, 50, SHARED / "golden" / "dn_demo2_full_gpu"
+    return demo2()[104:200, 48:144], (32, 32, 32), 3, 20, SHARED / "golden" / "dn_demo2_crop_cpu"
+
+
+def golden_map(folder: Path) -> np.ndarray:
+    import scipy.io as sio
+    origin = sio.loadmat(next(folder.glob("*-PSNR-Origin.mat")))["PSNR"][0, 0]
+    coarse = sio.loadmat(next(folder.glob("*-C3.mat")))["PSNR"]
+    fine = sio.loadmat(next(folder.glob("*-PSNR_all_perturb-F*.mat")))["PSNR"]
+    gated = (fine != 0).any(2)
+    ce = np.where(gated, origin - fine.sum(2) / fine.shape[2], origin - coarse.mean(2))
+    return np.where(np.abs(ce) >= 0.01, ce, 0.0)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_cem(benchmark, group, **kw):
+    benchmark.group = group
+    res = benchmark.pedantic(lambda: cem_fast.causal_effect_maps(device=DEV, progress=False, **kw),
+                             rounds=1, iterations=1)
+    r = res[0]
+    benchmark.extra_info.update(forwards=r.num_forwards, device=DEV, backend=r.backend, size=SIZE,
+                                locality=r.extra["locality"], final_batch_size=r.extra["final_batch_size"],
+                                rois=len(res))
+    return res
+
+
+# ---- DN demo: forward floor, exact mode, speed mode -------------------------------------------------------------
+
+def test_dn_demo_exact(benchmark):
+    image, roi, coarse, fine, _ = dn_case()
+    res = run_cem(benchmark, "DN demo", model=DNCNN, image=image, task="DN", rois=[roi], coarse=coarse, fine=fine,
+                  patches=BANK, locality="off")[0]
+    ROWS["dn_exact"] = dict(forwards=res.num_forwards, batch=res.extra["final_batch_size"],
+                            seconds=benchmark.stats.stats.median if benchmark.stats else None)
+
+
+def test_dn_demo_forward_floor(benchmark):
+    """The model alone on the exact run's number of inputs, same batch size, same precision (fp32, no TF32)."""
+    image, *_ = dn_case()
+    exact = ROWS.get("dn_exact") or pytest.skip("runs after test_dn_demo_exact")
+    model, _ = cem_fast.load_model(DNCNN)
+    model = model.to(DEV).eval().to(memory_format=torch.channels_last)
+    x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255).to(DEV)
+    batch = exact["batch"]
+    inputs = x.unsqueeze(0).repeat(batch, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+    n = exact["forwards"]
+    flags = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+
+    def floor():
+        with torch.inference_mode():
+            done = 0
+            while done < n:
+                k = min(batch, n - done)
+                model(inputs[:k])
+                done += k
+        sync()
+
+    benchmark.group = "DN demo"
+    try:
+        benchmark.pedantic(floor, rounds=1, iterations=1)
+    finally:
+        torch.backends.cudnn.allow_tf32 = flags
+    if benchmark.stats and exact["seconds"]:
+        benchmark.extra_info.update(forwards=n, batch=batch, exact_over_floor=exact["seconds"] /
+                                    benchmark.stats.stats.median)
+
+
+def test_dn_demo_speed(benchmark):
+    image, roi, coarse, fine, golden = dn_case()
+    res = run_cem(benchmark, "DN demo", model=DNCNN, image=image, task="DN", rois=[roi], coarse=coarse, fine=fine,
+                  patches=BANK)[0]
+    if golden is not None:
+        benchmark.extra_info["pearson_vs_golden"] = float(np.corrcoef(res.cem.ravel(),
+                                                                      golden_map(golden).ravel())[0, 1])
+    if benchmark.stats and ROWS.get("dn_exact", {}).get("seconds"):
+        benchmark.extra_info["exact_over_speed"] = ROWS["dn_exact"]["seconds"] / benchmark.stats.stats.median
+    ROWS["dn_speed"] = benchmark.stats.stats.median if benchmark.stats else None
+
+
+# ---- the same ROI on larger images ------------------------------------------------------------------------------
+
+def large_sizes():
+    if SIZE == "ci":
+        return [256]
+    return [2048, 8192] if DEV == "cuda" else [2048]
+
+
+@pytest.mark.parametrize("side", large_sizes())
+def test_dn_speed_large_image(benchmark, side):
+    image, roi, coarse, fine, _ = dn_case()
+    reps = math.ceil(side / image.shape[0])
+    tiled = np.tile(image, (reps, reps, 1))[:side, :side]
+    y, x, s = roi
+    roi_mid = (y + (side // 2 // image.shape[0]) * image.shape[0], x + (side // 2 // image.shape[1]) *
+               image.shape[1], s)
+    res = run_cem(benchmark, "DN speed vs image size", model=DNCNN, image=tiled, task="DN", rois=[roi_mid],
+                  coarse=coarse, fine=fine, patches=BANK)[0]
+    benchmark.extra_info.update(side=side, cem_wall_s=res.wall_time)
+    if benchmark.stats and ROWS.get("dn_speed"):
+        benchmark.extra_info["over_demo_speed"] = benchmark.stats.stats.median / ROWS["dn_speed"]
+
+
+# ---- many ROIs from one set of forwards --------------------------------------------------------------------------
+
+def many_roi_case():
+    if SIZE == "ci":
+        return demo2()[120:168, 80:128], 16, (16, 16, 16)
+    if DEV == "cuda":
+        return demo2(), 32, (152, 96, 32)
+    return demo2()[104:200, 48:144], 32, (32, 32, 32)
+
+
+def test_one_roi_exhaustive(benchmark):
+    image, _, roi = many_roi_case()
+    run_cem(benchmark, "many ROIs", model=DNCNN, image=image, task="DN", rois=[roi], mode="exhaustive",
+            samples=3, patches=BANK, locality="off")
+    ROWS["one_roi"] = benchmark.stats.stats.median if benchmark.stats else None
+
+
+def test_every_roi_exhaustive(benchmark):
+    image, tile, _ = many_roi_case()
+    res = run_cem(benchmark, "many ROIs", model=DNCNN, image=image, task="DN", roi_grid=tile, mode="exhaustive",
+                  samples=3, patches=BANK, locality="off")
+    if benchmark.stats and ROWS.get("one_roi"):
+        benchmark.extra_info["over_one_roi"] = benchmark.stats.stats.median / ROWS["one_roi"]
+    benchmark.extra_info["rois"] = len(res)
+
+
+# ---- CPU: plain per-intervention loop against the pipeline --------------------------------------------------------
+
+def plain_loop_cem(model, task, clean_u8: np.ndarray, bank, roi, block, coarse, fine, tol, seed):
+    """The reference's structure with our draws: one intervention at a time built on the host, one forward of
+    batch 1 (default memory format), the whole output to numpy, PSNR there; coarse-to-fine gating."""
+    prep = task.prepare(torch.from_numpy(clean_u8).permute(2, 0, 1).contiguous(), block)
+    bank_in = task.bank_at_input(bank.patches, block)
+    grid = prep.grid
+    y, x, h, w = roi
+    gt = clean_u8[y:y + h, x:x + w].astype(np.float64)
+
+    def psnr(inp):
+        with torch.inference_mode():
+            out = model(inp[None])[0].permute(1, 2, 0).numpy().astype(np.float64)
+        q = np.round(np.clip(out, 0, 1) * 255)[y:y + h, x:x + w]
+        return 10 * np.log10(255 ** 2 / ((q - gt) ** 2).mean())
+
+    def sample(b, d):
+        ids = torch.tensor([b * DRAW_STRIDE + d])
+        p = rng.patch_draws(seed, ids, len(bank))
+        inp = task.intervene(prep, bank_in, p, torch.tensor([b]), ids, seed, backend="torch")[0]
+        return psnr(inp)
+
+    y0 = psnr(prep.base)
+    nb = grid.num_blocks
+    sc = np.array([[sample(b, d) for d in range(coarse)] for b in range(nb)])
+    gated = (np.abs(_effects(y0, sc)) >= tol).any(1)
+    ce = _effects(y0, sc).mean(1)
+    for b in np.flatnonzero(gated):
+        ce[b] = _effects(y0, np.array([sample(b, coarse + d) for d in range(fine)])).mean()
+    ce = np.where(np.abs(ce) >= tol, ce, 0.0)
+    return ce.reshape(grid.rows, grid.cols), 1 + nb * coarse + int(gated.sum()) * fine
+
+
+def plain_cases():
+    full = SIZE != "ci"
+    sr = dict(model="bicubic", image=demo2(), task="SR", scale=4, roi=(152, 96, 32), coarse=3,
+              fine=20 if full else 2)
+    dn_img = demo2()[104:200, 48:144] if full else demo2()[120:168, 80:128]
+    dn = dict(model=DNCNN, image=dn_img, task="DN", sigma=50, roi=(32, 32, 32) if full else (16, 16, 16), coarse=3,
+              fine=20 if full else 2)
+    return {"bicubic-SR": sr, "DnCNN-crop": dn}
+
+
+CPU_ONLY = pytest.mark.skipif(DEV != "cpu", reason="the plain-loop comparison is the CPU target")
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("case", ["bicubic-SR", "DnCNN-crop"])
+def test_plain_loop(benchmark, case):
+    c = plain_cases()[case]
+    bank = cem_fast.load_patch_bank(BANK)
+    benchmark.group = f"plain loop: {case}"
+    model, _ = cem_fast.load_model(c["model"], scale=c.get("scale", 4))
+    task = cem_fast.make_task(c["task"], **{k: c[k] for k in ("scale", "sigma") if k in c})
+    roi = cem_fast.ROI.parse(c["roi"]).as_tuple()
+    cem, n = benchmark.pedantic(plain_loop_cem, args=(model.eval(), task, c["image"], bank, roi, 8, c["coarse"],
+                                                      c["fine"], 0.01, 0), rounds=1, iterations=1)
+    ROWS[f"plain_{case}"] = dict(seconds=benchmark.stats.stats.median if benchmark.stats else None, cem=cem)
+    benchmark.extra_info.update(forwards=n)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("case", ["bicubic-SR", "DnCNN-crop"])
+def test_pipeline(benchmark, case):
+    c = dict(plain_cases()[case])
+    bank = cem_fast.load_patch_bank(BANK)
+    benchmark.group = f"plain loop: {case}"
+    model, image = c.pop("model"), c.pop("image")
+    res = benchmark.pedantic(lambda: cem_fast.causal_effect_map(model, image, patches=bank, progress=False,
+                                                                device=DEV, **c), rounds=1, iterations=1)
+    benchmark.extra_info.update(forwards=res.num_forwards, locality=res.extra["locality"])
+    plain = ROWS.get(f"plain_{case}")
+    if plain and plain["seconds"] and benchmark.stats:
+        benchmark.extra_info["plain_over_pipeline"] = plain["seconds"] / benchmark.stats.stats.median
+        benchmark.extra_info["pearson_vs_plain"] = float(np.corrcoef(res.cem.ravel(), plain["cem"].ravel())[0, 1])
