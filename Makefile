@@ -25,7 +25,10 @@ ext: $(VENV)/.ready
 demo: ext
 	$(VENV)/bin/cem-fast demo --out $(OUT)
 
+# the whole-CEM benchmarks at CI size first (about 30 s: they must keep running), then the tests (summary last)
 test: ext
+	CEM_FAST_BENCH_SIZE=ci $(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_cem.py --benchmark-only \
+	  > .bench-ci.log 2>&1; rc=$$?; tail -1 .bench-ci.log; exit $$rc
 	$(PY) -m pytest -q
 
 bench: ext

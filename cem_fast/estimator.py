@@ -513,6 +513,7 @@ def causal_effect_maps(
             raise ValueError(f"model {name} output has NaN/Inf values on the unintervened input")
         return out
 
+    marks = {"prepare": time.perf_counter()}  # where the time went, for summary.json
     with torch.inference_mode():
         use_locality = locality == "auto" and task_obj.supports_windows
         out0 = full_forward() if (not use_locality or in_px <= FULL_FORWARD_MAX_PX) else None
@@ -555,6 +556,7 @@ def causal_effect_maps(
             }
             key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
             run_cache = RunCache(cache, run_key(key_parts), components, fresh=fresh)
+        marks["probe"] = time.perf_counter()
         runner = _Runner(forward, task_obj, prep, bank_in, roi_list, int(seed), batch, backend_name,
                          progress, run_cache, memory_format, plan.window)
         try:
@@ -578,6 +580,7 @@ def causal_effect_maps(
                     raise ValueError(f"model {name} produced NaN/Inf outputs in the ROI for {int(bad.sum())} "
                                      f"{stage} interventions (first: block ({r}, {c}), draw {k}); refusing to "
                                      "average them")
+        marks["sampling"] = time.perf_counter()
         effects = [_block_effects(psnr_origin[j], samples_coarse[j], samples_fine[j], gated[j], coarse, fine)
                    for j in range(n_rois)]
         precision_check = None
@@ -588,12 +591,17 @@ def causal_effect_maps(
         picture = _output_picture(out0, prep, plan.window, forward, task_obj.scale)
 
     wall = time.perf_counter() - t0
+    # seconds: loading and degrading the image and model; full forward, batch sizing and locality probe; the
+    # interventions; statistics, precision check and pictures
+    stamps = [t0, marks["prepare"], marks["probe"], marks["sampling"], t0 + wall]
+    timings = {name: round(b - a, 4) for name, a, b in zip(("prepare", "probe", "sampling", "finish"), stamps,
+                                                            stamps[1:])}
     to_u8 = lambda t: torch.round(t.float().clamp(0, 1) * 255).to(torch.uint8).cpu()  # noqa: E731
     common_extra = {
         **({"cropped_from": cropped_from} if cropped_from else {}), "reused_from_cache": runner.reused,
         "oom_backoffs": runner.oom_backoffs, "final_batch_size": runner.batch_size,
         "batch_size": batch_size if batch_size in (None, "auto") else int(batch_size),
-        "precision": precision, "locality": plan.info, **({"compile": compile} if compile else {}),
+        "precision": precision, "locality": plan.info, "timings_s": timings, **({"compile": compile} if compile else {}),
         **({"precision_check": precision_check} if precision_check else {}),
         **({"rois_in_pass": n_rois} if n_rois > 1 else {}),
         **({"cache_entry": str(run_cache.dir)} if run_cache is not None else {}),
