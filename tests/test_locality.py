@@ -278,3 +278,33 @@ def test_compiled_model_gives_the_same_samples(image, bank):
     assert compiled.extra["compile"] is True
     np.testing.assert_allclose(compiled.samples_coarse, eager.samples_coarse, atol=1e-3)
     np.testing.assert_allclose(compiled.cem, eager.cem, atol=1e-3)
+
+
+def test_channel_attention_runs_whole():
+    """RCAN's channel attention pools the whole image: nothing may be skipped or cropped."""
+    from cem_fast.models import RCAN
+    torch.manual_seed(0)
+    rcan = RCAN(num_feat=8, num_group=1, num_block=1, squeeze_factor=4, upscale=2).eval()
+    plan, _ = probe(rcan, (24, 32), 8, [(16, 24, 8)], scale=2)
+    assert not plan.active and plan.reach.all()
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_shifted_window_attention_speed_mode_equals_exact_mode(block, bank):
+    """SwinIR's windows are anchored at the image origin: a crop is exact only where it keeps the window grid
+    (window 8: 8-px blocks do, 4-px blocks may not). Whatever locality decides, the samples must not change."""
+    from cem_fast.models import SwinIR
+    torch.manual_seed(0)
+    swin = SwinIR(8, 3, 12, (2,), (2,), 8, 2.0, 1, 1.0, "", 8).eval()
+    img = np.random.RandomState(3).randint(0, 256, (48, 64, 3)).astype(np.uint8)
+    args = dict(task="identity", roi=(24, 32, 8), block=block, coarse=1, fine=0, patches=bank, seed=1)
+    fast = cem_fast.causal_effect_map(swin, img, **args)
+    exact = cem_fast.causal_effect_map(swin, img, locality="off", **args)
+    loc = fast.extra["locality"]
+    if block == 8:
+        assert loc["active"] and loc["crop"] is not None and loc["crop"][0] % 8 == 0 and loc["crop"][1] % 8 == 0
+    else:  # the crop starts at a multiple of 4 only: the check against the full input catches the other windows
+        assert not loc["active"] and "differs from the full input" in loc["reason"]
+    reach = fast.reachable
+    np.testing.assert_allclose(fast.samples_coarse[reach], exact.samples_coarse[reach], atol=1e-3)
+    np.testing.assert_allclose(exact.samples_coarse[~reach], exact.psnr_origin, atol=1e-9)
