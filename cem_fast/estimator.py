@@ -42,6 +42,7 @@ LOCALITY = ("auto", "off")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 FULL_FORWARD_MAX_PX = 1024 * 1024  # larger inputs with locality: no full-image forward (verify on the window)
 PRECISION_CHECK_BLOCKS = 8
+PROBE_BATCH_CUDA = 16
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
@@ -517,12 +518,9 @@ def causal_effect_maps(
     with torch.inference_mode():
         use_locality = locality == "auto" and task_obj.supports_windows
         out0 = full_forward() if (not use_locality or in_px <= FULL_FORWARD_MAX_PX) else None
-        if batch_size in (None, "auto"):
-            sample_in = prep.base
-            bs_key = (tuple(prep.base.shape), precision, str(dev))
-            batch = auto_batch_size(model, forward, sample_in, bs_key)
-        else:
-            batch, bs_key = int(batch_size), None
+        auto_batch = batch_size in (None, "auto")
+        # the probe's batches hold crops of a window around the ROI: a fixed, small batch is enough
+        probe_batch = int(batch_size) if not auto_batch else (PROBE_BATCH_CUDA if dev.type == "cuda" else 4)
 
         def verification_inputs(block_ids: np.ndarray, window: Window) -> torch.Tensor:
             b = torch.from_numpy(block_ids).to(dev)
@@ -531,7 +529,7 @@ def causal_effect_maps(
             return task_obj.intervene(prep, bank_in, pidx, b, ids, int(seed), backend_name, window=window)
 
         if use_locality:
-            plan = plan_locality(forward, prep.base, grid, roi_list, batch_size=min(batch, 64),
+            plan = plan_locality(forward, prep.base, grid, roi_list, batch_size=probe_batch,
                                  precision=precision, full_output=out0,
                                  interventions=verification_inputs)
         else:
@@ -540,9 +538,13 @@ def causal_effect_maps(
             plan = LocalityPlan.off(n_rois, grid, locality, why)
         if out0 is None and plan.window is None:
             out0 = full_forward()  # locality found nothing to crop: the whole image runs after all
-        if bs_key is not None and plan.window is not None:  # the batches hold crops: size the batch for them
-            bs_key = (tuple(plan.window.crop(prep.base).shape), precision, str(dev))
-            batch = auto_batch_size(model, forward, plan.window.crop(prep.base), bs_key)
+        bs_key = None
+        if auto_batch:  # sized for what the batches hold: the crop, or the whole input
+            sample_in = plan.window.crop(prep.base) if plan.window is not None else prep.base
+            bs_key = (tuple(sample_in.shape), precision, str(dev))
+            batch = auto_batch_size(model, forward, sample_in, bs_key)
+        else:
+            batch = int(batch_size)
 
         run_cache = None
         if cache is not None:

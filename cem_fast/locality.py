@@ -203,7 +203,8 @@ def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, full_re
     skipped = int((~reach.any(0)).sum())
     is_crop = crop != whole
     info.update(active=bool(skipped or is_crop), reason="verified" if (skipped or is_crop)
-                else "every block reaches the ROI and the crop is the whole input",
+                else "every block reaches " + ("the ROI" if len(rois) == 1 else "some ROI")
+                + " and the crop is the whole input",
                 skipped_blocks=skipped, reachable_blocks=int(reach.any(0).sum()),
                 crop=crop.as_list() if is_crop else None, verify_max_abs_err=max_err,
                 verify_tol=VERIFY_TOL[precision])
