@@ -25,7 +25,8 @@ def scaled_effect(cem: np.ndarray, bound: float) -> np.ndarray:
 
 def overlay(res) -> np.ndarray:
     """(H, W, 3) uint8: seismic map (nearest-upsampled to output pixels, ROI green) blended 0.9 / 0.1 with the
-    degraded input (upsampled to output size), with a green ROI rectangle."""
+    degraded input (upsampled to output size), with a green ROI rectangle and, in speed mode, a grey rectangle
+    around the crop the interventions ran on."""
     H, W = res.gt.shape[-2:]
     cmap = matplotlib.colormaps["seismic"]
     v = scaled_effect(res.cem, res.display_bound())
@@ -36,6 +37,12 @@ def overlay(res) -> np.ndarray:
     deg = np.asarray(Image.fromarray(deg).resize((W, H), Image.NEAREST), dtype=np.float64) / 255
     img = (0.9 * up + 0.1 * deg) * 255
     pil = Image.fromarray(np.clip(np.round(img), 0, 255).astype(np.uint8))
+    crop = (res.extra.get("locality") or {}).get("crop")
+    if crop:  # speed mode: the input window the interventions ran on (grey); blocks outside it were skipped
+        s = res.scale
+        y, x, h, w = (v * s for v in crop)
+        ImageDraw.Draw(pil).rectangle([x, y, x + w - 1, y + h - 1], outline=(96, 96, 96),
+                                      width=max(1, min(pil.size) // 256))
     _draw_roi(pil, res.roi)
     return np.asarray(pil)
 

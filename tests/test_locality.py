@@ -308,3 +308,15 @@ def test_shifted_window_attention_speed_mode_equals_exact_mode(block, bank):
     reach = fast.reachable
     np.testing.assert_allclose(fast.samples_coarse[reach], exact.samples_coarse[reach], atol=1e-3)
     np.testing.assert_allclose(exact.samples_coarse[~reach], exact.psnr_origin, atol=1e-9)
+
+
+def test_overlay_outlines_the_crop_in_speed_mode(image, bank):
+    from cem_fast.plotting import overlay
+    res = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
+                                     patches=bank)
+    y, x, h, w = res.extra["locality"]["crop"]
+    pic = overlay(res)
+    assert tuple(pic[y + h // 2, x]) == (96, 96, 96) and tuple(pic[y + h - 1, x + w // 2]) == (96, 96, 96)
+    exact = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
+                                       patches=bank, locality="off")
+    assert tuple(overlay(exact)[y + h // 2, x]) != (96, 96, 96)
