@@ -76,6 +76,31 @@ def test_a_crashed_run_resumes_to_identical_samples(img, bank, tmp_path, monkeyp
     assert again.num_forwards == 1 and again.extra["reused_from_cache"] == want.num_forwards - 1
 
 
+def test_speed_mode_resumes_too(img, bank, tmp_path, monkeypatch):
+    """Locality on: the probe runs again on resume, finds the same crop, hence the same cache entry."""
+    from test_locality import ConvStack
+    img = np.tile(img, (3, 3, 1))  # 72x96: room to skip blocks
+    want = cem(ConvStack(2), img, bank, locality="auto", roi=(32, 40, 8))
+    assert want.extra["locality"]["active"]
+    real = cem_fast.estimator.ops.roi_psnr
+    calls = []
+
+    def crash_after_three(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(cem_fast.estimator.ops, "roi_psnr", crash_after_three)
+        with pytest.raises(KeyboardInterrupt):
+            cem(ConvStack(2), img, bank, cache=tmp_path, locality="auto", roi=(32, 40, 8))
+    got = cem(ConvStack(2), img, bank, cache=tmp_path, locality="auto", roi=(32, 40, 8))
+    assert got.extra["reused_from_cache"] > 0
+    np.testing.assert_allclose(got.samples_coarse, want.samples_coarse, atol=1e-9)
+    np.testing.assert_allclose(got.cem, want.cem, atol=1e-9)
+
+
 @pytest.mark.parametrize("change", [dict(seed=5), dict(sigma=20), dict(roi=(0, 8, 8)), dict(tol=0.5),
                                     dict(fine=7), dict(block=4)])
 def test_a_changed_configuration_never_reuses_samples(img, bank, tmp_path, change):
