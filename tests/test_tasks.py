@@ -148,3 +148,10 @@ def test_make_task_names_and_errors():
         make_task("deblur")
     with pytest.raises(ValueError, match="sigma must be positive"):
         Denoise(0)
+
+
+def test_dn_input_noise_in_row_chunks_is_the_same_draw(demo2, monkeypatch):
+    want = Denoise(50, noise_seed=3).prepare(torch.from_numpy(demo2).permute(2, 0, 1), block=8).base
+    monkeypatch.setattr(Denoise, "NOISE_CHUNK", 1000)  # 1 row of 256x3 per chunk
+    got = Denoise(50, noise_seed=3).prepare(torch.from_numpy(demo2).permute(2, 0, 1), block=8).base
+    assert torch.equal(got, want)
