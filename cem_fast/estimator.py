@@ -566,8 +566,7 @@ def causal_effect_maps(
                 psnr_origin = runner.score_outputs(out0)[0].cpu().numpy()
             else:
                 psnr_origin = runner.origin()
-            samples_coarse, samples_fine, gated = _sample(runner, grid, plan.reach, psnr_origin, coarse, fine, tol,
-                                                          mode)
+            samples_coarse, samples_fine, gated = _sample(runner, grid, plan.reach, psnr_origin, coarse, fine, tol)
         finally:
             runner.close()
         if bs_key is not None:
@@ -596,14 +595,14 @@ def causal_effect_maps(
     # seconds: loading and degrading the image and model; full forward, batch sizing and locality probe; the
     # interventions; statistics, precision check and pictures
     stamps = [t0, marks["prepare"], marks["probe"], marks["sampling"], t0 + wall]
-    timings = {name: round(b - a, 4) for name, a, b in zip(("prepare", "probe", "sampling", "finish"), stamps,
-                                                            stamps[1:])}
-    to_u8 = lambda t: torch.round(t.float().clamp(0, 1) * 255).to(torch.uint8).cpu()  # noqa: E731
+    timings = {stage: round(b - a, 4) for stage, a, b in zip(("prepare", "probe", "sampling", "finish"), stamps,
+                                                              stamps[1:])}
     common_extra = {
         **({"cropped_from": cropped_from} if cropped_from else {}), "reused_from_cache": runner.reused,
         "oom_backoffs": runner.oom_backoffs, "final_batch_size": runner.batch_size,
         "batch_size": batch_size if batch_size in (None, "auto") else int(batch_size),
-        "precision": precision, "locality": plan.info, "timings_s": timings, **({"compile": compile} if compile else {}),
+        "precision": precision, "locality": plan.info, "timings_s": timings,
+        **({"compile": compile} if compile else {}),
         **({"precision_check": precision_check} if precision_check else {}),
         **({"rois_in_pass": n_rois} if n_rois > 1 else {}),
         **({"cache_entry": str(run_cache.dir)} if run_cache is not None else {}),
@@ -620,13 +619,13 @@ def causal_effect_maps(
             wall_time=wall, backend=backend_name, device=str(dev),
             patch_bank={"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
                         "digest": bank_digest},
-            gt=prep.gt.cpu(), degraded=to_u8(prep.base), output=picture,
+            gt=prep.gt.cpu(), degraded=_to_u8(prep.base), output=picture,
             reachable=plan.reach[j], extra=dict(common_extra)))
     return results
 
 
 def _sample(runner: _Runner, grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, fine: int,
-            tol: float, mode: str):
+            tol: float):
     """Run the coarse stage on every block that reaches some ROI and the fine stage on every block gated for some
     ROI. A block outside a ROI's reach gets Y_k = Y(I) exactly for that ROI (it cannot change it).
     Returns per ROI: samples_coarse (n, rows, cols, coarse), samples_fine (n, rows, cols, fine), gated."""
@@ -708,11 +707,15 @@ def _output_picture(out0: Optional[torch.Tensor], prep: Prepared, window: Option
                     scale: int) -> torch.Tensor:
     """(3, H, W) uint8 model output for pictures; without a full forward (large inputs), the crop's output pasted
     into the degraded input (nearest-upsampled)."""
-    to_u8 = lambda t: torch.round(t.float().clamp(0, 1) * 255).to(torch.uint8).cpu()  # noqa: E731
     if out0 is not None:
-        return to_u8(out0[0])
+        return _to_u8(out0[0])
     canvas = prep.base.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     out = forward(window.crop(prep.base).unsqueeze(0))[0]
     s = scale
     canvas[:, window.y * s:(window.y + window.h) * s, window.x * s:(window.x + window.w) * s] = out.to(canvas.dtype)
-    return to_u8(canvas)
+    return _to_u8(canvas)
+
+
+def _to_u8(t: torch.Tensor) -> torch.Tensor:
+    """An image in [0, 1] as uint8 on the CPU (clamped, x255, rounded), for pictures."""
+    return torch.round(t.float().clamp(0, 1) * 255).to(torch.uint8).cpu()
