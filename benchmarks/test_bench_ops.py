@@ -5,6 +5,7 @@ import torch
 
 from cem_fast import ops
 from cem_fast.geometry import ROI
+from cem_fast.reference import roi_grid
 from conftest import sync
 
 # Full sizes of the issue on a GPU; CPU-size otherwise (the CPU rows are for relative comparisons only).
@@ -79,3 +80,23 @@ def test_roi_psnr(benchmark, device, backend):
     else:
         skip_unavailable(backend, device)
     measure(benchmark, fn, device, f"roi_psnr {device} K={K} 32x32 ROI of 256x256", K, moved)
+
+
+@pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
+def test_roi_sq_err_multi(benchmark, device, backend):
+    """Every 32-px ROI (64) of 256x256 outputs in one pass: the whole output must be read once."""
+    K = SIZES[device]["K_roi"] // 4
+    g = torch.Generator().manual_seed(2)
+    outputs = torch.rand(K, 3, 256, 256, generator=g).to(device)
+    target = torch.randint(0, 256, (3, 256, 256), generator=g, dtype=torch.uint8).to(device)
+    rois = roi_grid(256, 256, 32)
+    moved = outputs.numel() * 4
+    if backend == "copy":  # baseline: reads and writes the outputs
+        dst = torch.empty_like(outputs)
+        fn = lambda: dst.copy_(outputs)  # noqa: E731
+        moved *= 2
+    elif backend in backends_for(device):
+        fn = lambda: ops.roi_sq_err_multi(outputs, target, rois, backend=backend)  # noqa: E731
+    else:
+        skip_unavailable(backend, device)
+    measure(benchmark, fn, device, f"roi_sq_err_multi {device} K={K} 64 ROIs of 256x256", K, moved)
