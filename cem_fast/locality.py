@@ -101,17 +101,20 @@ class _Prober:
         x0, x1 = c0 * g.in_block, min(c1 * g.in_block, g.in_w)
         return Window(y0, x0, y1 - y0, x1 - x0)
 
-    def run(self, inputs: torch.Tensor, win: Window) -> torch.Tensor:
-        """(N, n_rois) bool: ROI finite for each input (crops of ``win``)."""
+    def run(self, make_inputs: Callable[[int, int], torch.Tensor], n: int, win: Window) -> torch.Tensor:
+        """(n, n_rois) bool: ROI finite for each of ``n`` inputs (crops of ``win``), built a batch at a time by
+        ``make_inputs(start, end)`` so that a large window never holds all its probe inputs at once."""
         s = self.grid.scale
         finite = []
-        for out in _forward_batched(self.forward, inputs, self.batch_size):
-            want = (out.shape[0], inputs.shape[1], win.h * s, win.w * s)
+        for i in range(0, n, self.batch_size):
+            inputs = make_inputs(i, min(n, i + self.batch_size))
+            out = self.forward(inputs)
+            want = (inputs.shape[0], inputs.shape[1], win.h * s, win.w * s)
             if tuple(out.shape) != want:
                 raise _NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, "
                                   f"expected {want}")
             finite.append(_roi_finite(out, self.rois, win.y * s, win.x * s))
-        self.forwards += inputs.shape[0]
+            self.forwards += inputs.shape[0]
         return torch.cat(finite)
 
     def probe(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,14 +123,19 @@ class _Prober:
         win = self.window_of_blocks(r0, r1, c0, c1)
         crop = win.crop(self.base)
         nr, nc = r1 - r0, c1 - c0
-        inputs = crop.unsqueeze(0).repeat(nr + nc, 1, 1, 1)
-        for i, r in enumerate(range(r0, r1)):
-            a, b = _block_span(r, g.in_block, g.in_h)
-            inputs[i, :, a - win.y:b - win.y, :] = float("nan")
-        for j, c in enumerate(range(c0, c1)):
-            a, b = _block_span(c, g.in_block, g.in_w)
-            inputs[nr + j, :, :, a - win.x:b - win.x] = float("nan")
-        reached = ~self.run(inputs, win).numpy().T  # (n_rois, nr + nc)
+
+        def make_inputs(i0: int, i1: int) -> torch.Tensor:
+            inputs = crop.unsqueeze(0).repeat(i1 - i0, 1, 1, 1)
+            for i in range(i0, i1):
+                if i < nr:  # block-row r0 + i
+                    a, b = _block_span(r0 + i, g.in_block, g.in_h)
+                    inputs[i - i0, :, a - win.y:b - win.y, :] = float("nan")
+                else:  # block-column c0 + i - nr
+                    a, b = _block_span(c0 + i - nr, g.in_block, g.in_w)
+                    inputs[i - i0, :, :, a - win.x:b - win.x] = float("nan")
+            return inputs
+
+        reached = ~self.run(make_inputs, nr + nc, win).numpy().T  # (n_rois, nr + nc)
         return reached[:, :nr], reached[:, nr:]
 
 
@@ -224,9 +232,12 @@ def _verify(prober: _Prober, grid, rois, reach, crop: Window, reference: Window,
     pixel_mask = outside.repeat_interleave(ib, 1).repeat_interleave(ib, 2)
     oy, ox = reference.y - r0 * ib, reference.x - c0 * ib
     pixel_mask = pixel_mask[:, oy:oy + reference.h, ox:ox + reference.w].to(base_ref.device)
-    nan_inputs = base_ref.unsqueeze(0).repeat(len(rois), 1, 1, 1)
-    nan_inputs.masked_fill_(pixel_mask.unsqueeze(1), float("nan"))
-    finite = prober.run(nan_inputs, reference).numpy()
+
+    def nan_outside(i0: int, i1: int) -> torch.Tensor:  # input j: NaN outside ROI j's reach
+        inputs = base_ref.unsqueeze(0).repeat(i1 - i0, 1, 1, 1)
+        return inputs.masked_fill_(pixel_mask[i0:i1].unsqueeze(1), float("nan"))
+
+    finite = prober.run(nan_outside, len(rois), reference).numpy()
     if not np.diagonal(finite).all():
         j = int(np.flatnonzero(~np.diagonal(finite))[0])
         raise _NoLocality(f"blocks outside the probed reach still change ROI {j} (NaN reached it): the model's "

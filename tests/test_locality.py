@@ -320,3 +320,18 @@ def test_overlay_outlines_the_crop_in_speed_mode(image, bank):
     exact = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
                                        patches=bank, locality="off")
     assert tuple(overlay(exact)[y + h // 2, x]) != (96, 96, 96)
+
+
+def test_probe_builds_its_inputs_a_batch_at_a_time():
+    sizes = []
+
+    class Counting(ConvStack):
+        def forward(self, x):
+            sizes.append(x.shape[0])
+            return super().forward(x)
+
+    base = torch.rand(3, 64, 64)
+    grid = BlockGrid(64, 64, 8)
+    with torch.inference_mode():
+        plan = plan_locality(Counting(2), base, grid, [ROI(24, 24, 8, 8)], batch_size=3)
+    assert plan.active and max(sizes) <= 3 and sum(sizes) == plan.info["probe_forwards"]
