@@ -89,3 +89,18 @@ def test_roi_psnr_matches_numpy(data):
     target = torch.from_numpy(gt[:, y:y + roi.height, x:x + roi.width].copy())
     got = roi_psnr_ref(torch.from_numpy(out), target, roi).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(n=st.integers(1, 3), dilation=st.integers(1, 3), block=st.sampled_from([4, 8]),
+       h=st.integers(16, 72), w=st.integers(16, 72), data=st.data())
+def test_probe_reach_is_the_receptive_field(n, dilation, block, h, w, data):
+    """Any conv stack, image size (partial edge blocks included) and ROI: the probed reach is exactly the blocks
+    within the receptive field, and the plan is verified."""
+    from test_locality import ConvStack, probe, reach_from_radius
+    rh, rw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
+    y, x = data.draw(st.integers(0, h - rh)), data.draw(st.integers(0, w - rw))
+    plan, grid = probe(ConvStack(n, dilation), (h, w), block, [(y, x, rh, rw)])
+    want = reach_from_radius(grid, ROI(y, x, rh, rw), n * dilation)
+    assert np.array_equal(plan.reach[0], want), plan.info
+    assert plan.active == (not want.all())  # all reachable: the crop is the whole input, nothing to gain
