@@ -204,7 +204,8 @@ def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, full_re
     crop = prober.window_of_blocks(int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1)
     whole = Window(0, 0, grid.in_h, grid.in_w)
     reference = whole if full_reference else win
-    info = {"mode": "auto", "probe_rounds": rounds, "probe_window": win.as_list(),
+    info = {"mode": "auto", "windows_are": "[y, x, height, width] in input pixels", "probe_rounds": rounds,
+            "probe_window": win.as_list(),
             "verified_against": "full input" if reference == whole else f"probe window {win.as_list()}"}
     max_err = _verify(prober, grid, rois, reach, crop, reference, interventions, verify_blocks, precision,
                       full_output if reference == whole else None)
