@@ -25,4 +25,6 @@ echo "== whole CEMs (exact / speed / large images / many ROIs)"
 "$PY" -m pytest -q benchmarks/test_bench_cem.py --benchmark-only --benchmark-json="$DEST/bench_cem.json" \
   > "$DEST/bench_cem.txt" 2>&1
 tail -3 "$DEST/bench_cem.txt"
+echo "== profile of the speed-mode DN demo (top operators, per-stage timings)"
+"$PY" benchmarks/profile_cem.py "$DEST/profile" > "$DEST/profile.log" 2>&1 || echo "profile failed: see profile.log"
 "$PY" benchmarks/summarize.py "$DEST"/bench_*.json | tee "$DEST/summary.md"
