@@ -199,6 +199,7 @@ class _Runner:
         self.reused = 0
         self.oom_backoffs = 0
         self._buffer: Optional[torch.Tensor] = None
+        self._roi_values: Optional[torch.Tensor] = None
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -211,9 +212,10 @@ class _Runner:
             scores = ops.roi_psnr(out, self.target, roi, backend=self.backend).unsqueeze(1)
         else:
             sq = ops.roi_sq_err_multi(out, self.target, self.local_rois, backend=self.multi_backend)
-            sizes = torch.tensor([r.height * r.width * out.shape[1] for r in self.local_rois], device=sq.device,
-                                 dtype=torch.float64)
-            scores = reference.psnr_from_sq_err(sq, sizes)
+            if self._roi_values is None:  # made once: a host-to-device copy per batch would stall the queue
+                self._roi_values = torch.tensor([r.height * r.width * out.shape[1] for r in self.local_rois],
+                                                device=sq.device, dtype=torch.float64)
+            scores = reference.psnr_from_sq_err(sq, self._roi_values)
         finite = torch.stack([torch.isfinite(out[:, :, r.slices()[0], r.slices()[1]]).flatten(1).all(1)
                               for r in self.local_rois], 1)
         # NaN/Inf in the ROI: recorded as NaN so that it is reported, never averaged into the map
