@@ -335,3 +335,12 @@ def test_probe_builds_its_inputs_a_batch_at_a_time():
     with torch.inference_mode():
         plan = plan_locality(Counting(2), base, grid, [ROI(24, 24, 8, 8)], batch_size=3)
     assert plan.active and max(sizes) <= 3 and sum(sizes) == plan.info["probe_forwards"]
+
+
+def test_exhaustive_mode_with_locality_equals_exact_mode(image, bank):
+    args = dict(task="DN", sigma=30, roi=(16, 24, 16), mode="exhaustive", samples=3, patches=bank, seed=4)
+    fast = cem_fast.causal_effect_map(ConvStack(2), image, **args)
+    exact = cem_fast.causal_effect_map(ConvStack(2), image, locality="off", **args)
+    assert fast.extra["locality"]["skipped_blocks"] > 0 and fast.gated.all() and exact.gated.all()
+    np.testing.assert_allclose(fast.samples_fine, exact.samples_fine, atol=1e-3)  # skipped blocks: Y(I) exactly
+    np.testing.assert_allclose(fast.cem, exact.cem, atol=1e-3)
