@@ -28,7 +28,7 @@ from torch import nn
 
 from . import ops, reference, rng
 from .cache import RunCache, digest_bytes, missing_ranges, run_key
-from .geometry import ROI, RoiLike
+from .geometry import ROI, RoiLike, rois_finite
 from .locality import LocalityPlan, Window, plan_locality
 from .models import eval_mode, load_model, model_digest
 from .patches import PatchBank, load_patch_bank
@@ -200,6 +200,7 @@ class _Runner:
         self.oom_backoffs = 0
         self._buffer: Optional[torch.Tensor] = None
         self._roi_values: Optional[torch.Tensor] = None
+        self.origin_output: Optional[torch.Tensor] = None
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -216,8 +217,7 @@ class _Runner:
                 self._roi_values = torch.tensor([r.height * r.width * out.shape[1] for r in self.local_rois],
                                                 device=sq.device, dtype=torch.float64)
             scores = reference.psnr_from_sq_err(sq, self._roi_values)
-        finite = torch.stack([torch.isfinite(out[:, :, r.slices()[0], r.slices()[1]]).flatten(1).all(1)
-                              for r in self.local_rois], 1)
+        finite = rois_finite(out, self.local_rois)
         # NaN/Inf in the ROI: recorded as NaN so that it is reported, never averaged into the map
         return torch.where(finite, scores, torch.full_like(scores, float("nan")))
 
@@ -225,6 +225,7 @@ class _Runner:
         """(n_rois,) Y(I) from the unintervened window, through the same forward and reduction as the samples."""
         out = self.forward(self.win.crop(self.prep.base).unsqueeze(0))
         self.forwards += 1
+        self.origin_output = out[0]  # the window's unintervened output, kept for the pictures
         return self.score_outputs(out)[0].cpu().numpy()
 
     def _input_buffer(self, k: int) -> torch.Tensor:
@@ -591,7 +592,7 @@ def causal_effect_maps(
             precision_check = _check_precision(
                 forward_in("fp32"), task_obj, prep, bank_in, roi_list, int(seed), batch, backend_name,
                 memory_format, plan, effects, psnr_origin, gated, coarse, fine)
-        picture = _output_picture(out0, prep, plan.window, forward, task_obj.scale)
+        picture = _output_picture(out0, prep, plan.window, runner.origin_output, task_obj.scale)
 
     wall = time.perf_counter() - t0
     # seconds: loading and degrading the image and model; full forward, batch sizing and locality probe; the
@@ -705,14 +706,14 @@ def _check_precision(forward32, task_obj, prep, bank_in, rois, seed, batch, back
             "forwards": runner.forwards}
 
 
-def _output_picture(out0: Optional[torch.Tensor], prep: Prepared, window: Optional[Window], forward,
-                    scale: int) -> torch.Tensor:
-    """(3, H, W) uint8 model output for pictures; without a full forward (large inputs), the crop's output pasted
-    into the degraded input (nearest-upsampled)."""
+def _output_picture(out0: Optional[torch.Tensor], prep: Prepared, window: Optional[Window],
+                    window_output: Optional[torch.Tensor], scale: int) -> torch.Tensor:
+    """(3, H, W) uint8 model output for pictures; without a full forward (large inputs), the crop's output
+    ``window_output`` pasted into the degraded input (nearest-upsampled)."""
     if out0 is not None:
         return _to_u8(out0[0])
     canvas = prep.base.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    out = forward(window.crop(prep.base).unsqueeze(0))[0]
+    out = window_output
     s = scale
     canvas[:, window.y * s:(window.y + window.h) * s, window.x * s:(window.x + window.w) * s] = out.to(canvas.dtype)
     return _to_u8(canvas)

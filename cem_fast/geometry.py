@@ -137,18 +137,31 @@ class BlockGrid:
         return mask
 
 
-_TABLES: dict = {}
+_DEVICE_CONSTANTS: dict = {}
+
+
+def int64_on_device(rows: tuple, device) -> torch.Tensor:
+    """A small int64 tensor of ``rows`` (a tuple of tuples) on ``device``, made once: a host-to-device copy per
+    batch would make the host wait for the device's queue."""
+    key = (rows, str(device))
+    table = _DEVICE_CONSTANTS.get(key)
+    if table is None:
+        if len(_DEVICE_CONSTANTS) > 64:
+            _DEVICE_CONSTANTS.clear()
+        table = _DEVICE_CONSTANTS[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+    return table
 
 
 def rois_table(rois: Sequence[ROI], out_h: int, out_w: int, device: torch.device) -> torch.Tensor:
-    """(n, 4) int64 ``(y, x, h, w)`` of ROIs inside ``out_h x out_w`` on ``device``, for the fused multi-ROI kernels;
-    cached per ROI list and device, so a run does not copy it to the device once per batch."""
+    """(n, 4) int64 ``(y, x, h, w)`` of ROIs inside ``out_h x out_w`` on ``device``, for the fused multi-ROI kernels
+    (made once per ROI list and device)."""
     for r in rois:
         r.check_inside(out_h, out_w)
-    key = (tuple(r.as_tuple() for r in rois), str(device))
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) > 64:
-            _TABLES.clear()
-        table = _TABLES[key] = torch.tensor([r.as_tuple() for r in rois], dtype=torch.int64, device=device)
-    return table
+    return int64_on_device(tuple(r.as_tuple() for r in rois), device)
+
+
+def rois_finite(out: torch.Tensor, rois: Sequence[ROI], oy: int = 0, ox: int = 0) -> torch.Tensor:
+    """(N, n_rois) bool on the outputs' device: every value of each ROI is finite; the outputs start at output
+    pixel (oy, ox)."""
+    return torch.stack([torch.isfinite(out[:, :, r.y - oy:r.y - oy + r.height, r.x - ox:r.x - ox + r.width])
+                        .flatten(1).all(1) for r in rois], 1)

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .geometry import ROI, BlockGrid
+from .geometry import ROI, BlockGrid, rois_finite
 
 INITIAL_MARGIN_BLOCKS = 4  # 32 px at 8-px blocks: most CNNs need one probe round
 PROBE_MAX_INPUT_PX = 2048 * 2048  # beyond this the probe gives up: the ROI depends on most of a huge input
@@ -62,26 +62,20 @@ class LocalityPlan:
 
     reach: np.ndarray
     window: Optional[Window]
-    active: bool
     info: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.window is not None or not self.reach.any(0).all()
 
     @classmethod
     def off(cls, n_rois: int, grid: BlockGrid, mode: str, reason: str, **info) -> "LocalityPlan":
-        return cls(np.ones((n_rois, grid.rows, grid.cols), bool), None, False,
+        return cls(np.ones((n_rois, grid.rows, grid.cols), bool), None,
                    {"mode": mode, "active": False, "reason": reason, **info})
 
 
 def _block_span(index: int, in_block: int, limit: int) -> tuple[int, int]:
     return index * in_block, min((index + 1) * in_block, limit)
-
-
-def _roi_finite(out: torch.Tensor, rois: Sequence[ROI], oy: int, ox: int) -> torch.Tensor:
-    """(N, n_rois) bool: every value of each ROI (shifted by the output origin (oy, ox)) is finite."""
-    cols = []
-    for r in rois:
-        part = out[:, :, r.y - oy:r.y - oy + r.height, r.x - ox:r.x - ox + r.width]
-        cols.append(torch.isfinite(part).flatten(1).all(1))
-    return torch.stack(cols, 1).cpu()
 
 
 def _forward_batched(forward: Forward, inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -113,7 +107,7 @@ class _Prober:
             if tuple(out.shape) != want:
                 raise _NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, "
                                   f"expected {want}")
-            finite.append(_roi_finite(out, self.rois, win.y * s, win.x * s))
+            finite.append(rois_finite(out, self.rois, win.y * s, win.x * s).cpu())
             self.forwards += inputs.shape[0]
         return torch.cat(finite)
 
@@ -151,14 +145,12 @@ def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: S
     ``interventions(block_ids, window)`` returns intervened crops of ``window`` for verification;
     ``full_output``: the model's output on the whole input, when it was affordable: verification is then against
     the whole input (else against the probe window)."""
-    full_reference = full_output is not None
     t0 = time.perf_counter()
     rois = list(rois)
     prober = _Prober(forward, base, grid, rois, batch_size)
     try:
         with torch.inference_mode():
-            plan = _probe_and_verify(prober, grid, rois, precision, full_reference, interventions, verify_blocks,
-                                     full_output)
+            plan = _probe_and_verify(prober, grid, rois, precision, interventions, verify_blocks, full_output)
     except _NoLocality as e:
         plan = LocalityPlan.off(len(rois), grid, "auto", str(e))
     except Exception as e:  # a model that cannot run on crops: run it whole
@@ -168,8 +160,8 @@ def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: S
     return plan
 
 
-def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, full_reference, interventions,
-                      verify_blocks, full_output) -> LocalityPlan:
+def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
+                      full_output: Optional[torch.Tensor]) -> LocalityPlan:
     b = grid.block
     ra, rb = min(r.y // b for r in rois), max((r.y + r.height - 1) // b for r in rois)
     ca, cb = min(r.x // b for r in rois), max((r.x + r.width - 1) // b for r in rois)
@@ -203,21 +195,20 @@ def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, full_re
     cc = np.flatnonzero(any_c) + c0
     crop = prober.window_of_blocks(int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1)
     whole = Window(0, 0, grid.in_h, grid.in_w)
-    reference = whole if full_reference else win
+    reference = whole if full_output is not None else win
     info = {"mode": "auto", "windows_are": "[y, x, height, width] in input pixels", "probe_rounds": rounds,
             "probe_window": win.as_list(),
             "verified_against": "full input" if reference == whole else f"probe window {win.as_list()}"}
     max_err = _verify(prober, grid, rois, reach, crop, reference, interventions, verify_blocks, precision,
                       full_output if reference == whole else None)
-    skipped = int((~reach.any(0)).sum())
-    is_crop = crop != whole
-    info.update(active=bool(skipped or is_crop), reason="verified" if (skipped or is_crop)
+    plan = LocalityPlan(reach, crop if crop != whole else None, info)
+    info.update(active=plan.active, reason="verified" if plan.active
                 else "every block reaches " + ("the ROI" if len(rois) == 1 else "some ROI")
                 + " and the crop is the whole input",
-                skipped_blocks=skipped, reachable_blocks=int(reach.any(0).sum()),
-                crop=crop.as_list() if is_crop else None, verify_max_abs_err=max_err,
+                skipped_blocks=int((~reach.any(0)).sum()), reachable_blocks=int(reach.any(0).sum()),
+                crop=plan.window.as_list() if plan.window else None, verify_max_abs_err=max_err,
                 verify_tol=VERIFY_TOL[precision])
-    return LocalityPlan(reach, crop if is_crop else None, bool(skipped or is_crop), info)
+    return plan
 
 
 def _verify(prober: _Prober, grid, rois, reach, crop: Window, reference: Window, interventions, verify_blocks,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import ops
-from .geometry import BlockGrid
+from .geometry import BlockGrid, int64_on_device
 from .rain import PRESETS, rain_layer, seed_from_name
 
 
@@ -88,27 +88,13 @@ class Task:
         sizes = prep.extra["sizes"][blocks]
         crop = {}
         if window is not None:
-            o = _window_origin(window.y, window.x, prep.base.device)
+            o = int64_on_device(((window.y, window.x),), prep.base.device)
             crop = {"window_origins": o.expand(len(blocks), 2).contiguous(), "window_size": (window.h, window.w)}
         return ops.intervene(prep.base, bank_in, patch_idx, origins, sizes, ids=ids, seed=seed,
                              backend=backend, out=out, **crop, **self.intervene_kwargs(prep))
 
     def intervene_kwargs(self, prep: Prepared) -> dict:
         return {}
-
-
-_ORIGINS: dict = {}
-
-
-def _window_origin(y: int, x: int, device: torch.device) -> torch.Tensor:
-    """(1, 2) int64 window origin on ``device``, made once per window: a host-to-device copy per batch would make
-    the host wait for the device's queue."""
-    key = (y, x, str(device))
-    if key not in _ORIGINS:
-        if len(_ORIGINS) > 64:
-            _ORIGINS.clear()
-        _ORIGINS[key] = torch.tensor([[y, x]], dtype=torch.int64, device=device)
-    return _ORIGINS[key]
 
 
 def _with_grid_boxes(prep: Prepared) -> Prepared:
