@@ -42,6 +42,16 @@ def measure(benchmark, fn, device, group, K, moved):
     benchmark.extra_info.update(interventions_per_s=K / t, effective_GBps=moved / t / 1e9, bytes=moved)
 
 
+def op_or_copy(backend, device, op, copy, moved):
+    """(function to time, bytes it moves): the copy baseline moves ``moved`` twice (it reads and writes them); a
+    backend that cannot run here is skipped with its reasons."""
+    if backend == "copy":
+        return copy, 2 * moved
+    if backend not in backends_for(device):
+        skip_unavailable(backend, device)
+    return op, moved
+
+
 def backends_for(device):
     return [b for b in ("torch", "cpp", "triton", "cuda") if not ops.backend_reasons(b, torch.device(device))]
 
@@ -51,14 +61,10 @@ def test_intervene(benchmark, device, backend):
     K = SIZES[device]["K_int"]
     args = intervene_args(device, K)
     moved = args["out"].numel() * 4  # the outputs are written once; the base and patches stay in cache
-    if backend == "copy":  # baseline: reads and writes the same number of output bytes
-        src = torch.rand_like(args["out"])
-        fn = lambda: args["out"].copy_(src)  # noqa: E731
-        moved *= 2
-    elif backend in backends_for(device):
-        fn = lambda: ops.intervene(backend=backend, **args)  # noqa: E731
-    else:
-        skip_unavailable(backend, device)
+    src = torch.rand_like(args["out"]) if backend == "copy" else None
+    # baseline: reads and writes the same number of output bytes
+    fn, moved = op_or_copy(backend, device, lambda: ops.intervene(backend=backend, **args),
+                           lambda: args["out"].copy_(src), moved)
     measure(benchmark, fn, device, f"intervene {device} K={K} 256x256", K, moved)
 
 
@@ -70,15 +76,11 @@ def test_roi_psnr(benchmark, device, backend):
     roi = ROI(152, 96, 32, 32)
     target = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8).to(device)
     moved = K * 3 * 32 * 32 * 4  # only the ROI must be read
-    if backend == "copy":  # baseline: copies the ROI (reads it and writes it: twice the bytes)
-        src = outputs[:, :, 152:184, 96:128]
-        dst = torch.empty_like(src)
-        fn = lambda: dst.copy_(src)  # noqa: E731
-        moved *= 2
-    elif backend in backends_for(device):
-        fn = lambda: ops.roi_psnr(outputs, target, roi, backend=backend)  # noqa: E731
-    else:
-        skip_unavailable(backend, device)
+    src = outputs[:, :, 152:184, 96:128]
+    dst = torch.empty_like(src) if backend == "copy" else None
+    # baseline: copies the ROI (reads it and writes it: twice the bytes)
+    fn, moved = op_or_copy(backend, device, lambda: ops.roi_psnr(outputs, target, roi, backend=backend),
+                           lambda: dst.copy_(src), moved)
     measure(benchmark, fn, device, f"roi_psnr {device} K={K} 32x32 ROI of 256x256", K, moved)
 
 
@@ -90,13 +92,8 @@ def test_roi_sq_err_multi(benchmark, device, backend):
     outputs = torch.rand(K, 3, 256, 256, generator=g).to(device)
     target = torch.randint(0, 256, (3, 256, 256), generator=g, dtype=torch.uint8).to(device)
     rois = roi_grid(256, 256, 32)
-    moved = outputs.numel() * 4
-    if backend == "copy":  # baseline: reads and writes the outputs
-        dst = torch.empty_like(outputs)
-        fn = lambda: dst.copy_(outputs)  # noqa: E731
-        moved *= 2
-    elif backend in backends_for(device):
-        fn = lambda: ops.roi_sq_err_multi(outputs, target, rois, backend=backend)  # noqa: E731
-    else:
-        skip_unavailable(backend, device)
+    dst = torch.empty_like(outputs) if backend == "copy" else None
+    # baseline: reads and writes the outputs
+    fn, moved = op_or_copy(backend, device, lambda: ops.roi_sq_err_multi(outputs, target, rois, backend=backend),
+                           lambda: dst.copy_(outputs), outputs.numel() * 4)
     measure(benchmark, fn, device, f"roi_sq_err_multi {device} K={K} 64 ROIs of 256x256", K, moved)

@@ -53,21 +53,26 @@ def cem(model, img, bank, **kw):
     return cem_fast.causal_effect_map(model, img, **args)
 
 
-def test_a_crashed_run_resumes_to_identical_samples(img, bank, tmp_path, monkeypatch):
-    want = cem(Blur(), img, bank)
+def crash_after(monkeypatch, scorings: int, run) -> None:
+    """Run ``run()`` and let the process "die" (KeyboardInterrupt) once ``scorings`` batches were scored."""
     real = cem_fast.estimator.ops.roi_psnr
     calls = []
 
-    def crash_after_four(*a, **k):  # Y(I) + 3 batches, then the process "dies"
+    def crashing(*a, **k):
         calls.append(1)
-        if len(calls) > 4:
+        if len(calls) > scorings:
             raise KeyboardInterrupt("simulated crash")
         return real(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(cem_fast.estimator.ops, "roi_psnr", crash_after_four)
+        m.setattr(cem_fast.estimator.ops, "roi_psnr", crashing)
         with pytest.raises(KeyboardInterrupt):
-            cem(Blur(), img, bank, cache=tmp_path)
+            run()
+
+
+def test_a_crashed_run_resumes_to_identical_samples(img, bank, tmp_path, monkeypatch):
+    want = cem(Blur(), img, bank)
+    crash_after(monkeypatch, 4, lambda: cem(Blur(), img, bank, cache=tmp_path))  # Y(I) + 3 batches
     got = cem(Blur(), img, bank, cache=tmp_path)
     assert got.extra["reused_from_cache"] == 15  # three batches of 5 were kept
     np.testing.assert_array_equal(got.samples_coarse, want.samples_coarse)
@@ -82,19 +87,8 @@ def test_speed_mode_resumes_too(img, bank, tmp_path, monkeypatch):
     img = np.tile(img, (3, 3, 1))  # 72x96: room to skip blocks
     want = cem(ConvStack(2), img, bank, locality="auto", roi=(32, 40, 8))
     assert want.extra["locality"]["active"]
-    real = cem_fast.estimator.ops.roi_psnr
-    calls = []
-
-    def crash_after_three(*a, **k):
-        calls.append(1)
-        if len(calls) > 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
-
-    with monkeypatch.context() as m:
-        m.setattr(cem_fast.estimator.ops, "roi_psnr", crash_after_three)
-        with pytest.raises(KeyboardInterrupt):
-            cem(ConvStack(2), img, bank, cache=tmp_path, locality="auto", roi=(32, 40, 8))
+    crash_after(monkeypatch, 3, lambda: cem(ConvStack(2), img, bank, cache=tmp_path, locality="auto",
+                                            roi=(32, 40, 8)))
     got = cem(ConvStack(2), img, bank, cache=tmp_path, locality="auto", roi=(32, 40, 8))
     assert got.extra["reused_from_cache"] > 0
     np.testing.assert_allclose(got.samples_coarse, want.samples_coarse, atol=1e-9)
