@@ -3,13 +3,15 @@ rows recorded against their group's baseline row (see the extra_info keys)."""
 import json
 import sys
 
-RATIOS = ("exact_over_floor", "exact_over_speed", "pearson_vs_golden", "over_demo_speed", "over_one_roi",
-          "plain_over_pipeline", "pearson_vs_plain", "interventions_per_s", "effective_GBps")
+RATIOS = ("exact_over_floor", "exact_over_speed", "pearson_vs_golden", "max_abs_delta_ce_db", "over_demo_speed",
+          "over_one_roi", "plain_over_pipeline", "pearson_vs_plain", "cold_s", "interventions_per_s",
+          "effective_GBps")
+STAGES = ("prepare", "probe", "sampling", "finish")
 
 
 def main(paths):
-    print("| group | row | median s | forwards | locality | ratios |")
-    print("|---|---|---|---|---|---|")
+    print("| group | row | median s | forwards | locality | stages s (prepare/probe/sampling/finish) | ratios |")
+    print("|---|---|---|---|---|---|---|")
     for path in paths:
         data = json.load(open(path))
         for b in data["benchmarks"]:
@@ -18,8 +20,10 @@ def main(paths):
             where = ("off" if not loc.get("active") else
                      f"{loc.get('skipped_blocks')} skipped, crop {loc.get('crop')}") if loc else ""
             ratios = ", ".join(f"{k} {e[k]:.3g}" for k in RATIOS if isinstance(e.get(k), (int, float)))
+            t = e.get("timings_s") or {}
+            stages = " / ".join(f"{t[k]:.3g}" for k in STAGES if k in t)
             print(f"| {b['group']} | {b['name'].replace('test_', '')} | {b['stats']['median']:.4g} | "
-                  f"{e.get('forwards', '')} | {where} | {ratios} |")
+                  f"{e.get('forwards', '')} | {where} | {stages} | {ratios} |")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = dict(cfg.options)
     # make_task takes the options of the configured task and ignores the others
-    task_opts = {k: opts.pop(k) for k in ("scale", "sigma", "noise_seed", "rain_preset", "rain_beta", "rain_seed")}
+    task_opts = {k: opts.pop(k) for k in ("scale", "sigma", "noise_seed", "input_noise", "rain_preset", "rain_beta",
+                                          "rain_seed")}
     entries = [] if entries is None else entries
     failed, used = 0, set()
     for spec in cfg.models:

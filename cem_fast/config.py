@@ -4,7 +4,7 @@ Reference keys (mapped): task (SR|DN|DR), sr (scale), TextImg_path + Imagelist (
 ROI_size (roi = (h, w, ROI_size)), mask_block_size (block), coarse_num, fine_num, tol, Modellist (models).
 Reference keys accepted and ignored: prefix, batch_size_dict, load_previous.
 Ours beyond the reference: rois (a list) or roi_grid (a tile size) for many ROIs from one set of forwards,
-locality (auto | off), precision (fp32 | tf32 | bf16 | fp16), batch_size (auto or a number), crop, model_options.
+locality (auto | off), precision (fp32 | tf32 | bf16 | fp16), input_noise (DN: numpy | counter), batch_size (auto or a number), crop, model_options.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .geometry import ROI
 
 OURS = {
     "model": None, "models": None, "images": None, "image": None, "roi": None, "task": "DN", "scale": 4,
-    "sigma": 50.0, "noise_seed": 0, "rain_preset": "medium", "rain_beta": None, "rain_seed": None,
+    "sigma": 50.0, "noise_seed": 0, "input_noise": "numpy", "rain_preset": "medium", "rain_beta": None, "rain_seed": None,
     "block": 8, "coarse": 3, "fine": 50, "tol": 0.01, "patches": None, "seed": 0, "device": None,
     "batch_size": "auto", "backend": None, "mode": "coarse-to-fine", "samples": None, "crop": None,
     "model_options": None, "rois": None, "roi_grid": None, "locality": "auto", "precision": "fp32",
@@ -156,7 +156,8 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
         raise ValueError(f"roi_grid must be a positive tile size in pixels, got {roi_grid!r}")
     if isinstance(opts["locality"], bool):  # YAML reads a bare `off` / `on` as a boolean
         opts["locality"] = "auto" if opts["locality"] else "off"
-    for k, allowed in (("locality", ("auto", "off")), ("precision", ("fp32", "tf32", "bf16", "fp16"))):
+    for k, allowed in (("locality", ("auto", "off")), ("precision", ("fp32", "tf32", "bf16", "fp16")),
+                       ("input_noise", ("numpy", "counter"))):
         if opts[k] not in allowed:
             raise ValueError(f"{k} must be one of {', '.join(allowed)}, got {opts[k]!r}")
     if opts.get("patches") is not None and opts["patches"] != "default":

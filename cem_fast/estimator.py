@@ -12,13 +12,15 @@ run on the input crop that determines the ROI, both found by probing and verifie
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from pathlib import Path
-import contextlib
 import weakref
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -32,7 +34,7 @@ from .geometry import ROI, RoiLike, rois_finite
 from .locality import LocalityPlan, Window, plan_locality
 from .models import eval_mode, load_model, model_digest
 from .patches import PatchBank, load_patch_bank
-from .result import CEMResult, CEMResults
+from .result import CEMResult, CEMResults, Deferred
 from .tasks import Prepared, Task, make_task
 
 DRAW_STRIDE = 1 << 20  # intervention id = block * DRAW_STRIDE + draw index
@@ -65,7 +67,9 @@ def load_image(image: ImageLike) -> tuple[torch.Tensor, str]:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image array must be (H, W, 3), got {image.shape}")
-        image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+        # the (3, H, W) copy at the end detaches the tensor from the caller's array: no copy here (0.25 s at 8192^2)
+        usable = image.flags.writeable and min(image.strides) >= 0  # torch takes neither read-only nor flipped
+        image = torch.from_numpy(image if usable else image.copy()).permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
         raise ValueError(f"image must be a path, PIL image, array or tensor, got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
@@ -355,7 +359,9 @@ def causal_effect_map(
             (see :func:`cem_fast.models.load_model`).
         image: the clean ground-truth image (path, PIL, (H, W, 3) array or (3, H, W) tensor).
         task: "SR", "DN", "DR", "identity" or a :class:`~cem_fast.tasks.Task`; options ``scale`` (SR, default 4),
-            ``sigma`` (DN, default 50), ``noise_seed`` (DN input noise, default 0), ``rain_preset``,
+            ``sigma`` (DN, default 50), ``noise_seed`` (DN input noise, default 0), ``input_noise`` (DN:
+            "numpy", the reference's generator on the CPU, default; "counter": drawn on the device, for large
+            images), ``rain_preset``,
             ``rain_beta``, ``rain_seed`` (DR) are passed as keyword arguments.
         roi: ``(y, x, size)`` or ``(y, x, height, width)`` in output pixels.
         block: block side in output pixels (a multiple of the SR scale).
@@ -465,15 +471,15 @@ def causal_effect_maps(
     image_name = image_name or default_name
     bank = load_patch_bank(patches)
     bank_digest = bank.digest()
-    prep = task_obj.prepare(clean, block, image_name)
-    grid = prep.grid
     if rois is None and roi_grid is None:
         raise ValueError("give rois (a list of (y, x, size)) or roi_grid (a tile size in px)")
+    dev = _pick_device(model, device)
+    prep = task_obj.prepare(clean, block, image_name, dev)
+    grid = prep.grid
     roi_list = _parse_rois(rois, roi_grid, grid.out_h, grid.out_w)
     n_rois = len(roi_list)
     cropped_from = list(clean.shape[-2:]) if tuple(prep.gt.shape) != tuple(clean.shape) else None
 
-    dev = _pick_device(model, device)
     backend_name = ops.resolve_backend(backend, dev)
     # channels_last: about 2x faster convolutions on CPU and with cuDNN (results agree to fp32 round-off), but
     # slower for models without convolutions (interpolation), so only for models that have them.
@@ -569,30 +575,32 @@ def causal_effect_maps(
                 psnr_origin = runner.score_outputs(out0)[0].cpu().numpy()
             else:
                 psnr_origin = runner.origin()
-            samples_coarse, samples_fine, gated = _sample(runner, grid, plan.reach, psnr_origin, coarse, fine, tol)
+            sampled = _sample(runner, grid, plan.reach, psnr_origin, coarse, fine, tol)
         finally:
             runner.close()
         if bs_key is not None:
             remember_batch_size(model, bs_key, runner.batch_size)
 
         for j in range(n_rois):
-            for stage, arr, done in (("coarse", samples_coarse[j], np.ones_like(gated[j])),
-                                     ("fine", samples_fine[j], gated[j])):
-                bad = np.isnan(arr) & done[..., None] if arr.size else np.zeros(arr.shape, bool)
-                if bad.any():
-                    r, c, k = np.argwhere(bad)[0]
-                    raise ValueError(f"model {name} produced NaN/Inf outputs in the ROI for {int(bad.sum())} "
-                                     f"{stage} interventions (first: block ({r}, {c}), draw {k}); refusing to "
-                                     "average them")
+            bad = sampled.first_nan(j)
+            if bad is not None:
+                stage, count, b, k = bad
+                r, c = divmod(b, grid.cols)
+                raise ValueError(f"model {name} produced NaN/Inf outputs in the ROI for {count} {stage} "
+                                 f"interventions (first: block ({r}, {c}), draw {k}); refusing to average them")
         marks["sampling"] = time.perf_counter()
-        effects = [_block_effects(psnr_origin[j], samples_coarse[j], samples_fine[j], gated[j], coarse, fine)
-                   for j in range(n_rois)]
+        gated = sampled.gated.reshape(n_rois, grid.rows, grid.cols)
+        effects = [sampled.effect(j).reshape(grid.rows, grid.cols) for j in range(n_rois)]
         precision_check = None
         if precision != "fp32":
             precision_check = _check_precision(
                 forward_in("fp32"), task_obj, prep, bank_in, roi_list, int(seed), batch, backend_name,
                 memory_format, plan, effects, psnr_origin, gated, coarse, fine)
-        picture = _output_picture(out0, prep, plan.window, runner.origin_output, task_obj.scale)
+        # pictures: made on the device now, copied to the host when first read (an 8192x8192 run need not wait
+        # for 400 MB of copies it may never use)
+        picture = _on_host_later(_output_picture(out0, prep, plan.window, runner.origin_output, task_obj.scale))
+        degraded = _on_host_later(_to_u8(prep.base))
+        gt_cpu = task_obj.crop_to_scale(clean).contiguous()
 
     wall = time.perf_counter() - t0
     # seconds: loading and degrading the image and model; full forward, batch sizing and locality probe; the
@@ -615,53 +623,113 @@ def causal_effect_maps(
     for j, roi in enumerate(roi_list):
         effect = effects[j]
         results.append(CEMResult(
-            cem=np.where(np.abs(effect) >= tol, effect, 0.0), effect=effect, samples_coarse=samples_coarse[j],
-            samples_fine=samples_fine[j], gated=gated[j], psnr_origin=float(psnr_origin[j]), roi=roi,
+            cem=np.where(np.abs(effect) >= tol, effect, 0.0), effect=effect,
+            samples_coarse=Deferred((grid.rows, grid.cols, coarse), partial(_dense, sampled.dense_coarse, j, grid)),
+            samples_fine=Deferred((grid.rows, grid.cols, fine), partial(_dense, sampled.dense_fine, j, grid)),
+            gated=gated[j], psnr_origin=float(psnr_origin[j]), roi=roi,
             block=block, scale=task_obj.scale, tol=float(tol), task=task_obj.describe(), seed=int(seed),
             mode=mode, model_name=name, image_name=image_name, num_forwards=runner.forwards + (out0 is not None),
             wall_time=wall, backend=backend_name, device=str(dev),
             patch_bank={"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
                         "digest": bank_digest},
-            gt=prep.gt.cpu(), degraded=_to_u8(prep.base), output=picture,
+            gt=gt_cpu, degraded=degraded, output=picture,
             reachable=plan.reach[j], extra=dict(common_extra)))
     return results
 
 
+@dataclass
+class _Samples:
+    """What the two stages ran, held for the blocks that ran only (an 8192x8192 input has a million blocks, of
+    which about a hundred reach the ROI: dense (blocks, 50) arrays per ROI would cost 400 MB and most of a run).
+
+    ``coarse``: (n_rois, len(run), coarse) ROI PSNRs of the blocks in ``run``; ``fine``: (n_rois, len(fine_run),
+    fine) of those in ``fine_run``; ``gated``: (n_rois, blocks); ``reach``: (n_rois, blocks)."""
+
+    run: np.ndarray
+    coarse: np.ndarray
+    fine_run: np.ndarray
+    fine: np.ndarray
+    gated: np.ndarray
+    reach: np.ndarray
+    origin: np.ndarray
+
+    def effect(self, j: int) -> np.ndarray:
+        """(blocks,) ROI j's Y(I) - mean Y_k: the fine mean where gated (and fine > 0), else the coarse mean; 0 for
+        blocks that cannot reach the ROI (their samples are Y(I) exactly)."""
+        nb = self.gated.shape[1]
+        out = np.zeros(nb)
+        reach, gated, o = self.reach[j], self.gated[j], self.origin[j]
+        if self.coarse.shape[2] and len(self.run):
+            keep = reach[self.run]
+            out[self.run[keep]] = _effects(o, self.coarse[j][keep]).mean(axis=-1)
+        if self.fine.shape[2] and len(self.fine_run):
+            keep = reach[self.fine_run] & gated[self.fine_run]
+            out[self.fine_run[keep]] = _effects(o, self.fine[j][keep]).mean(axis=-1)
+        return out
+
+    def dense_coarse(self, j: int) -> np.ndarray:
+        """(blocks, coarse): the samples, Y(I) for blocks that cannot reach ROI j."""
+        o = self.origin[j]
+        out = np.full((self.gated.shape[1], self.coarse.shape[2]), o)
+        if len(self.run):
+            out[self.run] = np.where(self.reach[j][self.run][:, None], self.coarse[j], o)
+        return out
+
+    def dense_fine(self, j: int) -> np.ndarray:
+        """(blocks, fine): the samples of gated blocks (Y(I) for gated blocks that cannot reach ROI j, in exhaustive
+        mode), NaN for the others."""
+        o, gated, reach = self.origin[j], self.gated[j], self.reach[j]
+        out = np.full((self.gated.shape[1], self.fine.shape[2]), np.nan)
+        out[gated & ~reach] = o
+        if len(self.fine_run):
+            fr = self.fine_run
+            vals = np.where(reach[fr][:, None], self.fine[j], o)
+            out[fr] = np.where(gated[fr][:, None], vals, np.nan)
+        return out
+
+    def first_nan(self, j: int) -> Optional[tuple[str, int, int, int]]:
+        """(stage, count, block, draw) of ROI j's NaN samples among those that ran for it, or None."""
+        reach, gated = self.reach[j], self.gated[j]
+        for stage, blocks, vals, used in (("coarse", self.run, self.coarse[j], reach[self.run]),
+                                          ("fine", self.fine_run, self.fine[j],
+                                           reach[self.fine_run] & gated[self.fine_run])):
+            bad = np.isnan(vals) & used[:, None] if vals.size else np.zeros(vals.shape, bool)
+            if bad.any():
+                i, k = np.argwhere(bad)[0]
+                return stage, int(bad.sum()), int(blocks[i]), int(k)
+        return None
+
+
 def _sample(runner: _Runner, grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, fine: int,
-            tol: float):
+            tol: float) -> _Samples:
     """Run the coarse stage on every block that reaches some ROI and the fine stage on every block gated for some
-    ROI. A block outside a ROI's reach gets Y_k = Y(I) exactly for that ROI (it cannot change it).
-    Returns per ROI: samples_coarse (n, rows, cols, coarse), samples_fine (n, rows, cols, fine), gated."""
+    ROI. A block outside a ROI's reach gets Y_k = Y(I) exactly for that ROI (it cannot change it)."""
     n = len(psnr_origin)
-    rows, cols, nb = grid.rows, grid.cols, grid.num_blocks
+    nb = grid.num_blocks
     flat_reach = reach.reshape(n, nb)
-    origin = psnr_origin.reshape(n, 1, 1)
-    samples_coarse = np.broadcast_to(origin, (n, nb, coarse)).copy()
-    samples_fine = np.full((n, nb, fine), np.nan)
+    run = np.flatnonzero(flat_reach.any(0)) if coarse else np.zeros(0, np.int64)
+    got_coarse = np.zeros((n, len(run), coarse))
     if coarse:
-        run_blocks = torch.from_numpy(np.flatnonzero(flat_reach.any(0)))
-        if len(run_blocks):
-            b = run_blocks.repeat_interleave(coarse)
-            d = torch.arange(coarse).repeat(len(run_blocks))
-            got = runner.run("coarse", b, d).reshape(len(run_blocks), coarse, n).transpose(2, 0, 1)
-            keep = flat_reach[:, run_blocks.numpy()][..., None]
-            samples_coarse[:, run_blocks.numpy()] = np.where(keep, got, samples_coarse[:, run_blocks.numpy()])
-        gated = (np.abs(_effects(origin, samples_coarse)) >= tol).any(axis=2) & flat_reach
+        if len(run):
+            b = torch.from_numpy(run).repeat_interleave(coarse)
+            d = torch.arange(coarse).repeat(len(run))
+            got_coarse = runner.run("coarse", b, d).reshape(len(run), coarse, n).transpose(2, 0, 1)
+        gated = np.zeros((n, nb), dtype=bool)
+        origin = psnr_origin.reshape(n, 1, 1)
+        gated[:, run] = (np.abs(_effects(origin, got_coarse)) >= tol).any(axis=2) & flat_reach[:, run]
     else:
         gated = np.ones((n, nb), dtype=bool)
-    fine_blocks = torch.from_numpy(np.flatnonzero((gated & flat_reach).any(0)))
-    if fine and len(fine_blocks):
-        b = fine_blocks.repeat_interleave(fine)
-        d = coarse + torch.arange(fine).repeat(len(fine_blocks))
-        got = runner.run("fine", b, d).reshape(len(fine_blocks), fine, n).transpose(2, 0, 1)
-        fb = fine_blocks.numpy()
-        samples_fine[:, fb] = np.where(flat_reach[:, fb][..., None], got, origin)
-    if fine:
-        # unreachable blocks gated by the mode (exhaustive) hold the exact value; the others stay NaN (not run)
-        samples_fine = np.where((gated & ~flat_reach)[..., None], origin, samples_fine)
-        samples_fine = np.where(gated[..., None], samples_fine, np.nan)
-    return (samples_coarse.reshape(n, rows, cols, coarse), samples_fine.reshape(n, rows, cols, fine),
-            gated.reshape(n, rows, cols))
+    fine_run = np.flatnonzero((gated & flat_reach).any(0)) if fine else np.zeros(0, np.int64)
+    got_fine = np.zeros((n, len(fine_run), fine))
+    if len(fine_run):
+        b = torch.from_numpy(fine_run).repeat_interleave(fine)
+        d = coarse + torch.arange(fine).repeat(len(fine_run))
+        got_fine = runner.run("fine", b, d).reshape(len(fine_run), fine, n).transpose(2, 0, 1)
+    return _Samples(run, got_coarse, fine_run, got_fine, gated, flat_reach, np.asarray(psnr_origin, np.float64))
+
+
+def _dense(build: Callable[[int], np.ndarray], j: int, grid) -> np.ndarray:
+    return build(j).reshape(grid.rows, grid.cols, -1)
 
 
 def _block_effects(psnr_origin: float, samples_coarse, samples_fine, gated, coarse: int, fine: int) -> np.ndarray:
@@ -712,7 +780,7 @@ def _output_picture(out0: Optional[torch.Tensor], prep: Prepared, window: Option
     ``window_output`` pasted into the degraded input (nearest-upsampled)."""
     if out0 is not None:
         return _to_u8(out0[0])
-    canvas = prep.base.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    canvas = prep.base.repeat_interleave(scale, 1).repeat_interleave(scale, 2) if scale > 1 else prep.base.clone()
     out = window_output
     s = scale
     canvas[:, window.y * s:(window.y + window.h) * s, window.x * s:(window.x + window.w) * s] = out.to(canvas.dtype)
@@ -720,5 +788,10 @@ def _output_picture(out0: Optional[torch.Tensor], prep: Prepared, window: Option
 
 
 def _to_u8(t: torch.Tensor) -> torch.Tensor:
-    """An image in [0, 1] as uint8 on the CPU (clamped, x255, rounded), for pictures."""
-    return torch.round(t.float().clamp(0, 1) * 255).to(torch.uint8).cpu()
+    """An image in [0, 1] as uint8 on its device (clamped, x255, rounded), for pictures."""
+    x = t.float().clamp(0, 1)  # a new tensor: the rest is in place (an 8192x8192 input is 805 MB a copy)
+    return x.mul_(255).round_().to(torch.uint8)
+
+
+def _on_host_later(t: torch.Tensor) -> "torch.Tensor | Deferred":
+    return t if t.device.type == "cpu" else Deferred(tuple(t.shape), t.cpu)

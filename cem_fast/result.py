@@ -19,6 +19,31 @@ from .geometry import ROI, BlockGrid
 DISPLAY_BOUND = {"SR": 2.5, "DN": 1.0, "DR": 2.0}
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """An array made on first use: ``shape`` known now, ``build()`` returns it. The per-block samples of a large
+    input (a million blocks x 50 draws, almost all of them Y(I) or NaN) are built only if someone reads them."""
+
+    shape: tuple
+    build: Any
+
+
+def _deferrable(name: str) -> property:
+    """A CEMResult attribute that may be given as a :class:`Deferred`: built and kept on first read."""
+    key = "_" + name
+
+    def get(self):
+        value = self.__dict__[key]
+        if isinstance(value, Deferred):
+            value = self.__dict__[key] = value.build()
+        return value
+
+    def set(self, value):
+        self.__dict__[key] = value
+
+    return property(get, set, doc=f"{name} (built on first read when given as a Deferred)")
+
+
 @dataclass
 class CEMResult:
     """A Causal Effect Map.
@@ -28,11 +53,13 @@ class CEMResult:
         effect: (rows, cols) float64 dB before thresholding.
         samples_coarse: (rows, cols, coarse) ROI PSNRs (dB) of the coarse interventions.
         samples_fine: (rows, cols, fine) ROI PSNRs of the fine interventions, NaN where a block was not gated.
+            Both sample arrays may be given as :class:`Deferred`; they are built on first read.
         gated: (rows, cols) bool, blocks that went to the fine stage.
         reachable: (rows, cols) bool, blocks that can reach the ROI (locality probe; all True in exact mode).
             The others ran no forwards: their samples are Y(I) exactly and their CE is 0.
         psnr_origin: Y(I), the ROI PSNR of the unintervened input, dB.
-        gt, degraded, output: (3, H, W) / (3, h, w) / (3, H, W) uint8 images for pictures.
+        gt, degraded, output: (3, H, W) / (3, h, w) / (3, H, W) uint8 images for pictures, on the CPU (degraded
+            and output may be given as :class:`Deferred`: a GPU run copies them to the host on first read).
     """
 
     cem: np.ndarray
@@ -64,6 +91,10 @@ class CEMResult:
     def __post_init__(self) -> None:
         if self.reachable is None:
             self.reachable = np.ones(self.cem.shape, dtype=bool)
+
+    def draws(self) -> tuple[int, int]:
+        """(coarse, fine) draws per block, without building deferred sample arrays."""
+        return tuple(int(self.__dict__[k].shape[2]) for k in ("_samples_coarse", "_samples_fine"))
 
     @property
     def grid(self) -> BlockGrid:
@@ -107,7 +138,7 @@ class CEMResult:
             "model": self.model_name, "image": self.image_name, "task": self.task,
             "roi": {"y": self.roi.y, "x": self.roi.x, "height": self.roi.height, "width": self.roi.width},
             "block": self.block, "tol": self.tol, "seed": self.seed, "mode": self.mode,
-            "coarse": int(self.samples_coarse.shape[2]), "fine": int(self.samples_fine.shape[2]),
+            "coarse": self.draws()[0], "fine": self.draws()[1],
             "grid": list(self.cem.shape), "psnr_origin": _finite_or_str(self.psnr_origin),
             "stats": self.stats(), "num_forwards": self.num_forwards, "wall_time_s": round(self.wall_time, 3),
             "backend": self.backend, "device": self.device, "patch_bank": self.patch_bank,
@@ -147,6 +178,13 @@ class CEMResult:
         atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
         plotting.save_pictures(self, out)
         return out
+
+
+# after @dataclass: its __init__ assigns these fields through the properties
+CEMResult.samples_coarse = _deferrable("samples_coarse")
+CEMResult.samples_fine = _deferrable("samples_fine")
+CEMResult.degraded = _deferrable("degraded")
+CEMResult.output = _deferrable("output")
 
 
 def _finite_or_str(x: float):

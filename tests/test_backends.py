@@ -156,6 +156,17 @@ def test_whole_cem_is_identical_across_backends(backend, task, rng):
     np.testing.assert_array_equal(a.samples_fine, b.samples_fine)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_counter_input_noise_is_identical_across_backends(backend, rng, monkeypatch):
+    backend_or_skip(backend)
+    gt = torch.from_numpy(rng.randint(0, 256, (3, 10, 7)).astype(np.uint8))
+    task = cem_fast.Denoise(30, noise_seed=2, input_noise="counter")
+    monkeypatch.setenv("CEM_FAST_BACKEND", "torch")
+    want = task.prepare(gt, block=4).base
+    monkeypatch.setenv("CEM_FAST_BACKEND", backend)
+    assert_same(task.prepare(gt, block=4).base, want)
+
+
 def test_auto_prefers_cpp_on_cpu_when_built():
     name = ops.resolve_backend("auto", torch.device("cpu"))
     assert name == ("cpp" if not ops.backend_reasons("cpp", torch.device("cpu")) else "torch")

@@ -46,6 +46,18 @@ def test_greyscale_and_rgba_images_are_converted(tmp_path, bank, rng):
     assert torch.equal(a.gt, torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1))  # alpha dropped
 
 
+def test_flipped_read_only_and_strided_arrays_are_read_as_given(bank, rng):
+    img = rng.randint(0, 256, (24, 20, 3)).astype(np.uint8)
+    ro = img.copy()
+    ro.flags.writeable = False
+    for arr in (img[::-1], ro, img[:, ::2], np.asfortranarray(img)):
+        res = cem(arr, bank)
+        assert torch.equal(res.gt, torch.from_numpy(np.array(arr)).permute(2, 0, 1))
+    res = cem(img, bank)
+    img[:] = 0  # the result does not alias the caller's array
+    assert res.gt.sum() > 0
+
+
 def test_image_smaller_than_a_block_or_the_roi(bank, rng):
     tiny = rng.randint(0, 256, (6, 6, 3)).astype(np.uint8)
     with pytest.raises(ValueError, match="image 6x6 must be at least one block") as e:

@@ -120,6 +120,7 @@ def test_unknown_key_suggests_the_closest(sr_config, tmp_path):
     ("rois=[[0, 0, 8]]", "config must give one of roi, rois, roi_grid, got roi, rois"),
     ("locality=fast", "locality must be one of auto, off, got 'fast'"),
     ("precision=fp8", "precision must be one of fp32, tf32, bf16, fp16, got 'fp8'"),
+    ("input_noise=philox", "input_noise must be one of numpy, counter, got 'philox'"),
 ])
 def test_bad_inputs_are_one_line_errors(sr_config, tmp_path, override, match):
     p = run("run", sr_config, "--out", tmp_path / "o", "--set", override)

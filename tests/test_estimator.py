@@ -8,7 +8,7 @@ import torch
 import cem_fast
 from cem_fast.geometry import ROI
 from cem_fast.patches import PatchBank
-from cem_fast.result import CEMResult
+from cem_fast.result import CEMResult, Deferred
 from cem_fast.rng import patch_draws
 
 
@@ -78,6 +78,18 @@ def test_estimator_matches_the_naive_reference_loop(tiny_net, small_image, bank,
         assert res.num_forwards == 2 + 2 * reach.sum() + 4 * gated.sum()  # Y(I): full input and crop
 
 
+def test_dn_counter_input_noise_runs_on_the_run_device(small_image, bank):
+    from test_tasks import counter_noise_by_hand
+    res = cem_fast.causal_effect_map(Blur(), small_image, task="DN", sigma=25, noise_seed=4, input_noise="counter",
+                                     roi=(4, 4, 8), coarse=2, fine=2, patches=bank, seed=1, device="cpu")
+    base = counter_noise_by_hand(torch.from_numpy(small_image).permute(2, 0, 1), 25, 4)
+    assert res.task["input_noise"] == "counter"
+    assert torch.equal(res.degraded, (base * 255).round().to(torch.uint8))
+    q = torch.round(Blur()(base[None])[0].clamp(0, 1) * 255).double()
+    mse = ((q[:, 4:12, 4:12] - torch.from_numpy(small_image).permute(2, 0, 1)[:, 4:12, 4:12].double()) ** 2).mean()
+    assert res.psnr_origin == pytest.approx(10 * math.log10(255 ** 2 / mse.item()), abs=1e-9)
+
+
 class Blur(torch.nn.Module):
     """Batch-invariant (no conv algorithm choice): a 3-tap average along x and a gain."""
 
@@ -140,6 +152,36 @@ def test_statistics_exclude_the_roi_blocks():
     assert st["range_db"] == pytest.approx(0.5)
     # farthest effect: block (0, 2), centre (4, 20) from the ROI centre (4, 4)
     assert st["radius_of_influence_px"] == pytest.approx(16.0)
+
+
+def test_deferred_samples_are_built_once_on_first_read_only():
+    built = []
+
+    def build():
+        built.append(1)
+        return np.full((2, 3, 4), 7.0)
+
+    res = _result(np.array([[0.0, 0.2, 0.0], [0.0, 0.0, 0.0]]))
+    res.samples_fine = Deferred((2, 3, 4), build)
+    assert res.summary()["fine"] == 4 and res.stats()["positive"] == 1 and not built  # no read, no build
+    assert res.samples_fine.shape == (2, 3, 4) and res.samples_fine[1, 2, 3] == 7.0 and built == [1]
+
+
+def test_a_large_input_holds_samples_of_the_blocks_that_ran(rng):
+    """512x512 at block 4: 16,384 blocks, of which tiny_net-like locality lets a handful reach the ROI. The sample
+    arrays are made on first read, and then hold Y(I) (coarse) and NaN (fine) for every block that did not run."""
+    img = rng.randint(0, 256, (512, 512, 3)).astype(np.uint8)
+    model = torch.nn.Conv2d(3, 3, 3, padding=1)
+    bank = PatchBank(torch.from_numpy(rng.randint(0, 256, (8, 3, 4, 4)).astype(np.uint8)))
+    res = cem_fast.causal_effect_map(model, img, task="identity", roi=(256, 256, 8), block=4, coarse=2, fine=3,
+                                     patches=bank, seed=0)
+    assert isinstance(res.__dict__["_samples_fine"], Deferred)
+    reach = res.reachable
+    assert reach.sum() == 16 and res.num_forwards == 2 + 2 * 16 + 3 * res.gated.sum()  # 4x4 blocks: ROI + ring
+    sc, sf = res.samples_coarse, res.samples_fine
+    assert sc.shape == (128, 128, 2) and sf.shape == (128, 128, 3)
+    assert (sc[~reach] == res.psnr_origin).all() and np.isnan(sf[~res.gated]).all()
+    assert np.isfinite(sf[res.gated]).all() and not (sc[reach] == res.psnr_origin).all()
 
 
 def test_all_zero_map_still_plots_and_saves(tmp_path):

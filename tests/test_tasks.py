@@ -5,7 +5,9 @@ import torch
 from PIL import Image
 
 from cem_fast.rain import PRESETS, motion_kernel, rain_layer, seed_from_name
-from cem_fast.tasks import CustomTask, Denoise, Derain, Identity, SuperResolution, make_task, resize_patches
+from cem_fast import rng as crng
+from cem_fast.tasks import (INPUT_NOISE_ID, CustomTask, Denoise, Derain, Identity, SuperResolution, make_task,
+                             resize_patches)
 
 
 def cubic_weights(t, a=-0.75):
@@ -155,3 +157,40 @@ def test_dn_input_noise_in_row_chunks_is_the_same_draw(demo2, monkeypatch):
     monkeypatch.setattr(Denoise, "NOISE_CHUNK", 1000)  # 1 row of 256x3 per chunk
     got = Denoise(50, noise_seed=3).prepare(torch.from_numpy(demo2).permute(2, 0, 1), block=8).base
     assert torch.equal(got, want)
+
+
+def counter_noise_by_hand(gt: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """Input noise from the RNG primitives: pixel (c, y, x) of an H x W image uses counter (c * S + y) * S + x,
+    S = max(H, W), and the integer arithmetic of the interventions (units of 2^-24 grey levels, floor, clip)."""
+    C, H, W = gt.shape
+    S = max(H, W)
+    c, y, x = torch.meshgrid(torch.arange(C), torch.arange(H), torch.arange(W), indexing="ij")
+    key = crng.stream_key(seed, torch.tensor(INPUT_NOISE_ID))
+    z = crng.gaussian12(key, (c * S + y) * S + x)
+    total = gt.long() * (1 << 24) + z * round(sigma * 256)
+    return torch.div(total, 1 << 24, rounding_mode="floor").clamp(0, 255).float() / 255
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 12), (3, 9, 17), (3, 16, 16)])
+def test_dn_counter_input_noise_is_the_counter_rng(rng, shape):
+    gt = torch.from_numpy(rng.randint(0, 256, shape).astype(np.uint8))
+    prep = Denoise(25, noise_seed=5, input_noise="counter").prepare(gt, block=4)
+    assert prep.base.dtype == torch.float32 and tuple(prep.base.shape) == shape
+    assert torch.equal(prep.base, counter_noise_by_hand(gt, 25, 5))
+    assert not torch.equal(prep.base, Denoise(25, noise_seed=6, input_noise="counter").prepare(gt, block=4).base)
+
+
+def test_dn_counter_input_noise_has_the_statistics_of_numpys():
+    grey = torch.full((3, 128, 128), 128, dtype=torch.uint8)  # far from clipping at sigma 25
+    counter = Denoise(25, input_noise="counter").prepare(grey, block=8).base * 255 - 128
+    numpy_ = Denoise(25).prepare(grey, block=8).base * 255 - 128
+    assert not torch.equal(counter, numpy_)
+    # both truncate: mean -0.5 grey levels; spread sigma (49152 values: standard errors 0.11 and 0.08)
+    assert abs(counter.mean().item() - numpy_.mean().item()) < 0.5
+    assert abs(counter.std().item() - numpy_.std().item()) < 0.4 and abs(counter.std().item() - 25) < 0.4
+
+
+def test_dn_input_noise_must_be_known():
+    with pytest.raises(ValueError, match="input_noise must be one of numpy, counter, got 'philox'"):
+        Denoise(50, input_noise="philox")
+    assert make_task("DN", input_noise="counter").describe()["input_noise"] == "counter"
