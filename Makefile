@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= demo_out
 
-.PHONY: demo test bench venv ext clean
+.PHONY: demo test bench venv ext clean gpu-data
 
 $(VENV)/.ready: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: ext
 
 bench: ext
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# a copy of ../shared/data inside the repo (ignored), for the GPU machine, which receives the repo alone
+gpu-data:
+	rm -rf shared/data && mkdir -p shared && cp -r ../shared/data shared/data
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_out

@@ -4,9 +4,11 @@ target is missed, this is the profile that goes beside the result.
     python benchmarks/profile_cem.py [OUT_DIR]      # CEM_FAST_BENCH_SIZE=ci for the small case
 
 Writes profile.txt (the top operators by device time, or CPU time without CUDA, and the run's per-stage timings)
-and, where supported, a Chrome trace (trace.json) into OUT_DIR (default: .).
+and, where supported, a gzipped Chrome trace (trace.json.gz) into OUT_DIR (default: .).
 """
+import gzip
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,7 +37,11 @@ def main(out_dir: Path) -> None:
             f"{table}\n")
     (out_dir / "profile.txt").write_text(text)
     try:
-        prof.export_chrome_trace(str(out_dir / "trace.json"))
+        trace = out_dir / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as f, gzip.open(out_dir / "trace.json.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        trace.unlink()
     except Exception as e:  # noqa: BLE001 - the table is what matters
         print(f"no chrome trace: {e}")
     print(text[:2000])

@@ -28,7 +28,7 @@ import cem_fast
 from cem_fast import rng
 from cem_fast.estimator import DRAW_STRIDE, _effects
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("CEM_FAST_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 SIZE = os.environ.get("CEM_FAST_BENCH_SIZE", "full")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DNCNN = str(SHARED / "models" / "dncnn_color_blind.pth")

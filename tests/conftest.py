@@ -10,12 +10,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# ../shared/data beside the repo; CEM_FAST_SHARED_DATA elsewhere (the GPU machine gets a copy inside the repo)
+SHARED = Path(os.environ.get("CEM_FAST_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    assert SHARED.is_dir(), f"../shared/data is missing next to the repo ({SHARED})"
+    assert SHARED.is_dir(), f"the shared data is missing: {SHARED} (../shared/data, or set CEM_FAST_SHARED_DATA)"
     return SHARED
 
 
