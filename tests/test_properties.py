@@ -97,10 +97,12 @@ def test_roi_psnr_matches_numpy(data):
 def test_probe_reach_is_the_receptive_field(n, dilation, block, h, w, data):
     """Any conv stack, image size (partial edge blocks included) and ROI: the probed reach is exactly the blocks
     within the receptive field, and the plan is verified."""
-    from test_locality import ConvStack, probe, reach_from_radius
+    from test_locality import ConvStack, probe, reach_from_radius, tight_window
     rh, rw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
     y, x = data.draw(st.integers(0, h - rh)), data.draw(st.integers(0, w - rw))
     plan, grid = probe(ConvStack(n, dilation), (h, w), block, [(y, x, rh, rw)])
     want = reach_from_radius(grid, ROI(y, x, rh, rw), n * dilation)
     assert np.array_equal(plan.reach[0], want), plan.info
-    assert plan.active == (not want.all())  # all reachable: the crop is the whole input, nothing to gain
+    crop = tight_window(ROI(y, x, rh, rw), n * dilation, h, w)
+    whole = (crop.h, crop.w) == (h, w)  # every pixel needed: nothing to gain
+    assert plan.window == (None if whole else crop) and plan.active == (not want.all() or not whole)
