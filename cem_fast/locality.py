@@ -8,12 +8,16 @@ model with a bounded receptive field both sets are small and found by *structura
    see whether NaN reaches the ROI (NaN survives every multiply, add, ReLU and clamp, and no weight can cancel
    it). A side of the window that the dependency reaches is grown (margin doubled) and the probe repeated, so
    the probe's cost follows the receptive field, not the image. Reachable blocks are (reached rows) x (reached
-   columns) per ROI; the crop is their bounding box.
+   columns) per ROI.
 2. Verify: (a) with NaN in *every* block outside a ROI's reachable set at once, that ROI must stay finite;
    (b) the ROI computed from the crop must equal the one computed from the full input (or, for large images,
    from the probe window, which holds a ring of unreached blocks) for the unintervened input and a few
    interventions, to the round-off of the precision in use (convolution algorithms differ by input size; TF32
    and bf16 more so).
+3. The crop: the input pixels that reach some ROI, found with NaN in each pixel row and column of the outermost
+   reached blocks (DnCNN's 32-px ROI needs 66 px per side of its 80-px block-aligned crop), its size rounded up
+   to 4 px. A model that needs its input grid kept (windowed attention, downsampling) fails verification (b)
+   on that crop and gets the block-aligned one (summary.json: tight_crop_refused).
 
 Models with global paths (global pooling, channel attention, full attention) reach the window's edge every time;
 the window grows to the whole image and nothing is skipped or cropped. A model that hides NaN, fails on crops
