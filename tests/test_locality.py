@@ -114,6 +114,21 @@ def test_probe_finds_exactly_the_blocks_within_the_receptive_field(n, dilation, 
     assert plan.window == tight_window(ROI.parse(roi), n * dilation, 80, 96)
 
 
+class Multiple8(ConvStack):
+    """A local model that only runs on sizes that are multiples of 8 (like a U-Net with three poolings)."""
+
+    def forward(self, x):
+        if x.shape[-2] % 8 or x.shape[-1] % 8:
+            raise RuntimeError(f"input sizes must be multiples of 8, got {tuple(x.shape[-2:])}")
+        return super().forward(x)
+
+
+def test_a_model_that_refuses_the_tight_crop_gets_the_block_aligned_one():
+    plan, grid = probe(Multiple8(2), (80, 96), 8, [(40, 44, 8, 8)])
+    assert plan.active and plan.window == Window(32, 40, 24, 16)  # blocks 4-6 x 5-6: radius 2 around the ROI
+    assert "RuntimeError: input sizes must be multiples of 8, got (12, 12)" in plan.info["tight_crop_refused"]
+
+
 def test_probe_cost_follows_the_receptive_field_not_the_image():
     small, _ = probe(ConvStack(2), (64, 64), 8, [(24, 24, 8)])
     large, _ = probe(ConvStack(2), (512, 512), 8, [(240, 240, 8)])
