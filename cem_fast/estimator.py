@@ -109,12 +109,6 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, oom_types) or "out of memory" in str(e).lower()
 
 
-def _is_oom(e: BaseException) -> bool:
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    return isinstance(e, oom_types) or "out of memory" in str(e).lower()
-
-
 @contextlib.contextmanager
 def precision_mode(precision: str, device: torch.device):
     """fp32: true fp32 (TF32 off for cuDNN convolutions and matmuls, which torch allows by default for cuDNN);
@@ -732,13 +726,6 @@ def _dense(build: Callable[[int], np.ndarray], j: int, grid) -> np.ndarray:
     return build(j).reshape(grid.rows, grid.cols, -1)
 
 
-def _block_effects(psnr_origin: float, samples_coarse, samples_fine, gated, coarse: int, fine: int) -> np.ndarray:
-    """Per block: the fine mean where gated (and fine > 0), else the coarse mean, of Y(I) - Y_k."""
-    fine_mean = _effects(psnr_origin, samples_fine).mean(axis=-1) if fine else 0.0
-    coarse_mean = _effects(psnr_origin, samples_coarse).mean(axis=-1) if coarse else 0.0
-    return np.where(gated & (fine > 0), fine_mean, coarse_mean)
-
-
 def _check_precision(forward32, task_obj, prep, bank_in, rois, seed, batch, backend, memory_format,
                      plan: LocalityPlan, effects, psnr_origin, gated, coarse, fine) -> dict:
     """Recompute a sample of blocks in fp32 (same draws, same crop): the largest effects and a few at random.
@@ -758,15 +745,14 @@ def _check_precision(forward32, task_obj, prep, bank_in, rois, seed, batch, back
     draws_per_block = coarse + (fine if np.asarray(gated).reshape(n, -1)[:, blocks].any() else 0)
     b = torch.from_numpy(blocks).repeat_interleave(draws_per_block)
     d = torch.arange(draws_per_block).repeat(len(blocks))
-    got = runner.run("precision", b, d).reshape(len(blocks), draws_per_block, n)
+    got = runner.run("precision", b, d).reshape(len(blocks), draws_per_block, n).transpose(2, 0, 1)
+    # the checked blocks' fp32 samples, read the way the run's were
+    fine_run = blocks if draws_per_block > coarse else blocks[:0]
+    fp32 = _Samples(blocks, got[:, :, :coarse], fine_run, got[:, :len(fine_run), coarse:],
+                    np.asarray(gated).reshape(n, -1), plan.reach.reshape(n, -1), origin32)
     worst = 0.0
     for j in range(n):
-        g = np.asarray(gated[j]).reshape(-1)[blocks]
-        reach = plan.reach[j].reshape(-1)[blocks]
-        sc = np.where(reach[:, None], got[:, :coarse, j], origin32[j])
-        sf = np.where(reach[:, None], got[:, coarse:, j], origin32[j]) if draws_per_block > coarse else \
-            np.full((len(blocks), fine), np.nan)
-        ce32 = _block_effects(origin32[j], sc, sf, g, coarse, fine if draws_per_block > coarse else 0)
+        ce32 = fp32.effect(j)[blocks]
         worst = max(worst, float(np.nanmax(np.abs(ce32 - effects[j].reshape(-1)[blocks]))))
     return {"blocks_checked": int(len(blocks)), "max_abs_delta_ce_db": round(worst, 5),
             "psnr_origin_fp32": [float(v) for v in origin32],

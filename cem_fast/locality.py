@@ -15,7 +15,7 @@ model with a bounded receptive field both sets are small and found by *structura
    interventions, to the round-off of the precision in use (convolution algorithms differ by input size; TF32
    and bf16 more so).
 3. The crop: the input pixels that reach some ROI, found with NaN in each pixel row and column of the outermost
-   reached blocks (DnCNN's 32-px ROI needs 66 px per side of its 80-px block-aligned crop), its size rounded up
+   reached blocks (DnCNN-20's 32-px ROI needs 72 px per side of its 80-px block-aligned crop), its size rounded up
    to 4 px. A model that needs its input grid kept (windowed attention, downsampling) fails verification (b)
    on that crop and gets the block-aligned one (summary.json: tight_crop_refused).
 
@@ -115,45 +115,32 @@ class _Prober:
             self.forwards += inputs.shape[0]
         return torch.cat(finite)
 
+    def reached(self, win: Window, rows: Sequence[tuple[int, int]],
+                cols: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """One probe input per span: NaN in input rows ``[a, b)`` of ``rows``, then in the columns of ``cols``, of
+        the window's crop. Returns (n_rois, len(rows)), (n_rois, len(cols)): NaN reached that ROI."""
+        crop = win.crop(self.base)
+        spans = [(0, a - win.y, b - win.y) for a, b in rows] + [(1, a - win.x, b - win.x) for a, b in cols]
+
+        def make_inputs(i0: int, i1: int) -> torch.Tensor:
+            inputs = crop.unsqueeze(0).repeat(i1 - i0, 1, 1, 1)
+            for i in range(i0, i1):
+                axis, a, b = spans[i]
+                if axis == 0:
+                    inputs[i - i0, :, a:b, :] = float("nan")
+                else:
+                    inputs[i - i0, :, :, a:b] = float("nan")
+            return inputs
+
+        reached = ~self.run(make_inputs, len(spans), win).numpy().T  # (n_rois, len(spans))
+        return reached[:, :len(rows)], reached[:, len(rows):]
+
     def probe(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
         """NaN in each block-row, then each block-column of the window: (n_rois, nrows), (n_rois, ncols) reached."""
         g = self.grid
-        win = self.window_of_blocks(r0, r1, c0, c1)
-        crop = win.crop(self.base)
-        nr, nc = r1 - r0, c1 - c0
-
-        def make_inputs(i0: int, i1: int) -> torch.Tensor:
-            inputs = crop.unsqueeze(0).repeat(i1 - i0, 1, 1, 1)
-            for i in range(i0, i1):
-                if i < nr:  # block-row r0 + i
-                    a, b = _block_span(r0 + i, g.in_block, g.in_h)
-                    inputs[i - i0, :, a - win.y:b - win.y, :] = float("nan")
-                else:  # block-column c0 + i - nr
-                    a, b = _block_span(c0 + i - nr, g.in_block, g.in_w)
-                    inputs[i - i0, :, :, a - win.x:b - win.x] = float("nan")
-            return inputs
-
-        reached = ~self.run(make_inputs, nr + nc, win).numpy().T  # (n_rois, nr + nc)
-        return reached[:, :nr], reached[:, nr:]
-
-    def probe_lines(self, win: Window, ys: Sequence[int], xs: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """NaN in one input pixel row ``ys[i]`` (then one column ``xs[i]``) of the window per probe input:
-        (len(ys),), (len(xs),) bool, reached some ROI."""
-        crop = win.crop(self.base)
-        lines = [(0, y - win.y) for y in ys] + [(1, x - win.x) for x in xs]
-
-        def make_inputs(i0: int, i1: int) -> torch.Tensor:
-            inputs = crop.unsqueeze(0).repeat(i1 - i0, 1, 1, 1)
-            for i in range(i0, i1):
-                axis, at = lines[i]
-                if axis == 0:
-                    inputs[i - i0, :, at, :] = float("nan")
-                else:
-                    inputs[i - i0, :, :, at] = float("nan")
-            return inputs
-
-        reached = ~self.run(make_inputs, len(lines), win).numpy().all(1)
-        return reached[:len(ys)], reached[len(ys):]
+        rows = [_block_span(r, g.in_block, g.in_h) for r in range(r0, r1)]
+        cols = [_block_span(c, g.in_block, g.in_w) for c in range(c0, c1)]
+        return self.reached(self.window_of_blocks(r0, r1, c0, c1), rows, cols)
 
 
 class _NoLocality(Exception):
@@ -251,14 +238,15 @@ TIGHT_ALIGN = 4  # input px: the tight crop's size is rounded up to a multiple (
 
 def _tight_crop(prober: _Prober, grid: BlockGrid, block_crop: Window) -> Window:
     """The crop cut to the input pixels that reach some ROI: NaN in each pixel row (column) of the outermost
-    reached block-rows (block-columns). DnCNN's 32-px ROI needs 66 px of its 80-px block crop: 0.68x the pixels."""
+    reached block-rows (block-columns). DnCNN-20's 32-px ROI needs 72 px of its 80-px block crop: 0.81x the pixels."""
     ib = grid.in_block
     c = block_crop
     ys = sorted({*range(c.y, min(c.y + ib, c.y + c.h)), *range(max(c.y, c.y + c.h - ib), c.y + c.h)})
     xs = sorted({*range(c.x, min(c.x + ib, c.x + c.w)), *range(max(c.x, c.x + c.w - ib), c.x + c.w)})
     # probed inside the block crop: every path from an input pixel to the ROI runs through positions the ROI
     # depends on, all inside it (0.7x the probe window's pixels for DnCNN; verification checks the result anyway)
-    rows, cols = prober.probe_lines(block_crop, ys, xs)
+    rows, cols = prober.reached(block_crop, [(y, y + 1) for y in ys], [(x, x + 1) for x in xs])
+    rows, cols = rows.any(0), cols.any(0)  # reached some ROI
     if not rows.any() or not cols.any():
         return block_crop
     y0, y1 = ys[int(np.argmax(rows))], ys[len(ys) - 1 - int(np.argmax(rows[::-1]))] + 1
