@@ -4,19 +4,35 @@
 >>> res = cem_fast.causal_effect_map(model, "image.png", task="DN", sigma=50, roi=(152, 96, 32))
 >>> res.cem            # (rows, cols) dB, + helps the ROI, - hurts it
 >>> res.save("out/")   # result.npz, summary.json, cem.png, pie.png, ...
+
+The public names are imported on first use (PEP 562), so ``import cem_fast`` and the CLI start without torch:
+a Ctrl-C while torch loads is then caught by the CLI like any other interrupt.
 """
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .estimator import causal_effect_map, causal_effect_maps, load_image  # noqa: E402
-from .geometry import ROI, BlockGrid  # noqa: E402
-from .models import load_model  # noqa: E402
-from .compare import compare_models, difference  # noqa: E402
-from .ops import intervene, roi_psnr, roi_sq_err, roi_sq_err_multi  # noqa: E402
-from .reference import roi_grid  # noqa: E402
-from .patches import PatchBank, load_patch_bank  # noqa: E402
-from .result import CEMResult, CEMResults  # noqa: E402
-from .tasks import CustomTask, Denoise, Derain, Identity, SuperResolution, Task, make_task  # noqa: E402
+_PUBLIC = {
+    "causal_effect_map": "estimator", "causal_effect_maps": "estimator", "load_image": "estimator",
+    "ROI": "geometry", "BlockGrid": "geometry", "load_model": "models", "compare_models": "compare",
+    "difference": "compare", "intervene": "ops", "roi_psnr": "ops", "roi_sq_err": "ops", "roi_sq_err_multi": "ops",
+    "roi_grid": "reference", "PatchBank": "patches", "load_patch_bank": "patches", "CEMResult": "result",
+    "CEMResults": "result", "CustomTask": "tasks", "Denoise": "tasks", "Derain": "tasks", "Identity": "tasks",
+    "SuperResolution": "tasks", "Task": "tasks", "make_task": "tasks",
+}
+__all__ = [*_PUBLIC, "__version__"]
 
-__all__ = ["causal_effect_map", "compare_models", "difference", "load_image", "ROI", "BlockGrid", "load_model", "intervene", "roi_psnr",
-           "roi_sq_err", "roi_sq_err_multi", "roi_grid", "PatchBank", "load_patch_bank", "CEMResult", "CEMResults", "causal_effect_maps", "Task", "CustomTask", "Denoise", "Derain",
-           "Identity", "SuperResolution", "make_task", "__version__"]
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cem_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later reads skip this function
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

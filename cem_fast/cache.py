@@ -3,8 +3,15 @@
 An entry's key hashes everything that determines its samples: the model (class, repr and weights), the clean
 image and the degraded input, the task, ROI, block, patch bank, seed and sampling plan, and ``CACHE_FORMAT``;
 not the backend or the batch size. Scores are written after every batch as a chunk file
-``<stage>/<start>-<count>.npy`` (temporary file, flush, fsync, rename), so a kill at any moment leaves only
-whole chunks. A chunk that cannot be read is dropped and recomputed.
+``<stage>/<start:09d>-<count:06d>.npz`` (temporary file, flush, fsync, rename), so a kill at any moment leaves
+only whole chunks.
+
+A chunk is an uncompressed ``.npz`` (no pickles) that says what it holds: ``scores`` (count, width) float64,
+``ids`` (count,) int64, the intervention ids of its rows, and ``sha256``, the hex digest of the stage, start,
+count, width, ids and scores. :meth:`RunCache.load` uses a chunk only if it reads, its digest matches, and its
+ids are the stage's ids at its place; any other chunk (a flipped bit, a truncated file, two chunks of one size
+swapped, a chunk of another plan) is deleted, so it is recomputed, and named with the reason in
+``RunCache.dropped``. Files of other formats (the ``.npy`` chunks of format 2) are never read.
 """
 from __future__ import annotations
 
@@ -20,8 +27,9 @@ import numpy as np
 
 from .fileio import atomic_write
 
-CACHE_FORMAT = 2  # bump when the meaning of cached samples changes
-_CHUNK = re.compile(r"^(\d+)-(\d+)\.npy$")
+CACHE_FORMAT = 3  # bump when the meaning or the layout of cached samples changes (3: checksummed .npz chunks)
+_CHUNK = re.compile(r"^(\d+)-(\d+)\.npz$")
+_CHUNK_ARRAYS = {"scores", "ids", "sha256"}
 
 
 def digest_bytes(*parts: bytes) -> str:
@@ -38,11 +46,32 @@ def run_key(components: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _as_ids(ids: Any) -> np.ndarray:
+    """Intervention ids as a 1-D int64 numpy array; a torch tensor (on any device) is accepted."""
+    if hasattr(ids, "detach"):
+        ids = ids.detach().cpu()
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        # a float or 2-D array here is a caller bug; casting it would checksum the wrong ids
+        raise ValueError(f"ids must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _chunk_digest(stage: str, start: int, scores: np.ndarray, ids: np.ndarray) -> str:
+    # fixed byte order, so a digest means the same on every machine; the stage and start are hashed too, so
+    # a chunk renamed to another place or moved to another stage fails even if its ids were to match there
+    count, width = scores.shape
+    return digest_bytes(stage.encode(), np.array([start, count, width], "<i8").tobytes(),
+                        ids.astype("<i8").tobytes(), scores.astype("<f8").tobytes())
+
+
 class RunCache:
-    """One run's entry under ``root/<key>/``."""
+    """One run's entry under ``root/<key>/``. ``dropped`` lists the chunks :meth:`load` deleted and why
+    (``"coarse/000000000-000008.npz: checksum mismatch"``), for the run's summary."""
 
     def __init__(self, root: "str | os.PathLike", key: str, components: dict[str, Any], fresh: bool = False):
         self.dir = Path(root) / key
+        self.dropped: list[str] = []
         if fresh and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -51,8 +80,13 @@ class RunCache:
             text = json.dumps({"format": CACHE_FORMAT, **components}, indent=2, sort_keys=True, default=str)
             atomic_write(meta, lambda f: f.write(text.encode()))
 
-    def load(self, stage: str, n: int, width: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (n, width) float64, done (n,) bool) from the stage's chunks; unreadable chunks are removed."""
+    def load(self, stage: str, n: int, width: int, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (n, width) float64, done (n,) bool) from the stage's chunks. ``ids``: the (n,) intervention
+        ids of the stage in order (numpy or torch). A chunk that does not verify is deleted and recorded in
+        ``self.dropped``; its rows stay not done."""
+        ids = _as_ids(ids)
+        if ids.shape != (n,):
+            raise ValueError(f"ids must have one id per intervention: shape {ids.shape}, expected ({n},)")
         scores = np.full((n, width), np.nan)
         done = np.zeros(n, dtype=bool)
         folder = self.dir / stage
@@ -61,23 +95,61 @@ class RunCache:
         for f in sorted(folder.iterdir()):
             m = _CHUNK.match(f.name)
             if not m:
-                continue
+                continue  # temporaries, and chunks of older formats (.npy): never read
             start, count = int(m.group(1)), int(m.group(2))
             try:
-                arr = np.load(f, allow_pickle=False)
-                if arr.shape != (count, width) or arr.dtype != np.float64 or start + count > n:
-                    raise ValueError("chunk shape does not match its name")
-            except Exception:
-                f.unlink(missing_ok=True)  # a damaged chunk is recomputed
+                arr, chunk_ids = self._read_chunk(f, stage, start, count, n, width, ids)
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with a chunk, it is recomputed
+                try:
+                    f.unlink(missing_ok=True)  # so that its recomputed rows can take its name
+                except OSError:
+                    pass  # a read-only cache: the chunk is not used either way, and is overwritten if it can be
+                self.dropped.append(f"{stage}/{f.name}: {_reason(e)}")
                 continue
             scores[start:start + count] = arr
             done[start:start + count] = True
         return scores, done
 
-    def save(self, stage: str, start: int, scores: np.ndarray) -> None:
+    @staticmethod
+    def _read_chunk(f: Path, stage: str, start: int, count: int, n: int, width: int,
+                    ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk's (scores, ids) if it verifies; raises _Bad (or whatever reading raised) otherwise."""
+        if start + count > n:
+            raise _Bad(f"rows {start}..{start + count} lie beyond the stage's {n} interventions")
+        z = np.load(f, allow_pickle=False)
+        if not hasattr(z, "files"):  # a plain .npy under a chunk name
+            raise _Bad("not an .npz archive")
+        with z:
+            missing = _CHUNK_ARRAYS - set(z.files)
+            if missing:
+                raise _Bad(f"missing arrays {sorted(missing)}")
+            arr, chunk_ids, sha = z["scores"], z["ids"], z["sha256"]
+        if arr.dtype != np.float64 or arr.shape != (count, width):
+            raise _Bad(f"scores are {arr.dtype} {arr.shape}, expected float64 ({count}, {width})")
+        if chunk_ids.dtype != np.int64 or chunk_ids.shape != (count,):
+            raise _Bad(f"ids are {chunk_ids.dtype} {chunk_ids.shape}, expected int64 ({count},)")
+        if sha.shape != () or sha.dtype.kind != "U" or str(sha) != _chunk_digest(stage, start, arr, chunk_ids):
+            raise _Bad("checksum mismatch")
+        if not np.array_equal(chunk_ids, ids[start:start + count]):
+            raise _Bad("ids do not match the stage's interventions at its rows")
+        return arr, chunk_ids
+
+    def save(self, stage: str, start: int, scores: np.ndarray, ids: Any) -> None:
+        """Write rows ``start .. start + len(scores)`` of ``stage``. ``ids``: the rows' intervention ids
+        (len(scores),), or the stage's whole (n,) ids, of which ``ids[start:start + len(scores)]`` is taken."""
         arr = np.ascontiguousarray(scores, dtype=np.float64)
-        atomic_write(self.dir / stage / f"{start:09d}-{len(scores):06d}.npy",
-                     lambda f: np.save(f, arr, allow_pickle=False))
+        if arr.ndim != 2:
+            raise ValueError(f"scores must be (count, width), got shape {arr.shape}")
+        count = arr.shape[0]
+        ids = _as_ids(ids)
+        if len(ids) != count:  # the stage's ids: cut out this chunk's rows
+            if len(ids) < start + count:
+                raise ValueError(f"{len(ids)} ids for rows {start}..{start + count}")
+            ids = ids[start:start + count]
+        ids = np.ascontiguousarray(ids)
+        sha = np.array(_chunk_digest(stage, start, arr, ids))
+        atomic_write(self.dir / stage / f"{start:09d}-{count:06d}.npz",
+                     lambda f: np.savez(f, scores=arr, ids=ids, sha256=sha))
 
     def get_value(self, name: str) -> Optional[float]:
         p = self.dir / f"{name}.json"
@@ -89,6 +161,18 @@ class RunCache:
     def put_value(self, name: str, value: float) -> None:
         text = json.dumps({"value": repr(float(value))})
         atomic_write(self.dir / f"{name}.json", lambda f: f.write(text.encode()))
+
+
+class _Bad(ValueError):
+    """A chunk that reads but does not verify."""
+
+
+def _reason(e: BaseException) -> str:
+    # one line for summary.json: our own reasons as they are, a reading error with its type
+    if isinstance(e, _Bad):
+        return str(e)
+    detail = str(e).splitlines()[0] if str(e) else ""
+    return f"unreadable ({type(e).__name__}{': ' + detail if detail else ''})"
 
 
 def missing_ranges(done: np.ndarray, batch: int) -> Iterator[tuple[int, int]]:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Optional
+
+from .jsonsafe import json_safe
 
 CACHE_DIR = ".cem_cache"  # inside --out: per-batch samples, so a re-run resumes after a crash
 EXIT_USAGE = 2
@@ -26,89 +29,172 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
+def unique_names(names: list[str]) -> list[str]:
+    """The names made unique in order: a repeated one gets ``_2``, ``_3``, ... (never one already taken)."""
+    taken: set[str] = set()
+    return [_take(n, taken) for n in names]
+
+
+def image_labels(images: list[str]) -> tuple[list[str], list[str]]:
+    """(folder name, label) of each image: ``A/img.png`` and ``B/img.png``, or ``a b.png`` and ``a_b.png``, get
+    folders of their own (``img``, ``img_2``) and labels that tell them apart (the path where names repeat)."""
+    folders = unique_names([_safe_name(Path(i).stem) for i in images])
+    names = [Path(i).name for i in images]
+    labels = [n if names.count(n) == 1 else str(i) for n, i in zip(names, images)]
+    return folders, labels
+
+
+RESULT_FILES = ("result.npz", "summary.json", "rois.json", "maps.png", "cem.png", "overlay.png", "pie.png",
+                "gt.png", "input.png", "output.png")
+
+
+def _mark_failed(run_dir: Path, message: str) -> None:
+    """A failed run leaves no earlier result behind in its folder (it would pass for this run's), and an
+    error.json saying what happened."""
+    from .fileio import atomic_write
+    if run_dir.is_dir():
+        for f in RESULT_FILES:
+            (run_dir / f).unlink(missing_ok=True)
+        for d in run_dir.glob("roi_*"):
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+    try:
+        atomic_write(run_dir / "error.json", lambda f: f.write(json.dumps({"error": message}).encode()))
+    except OSError:
+        pass  # a full disk: the report and the exit code still say it failed
+
+
 def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causal Effect Maps",
                fresh: bool = False, keep: Optional[list] = None,
                entries: Optional[list] = None) -> tuple[Path, int]:
-    """Run every model on every image of ``cfg``; returns the report path and the number of failed runs.
-    With ``keep``, (model name, image name, CEMResult) of each successful run are appended to it."""
-    from .estimator import causal_effect_maps
-    from .models import apply_model_options, load_model
+    """Run every model on every image of ``cfg``; returns the report path and the number of failed runs. One run
+    failing (a model that does not load, any error, a full disk) does not stop the others; the report is always
+    written. With ``keep``, (model name, image label, image folder, CEMResult) of each successful run are appended
+    to it."""
+    from .fileio import clean_stale_temporaries
     from .report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out_dir)  # left by a killed run or a full disk
+    entries = [] if entries is None else entries
+    folders, labels = image_labels(cfg.images)
+    failed = 0
+    taken: set[str] = set()  # model folder names: two models never share one
+    try:
+        for spec in cfg.models:
+            failed += _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries)
+    finally:
+        report = write_report(out_dir, entries, title=title)
+    return report, failed
+
+
+def _spec_name(spec: str) -> str:
+    """A folder name for a model that failed to load (a loaded model is named by :func:`load_model`)."""
+    is_path = bool(Path(spec).suffix) or "/" in spec
+    return _safe_name(Path(spec).stem if is_path else spec.rsplit(":", 1)[-1])
+
+
+def _take(name: str, taken: set) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}_{i}"
+    taken.add(candidate)
+    return candidate
+
+
+def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries) -> int:
+    from .models import apply_model_options, first_line, load_model
     opts = dict(cfg.options)
     # make_task takes the options of the configured task and ignores the others
     task_opts = {k: opts.pop(k) for k in ("scale", "sigma", "noise_seed", "input_noise", "rain_preset", "rain_beta",
                                           "rain_seed")}
-    entries = [] if entries is None else entries
-    failed, used = 0, set()
-    for spec in cfg.models:
-        model, name = load_model(spec, scale=int(task_opts["scale"]))
+    name = None
+    try:
+        model, loaded_name = load_model(spec, scale=int(task_opts["scale"]), trust_model_code=opts["trust_model_code"])
+        name = _take(_safe_name(loaded_name), taken)
         scale = int(task_opts["scale"]) if str(opts["task"]).upper() == "SR" else 1
         model = apply_model_options(model, opts.get("model_options"), scale)
-        name = _safe_name(name)
-        while name in used:
-            name += "_"
-        used.add(name)
-        for image in cfg.images:
-            stem = _safe_name(Path(image).stem)
-            rel = f"{name}/{stem}"
-            print(f"[cem-fast] {name} on {Path(image).name} ...", file=sys.stderr, flush=True)
-            try:
-                source = _load_cropped(image, opts["crop"]) if opts.get("crop") else image
-                results = causal_effect_maps(
-                    model, source, image_name=Path(image).name, task=opts["task"],
-                    rois=None if cfg.roi_grid else cfg.rois, roi_grid=cfg.roi_grid, block=opts["block"],
-                    coarse=opts["coarse"], fine=opts["fine"], tol=opts["tol"], patches=opts["patches"],
-                    seed=opts["seed"], device=opts["device"], batch_size=opts["batch_size"], mode=opts["mode"],
-                    samples=opts["samples"], backend=opts["backend"], locality=opts["locality"],
-                    precision=opts["precision"], progress=progress, model_name=name,
-                    cache=out_dir / CACHE_DIR, fresh=fresh, **task_opts)
-            except (ValueError, RuntimeError) as e:
-                failed += 1
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                print(f"cem-fast: error: {name} on {Path(image).name}: {msg}", file=sys.stderr)
-                entries.append({"model": name, "image": Path(image).name, "dir": rel, "error": msg})
-                continue
-            res = results[0]
-            if "cropped_from" in res.extra:
-                h, w = res.extra["cropped_from"]
-                print(f"[cem-fast]   note: {Path(image).name} ({h}x{w}) was cropped to {res.gt.shape[-2]}x"
-                      f"{res.gt.shape[-1]}, a multiple of the scale", file=sys.stderr)
-            extra = {"config": _jsonable(cfg.raw), "model_spec": spec}
-            loc = _locality_note(res.extra.get("locality", {}))
-            if cfg.multi_roi:
-                for r in results:
-                    r.extra.update(extra)
-                results.save(out_dir / rel)
-                print(f"[cem-fast]   {len(results)} ROIs from {res.num_forwards} forwards{_reused(res)}{loc}, "
-                      f"{res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
-                entries.append({"model": name, "image": Path(image).name, "dir": rel,
-                                "rois": json.loads((out_dir / rel / "rois.json").read_text())})
-            else:
-                res.save(out_dir / rel, summary_extra=extra)
-                st = res.stats()
-                print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "
-                      f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
-                      f"{_reused(res)}{loc}, {res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
-                entries.append({"model": name, "image": Path(image).name, "dir": rel,
-                                "summary": json.loads((out_dir / rel / "summary.json").read_text())})
-            if keep is not None:
-                keep.append((name, Path(image).name, res))
-    report = write_report(out_dir, entries, title=title)
-    return report, failed
+    except Exception as e:  # every image of this model gets its row; the other models run
+        name = name or _take(_spec_name(spec), taken)
+        msg = first_line(e)
+        print(f"cem-fast: error: {msg if msg.startswith('model') else f'model {name}: {msg}'}", file=sys.stderr)
+        for image, folder, label in zip(cfg.images, folders, labels):
+            _mark_failed(out_dir / name / folder, msg)
+            entries.append({"model": name, "image": label, "dir": f"{name}/{folder}", "error": msg})
+        return len(cfg.images)
+    failed = 0
+    for image, folder, label in zip(cfg.images, folders, labels):
+        rel = f"{name}/{folder}"
+        print(f"[cem-fast] {name} on {label} ...", file=sys.stderr, flush=True)
+        try:
+            entry = _run_one(cfg, model, spec, name, image, label, out_dir, rel, opts, task_opts, progress, fresh)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            failed += 1
+            msg = first_line(e)
+            print(f"cem-fast: error: {name} on {label}: {msg}", file=sys.stderr)
+            _mark_failed(out_dir / rel, msg)
+            entries.append({"model": name, "image": label, "dir": rel, "error": msg})
+            continue
+        (out_dir / rel / "error.json").unlink(missing_ok=True)
+        entries.append(entry)
+        if keep is not None:
+            keep.append((name, label, folder, entry.pop("_result")))
+        entry.pop("_result", None)
+    return failed
 
 
-def _load_cropped(image: str, box):
-    import numpy as np
-    from PIL import Image
-    path = Path(image)
-    if not path.is_file():
-        raise ValueError(f"image {image!r} does not exist")
-    with Image.open(path) as im:
-        if box[2] > im.width or box[3] > im.height:
-            raise ValueError(f"crop {list(box)} must lie inside the {im.width}x{im.height} image {path.name}")
-        return np.array(im.convert("RGB").crop(tuple(box)))
+def _run_one(cfg, model, spec, name, image, label, out_dir, rel, opts, task_opts, progress, fresh) -> dict:
+    """One model on one image: compute, save, and the report entry (with the result under ``_result``)."""
+    from .estimator import causal_effect_maps
+    source = _load_cropped(image, opts["crop"], opts["max_pixels"]) if opts.get("crop") else image
+    results = causal_effect_maps(
+        model, source, image_name=Path(image).name, task=opts["task"],
+        rois=None if cfg.roi_grid else cfg.rois, roi_grid=cfg.roi_grid, block=opts["block"],
+        coarse=opts["coarse"], fine=opts["fine"], tol=opts["tol"], patches=opts["patches"],
+        seed=opts["seed"], device=opts["device"], batch_size=opts["batch_size"], mode=opts["mode"],
+        samples=opts["samples"], backend=opts["backend"], locality=opts["locality"],
+        precision=opts["precision"], progress=progress, model_name=name,
+        cache=out_dir / CACHE_DIR, fresh=fresh, **_max_pixels(opts), **task_opts)
+    res = results[0]
+    if "cropped_from" in res.extra:
+        h, w = res.extra["cropped_from"]
+        print(f"[cem-fast]   note: {label} ({h}x{w}) was cropped to {res.gt.shape[-2]}x"
+              f"{res.gt.shape[-1]}, a multiple of the scale", file=sys.stderr)
+    for note in res.extra.get("cache_dropped_chunks", []):
+        print(f"[cem-fast]   note: cached chunk {note}; recomputed", file=sys.stderr)
+    extra = {"config": _jsonable(cfg.raw), "model_spec": spec, "image_path": str(image)}
+    loc = _locality_note(res.extra.get("locality", {}))
+    if cfg.multi_roi:
+        for r in results:
+            r.extra.update(extra)
+        results.save(out_dir / rel)
+        print(f"[cem-fast]   {len(results)} ROIs from {res.num_forwards} forwards{_reused(res)}{loc}, "
+              f"{res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
+        return {"model": name, "image": label, "dir": rel, "rois": json_safe(results.summary()), "_result": res}
+    res.save(out_dir / rel, summary_extra=extra)
+    st = res.stats()
+    print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "
+          f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
+          f"{_reused(res)}{loc}, {res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
+    summary = json_safe({**res.summary(), **extra})
+    return {"model": name, "image": label, "dir": rel, "summary": summary, "_result": res}
+
+
+def _max_pixels(opts: dict) -> dict:
+    return {"max_pixels": opts["max_pixels"]} if opts.get("max_pixels") is not None else {}
+
+
+def _load_cropped(image: str, box, max_pixels=None):
+    """The ``crop`` box of an image, read the way the estimator reads images (orientation, 16-bit, pixel limit)."""
+    from .estimator import DEFAULT_MAX_PIXELS, load_image
+    full, _ = load_image(image, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+    h, w = full.shape[-2:]
+    if box[2] > w or box[3] > h:
+        raise ValueError(f"crop {list(box)} must lie inside the {w}x{h} image {Path(image).name}")
+    return full[:, box[1]:box[3], box[0]:box[2]].contiguous()
 
 
 def _locality_note(info: dict) -> str:
@@ -126,11 +212,12 @@ def _reused(res) -> str:
 
 
 def _jsonable(d):
-    return json.loads(json.dumps(d, default=str))
+    return json_safe(d)
 
 
 def _with_exact(args) -> list[str]:
-    return list(args.set) + (["locality=off", "precision=fp32"] if args.exact else [])
+    return (list(args.set) + (["locality=off", "precision=fp32"] if args.exact else [])
+            + (["trust_model_code=true"] if args.trust_model else []))
 
 
 def cmd_run(args) -> int:
@@ -155,18 +242,18 @@ def cmd_compare(args) -> int:
     kept: list = []
     report, failed = run_config(cfg, out, progress=False if args.no_progress else None, fresh=args.fresh, keep=kept)
     by_image: dict[str, list] = {}
-    for name, image, res in kept:
-        by_image.setdefault(image, []).append((name, res))
+    for name, label, folder, res in kept:
+        by_image.setdefault((label, folder), []).append((name, res))
     rows = []
-    for image, runs in by_image.items():
+    for (label, folder), runs in by_image.items():
         (base_name, base), diffs = runs[0], []
         for name, res in runs[1:]:
             d = difference(res, base)
-            rel = f"compare/{_safe_name(Path(image).stem)}/{name}_vs_{base_name}"
+            rel = f"compare/{folder}/{name}_vs_{base_name}"
             save_difference(d, res, out / rel)
             diffs.append({"name": f"{name} - {base_name}", "dir": rel, "summary": d.summary()})
-        rows.append({"image": image, "runs": [(n, f"{n}/{_safe_name(Path(image).stem)}", r.summary())
-                                              for n, r in runs], "diffs": diffs})
+        rows.append({"image": label, "runs": [(n, f"{n}/{folder}", json_safe(r.summary())) for n, r in runs],
+                     "diffs": diffs})
     path = write_compare_report(out, rows)
     print(f"report: {report}\ncomparison: {path}")
     return EXIT_FAILED if failed else 0
@@ -214,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exact", action="store_true",
                    help="exact mode: every block on the whole input in fp32 (same as --set locality=off "
                         "--set precision=fp32)")
+    r.add_argument("--trust-model", action="store_true", help="load model files that hold programs (TorchScript, torch.export .pt2), which can run code: "
+                        "only for files you trust (config: trust_model_code: true)")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare", help="run several models with the same draws and compare their maps")
     c.add_argument("config", help="YAML config with `models:` (two or more)")
@@ -222,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--fresh", action="store_true", help="ignore cached samples and recompute")
     c.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
+    c.add_argument("--trust-model", action="store_true", help="load model files that hold programs (TorchScript, torch.export .pt2), which can run code: "
+                        "only for files you trust (config: trust_model_code: true)")
     c.set_defaults(func=cmd_compare)
     d = sub.add_parser("demo", help="run the offline demo and write a report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -242,10 +333,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("cem-fast: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError) as e:
+    except Exception as e:  # one line, never a traceback (``--debug`` shows it)
         if args.debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = lines[0] if lines else type(e).__name__
+        if not isinstance(e, (ValueError, RuntimeError, OSError)):
+            msg = f"{type(e).__name__}: {msg} (an unexpected error: --debug shows where)"
         print(f"cem-fast: error: {msg}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, ValueError) else EXIT_FAILED
 

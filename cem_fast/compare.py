@@ -6,7 +6,6 @@ difference map's confidence intervals are far narrower than those of two indepen
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .estimator import _effects
+from .fileio import atomic_write
+from .jsonsafe import json_bytes
 from .result import CEMResult
 
 Z95 = 1.959963984540054
@@ -81,7 +82,7 @@ def save_difference(d: MapDifference, res: CEMResult, out_dir: "str | os.PathLik
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "diff.npz", diff=d.diff, half_width=d.half_width, draws=d.draws,
                         significant=d.significant)
-    (out / "diff.json").write_text(json.dumps(d.summary(), indent=2))
+    atomic_write(out / "diff.json", lambda f: f.write(json_bytes(d.summary())))
     _save_fig(difference_figure(d, res), out / "diff.png")
     return {"npz": "diff.npz", "json": "diff.json", "png": "diff.png"}
 

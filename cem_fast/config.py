@@ -15,7 +15,31 @@ from typing import Any, Optional
 
 import yaml
 
+from . import checks
 from .geometry import ROI
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem:
+        return f"{problem}" + (f" (line {mark.line + 1})" if mark is not None and "line" not in problem else "")
+    return str(e).splitlines()[0]
 
 OURS = {
     "model": None, "models": None, "images": None, "image": None, "roi": None, "task": "DN", "scale": 4,
@@ -23,6 +47,7 @@ OURS = {
     "block": 8, "coarse": 3, "fine": 50, "tol": 0.01, "patches": None, "seed": 0, "device": None,
     "batch_size": "auto", "backend": None, "mode": "coarse-to-fine", "samples": None, "crop": None,
     "model_options": None, "rois": None, "roi_grid": None, "locality": "auto", "precision": "fp32",
+    "max_pixels": None, "trust_model_code": False,
 }
 REFERENCE = {"sr": "scale", "patch_path": "patches", "mask_block_size": "block", "coarse_num": "coarse",
              "fine_num": "fine", "Modellist": "models"}
@@ -73,9 +98,14 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
         if not p.is_file():
             raise ValueError(f"config {path!r} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config {path!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})"
+                             ) from None
+        try:
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"config {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"config {path!r} is not valid YAML: {_yaml_error(e)}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config {path!r} must be a mapping of keys to values, got {type(raw).__name__}")
         base = p.parent
@@ -131,10 +161,11 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
     images = _as_list(opts.pop("images")) + _as_list(opts.pop("image"))
     if "Imagelist" in raw:
         folder = Path(str(raw.get("TextImg_path", ".")))
-        images += [str(folder / n) for n in _as_list(raw["Imagelist"])]
+        images += [str(folder / _path_text("Imagelist", n)) for n in _as_list(raw["Imagelist"])]
     if not images:
         raise ValueError("config must name images (key 'images', or the reference's TextImg_path + Imagelist)")
-    images = [_resolve(i, base) for i in images]
+    images = [_resolve(_path_text("images", i), base) for i in images]
+    models = [_path_text("model", m) for m in models]
     models = [m if not (Path(str(m)).suffix or "/" in str(m)) else _resolve(m, base) for m in models]
     models = [x for m in models for x in _expand_folder(str(m))]
     roi = opts.pop("roi")
@@ -172,5 +203,32 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
     for k in ("block", "coarse", "fine", "seed", "scale"):
         if not isinstance(opts[k], int) or isinstance(opts[k], bool):
             raise ValueError(f"{k} must be an integer, got {opts[k]!r}")
+    _check_values(opts)
     roi_list = [ROI.parse(r) for r in rois] if rois is not None else [ROI.parse(roi)] if roi is not None else []
     return RunConfig([str(m) for m in models], images, roi_list, opts, raw, roi_grid)
+
+
+def _path_text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} entries must be file names or specs (text), got {value!r}")
+    return value
+
+
+def _check_values(opts: dict[str, Any]) -> None:
+    """Values the runs would only trip over later, checked once for the whole config."""
+    checks.integer("seed", opts["seed"], 0, checks.SEED_MAX)
+    checks.integer("noise_seed", opts["noise_seed"], 0, checks.NUMPY_SEED_MAX)
+    if opts["rain_seed"] is not None:
+        checks.integer("rain_seed", opts["rain_seed"], 0, checks.NUMPY_SEED_MAX)
+    checks.number("sigma", opts["sigma"], 0, 255, lo_open=True)
+    if opts["rain_beta"] is not None:
+        checks.number("rain_beta", opts["rain_beta"], 0, 2, lo_open=True)
+    checks.number("tol", opts["tol"], 0)
+    if opts["max_pixels"] is not None:
+        checks.integer("max_pixels", opts["max_pixels"], 1)
+    checks.boolean("trust_model_code", opts["trust_model_code"])
+    draws = opts["coarse"] + (opts["samples"] if isinstance(opts["samples"], int) else opts["fine"])
+    if draws > checks.MAX_DRAWS:
+        raise ValueError(f"coarse + fine (or samples) must be at most {checks.MAX_DRAWS} draws per block, got {draws}")
+    from .models.wrappers import check_model_options
+    check_model_options(opts.get("model_options"))

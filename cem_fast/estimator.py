@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -25,19 +26,19 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
-from . import ops, reference, rng
+from . import checks, ops, reference, rng
 from .cache import RunCache, digest_bytes, missing_ranges, run_key
 from .geometry import ROI, RoiLike, rois_finite
 from .locality import LocalityPlan, Window, plan_locality
-from .models import eval_mode, load_model, model_digest
+from .models import eval_mode, first_line, load_model, model_code_digest, model_digest
 from .patches import PatchBank, load_patch_bank
 from .result import CEMResult, CEMResults, Deferred
 from .tasks import Prepared, Task, make_task
 
-DRAW_STRIDE = 1 << 20  # intervention id = block * DRAW_STRIDE + draw index
+DRAW_STRIDE = checks.MAX_DRAWS  # intervention id = block * DRAW_STRIDE + draw index
 DRAWS_VERSION = "hash-v1"  # how (seed, block, draw) map to patches and noise; part of the cache key
 MODES = ("coarse-to-fine", "exhaustive")
 LOCALITY = ("auto", "off")
@@ -48,9 +49,15 @@ PROBE_BATCH_CUDA = 16
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
-def load_image(image: ImageLike) -> tuple[torch.Tensor, str]:
-    """(3, H, W) uint8 RGB tensor and a name. Paths and PIL images: greyscale is replicated to RGB, an alpha
-    channel is dropped. Arrays: (H, W, 3) uint8 or float in [0, 1]; tensors: (3, H, W) uint8 or float in [0, 1]."""
+DEFAULT_MAX_PIXELS = 8192 * 8192  # larger inputs are refused unless max_pixels is raised (memory grows with it)
+
+
+def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, str]:
+    """(3, H, W) uint8 RGB tensor and a name. Paths and PIL images: the EXIF orientation is applied, greyscale is
+    replicated to RGB, an alpha channel is dropped, 16-bit and float images are scaled to 8 bits (16-bit: round(v
+    / 257); float: values in [0, 1], x255, rounded; others are refused). Arrays: (H, W, 3) uint8, uint16 or float
+    in [0, 1]; tensors: (3, H, W) uint8 or float in [0, 1]. Images above ``max_pixels`` are refused before they are
+    decoded (None: no limit)."""
     name = "image"
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -58,15 +65,24 @@ def load_image(image: ImageLike) -> tuple[torch.Tensor, str]:
         if not path.is_file():
             raise ValueError(f"image {str(path)!r} does not exist")
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit speaks instead
+                with Image.open(path) as im:
+                    _check_pixels(f"image {str(path)!r}", im.height, im.width, max_pixels)
+                    image = _pil_to_rgb8(ImageOps.exif_transpose(im), str(path))
+        except ValueError:
+            raise
         except Exception as e:
-            raise ValueError(f"image {str(path)!r} cannot be read: {e}".splitlines()[0]) from None
+            raise ValueError(f"image {str(path)!r} cannot be read: {first_line(e)}") from None
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        _check_pixels("image", image.height, image.width, max_pixels)
+        image = _pil_to_rgb8(image, "image")
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image array must be (H, W, 3), got {image.shape}")
+        _check_pixels("image array", image.shape[0], image.shape[1], max_pixels)
+        if image.dtype == np.uint16:
+            image = _u16_to_u8(image)
         # the (3, H, W) copy at the end detaches the tensor from the caller's array: no copy here (0.25 s at 8192^2)
         usable = image.flags.writeable and min(image.strides) >= 0  # torch takes neither read-only nor flipped
         image = torch.from_numpy(image if usable else image.copy()).permute(2, 0, 1)
@@ -74,12 +90,39 @@ def load_image(image: ImageLike) -> tuple[torch.Tensor, str]:
         raise ValueError(f"image must be a path, PIL image, array or tensor, got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image tensor must be (3, H, W), got {tuple(image.shape)}")
+    _check_pixels("image tensor", image.shape[1], image.shape[2], max_pixels)
     if image.dtype != torch.uint8:
         x = image.detach().float().cpu()
-        if x.min() < 0 or x.max() > 1:
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
             raise ValueError(f"float image values must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
         image = torch.round(x * 255).to(torch.uint8)
     return image.cpu().contiguous(), name
+
+
+def _check_pixels(what: str, h: int, w: int, max_pixels: Optional[int]) -> None:
+    if max_pixels is not None and h * w > max_pixels:
+        raise ValueError(f"{what} is {w}x{h} = {h * w / 1e6:.1f} MP, above max_pixels={max_pixels} "
+                         f"({max_pixels / 1e6:.1f} MP): raise max_pixels to run it (memory grows with the image)")
+
+
+def _u16_to_u8(a: np.ndarray) -> np.ndarray:
+    return np.round(a.astype(np.float64) / 257.0).astype(np.uint8)
+
+
+def _pil_to_rgb8(im: Image.Image, what: str) -> np.ndarray:
+    """(H, W, 3) uint8. PIL's convert("RGB") clips 16-bit and float pixels to 0..255 (a 16-bit grey PNG becomes
+    two levels), so those modes are scaled here; 16-bit RGB files are already read as 8-bit RGB by PIL."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"{what}: 32-bit integer pixels in [{a.min()}, {a.max()}], expected 0..65535 (16-bit)")
+        return np.repeat(_u16_to_u8(a)[..., None], 3, axis=2)
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 1):
+            raise ValueError(f"{what}: float pixels in [{np.nanmin(a):.3g}, {np.nanmax(a):.3g}], expected [0, 1]")
+        return np.repeat(np.round(a * 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
 
 
 def _pick_device(model: nn.Module, device: Optional[Union[str, torch.device]]) -> torch.device:
@@ -239,15 +282,17 @@ class _Runner:
         out_buf = self._input_buffer(len(blocks)) if self.task.supports_windows else None
         inputs = self.task.intervene(self.prep, self.bank_in, patch_idx, blocks, ids, self.seed, self.backend,
                                      window=self.window, out=out_buf)
-        return self.score_outputs(self.forward(inputs))
+        return self.score_outputs(self.forward(inputs, owned=out_buf is not None))
 
     def run(self, stage: str, blocks: torch.Tensor, draws: torch.Tensor) -> np.ndarray:
         """(n, n_rois) ROI PSNRs of interventions (blocks[i], draws[i])."""
         n, width = blocks.shape[0], len(self.rois)
         dev = self.prep.base.device
+        # the intervention ids of the rows, for the cache's chunks (from the host copies: no device round trip)
+        ids = blocks.cpu().numpy().astype(np.int64) * DRAW_STRIDE + draws.cpu().numpy().astype(np.int64)
         blocks, draws = blocks.to(dev), draws.to(dev)
-        if self.cache is not None:
-            scores, done = self.cache.load(stage, n, width)
+        if self.cache is not None:  # chunks carry the ids they hold and a checksum: others are recomputed
+            scores, done = self.cache.load(stage, n, width, ids)
         else:
             scores, done = np.full((n, width), np.nan), np.zeros(n, dtype=bool)
         self.reused += int(done.sum())
@@ -262,7 +307,7 @@ class _Runner:
             chunk = dev_scores.cpu().numpy()
             scores[s:e] = chunk
             if self.cache is not None:
-                self.cache.save(stage, s, chunk)
+                self.cache.save(stage, s, chunk, ids[s:e])
             self.forwards += e - s
             if self.bar is not None:
                 self.bar.update(e - s)
@@ -306,6 +351,52 @@ class _Runner:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def _private_copy(x: torch.Tensor, memory_format) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=memory_format)
+    return out.copy_(x)
+
+
+SAMPLE_BYTES = 64  # host bytes per intervention and ROI: scores, done flags, block / draw / id arrays, copies
+
+
+def _available_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_sample_memory(blocks: int, coarse: int, fine: int, n_rois: int) -> None:
+    """Refuse, before allocating, a sampling plan whose per-intervention arrays would not fit in host memory."""
+    need = blocks * max(coarse, fine, 1) * n_rois * SAMPLE_BYTES
+    avail = _available_memory()
+    if avail is not None and need > avail // 2:
+        raise ValueError(f"coarse={coarse}, fine={fine} for {blocks} blocks x {n_rois} ROIs needs about "
+                         f"{need / 2**30:.1f} GiB of host memory for the samples, more than half of the "
+                         f"{avail / 2**30:.1f} GiB available: lower coarse / fine / samples")
+
+
+def _refuse_infinite_effects(effect: np.ndarray, psnr_origin: float, roi: ROI, name: str) -> None:
+    """An infinite Y(I) (the model reproduces the ROI exactly) or an intervention that makes the ROI exact gives
+    infinite effects: no map in dB can show them, so say so instead of writing inf."""
+    bad = np.isinf(effect)
+    if not bad.any():
+        return
+    r, c = (int(i) for i in np.argwhere(bad)[0])
+    why = ("the model reproduces the ground truth exactly there (MSE 0), so Y(I) is infinite" if
+           math.isinf(psnr_origin) else "some interventions make the model reproduce it exactly (PSNR inf)")
+    raise ValueError(f"roi (y={roi.y}, x={roi.x}, {roi.height}x{roi.width}) of model {name}: {why}; the effect of "
+                     f"{int(bad.sum())} block(s) is infinite (first: block ({r}, {c})): choose an ROI or image "
+                     "the model does not restore perfectly")
 
 
 def _effects(psnr_origin: float, samples: np.ndarray) -> np.ndarray:
@@ -405,6 +496,8 @@ def causal_effect_maps(
     model_name: Optional[str] = None,
     cache: Union[None, str, os.PathLike] = None,
     fresh: bool = False,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    trust_model_code: bool = False,
     **task_options: Any,
 ) -> CEMResults:
     """Causal Effect Maps of ``model`` for many ROIs of its output from one set of forward passes.
@@ -432,6 +525,9 @@ def causal_effect_maps(
         progress: show a progress bar (default: when stderr is a terminal).
         cache: folder of the crash-safe sample cache; a re-run with the same inputs resumes where it stopped
             (see :mod:`cem_fast.cache`). ``fresh=True`` discards this run's cached samples first.
+        max_pixels: refuse larger images before decoding them (default 8192 x 8192; None: no limit).
+        trust_model_code: allow a model spec that names a program file (TorchScript, torch.export ``.pt2``),
+            which can run code when it is loaded; never needed for checkpoints (state dicts).
 
     Returns:
         :class:`CEMResults`, one :class:`CEMResult` per ROI, in order.
@@ -440,7 +536,7 @@ def causal_effect_maps(
     if isinstance(model, nn.Module):
         name = model_name or type(model).__name__
     else:
-        model, name = load_model(model, scale=int(task_options.get("scale", 4)))
+        model, name = load_model(model, scale=int(task_options.get("scale", 4)), trust_model_code=trust_model_code)
         name = model_name or name
     task_obj = make_task(task, **task_options)
     _check_positive("block", block)
@@ -461,7 +557,13 @@ def causal_effect_maps(
         raise ValueError(f"tol must be a non-negative number of dB, got {tol!r}")
     if batch_size is not None and batch_size != "auto":
         _check_positive("batch_size", batch_size)
-    clean, default_name = load_image(image)
+    checks.integer("seed", seed, 0, checks.SEED_MAX)
+    if coarse + fine > DRAW_STRIDE:
+        raise ValueError(f"coarse + fine (or samples) must be at most {DRAW_STRIDE} draws per block (intervention "
+                         f"ids keep 20 bits for the draw index), got {coarse + fine}")
+    if max_pixels is not None:
+        checks.integer("max_pixels", max_pixels, 1)
+    clean, default_name = load_image(image, max_pixels)
     image_name = image_name or default_name
     bank = load_patch_bank(patches)
     bank_digest = bank.digest()
@@ -491,9 +593,13 @@ def causal_effect_maps(
         progress = sys.stderr.isatty()
 
     def forward_in(prec: str):
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(x: torch.Tensor, owned: bool = False) -> torch.Tensor:
+            """``owned``: ``x`` is a batch buffer rewritten before its next use, so an in-place model may write
+            into it; any other input (views of the base input, probe inputs) is copied first, so that a model
+            doing ``x.mul_(0.9)`` cannot change what later forwards see."""
+            x = x.contiguous(memory_format=memory_format) if owned else _private_copy(x, memory_format)
             with precision_mode(prec, dev):
-                return model(x.contiguous(memory_format=memory_format))
+                return model(x)
         return forward
 
     if compile:
@@ -549,10 +655,11 @@ def causal_effect_maps(
         else:
             batch = int(batch_size)
 
-        run_cache = None
+        run_cache, cache_note = None, None
         if cache is not None:
+            code_digest, code_unknown = model_code_digest(model)
             components = {
-                "model": model_digest(model), "gt": digest_bytes(prep.gt.cpu().numpy().tobytes()),
+                "model": model_digest(model), "model_code": code_digest, "gt": digest_bytes(prep.gt.cpu().numpy().tobytes()),
                 "input": digest_bytes(prep.base.cpu().numpy().tobytes(), str(tuple(prep.base.shape)).encode()),
                 "task": task_obj.describe(), "rois": [r.as_tuple() for r in roi_list], "block": block,
                 "bank": bank_digest, "seed": int(seed), "coarse": coarse, "fine": fine, "tol": float(tol),
@@ -560,7 +667,11 @@ def causal_effect_maps(
                 "precision": precision, "draws": DRAWS_VERSION, "model_name": name, "image": image_name,
             }
             key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
+            if code_unknown:  # a model whose code may have changed unseen: its samples are never reused
+                key_parts["never_reused"] = os.urandom(16).hex()
+                cache_note = f"samples not reused across runs: {code_unknown}"
             run_cache = RunCache(cache, run_key(key_parts), components, fresh=fresh)
+        _check_sample_memory(int(plan.reach.reshape(n_rois, -1).any(0).sum()), coarse, fine, n_rois)
         marks["probe"] = time.perf_counter()
         runner = _Runner(forward, task_obj, prep, bank_in, roi_list, int(seed), batch, backend_name,
                          progress, run_cache, memory_format, plan.window)
@@ -585,6 +696,8 @@ def causal_effect_maps(
         marks["sampling"] = time.perf_counter()
         gated = sampled.gated.reshape(n_rois, grid.rows, grid.cols)
         effects = [sampled.effect(j).reshape(grid.rows, grid.cols) for j in range(n_rois)]
+        for j, e in enumerate(effects):
+            _refuse_infinite_effects(e, float(psnr_origin[j]), roi_list[j], name)
         precision_check = None
         if precision != "fp32":
             precision_check = _check_precision(
@@ -611,6 +724,8 @@ def causal_effect_maps(
         **({"precision_check": precision_check} if precision_check else {}),
         **({"rois_in_pass": n_rois} if n_rois > 1 else {}),
         **({"cache_entry": str(run_cache.dir)} if run_cache is not None else {}),
+        **({"cache_note": cache_note} if cache_note else {}),
+        **({"cache_dropped_chunks": run_cache.dropped} if run_cache is not None and run_cache.dropped else {}),
         **({"output_picture": "model output inside the locality crop only"} if out0 is None else {}),
     }
     results = CEMResults()

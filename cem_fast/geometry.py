@@ -7,12 +7,24 @@ a multiple of ``scale``.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 
 RoiLike = Union["ROI", Sequence[int], dict]
+
+
+def _whole(v) -> int:
+    """An integer, or text / a float that is one (``8.5`` is refused, not truncated to 8)."""
+    if isinstance(v, bool):
+        raise TypeError("a boolean is not a pixel coordinate")
+    if isinstance(v, str):
+        return int(v.strip())
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"{v} is not a whole number")
+    return operator.index(v) if not isinstance(v, float) else int(v)
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,7 @@ class ROI:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split()]
         try:
-            nums = [int(v) for v in value]
+            nums = [_whole(v) for v in value]
         except (TypeError, ValueError):
             raise ValueError(f"roi must be (y, x, size) or (y, x, height, width) integers, got {value!r}") from None
         if len(nums) == 3:

@@ -1,8 +1,10 @@
 """Patch banks: the natural patches that replace a block's clean content.
 
 * :meth:`PatchBank.from_folder` loads a folder of patch images in RGB order (the reference's DIV2K bank has
-  10,000 8x8 PNGs) and caches the stacked array beside the user's cache (``CEM_FAST_CACHE`` or
-  ``~/.cache/cem_fast``), keyed by the folder's file names, sizes and times.
+  10,000 8x8 PNGs) and caches the stacked array in the user's cache (``CEM_FAST_CACHE`` or
+  ``~/.cache/cem_fast``), keyed by the files' names and bytes (not their sizes and times: a patch rewritten
+  with the same size and time is not served stale). The key is stored in the cached file and checked on
+  load. The cache is optional: where it cannot be written, banks are built without it (one warning).
 * :meth:`PatchBank.build` crops random patches from a folder of images and records their sharpness.
 * :meth:`PatchBank.default` is the bank shipped in the package (CC0 / public-domain images, see
   ``cem_fast/data/LICENSES.md``).
@@ -10,7 +12,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -79,33 +83,47 @@ class PatchBank:
                              key=lambda e: e.name)
         if not entries:
             raise ValueError(f"patch folder {str(folder)!r} holds no images (expected .png/.jpg patches)")
-        h = hashlib.sha256()
+        # keyed by content: names and bytes (with lengths, so no two file lists share a key). The bytes read
+        # here are the ones decoded below, so a file changed meanwhile cannot be cached under the old key.
+        h = hashlib.sha256(b"cem_fast patch bank v2\n")
+        datas = []
         for e in entries:
-            st = e.stat()
-            h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        cache = cache_dir() / "patch_banks" / f"{h.hexdigest()[:24]}.npz"
-        if use_cache and cache.exists():
             try:
-                with np.load(cache) as z:
-                    return cls(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], str(folder))
-            except Exception:
-                pass  # a damaged cache is rebuilt below
+                data = (folder / e.name).read_bytes()
+            except OSError as err:
+                raise ValueError(f"patch {str(folder / e.name)!r} cannot be read: {err}") from None
+            datas.append(data)
+            for part in (e.name.encode(), data):
+                h.update(len(part).to_bytes(8, "little"))
+                h.update(part)
+        key = h.hexdigest()
+        cache = cache_dir() / "patch_banks" / f"{key[:24]}.npz"
+        if use_cache:
+            try:
+                with np.load(cache, allow_pickle=False) as z:
+                    if str(z["key"]) == key:  # a file of another bank, or of an older format, is rebuilt
+                        return cls(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], str(folder))
+            except Exception:  # noqa: BLE001 - absent, unreadable (even its folder) or damaged: rebuilt below
+                pass
         arrays, size = [], None
-        for f in (folder / e.name for e in entries):
+        for e, data in zip(entries, datas):
             try:
-                a = np.asarray(Image.open(f).convert("RGB"))
-            except Exception as e:
-                raise ValueError(f"patch {str(f)!r} cannot be read as an image: {e}") from None
+                a = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            except Exception as err:
+                raise ValueError(f"patch {str(folder / e.name)!r} cannot be read as an image: {err}") from None
             if size is None:
                 size = a.shape[:2]
             if a.shape[:2] != size or size[0] != size[1]:
-                raise ValueError(f"patch {f.name} is {a.shape[0]}x{a.shape[1]}: expected square patches of one "
+                raise ValueError(f"patch {e.name} is {a.shape[0]}x{a.shape[1]}: expected square patches of one "
                                  f"size ({size[0]}x{size[1]} like the first)")
             arrays.append(a)
         patches = np.stack(arrays).transpose(0, 3, 1, 2).copy()
         bank = cls(torch.from_numpy(patches), [e.name for e in entries], str(folder))
         if use_cache:
-            _atomic_savez(cache, patches=patches, names=np.array(bank.names))
+            try:
+                _atomic_savez(cache, patches=patches, names=np.array(bank.names), key=np.array(key))
+            except OSError as err:  # read-only or full cache, or none can be made: the bank is fine without
+                _warn_cache_once(cache.parent, err)
         return bank
 
     @classmethod
@@ -142,8 +160,24 @@ class PatchBank:
 
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "PatchBank":
-        with np.load(path) as z:
-            return cls(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], str(path))
+        """A bank written by :meth:`save`: arrays ``patches`` and (optionally) ``names``."""
+        try:
+            z = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - not a file numpy reads, or one holding pickles
+            raise ValueError(f"patch bank {str(path)!r} cannot be read as an .npz archive: {first_line(e)}") from None
+        if not hasattr(z, "files"):  # a plain .npy array
+            raise ValueError(f"patch bank {str(path)!r} is not an .npz archive (as written by PatchBank.save)")
+        with z:
+            if "patches" not in z.files:
+                raise ValueError(f"patch bank {str(path)!r} has no array 'patches' (expected 'patches' and "
+                                 f"'names', as written by PatchBank.save)")
+            try:  # arrays are read here, lazily: an object (pickled) array is refused at this point
+                names = [str(n) for n in z["names"]] if "names" in z.files else []
+                patches = z["patches"]
+            except ValueError as e:
+                raise ValueError(f"patch bank {str(path)!r} holds an array that needs pickle, which is never loaded "
+                                 f"({first_line(e)}); expected 'patches' uint8 and 'names' text") from None
+            return cls(torch.from_numpy(patches), names, str(path))
 
     @classmethod
     def default(cls) -> "PatchBank":
@@ -158,6 +192,17 @@ def _atomic_savez(path: Path, **arrays) -> None:
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
+_cache_warned = False  # the bank cache's warning is given once per process, not once per bank
+
+
+def _warn_cache_once(folder: Path, err: OSError) -> None:
+    global _cache_warned
+    if not _cache_warned:
+        _cache_warned = True
+        warnings.warn(f"patch bank cache {str(folder)!r} cannot be written ({err}); patch folders are read "
+                      f"without it (set CEM_FAST_CACHE to a writable folder to cache them)", stacklevel=3)
+
+
 def load_patch_bank(spec: "str | os.PathLike | PatchBank | None") -> PatchBank:
     """``None``/"default": the shipped bank; a folder of patch images; an ``.npz`` saved by :meth:`PatchBank.save`."""
     if isinstance(spec, PatchBank):
@@ -168,3 +213,8 @@ def load_patch_bank(spec: "str | os.PathLike | PatchBank | None") -> PatchBank:
     if p.suffix == ".npz" and p.is_file():
         return PatchBank.load(p)
     return PatchBank.from_folder(p)
+
+
+def first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

@@ -1,7 +1,6 @@
 """The result of a CEM run: the map, every sample, statistics, and saving to npz / JSON / PNG."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -14,6 +13,7 @@ import torch
 
 from .fileio import atomic_write
 from .geometry import ROI, BlockGrid
+from .jsonsafe import json_bytes
 
 # Colour-scale bounds of the METHOD.md picture, dB.
 DISPLAY_BOUND = {"SR": 2.5, "DN": 1.0, "DR": 2.0}
@@ -175,7 +175,7 @@ class CEMResult:
         summary = self.summary()
         if summary_extra:
             summary.update(summary_extra)
-        atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        atomic_write(out / "summary.json", lambda f: f.write(json_bytes(summary)))
         plotting.save_pictures(self, out)
         return out
 
@@ -212,7 +212,7 @@ class CEMResults(list):
         for i, r in enumerate(self):
             r.save(out / roi_folder(i, r.roi))
         summary = self.summary()
-        atomic_write(out / "rois.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        atomic_write(out / "rois.json", lambda f: f.write(json_bytes(summary)))
         if self:
             plotting.save_overlay_grid(self, out / "maps.png")
         return out

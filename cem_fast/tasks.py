@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import ops
+from . import checks, ops
 from .geometry import BlockGrid, int64_on_device
 from .rain import PRESETS, rain_layer, seed_from_name
 
@@ -132,8 +132,9 @@ class SuperResolution(_GridTask):
     name = "SR"
 
     def __init__(self, scale: int = 4):
-        if int(scale) < 1:
+        if isinstance(scale, (int, np.integer)) and not isinstance(scale, bool) and scale < 1:
             raise ValueError(f"sr scale must be a positive integer, got {scale}")
+        checks.integer("sr scale", scale, 1)
         self.scale = int(scale)
 
     def degrade_image(self, gt, image_name):
@@ -163,12 +164,11 @@ class Denoise(_GridTask):
     name = "DN"
 
     def __init__(self, sigma: float = 50.0, noise_seed: int = 0, input_noise: str = "numpy"):
-        if float(sigma) <= 0:
+        if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma <= 0:
             raise ValueError(f"sigma must be positive (0..255 units), got {sigma}")
-        if input_noise not in INPUT_NOISE:
-            raise ValueError(f"input_noise must be one of {', '.join(INPUT_NOISE)}, got {input_noise!r}")
-        self.sigma = float(sigma)
-        self.noise_seed = int(noise_seed)
+        self.sigma = checks.number("sigma", sigma, 0, 255, lo_open=True)
+        checks.choice("input_noise", input_noise, INPUT_NOISE)
+        self.noise_seed = checks.integer("noise_seed", noise_seed, 0, checks.NUMPY_SEED_MAX)
         self.input_noise = input_noise
         self.degrades_on_device = input_noise == "counter"
 
@@ -222,8 +222,10 @@ class Derain(_GridTask):
     def __init__(self, preset: str = "medium", beta: Optional[float] = None, rain_seed: Optional[int] = None):
         if preset not in PRESETS:
             raise ValueError(f"rain preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-        if beta is not None and not 0 < float(beta) <= 2:
-            raise ValueError(f"rain beta must be in (0, 2], got {beta}")
+        if beta is not None:
+            beta = checks.number("rain beta", beta, 0, 2, lo_open=True)
+        if rain_seed is not None:
+            rain_seed = checks.integer("rain_seed", rain_seed, 0, checks.NUMPY_SEED_MAX)
         self.preset, self.beta, self.rain_seed = preset, beta, rain_seed
 
     def describe(self):

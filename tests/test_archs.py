@@ -106,7 +106,7 @@ def test_torch_export_files_load(tmp_path):
     net = DnCNN(3, 4, 2).eval()
     ep = torch.export.export(net, (torch.rand(1, 3, 8, 8),))
     torch.export.save(ep, str(tmp_path / "net.pt2"))
-    model, name = load_model(str(tmp_path / "net.pt2"))
+    model, name = load_model(str(tmp_path / "net.pt2"), trust_model_code=True)
     x = torch.rand(1, 3, 8, 8)
     assert name == "net" and torch.allclose(model(x), net(x))
 

@@ -17,8 +17,15 @@ def bank(rng):
     return PatchBank(torch.from_numpy(rng.randint(0, 256, (8, 3, 8, 8)).astype(np.uint8)))
 
 
+class Dim(torch.nn.Module):
+    """Not an exact restorer, so Y(I) is finite."""
+
+    def forward(self, x):
+        return x * 0.5
+
+
 def cem(image, bank, **kw):
-    args = dict(model=torch.nn.Identity(), task="identity", roi=(0, 0, 8), patches=bank, coarse=1, fine=1)
+    args = dict(model=Dim(), task="identity", roi=(0, 0, 8), patches=bank, coarse=1, fine=1)
     args.update(kw)
     return cem_fast.causal_effect_map(image=image, **args)
 
@@ -106,7 +113,7 @@ def cli(*args):
     ("empty_patches", "patches={tmp}/empty", "holds no images"),
     ("unknown_ckpt", "model={tmp}/unknown.pth", "unknown architecture"),
     ("corrupt_ckpt", "model={tmp}/corrupt.pth", "not a readable PyTorch checkpoint"),
-    ("none", "sigma=0", "sigma must be positive"),
+    ("none", "sigma=0", "sigma must be a finite number in (0, 255], got 0"),
     ("none", "block=0", "block must be a positive"),
     ("none", "roi=[0, 0]", "roi must be (y, x, size) or (y, x, height, width)"),
     ("none", "crop=[1, 2]", "crop must be a PIL box"),

@@ -45,7 +45,9 @@ def test_wrapped_and_prefixed_state_dicts_load(tmp_path):
 def test_torchscript_and_factory_specs(tmp_path):
     scripted = torch.jit.trace(Bicubic(2), torch.rand(1, 3, 4, 4))
     scripted.save(str(tmp_path / "bic.pt"))
-    model, name = load_model(str(tmp_path / "bic.pt"))
+    with pytest.raises(ValueError, match="is a TorchScript program, which can run code.*trust_model_code"):
+        load_model(str(tmp_path / "bic.pt"))
+    model, name = load_model(str(tmp_path / "bic.pt"), trust_model_code=True)
     x = torch.rand(1, 3, 5, 6)
     assert name == "bic" and torch.equal(model(x), Bicubic(2)(x))
     model, name = load_model("torch.nn:Identity")

@@ -123,7 +123,7 @@ def test_batch_size_and_fresh(img, bank, tmp_path):
 
 def test_damaged_chunks_are_recomputed(img, bank, tmp_path):
     want = cem(Blur(), img, bank, cache=tmp_path)
-    chunks = sorted(tmp_path.glob("*/coarse/*.npy"))
+    chunks = sorted(tmp_path.glob("*/coarse/*.npz"))
     chunks[0].write_bytes(b"garbage")
     chunks[1].write_bytes(chunks[1].read_bytes()[:40])  # truncated
     got = cem(Blur(), img, bank, cache=tmp_path)
@@ -185,8 +185,8 @@ def test_soak_random_kills_of_the_cli(tmp_path, demo2):
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         kills += 1
-        for f in out.glob(".cem_cache/*/*/*.npy"):
-            np.load(f)  # whole chunks only: never a partial file under a chunk name
+        for f in out.glob(".cem_cache/*/*/*.npz"):
+            np.load(f)["scores"]  # whole chunks only: never a partial file under a chunk name
     final = subprocess.run(cmd + [str(out)], capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr
     assert kills >= 2

@@ -2,9 +2,12 @@
 a TorchScript file, or a checkpoint whose architecture is recognised (KAIR DnCNN)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import math
 import importlib
+import inspect
+import logging
+import math
 import re
 import zipfile
 from importlib import resources
@@ -21,7 +24,7 @@ from .wrappers import PadToMultiple, PerChannel, PreUpsample, WithNoiseMap, appl
 
 __all__ = ["Bicubic", "DnCNN", "FDnCNN", "MSRResNet", "EDSR", "RCAN", "SwinIR", "WithNoiseMap", "PadToMultiple",
            "PreUpsample", "PerChannel", "apply_model_options", "load_model", "default_denoiser", "default_model",
-           "detect_architecture", "model_digest"]
+           "detect_architecture", "model_digest", "model_code_digest"]
 
 
 DEFAULTS = {"dn": "default_denoiser.pt", "sr": "default_sr.pt", "dr": "default_dr.pt"}
@@ -123,26 +126,63 @@ def _unwrap_state_dict(obj) -> dict:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
-def _load_checkpoint(path: Path) -> nn.Module:
-    if path.suffix == ".pt2":
+TRUST_HINT = "set trust_model_code: true in the config, --trust-model on the command line, or " \
+             "trust_model_code=True in Python, only for files you trust"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive keeps its program under ``<name>/code/`` (read from the zip index: nothing runs)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs a traceback of its own for unreadable archives; our one-line error says it instead."""
+    loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch._export.serde.serialize")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _load_checkpoint(path: Path, trust_model_code: bool = False) -> nn.Module:
+    # torch.export archives unpickle with weights_only=False when the safe loader fails (a crafted file runs
+    # code while loading), and TorchScript files are programs: both load only on the user's explicit word.
+    # A checkpoint is read with weights_only=True, which builds tensors and containers and runs nothing.
+    if path.suffix.lower() == ".pt2" or _is_torchscript(path):
+        kind = "a torch.export program" if path.suffix.lower() == ".pt2" else "a TorchScript program"
+        if not trust_model_code:
+            raise ValueError(f"model file {str(path)!r} is {kind}, which can run code when it is loaded or run; "
+                             f"not loaded: {TRUST_HINT}")
         try:
-            return torch.export.load(str(path)).module()
-        except Exception as e:
-            raise ValueError(f"model file {str(path)!r} is not a readable torch.export program: "
-                             f"{str(e).splitlines()[0]}") from None
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any("/code/" in n for n in z.namelist()):
+            with _quiet_torch_logs():
+                if path.suffix.lower() == ".pt2":
+                    return torch.export.load(str(path)).module()
                 return torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise ValueError(f"model file {str(path)!r} is not a readable {kind[2:]}: {first_line(e)}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"model file {str(path)!r} is not a readable PyTorch checkpoint: {e}".splitlines()[0]) \
+        raise ValueError(f"model file {str(path)!r} is not a readable PyTorch checkpoint: {first_line(e)}") \
             from None
     try:
         return detect_architecture(_unwrap_state_dict(obj))
     except ValueError as e:
         raise ValueError(f"model file {str(path)!r}: {e}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _load_spandrel(path: str) -> nn.Module:
@@ -157,13 +197,14 @@ def _load_spandrel(path: str) -> nn.Module:
         raise ValueError(f"spandrel cannot load {path!r}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(spec: "str | nn.Module", scale: int = 4) -> tuple[nn.Module, str]:
+def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool = False) -> tuple[nn.Module, str]:
     """(model in eval mode, short name) from a spec.
 
     ``bicubic`` / ``bicubic:x4``: analytic upsampler (``scale`` when no factor is given); ``default``: the shipped
     denoiser; ``pkg.module:factory``: ``factory()`` must return an nn.Module; otherwise a path to a TorchScript
     file or a checkpoint (KAIR DnCNN recognised; ``params``/``params_ema``/``state_dict`` wrappers and
-    ``module.`` prefixes accepted).
+    ``module.`` prefixes accepted). Files that hold programs (TorchScript, torch.export ``.pt2``) load only with
+    ``trust_model_code=True``: they can run code.
     """
     if isinstance(spec, nn.Module):
         return spec.eval(), type(spec).__name__
@@ -188,17 +229,27 @@ def load_model(spec: "str | nn.Module", scale: int = 4) -> tuple[nn.Module, str]
     if path.exists():
         if not path.is_file():
             raise ValueError(f"model {spec!r} is a folder, expected a checkpoint or TorchScript file")
-        return eval_mode(_load_checkpoint(path)), path.stem
+        return eval_mode(_load_checkpoint(path, trust_model_code)), path.stem
     if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
         mod_name, _, factory = spec.partition(":")
         try:
             mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ValueError(f"model {spec!r}: cannot import module {mod_name!r} ({e})") from None
+        except Exception as e:  # ImportError, or any error raised by the module's own code
+            raise ValueError(f"model {spec!r}: cannot import module {mod_name!r} ({type(e).__name__}: "
+                             f"{first_line(e)})") from None
         fn = getattr(mod, factory, None)
         if fn is None:
             raise ValueError(f"model {spec!r}: module {mod_name!r} has no attribute {factory!r}")
-        model = fn() if callable(fn) and not isinstance(fn, nn.Module) else fn
+        if isinstance(fn, nn.Module):
+            return fn.eval(), factory
+        # a factory is Python code (a function or a class); a builtin such as os:system is never called
+        if not (inspect.isfunction(fn) or inspect.isclass(fn) or inspect.ismethod(fn)):
+            raise ValueError(f"model {spec!r}: {factory} is a {type(fn).__name__}, expected a factory function or "
+                             "an nn.Module class")
+        try:
+            model = fn()
+        except Exception as e:
+            raise ValueError(f"model {spec!r}: {factory}() raised {type(e).__name__}: {first_line(e)}") from None
         if not isinstance(model, nn.Module):
             raise ValueError(f"model {spec!r}: {factory}() returned {type(model).__name__}, expected an nn.Module")
         return model.eval(), factory
@@ -214,9 +265,63 @@ def eval_mode(model: nn.Module) -> nn.Module:
 
 
 def model_digest(model: nn.Module) -> str:
-    """Hash of a model's class and weights (for caches and summaries)."""
-    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
+    """Hash of a model's class, weights and code (for caches and summaries); see :func:`model_code_digest`."""
+    code, _ = model_code_digest(model)
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}\n{code}".encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _function_code(fn) -> str:
+    """What a Python function does: its bytecode, constants and names (a forward set on an instance)."""
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        raise TypeError(f"{fn!r} has no Python code")
+    return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
+
+
+def model_code_digest(model: nn.Module) -> "tuple[str | None, str | None]":
+    """(digest, None) of the code a model runs, or (None, why it cannot be known).
+
+    Python classes: the whole source file of every class in the MRO of every submodule (so helper functions in
+    the same file count), torch's own classes excepted (the torch version is in the key); TorchScript modules:
+    the inlined graph (every method and scripted function it calls); fx / torch.export modules: their
+    generated code; a ``forward`` assigned to an instance: its bytecode."""
+    h = hashlib.sha256()
+    files: set[str] = set()
+    try:
+        for m in model.modules():
+            if isinstance(m, torch.jit.ScriptModule):
+                h.update(str(m.inlined_graph if hasattr(m, "inlined_graph") else m.code).encode())
+                continue
+            if isinstance(m, torch.fx.GraphModule):
+                h.update(m.code.encode())
+            if "forward" in vars(m):
+                h.update(_function_code(vars(m)["forward"]).encode())
+            for cls in type(m).__mro__:
+                mod = getattr(cls, "__module__", "") or ""
+                if mod == "builtins" or mod == "torch" or mod.startswith("torch.") or cls is object:
+                    continue
+                if issubclass(cls, torch.fx.GraphModule) and cls is not torch.fx.GraphModule:
+                    continue  # the generated class of a GraphModule: its code is m.code, hashed above
+                try:
+                    path = inspect.getsourcefile(cls)
+                except TypeError:
+                    path = None
+                if path and Path(path).is_file():
+                    if path not in files:
+                        files.add(path)
+                        h.update(path.encode())
+                        h.update(Path(path).read_bytes())
+                    continue
+                try:  # a class typed into a notebook: linecache may still hold its source
+                    h.update(inspect.getsource(cls).encode())
+                except (OSError, TypeError):
+                    return None, f"the source of class {cls.__module__}.{cls.__qualname__} is not available"
+    except Exception as e:  # anything unusual: better to say we do not know than to reuse stale samples
+        return None, f"the model's code could not be read ({type(e).__name__}: {first_line(e)})"
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16], None

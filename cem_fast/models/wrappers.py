@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
+
 
 class WithNoiseMap(nn.Module):
     """FFDNet / FDnCNN / DRUNet style: append a constant noise-level map ``sigma / 255`` as an extra channel."""
@@ -68,11 +70,7 @@ class PerChannel(nn.Module):
 def apply_model_options(model: nn.Module, options: dict | None, scale: int = 1) -> nn.Module:
     """Wrap ``model`` per ``options``: ``noise_level`` (sigma), ``per_channel`` (bool), ``pre_upsample`` (scale),
     ``pad_multiple`` (window). Applied innermost first in that order."""
-    options = dict(options or {})
-    unknown = set(options) - {"noise_level", "per_channel", "pre_upsample", "pad_multiple"}
-    if unknown:
-        raise ValueError(f"model_options: unknown key(s) {sorted(unknown)}; expected noise_level, per_channel, "
-                         "pre_upsample, pad_multiple")
+    options = check_model_options(options)
     if options.get("noise_level") is not None:
         model = WithNoiseMap(model, options["noise_level"])
     if options.get("per_channel"):
@@ -83,3 +81,22 @@ def apply_model_options(model: nn.Module, options: dict | None, scale: int = 1) 
         s = 1 if options.get("pre_upsample") else scale
         model = PadToMultiple(model, int(options["pad_multiple"]), s)
     return model
+
+
+def check_model_options(options) -> dict:
+    """The options as a dict, or a one-line ValueError naming the key and the value that is wrong."""
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"model_options must be a mapping such as {{noise_level: 50}}, got {options!r}")
+    options = dict(options or {})
+    unknown = set(options) - {"noise_level", "per_channel", "pre_upsample", "pad_multiple"}
+    if unknown:
+        raise ValueError(f"model_options: unknown key(s) {sorted(unknown)}; expected noise_level, per_channel, "
+                         "pre_upsample, pad_multiple")
+    if options.get("noise_level") is not None:
+        checks.number("model_options.noise_level", options["noise_level"], 0, 255)
+    for key in ("pre_upsample", "pad_multiple"):
+        if options.get(key) is not None:
+            checks.integer(f"model_options.{key}", options[key], 1)
+    if options.get("per_channel") is not None:
+        checks.boolean("model_options.per_channel", options["per_channel"])
+    return options
