@@ -11,6 +11,12 @@ NUMPY_SEED_MAX = (1 << 32) - 1  # numpy's legacy generator (DN input noise, rain
 MAX_DRAWS = 1 << 20  # draws per block: an intervention id is block * MAX_DRAWS + draw index
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (a message may start with a newline), or its type."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 

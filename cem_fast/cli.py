@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from .checks import first_line
 from .jsonsafe import json_safe
 
 CACHE_DIR = ".cem_cache"  # inside --out: per-batch samples, so a re-run resumes after a crash
@@ -104,7 +105,7 @@ def _take(name: str, taken: set) -> str:
 
 
 def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries) -> int:
-    from .models import apply_model_options, first_line, load_model
+    from .models import apply_model_options, load_model
     opts = dict(cfg.options)
     # make_task takes the options of the configured task and ignores the others
     task_opts = {k: opts.pop(k) for k in ("scale", "sigma", "noise_seed", "input_noise", "rain_preset", "rain_beta",
@@ -336,8 +337,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:  # one line, never a traceback (``--debug`` shows it)
         if args.debug:
             raise
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = lines[0] if lines else type(e).__name__
+        msg = first_line(e)
         if not isinstance(e, (ValueError, RuntimeError, OSError)):
             msg = f"{type(e).__name__}: {msg} (an unexpected error: --debug shows where)"
         print(f"cem-fast: error: {msg}", file=sys.stderr)

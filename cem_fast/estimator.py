@@ -33,7 +33,8 @@ from . import checks, ops, reference, rng
 from .cache import RunCache, digest_bytes, missing_ranges, run_key
 from .geometry import ROI, RoiLike, rois_finite
 from .locality import LocalityPlan, Window, plan_locality
-from .models import eval_mode, first_line, load_model, model_code_digest, model_digest
+from .checks import first_line
+from .models import eval_mode, load_model, model_code_digest, model_digest
 from .patches import PatchBank, load_patch_bank
 from .result import CEMResult, CEMResults, Deferred
 from .tasks import Prepared, Task, make_task
@@ -614,7 +615,7 @@ def causal_effect_maps(
             out = forward(prep.base.unsqueeze(0))
         except Exception as e:
             raise RuntimeError(f"model {name} raised on the {tuple(prep.base.shape)} input: "
-                               f"{type(e).__name__}: {e}".splitlines()[0]) from e
+                               f"{type(e).__name__}: {first_line(e)}") from e
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model {name} output must be {expected} for a {tuple(prep.base.shape)} input "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import first_line
 from .fileio import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -213,8 +214,3 @@ def load_patch_bank(spec: "str | os.PathLike | PatchBank | None") -> PatchBank:
     if p.suffix == ".npz" and p.is_file():
         return PatchBank.load(p)
     return PatchBank.from_folder(p)
-
-
-def first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checks import first_line
 from .bicubic import Bicubic
 from .dncnn import DnCNN, FDnCNN, is_dncnn_state_dict
 from .sr_archs import EDSR, RCAN, MSRResNet
@@ -104,7 +105,7 @@ def detect_architecture(sd: dict) -> nn.Module:
                 net = build(sd)
                 net.load_state_dict(sd)
             except Exception as e:
-                raise ValueError(f"state dict looks like {name} but does not load: {str(e).splitlines()[0]}") \
+                raise ValueError(f"state dict looks like {name} but does not load: {first_line(e)}") \
                     from None
             return net
     pattern = _key_pattern(sd)
@@ -179,12 +180,6 @@ def _load_checkpoint(path: Path, trust_model_code: bool = False) -> nn.Module:
         raise ValueError(f"model file {str(path)!r}: {e}") from None
 
 
-def first_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message, or its type's name."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def _load_spandrel(path: str) -> nn.Module:
     try:
         import spandrel
@@ -194,7 +189,7 @@ def _load_spandrel(path: str) -> nn.Module:
     try:
         return spandrel.ModelLoader().load_from_file(path).model
     except Exception as e:
-        raise ValueError(f"spandrel cannot load {path!r}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"spandrel cannot load {path!r}: {first_line(e)}") from None
 
 
 def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool = False) -> tuple[nn.Module, str]:
