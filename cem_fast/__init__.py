@@ -11,6 +11,7 @@ a Ctrl-C while torch loads is then caught by the CLI like any other interrupt.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [*_PUBLIC, "__version__"]
 def __getattr__(name: str):
     module = _PUBLIC.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a submodule: cem_fast.models, cem_fast.ops...
         raise AttributeError(f"module 'cem_fast' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later reads skip this function

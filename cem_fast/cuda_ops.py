@@ -27,6 +27,14 @@ def roi_sq_err_cuda(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> to
     return cpp_ops._C.roi_sq_err_cuda(outputs, target, roi.y, roi.x)
 
 
+MAX_ROIS_PER_LAUNCH = 65535  # grid.y of the multi-ROI kernel
+
+
 def roi_sq_err_multi_cuda(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]") -> torch.Tensor:
-    table = rois_table(rois, outputs.shape[2], outputs.shape[3], outputs.device)  # bounds checked here
-    return cpp_ops._C.roi_sq_err_multi_cuda(outputs, target, table)
+    """(K, n) for n ROIs, in launches of at most MAX_ROIS_PER_LAUNCH ROIs (one launch for the usual counts)."""
+    parts = []
+    for j in range(0, max(len(rois), 1), MAX_ROIS_PER_LAUNCH):
+        table = rois_table(rois[j:j + MAX_ROIS_PER_LAUNCH], outputs.shape[2], outputs.shape[3],
+                           outputs.device)  # bounds checked here
+        parts.append(cpp_ops._C.roi_sq_err_multi_cuda(outputs, target, table))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

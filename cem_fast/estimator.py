@@ -210,8 +210,9 @@ class _Runner:
     """Runs interventions in batches on the device; only the ROI PSNRs (K, n_rois) come back to the host.
 
     Every batch is written by the fused intervene op into one reused input buffer (the crop of the locality
-    window, in the model's memory format) and reduced to ROI scores on the device; the copy of a batch's scores
-    to the host waits until the next batch is queued. With a cache, every finished batch is stored at once and a
+    window, in the model's memory format) and reduced to ROI scores on the device; a batch's scores go to the host
+    by an asynchronous copy into pinned memory and are read one batch later (:class:`_HostCopies`), so the device
+    never waits for the host. With a cache, every finished batch is stored at once and a
     re-run only computes what is missing. A batch that runs out of memory is split in halves (and the batch size
     lowered) until it fits.
     """
@@ -241,6 +242,7 @@ class _Runner:
         self.reused = 0
         self.oom_backoffs = 0
         self._buffer: Optional[torch.Tensor] = None
+        self._copies = _HostCopies()
         self._roi_values: Optional[torch.Tensor] = None
         self.origin_output: Optional[torch.Tensor] = None
         self.bar = None
@@ -301,11 +303,11 @@ class _Runner:
             self.bar.total += n
             self.bar.update(int(done.sum()))
         pending = list(missing_ranges(done, self.batch_size))[::-1]
-        queued: Optional[tuple[int, int, torch.Tensor]] = None  # scores still on the device
+        queued: Optional[tuple[int, int, tuple]] = None  # a batch whose scores are on their way to the host
 
         def collect():
-            s, e, dev_scores = queued
-            chunk = dev_scores.cpu().numpy()
+            s, e, copy = queued
+            chunk = self._copies.finish(copy)
             scores[s:e] = chunk
             if self.cache is not None:
                 self.cache.save(stage, s, chunk, ids[s:e])
@@ -335,9 +337,10 @@ class _Runner:
                     self.oom_backoffs += 1
                     pending += [(s + half, e), (s, s + half)]
                     continue
+                copy = self._copies.start(dev_scores)  # queued behind the batch: the host does not wait here
                 if queued is not None:
-                    collect()
-                queued = (s, e, dev_scores)
+                    collect()  # the previous batch, long finished while this one runs
+                queued = (s, e, copy)
         except BaseException:
             if queued is not None:  # keep the finished batch (a crash or an interrupt loses nothing done)
                 try:
@@ -352,6 +355,38 @@ class _Runner:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class _HostCopies:
+    """Batch scores copied to the host without stalling the device. On CUDA a batch's scores go into one of two
+    pinned buffers by an asynchronous copy queued right behind the batch, with an event after it; they are read
+    one batch later (:meth:`finish` waits for that event only, while the device runs the next batch), so the
+    device never idles for the host. Elsewhere the scores are on the host already."""
+
+    def __init__(self):
+        self._pinned: list[Optional[torch.Tensor]] = [None, None]
+        self._events: list = [None, None]
+        self._turn = 0
+
+    def start(self, dev_scores: torch.Tensor) -> tuple:
+        if dev_scores.device.type != "cuda":
+            return dev_scores, None
+        i, self._turn = self._turn, self._turn ^ 1
+        buf = self._pinned[i]
+        if buf is None or buf.shape[0] < dev_scores.shape[0] or buf.shape[1:] != dev_scores.shape[1:]:
+            buf = self._pinned[i] = torch.empty(dev_scores.shape, dtype=dev_scores.dtype, pin_memory=True)
+            self._events[i] = torch.cuda.Event()
+        host = buf[:dev_scores.shape[0]]
+        host.copy_(dev_scores, non_blocking=True)
+        self._events[i].record(torch.cuda.current_stream(dev_scores.device))
+        return host, self._events[i]
+
+    @staticmethod
+    def finish(copy: tuple) -> np.ndarray:
+        host, event = copy
+        if event is not None:
+            event.synchronize()
+        return host.cpu().numpy()
 
 
 def _private_copy(x: torch.Tensor, memory_format) -> torch.Tensor:
@@ -600,12 +635,19 @@ def causal_effect_maps(
             doing ``x.mul_(0.9)`` cannot change what later forwards see."""
             x = x.contiguous(memory_format=memory_format) if owned else _private_copy(x, memory_format)
             with precision_mode(prec, dev):
-                return model(x)
+                if not graphs:
+                    return model(x)
+                # CUDA graphs replay into the same output memory: keep a copy, since the unintervened output and
+                # the locality probe's outputs are read after later forwards
+                torch.compiler.cudagraph_mark_step_begin()
+                return model(x).clone()
         return forward
 
+    graphs = False  # whether the compiled model replays CUDA graphs
     if compile:
         mode_name = compile if isinstance(compile, str) else ("reduce-overhead" if dev.type == "cuda" else None)
         model = torch.compile(model, mode=mode_name, dynamic=False)
+        graphs = dev.type == "cuda" and mode_name in ("reduce-overhead", "max-autotune")
     forward = forward_in(precision)
     expected = (1,) + tuple(prep.gt.shape)
     in_px = grid.in_h * grid.in_w

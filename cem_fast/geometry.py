@@ -174,6 +174,16 @@ def rois_table(rois: Sequence[ROI], out_h: int, out_w: int, device: torch.device
 
 def rois_finite(out: torch.Tensor, rois: Sequence[ROI], oy: int = 0, ox: int = 0) -> torch.Tensor:
     """(N, n_rois) bool on the outputs' device: every value of each ROI is finite; the outputs start at output
-    pixel (oy, ox)."""
-    return torch.stack([torch.isfinite(out[:, :, r.y - oy:r.y - oy + r.height, r.x - ox:r.x - ox + r.width])
-                        .flatten(1).all(1) for r in rois], 1)
+    pixel (oy, ox). One ROI: a slice. Many: one pass over the outputs whatever their number (a count of non-finite
+    pixels, its summed-area table, and one gather of four corners per ROI), not a few kernels per ROI."""
+    if len(rois) == 1:
+        r = rois[0]
+        return torch.isfinite(out[:, :, r.y - oy:r.y - oy + r.height, r.x - ox:r.x - ox + r.width]) \
+            .flatten(1).all(1).unsqueeze(1)
+    bad = (~torch.isfinite(out)).any(1).to(torch.int32)  # (N, H, W)
+    sat = torch.nn.functional.pad(bad.cumsum(1).cumsum(2), (1, 0, 1, 0))  # (N, H + 1, W + 1) int64
+    corners = int64_on_device(tuple((r.y - oy, r.x - ox, r.y - oy + r.height, r.x - ox + r.width) for r in rois),
+                              out.device)
+    y0, x0, y1, x1 = corners.unbind(1)
+    count = sat[:, y1, x1] - sat[:, y0, x1] - sat[:, y1, x0] + sat[:, y0, x0]  # (N, n_rois)
+    return count == 0

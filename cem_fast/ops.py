@@ -67,9 +67,20 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[s
     raise RuntimeError(f"no backend can run on {device} for backend={requested!r}: " + " | ".join(why))
 
 
+def check_devices(op: str, anchor: str, tensors: dict) -> None:
+    """Every tensor argument on the device of ``tensors[anchor]``: a kernel given a host pointer for a device one
+    reads the wrong memory (an illegal memory access on CUDA), so this is refused before any launch."""
+    dev = tensors[anchor].device
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != dev:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {dev} like {anchor}")
+
+
 def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor, origins: torch.Tensor,
               sizes: torch.Tensor, *, backend: Optional[str] = None, **kwargs) -> torch.Tensor:
     """K intervened inputs (K, C, h', w'); see :func:`cem_fast.reference.intervene_ref` for the arguments."""
+    check_devices("intervene", "base", {"base": base, "patches": patches, "patch_idx": patch_idx,
+                                        "origins": origins, "sizes": sizes, **kwargs})
     name = resolve_backend(backend, base.device)
     return _REGISTRY[name][1]["intervene"](base, patches, patch_idx, origins, sizes, **kwargs)
 
@@ -77,6 +88,7 @@ def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor
 def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
                backend: Optional[str] = None) -> torch.Tensor:
     """(K,) float64 ROI sum of squared errors, uint8 convention; see :func:`cem_fast.reference.roi_sq_err_ref`."""
+    check_devices("roi_sq_err", "outputs", {"outputs": outputs, "target": target})
     name = resolve_backend(backend, outputs.device)
     return _REGISTRY[name][1]["roi_sq_err"](outputs, target, roi)
 
@@ -85,6 +97,7 @@ def roi_sq_err_multi(outputs: torch.Tensor, target: torch.Tensor, rois: "list[RO
                      backend: Optional[str] = None) -> torch.Tensor:
     """(K, n_rois) float64 squared errors for many ROIs from one pass; ``target`` (C, H, W) is the ground truth or,
     GT-free, the quantised unintervened output. See :func:`cem_fast.reference.roi_sq_err_multi_ref`."""
+    check_devices("roi_sq_err_multi", "outputs", {"outputs": outputs, "target": target})
     name = resolve_backend(backend, outputs.device, "roi_sq_err_multi")
     return _REGISTRY[name][1]["roi_sq_err_multi"](outputs, target, rois)
 

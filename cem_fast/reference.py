@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import rng
@@ -18,6 +19,22 @@ from .geometry import ROI
 
 PEAK = 255.0
 NOISE_ONE = 1 << 24  # one grey level in the integer noise arithmetic: 2^16 (gaussian12 scale) * 2^8 (sigma)
+
+
+# v / 255 for v = 0..255 as float32, each the correctly rounded IEEE quotient (numpy's float32 division): one
+# table for every backend. torch on CUDA divides by a Python float as x * (1 / 255), which differs in the last bit
+# for 126 of the 256 values, so no backend divides on the device: the reference and Triton look values up here,
+# the C++ and CUDA kernels divide with IEEE rounding (__fdiv_rn), which gives these same numbers.
+_UNIT_TABLE = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0))
+_UNIT_TABLES: dict = {}
+
+
+def unit_table(device: "torch.device | str" = "cpu") -> torch.Tensor:
+    """(256,) float32 ``v / 255`` on ``device`` (built on the host and copied: never divided on the device)."""
+    device = torch.device(device)
+    if device not in _UNIT_TABLES:
+        _UNIT_TABLES[device] = _UNIT_TABLE.to(device)
+    return _UNIT_TABLES[device]
 
 
 def noise_sigma_units(sigma: float) -> int:
@@ -116,7 +133,7 @@ def intervene_ref(
              & (ly >= 0) & (ly < wh) & (lx >= 0) & (lx < ww))  # (K, pb, pb)
     k, py, px = valid.nonzero(as_tuple=True)
     out[k, :, ly.expand(K, pb, pb)[k, py, px], lx.expand(K, pb, pb)[k, py, px]] = (
-        vals[k, :, py, px] / PEAK).to(out.dtype)
+        unit_table(dev)[vals[k, :, py, px].long()]).to(out.dtype)
     return out
 
 

@@ -3,13 +3,14 @@ of the torch reference. Runs on CUDA tensors, or on CPU tensors under the interp
 before the kernels are imported)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
 import torch
 
 from .geometry import ROI, rois_table
-from .reference import intervene_buffers, noise_sigma_units
+from .reference import intervene_buffers, noise_sigma_units, unit_table
 
 try:
     import triton
@@ -19,9 +20,6 @@ try:
     IMPORT_ERROR: Optional[str] = None
 except Exception as e:  # noqa: BLE001 - any failure to import means the backend is unavailable
     IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})".splitlines()[0]
-
-_LUTS: dict = {}
-
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -35,15 +33,21 @@ def triton_reasons(device: torch.device) -> list[str]:
     return [f"triton runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 set before import), got {device}"]
 
 
-def _lut(device: torch.device) -> torch.Tensor:
-    """v / 255 for v = 0..255, computed by torch: the kernels look values up, so every backend rounds alike."""
-    if device not in _LUTS:
-        _LUTS[device] = torch.arange(256, dtype=torch.float32, device=device) / 255.0
-    return _LUTS[device]
+MAX_ROIS_PER_LAUNCH = 65535  # CUDA grids allow 65,535 programs on axis 1 (the ROIs of the multi-ROI kernel)
 
 
-def intervene_triton(base, patches, patch_idx, origins, sizes, *, ids=None, seed=0, noise_sigma=0.0, rain=None,
-                     window_origins=None, window_size=None, out=None):
+def on_device(device: torch.device):
+    """Launch on the tensors' device, not the current one (a tensor on cuda:1 with cuda:0 current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def intervene_triton(base, patches, patch_idx, origins, sizes, **kwargs):
+    with on_device(base.device):
+        return _intervene_triton(base, patches, patch_idx, origins, sizes, **kwargs)
+
+
+def _intervene_triton(base, patches, patch_idx, origins, sizes, *, ids=None, seed=0, noise_sigma=0.0, rain=None,
+                      window_origins=None, window_size=None, out=None):
     C, h, w = base.shape
     K = patch_idx.shape[0]
     dev = base.device
@@ -58,7 +62,7 @@ def intervene_triton(base, patches, patch_idx, origins, sizes, *, ids=None, seed
         out, base_c, patches.to(torch.uint8).contiguous(), patch_idx.long().contiguous(),
         origins.long().contiguous(), sizes.long().contiguous(), window_origins.long().contiguous(),
         ids.long().contiguous() if noisy else patch_idx.long(), rain.float().contiguous() if rain is not None
-        else base_c, _lut(dev), int(seed), noise_sigma_units(noise_sigma) if noisy else 0,
+        else base_c, unit_table(dev), int(seed), noise_sigma_units(noise_sigma) if noisy else 0,
         C, h, w, wh, ww, patches.shape[-1], *out.stride(),
         NOISY=noisy, RAINY=rain is not None, BLOCK_W=block_w)
     return out
@@ -71,22 +75,33 @@ def roi_sq_err_triton(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> 
         return res
     t = target.to(torch.int32).contiguous()
     block = min(1024, triton.next_power_of_2(C * roi.height * roi.width))
-    kwargs = {} if interpreting() else {"enable_fp_fusion": False}
-    _roi_sq_err_kernel[(K, 1)](res, outputs, t, roi.y, roi.x, roi.height, roi.width, C, *outputs.stride(),
-                               t, 1, roi.height, roi.width, BLOCK=block, MULTI=False, **kwargs)
+    with on_device(outputs.device):
+        _roi_sq_err_kernel[(K, 1)](res, outputs, t, roi.y, roi.x, roi.height, roi.width, C, *outputs.stride(),
+                                   t, 1, roi.height, roi.width, BLOCK=block, MULTI=False, **_no_fma())
     return res
 
 
 def roi_sq_err_multi_triton(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]") -> torch.Tensor:
+    """(K, n) for n ROIs, in launches of at most MAX_ROIS_PER_LAUNCH ROIs (one launch for the usual counts)."""
     K, C, H, W = outputs.shape
     n = len(rois)
     res = torch.empty(K, n, dtype=torch.float64, device=outputs.device)
     if K == 0 or n == 0:
         return res
-    table = rois_table(rois, H, W, outputs.device)
     t = target.to(torch.int32).contiguous()
-    block = min(1024, triton.next_power_of_2(max(C * r.height * r.width for r in rois)))
-    kwargs = {} if interpreting() else {"enable_fp_fusion": False}
-    _roi_sq_err_kernel[(K, n)](res, outputs, t, 0, 0, 1, 1, C, *outputs.stride(), table, n, t.shape[1], t.shape[2],
-                               BLOCK=block, MULTI=True, **kwargs)
+    with on_device(outputs.device):
+        for j in range(0, n, MAX_ROIS_PER_LAUNCH):
+            part = rois[j:j + MAX_ROIS_PER_LAUNCH]
+            dest = res if len(part) == n else torch.empty(K, len(part), dtype=torch.float64, device=outputs.device)
+            table = rois_table(part, H, W, outputs.device)
+            block = min(1024, triton.next_power_of_2(max(C * r.height * r.width for r in part)))
+            _roi_sq_err_kernel[(K, len(part))](dest, outputs, t, 0, 0, 1, 1, C, *outputs.stride(), table, len(part),
+                                               t.shape[1], t.shape[2], BLOCK=block, MULTI=True, **_no_fma())
+            if dest is not res:
+                res[:, j:j + len(part)] = dest
     return res
+
+
+def _no_fma() -> dict:
+    """x * 255 rounded before the round-half-even step, like the reference (the interpreter has no option)."""
+    return {} if interpreting() else {"enable_fp_fusion": False}

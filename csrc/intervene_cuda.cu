@@ -51,6 +51,15 @@ at::Tensor intervene_cuda(const at::Tensor& base, const at::Tensor& patches, con
   const bool noisy = sigma_q > 0, rainy = rain.defined() && rain.numel() > 0;
   TORCH_CHECK(!noisy || ids.numel() == patch_idx.numel(), "ids must give one id per intervention, got ",
               ids.numel(), " for ", patch_idx.numel());
+  // ids and rain are read only when used, but a host pointer read on the device is an illegal memory access
+  TORCH_CHECK(!noisy || ids.device() == out.device(), "intervene_cuda: ids must be on ", out.device(), ", got ",
+              ids.device());
+  TORCH_CHECK(!rainy || rain.device() == out.device(), "intervene_cuda: rain must be on ", out.device(), ", got ",
+              rain.device());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&base, &patches, &patch_idx, &origins,
+                                                                      &sizes, &windows})
+    TORCH_CHECK(t->device() == out.device(), "intervene_cuda: every tensor must be on ", out.device(), ", got ",
+                t->device());
   const at::cuda::CUDAGuard guard(out.device());
   const int64_t total = out.numel();
   if (total == 0) return out;

@@ -12,7 +12,9 @@ import triton.language as tl
 from ._rng import _gaussian12, _stream_key
 
 
-@triton.jit
+# seed: the JIT specialises an integer argument equal to 1 into a constant, on which _stream_key's seed.to()
+# fails; the seed changes per run anyway, so a specialisation would only cost compilations.
+@triton.jit(do_not_specialize=["seed"])
 def _intervene_kernel(out_ptr, base_ptr, patch_ptr, idx_ptr, org_ptr, size_ptr, win_ptr, ids_ptr, rain_ptr,
                       lut_ptr, seed, sigma_q, C, h, w, wh, ww, pb,
                       s_ok, s_oc, s_oh, s_ow,
