@@ -56,16 +56,21 @@ def backends_for(device):
     return [b for b in ("torch", "cpp", "triton", "cuda") if not ops.backend_reasons(b, torch.device(device))]
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
-def test_intervene(benchmark, device, backend):
+def test_intervene(benchmark, device, backend, layout):
+    """Planar outputs, and channels-last ones (what convolutional models get: the kernels then write in memory
+    order). Prediction, H200, K=1024: 805 MB written in about 0.2 ms; the copy moves twice that."""
     K = SIZES[device]["K_int"]
     args = intervene_args(device, K)
+    if layout == "channels_last":
+        args["out"] = args["out"].contiguous(memory_format=torch.channels_last)
     moved = args["out"].numel() * 4  # the outputs are written once; the base and patches stay in cache
     src = torch.rand_like(args["out"]) if backend == "copy" else None
     # baseline: reads and writes the same number of output bytes
     fn, moved = op_or_copy(backend, device, lambda: ops.intervene(backend=backend, **args),
                            lambda: args["out"].copy_(src), moved)
-    measure(benchmark, fn, device, f"intervene {device} K={K} 256x256", K, moved)
+    measure(benchmark, fn, device, f"intervene {device} K={K} 256x256 {layout}", K, moved)
 
 
 @pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])

@@ -56,15 +56,18 @@ def _intervene_triton(base, patches, patch_idx, origins, sizes, *, ids=None, see
     if K == 0:
         return out
     base_c = base.float().contiguous()
-    block_w = min(1024, triton.next_power_of_2(ww))
-    grid = (K * C * wh, triton.cdiv(ww, block_w))
+    # channels-last outputs (what convolutional models get) are written in memory order: coalesced stores
+    cl = C > 1 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    row = ww * C if cl else ww
+    block_w = min(1024, triton.next_power_of_2(row))
+    grid = (K * wh if cl else K * C * wh, triton.cdiv(row, block_w))
     _intervene_kernel[grid](
         out, base_c, patches.to(torch.uint8).contiguous(), patch_idx.long().contiguous(),
         origins.long().contiguous(), sizes.long().contiguous(), window_origins.long().contiguous(),
         ids.long().contiguous() if noisy else patch_idx.long(), rain.float().contiguous() if rain is not None
         else base_c, unit_table(dev), int(seed), noise_sigma_units(noise_sigma) if noisy else 0,
         C, h, w, wh, ww, patches.shape[-1], *out.stride(),
-        NOISY=noisy, RAINY=rain is not None, BLOCK_W=block_w)
+        NOISY=noisy, RAINY=rain is not None, BLOCK_W=block_w, CL=cl)
     return out
 
 

@@ -1,10 +1,14 @@
-"""intervene in Triton: one program per output row segment of one intervention and channel.
+"""intervene in Triton: one program per output row segment of one intervention (and channel).
 
-Layout: program (pid0, pid1) writes out[k, c, i, j0:j0+BLOCK_W] with pid0 = (k * C + c) * wh + i (axis 0 allows
-2^31 - 1 programs, so K above 65,535 is fine) and j0 = pid1 * BLOCK_W. Each pixel reads the base input at
-(window origin + (i, j)); pixels inside the replaced block take the patch value instead, with the task's
-degradation (integer DN noise, DR rain re-add). Values / 255 come from a 256-entry table so that every backend
-rounds identically.
+Two layouts of the output, chosen by the wrapper:
+* planar (NCHW, CL=False): program (pid0, pid1) writes out[k, c, i, j0:j0+BLOCK_W] with pid0 = (k * C + c) * wh + i
+  and j0 = pid1 * BLOCK_W: the row segment is contiguous in memory;
+* channels-last (CL=True): program (pid0, pid1) writes the row elements t0:t0+BLOCK_W of out[k, :, i, :] in memory
+  order, t = j * C + c, with pid0 = k * wh + i: contiguous, coalesced stores instead of stores C apart.
+Axis 0 allows 2^31 - 1 programs, so K above 65,535 is fine; the per-program indices are divided once per program,
+per element only by the constant C. Each pixel reads the base input at (window origin + (i, j)); pixels inside the
+replaced block take the patch value instead, with the task's degradation (integer DN noise, DR rain re-add). Values
+/ 255 come from a 256-entry table so that every backend rounds identically.
 """
 import triton
 import triton.language as tl
@@ -14,17 +18,26 @@ from ._rng import _gaussian12, _stream_key
 
 # seed: the JIT specialises an integer argument equal to 1 into a constant, on which _stream_key's seed.to()
 # fails; the seed changes per run anyway, so a specialisation would only cost compilations.
+# seed: the JIT specialises an integer argument equal to 1 into a constant, on which _stream_key's seed.to()
+# fails; the seed changes per run anyway, so a specialisation would only cost compilations.
 @triton.jit(do_not_specialize=["seed"])
 def _intervene_kernel(out_ptr, base_ptr, patch_ptr, idx_ptr, org_ptr, size_ptr, win_ptr, ids_ptr, rain_ptr,
-                      lut_ptr, seed, sigma_q, C, h, w, wh, ww, pb,
+                      lut_ptr, seed, sigma_q, C: tl.constexpr, h, w, wh, ww, pb,
                       s_ok, s_oc, s_oh, s_ow,
-                      NOISY: tl.constexpr, RAINY: tl.constexpr, BLOCK_W: tl.constexpr):
+                      NOISY: tl.constexpr, RAINY: tl.constexpr, BLOCK_W: tl.constexpr, CL: tl.constexpr):
     pid0 = tl.program_id(0).to(tl.int64)
     i = pid0 % wh
-    c = (pid0 // wh) % C
-    k = pid0 // (wh * C)
-    j = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    in_row = j < ww
+    lane = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    if CL:
+        k = pid0 // wh
+        j = lane // C  # C is a constant: a multiply and shift, not a division
+        c = lane % C
+        in_row = lane < ww * C
+    else:
+        c = (pid0 // wh) % C + 0 * lane  # as a vector, like the channels-last case
+        k = pid0 // (wh * C)
+        j = lane
+        in_row = j < ww
     gy = tl.load(win_ptr + 2 * k) + i + 0 * j   # input row of this output row, as a vector (the interpreter
     #                                           # refuses vector & scalar masks)
     gx = tl.load(win_ptr + 2 * k + 1) + j       # input columns

@@ -20,9 +20,9 @@ SCRIPT = textwrap.dedent('''
 
     INTERVENE = {"out_ptr": "*fp32", "base_ptr": "*fp32", "patch_ptr": "*u8", "idx_ptr": "*i64", "org_ptr": "*i64",
                  "size_ptr": "*i64", "win_ptr": "*i64", "ids_ptr": "*i64", "rain_ptr": "*fp32", "lut_ptr": "*fp32",
-                 "seed": "i64", "sigma_q": "i64", "C": "i32", "h": "i32", "w": "i32", "wh": "i32", "ww": "i32",
+                 "seed": "i64", "sigma_q": "i64", "C": "constexpr", "h": "i32", "w": "i32", "wh": "i32", "ww": "i32",
                  "pb": "i32", "s_ok": "i64", "s_oc": "i64", "s_oh": "i64", "s_ow": "i64", "NOISY": "constexpr",
-                 "RAINY": "constexpr", "BLOCK_W": "constexpr"}
+                 "RAINY": "constexpr", "BLOCK_W": "constexpr", "CL": "constexpr"}
     ROI = {"out_ptr": "*fp64", "x_ptr": "*fp32", "t_ptr": "*i32", "y0": "i32", "x0": "i32", "rh": "i32",
            "rw": "i32", "C": "i32", "s_k": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "rois_ptr": "*i64",
            "n_rois": "i32", "TH": "i32", "TW": "i32", "BLOCK": "constexpr", "MULTI": "constexpr"}
@@ -38,16 +38,19 @@ SCRIPT = textwrap.dedent('''
         return ({**sig, **{n: "constexpr" for n in ints}}, {**constexprs, **{n: value for n in ints}})
 
     report = {}
-    for fn, sig, cx, opts in ((_intervene_kernel, INTERVENE, {"NOISY": True, "RAINY": True, "BLOCK_W": 256}, {}),
+    for fn, sig, cx, opts in ((_intervene_kernel, INTERVENE,
+                               {"NOISY": True, "RAINY": True, "BLOCK_W": 256, "C": 3, "CL": True}, {}),
                               (_roi_sq_err_kernel, ROI, {"BLOCK": 1024, "MULTI": True}, {"enable_fp_fusion": False}),
                               (_roi_sq_err_kernel, ROI, {"BLOCK": 1024, "MULTI": False}, {"enable_fp_fusion": False})):
         k = compile_sm90(fn, *as_the_jit_specialises(fn, sig, cx, 1), **opts)
         report[f"{fn.__name__} {cx} with integer arguments = 1"] = {"cubin": "cubin" in k.asm, "fma": False}
     for out in ("*fp32", "*fp16", "*bf16"):
         for noisy, rainy in ((False, False), (True, False), (False, True)):
-            k = compile_sm90(_intervene_kernel, dict(INTERVENE, out_ptr=out),
-                             {"NOISY": noisy, "RAINY": rainy, "BLOCK_W": 256})
-            report[f"intervene {out} noisy={noisy} rainy={rainy}"] = {"cubin": "cubin" in k.asm, "fma": False}
+            for cl in (False, True):
+                k = compile_sm90(_intervene_kernel, dict(INTERVENE, out_ptr=out),
+                                 {"NOISY": noisy, "RAINY": rainy, "BLOCK_W": 256, "C": 3, "CL": cl})
+                report[f"intervene {out} noisy={noisy} rainy={rainy} cl={cl}"] = {"cubin": "cubin" in k.asm,
+                                                                                   "fma": False}
     for x in ("*fp32", "*fp16", "*bf16"):
         for multi in (False, True):
             k = compile_sm90(_roi_sq_err_kernel, dict(ROI, x_ptr=x), {"BLOCK": 1024, "MULTI": multi},
@@ -74,7 +77,7 @@ def test_every_triton_kernel_compiles_for_sm90(triton_of):
     lines = p.stdout.strip().splitlines()
     assert lines[0] == ("3.6.0" if triton_of == "gpu-image" else __import__("triton").__version__)
     report = json.loads(lines[-1])
-    assert len(report) == 18
+    assert len(report) == 27
     for name, r in report.items():
         assert r["cubin"], f"{name}: no cubin"
         # the ROI kernel must round x * 255 before the round-half-even step, like the reference: no FMA
