@@ -289,9 +289,11 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="cem-fast", description="Causal Effect Maps for image-restoration networks.")
+    p.add_argument("--version", action="version", version=f"cem-fast {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run the CEMs of a YAML config")
     r.add_argument("config", help="YAML config (reference keys or ours; see README)")
     r.add_argument("--out", required=True, help="output folder")
@@ -329,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # `cem-fast` alone: what it can do, not an error
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except KeyboardInterrupt:

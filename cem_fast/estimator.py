@@ -464,7 +464,7 @@ def causal_effect_map(
     model: Union[nn.Module, str],
     image: ImageLike,
     task: Union[str, Task] = "DN",
-    roi: RoiLike = (152, 96, 32),
+    roi: Optional[RoiLike] = None,
     block: int = 8,
     coarse: int = 3,
     fine: int = 50,
@@ -503,6 +503,8 @@ def causal_effect_map(
     """
     if "rois" in options or "roi_grid" in options:
         raise ValueError("causal_effect_map takes one roi; use causal_effect_maps for rois / roi_grid")
+    if roi is None:  # no default: a map of somebody else's ROI would look like an answer
+        raise ValueError("roi is required: (y, x, size) or (y, x, height, width) in output pixels")
     return causal_effect_maps(model, image, task, rois=[roi], block=block, coarse=coarse, fine=fine, tol=tol,
                               patches=patches, seed=seed, **options)[0]
 

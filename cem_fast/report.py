@@ -71,8 +71,8 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
             nums = (f"Y(I) = {_fmt(s['psnr_origin'], ' dB').lstrip('+')}<br>"
                     f"<span class=pos>+ {st['positive']}</span> / <span class=neg>- {st['negative']}</span> / "
                     f"0 {st['zero']} blocks<br>range {_fmt(st.get('range_db', 0))}<br>"
-                    f"max {_fmt(st.get('max_db', 0))} at {st.get('max_block')}<br>"
-                    f"min {_fmt(st.get('min_db', 0))} at {st.get('min_block')}<br>"
+                    f"{_extreme('max', st.get('max_db'), st.get('max_block'), 'no block helps')}<br>"
+                    f"{_extreme('min', st.get('min_db'), st.get('min_block'), 'no block hurts')}<br>"
                     f"{s['num_forwards']} forwards"
                     + (f" (+{s['reused_from_cache']} samples cached)" if s.get("reused_from_cache") else "")
                     + f", {s['wall_time_s']} s<br>{html.escape(_locality(s))}<br>"
@@ -86,6 +86,10 @@ def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], ti
                          f"<td class=num>{nums}</td></tr>")
         parts.append("</table>")
     return _write_page(out_dir / name, title, parts)
+
+
+def _extreme(label: str, value, block, absent: str) -> str:
+    return f"{label} {_fmt(value)} at block {block}" if isinstance(value, (int, float)) else absent
 
 
 def _locality(s: dict) -> str:

@@ -117,14 +117,15 @@ class CEMResult:
         }
         n = max(1, vals.size)
         out.update(positive_frac=out["positive"] / n, negative_frac=out["negative"] / n)
-        if vals.size:
-            masked_max = np.where(outside, self.cem, -np.inf)
-            masked_min = np.where(outside, self.cem, np.inf)
-            imax = np.unravel_index(np.argmax(masked_max), self.cem.shape)
-            imin = np.unravel_index(np.argmin(masked_min), self.cem.shape)
-            out.update(max_db=float(self.cem[imax]), max_block=[int(i) for i in imax],
-                       min_db=float(self.cem[imin]), min_block=[int(i) for i in imin],
-                       range_db=float(self.cem[imax] - self.cem[imin]))
+        # the strongest helping (max > 0) and hurting (min < 0) blocks; None when there is none (not 0 at [0, 0])
+        out.update(max_db=None, max_block=None, min_db=None, min_block=None, range_db=0.0)
+        if out["positive"]:
+            imax = np.unravel_index(np.argmax(np.where(outside, self.cem, -np.inf)), self.cem.shape)
+            out.update(max_db=float(self.cem[imax]), max_block=[int(i) for i in imax])
+        if out["negative"]:
+            imin = np.unravel_index(np.argmin(np.where(outside, self.cem, np.inf)), self.cem.shape)
+            out.update(min_db=float(self.cem[imin]), min_block=[int(i) for i in imin])
+        out["range_db"] = (out["max_db"] or 0.0) - (out["min_db"] or 0.0)
         # Radius of influence: distance (output px) from the ROI centre to the farthest block centre with an effect.
         cy, cx = self.roi.y + self.roi.height / 2, self.roi.x + self.roi.width / 2
         r, c = np.nonzero((self.cem != 0) & outside)

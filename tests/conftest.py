@@ -15,9 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CEM_FAST_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
+NO_SHARED = (f"needs the project's shared data ({SHARED}: ../shared/data beside the repository, or "
+             "CEM_FAST_SHARED_DATA), which developers and CI have and a clone alone does not")
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    assert SHARED.is_dir(), f"the shared data is missing: {SHARED} (../shared/data, or set CEM_FAST_SHARED_DATA)"
+    if not SHARED.is_dir():
+        pytest.skip(NO_SHARED)
     return SHARED
 
 

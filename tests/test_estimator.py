@@ -224,3 +224,16 @@ def test_bad_arguments_give_one_line_errors(tiny_net, small_image, bank, kwargs,
     with pytest.raises(err, match=match) as e:
         cem_fast.causal_effect_map(**args)
     assert "\n" not in str(e.value)
+
+
+def test_absent_extremes_are_none_not_zero_at_the_corner():
+    st = _result(np.array([[5.0, 0.2, 0.0], [0.0, 0.1, 0.0]])).stats()  # nothing hurts the ROI
+    assert st["min_db"] is None and st["min_block"] is None
+    assert st["max_db"] == 0.2 and st["range_db"] == pytest.approx(0.2)
+    st = _result(np.array([[5.0, 0.0], [0.0, 0.0]])).stats()
+    assert st["max_db"] is None and st["min_db"] is None and st["range_db"] == 0.0
+
+
+def test_a_missing_roi_is_an_error_not_the_demo_roi(small_image, tiny_net):
+    with pytest.raises(ValueError, match=r"roi is required: \(y, x, size\)"):
+        cem_fast.causal_effect_map(tiny_net, small_image, task="identity")
