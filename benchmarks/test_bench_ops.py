@@ -52,6 +52,11 @@ def op_or_copy(backend, device, op, copy, moved):
     return op, moved
 
 
+def in_layout(t, layout):
+    """Outputs as a convolutional model gives them (channels-last) or planar."""
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
 def backends_for(device):
     return [b for b in ("torch", "cpp", "triton", "cuda") if not ops.backend_reasons(b, torch.device(device))]
 
@@ -73,11 +78,12 @@ def test_intervene(benchmark, device, backend, layout):
     measure(benchmark, fn, device, f"intervene {device} K={K} 256x256 {layout}", K, moved)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
-def test_roi_psnr(benchmark, device, backend):
+def test_roi_psnr(benchmark, device, backend, layout):
     K = SIZES[device]["K_roi"]
     g = torch.Generator().manual_seed(1)
-    outputs = torch.rand(K, 3, 256, 256, generator=g).to(device)
+    outputs = in_layout(torch.rand(K, 3, 256, 256, generator=g).to(device), layout)
     roi = ROI(152, 96, 32, 32)
     target = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8).to(device)
     moved = K * 3 * 32 * 32 * 4  # only the ROI must be read
@@ -86,19 +92,20 @@ def test_roi_psnr(benchmark, device, backend):
     # baseline: copies the ROI (reads it and writes it: twice the bytes)
     fn, moved = op_or_copy(backend, device, lambda: ops.roi_psnr(outputs, target, roi, backend=backend),
                            lambda: dst.copy_(src), moved)
-    measure(benchmark, fn, device, f"roi_psnr {device} K={K} 32x32 ROI of 256x256", K, moved)
+    measure(benchmark, fn, device, f"roi_psnr {device} K={K} 32x32 ROI of 256x256 {layout}", K, moved)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
-def test_roi_sq_err_multi(benchmark, device, backend):
+def test_roi_sq_err_multi(benchmark, device, backend, layout):
     """Every 32-px ROI (64) of 256x256 outputs in one pass: the whole output must be read once."""
     K = SIZES[device]["K_roi"] // 4
     g = torch.Generator().manual_seed(2)
-    outputs = torch.rand(K, 3, 256, 256, generator=g).to(device)
+    outputs = in_layout(torch.rand(K, 3, 256, 256, generator=g).to(device), layout)
     target = torch.randint(0, 256, (3, 256, 256), generator=g, dtype=torch.uint8).to(device)
     rois = roi_grid(256, 256, 32)
     dst = torch.empty_like(outputs) if backend == "copy" else None
     # baseline: reads and writes the outputs
     fn, moved = op_or_copy(backend, device, lambda: ops.roi_sq_err_multi(outputs, target, rois, backend=backend),
                            lambda: dst.copy_(outputs), outputs.numel() * 4)
-    measure(benchmark, fn, device, f"roi_sq_err_multi {device} K={K} 64 ROIs of 256x256", K, moved)
+    measure(benchmark, fn, device, f"roi_sq_err_multi {device} K={K} 64 ROIs of 256x256 {layout}", K, moved)

@@ -57,7 +57,7 @@ def _intervene_triton(base, patches, patch_idx, origins, sizes, *, ids=None, see
         return out
     base_c = base.float().contiguous()
     # channels-last outputs (what convolutional models get) are written in memory order: coalesced stores
-    cl = C > 1 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    cl = _channels_last(out)
     row = ww * C if cl else ww
     block_w = min(1024, triton.next_power_of_2(row))
     grid = (K * wh if cl else K * C * wh, triton.cdiv(row, block_w))
@@ -77,10 +77,11 @@ def roi_sq_err_triton(outputs: torch.Tensor, target: torch.Tensor, roi: ROI) -> 
     if K == 0:
         return res
     t = target.to(torch.int32).contiguous()
-    block = min(1024, triton.next_power_of_2(C * roi.height * roi.width))
+    cl = _channels_last(outputs)
+    block = min(1024, triton.next_power_of_2(roi.width * (C if cl else 1)))
     with on_device(outputs.device):
         _roi_sq_err_kernel[(K, 1)](res, outputs, t, roi.y, roi.x, roi.height, roi.width, C, *outputs.stride(),
-                                   t, 1, roi.height, roi.width, BLOCK=block, MULTI=False, **_no_fma())
+                                   t, 1, roi.height, roi.width, BLOCK=block, MULTI=False, CL=cl, **_no_fma())
     return res
 
 
@@ -97,12 +98,18 @@ def roi_sq_err_multi_triton(outputs: torch.Tensor, target: torch.Tensor, rois: "
             part = rois[j:j + MAX_ROIS_PER_LAUNCH]
             dest = res if len(part) == n else torch.empty(K, len(part), dtype=torch.float64, device=outputs.device)
             table = rois_table(part, H, W, outputs.device)
-            block = min(1024, triton.next_power_of_2(max(C * r.height * r.width for r in part)))
+            cl = _channels_last(outputs)
+            block = min(1024, triton.next_power_of_2(max(r.width for r in part) * (C if cl else 1)))
             _roi_sq_err_kernel[(K, len(part))](dest, outputs, t, 0, 0, 1, 1, C, *outputs.stride(), table, len(part),
-                                               t.shape[1], t.shape[2], BLOCK=block, MULTI=True, **_no_fma())
+                                               t.shape[1], t.shape[2], BLOCK=block, MULTI=True, CL=cl, **_no_fma())
             if dest is not res:
                 res[:, j:j + len(part)] = dest
     return res
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Channels-last (and not also planar, as a 1-channel or 1x1 tensor is): read in that memory order."""
+    return t.shape[1] > 1 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _no_fma() -> dict:

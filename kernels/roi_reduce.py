@@ -1,8 +1,11 @@
-"""ROI squared error in Triton: one program per (intervention, ROI), reading only the ROI.
+"""ROI squared error in Triton: one program per (intervention, ROI), reading only the ROI, row by row.
 
 out[k, r] = sum over (c, i, j) in ROI r of (round(clamp(x, 0, 1) * 255) - target)^2, accumulated as integers
 (exact); NaN anywhere in the ROI makes it NaN. One ROI (MULTI=False): the ROI is (y0, x0, rh, rw) and the target is
 the ROI itself; many (MULTI=True): ROI r is rois_ptr[4r:4r+4] and the target is the whole (C, TH, TW) output.
+The ROI is read a row at a time in memory order: for channels-last outputs (CL, what convolutional models give)
+a row is out[k, :, y0 + i, x0:x0 + rw] with lanes t = j * C + c (contiguous loads), otherwise out[k, c, y0 + i,
+x0:x0 + rw]; the per-element index arithmetic is a division by the constant C at most.
 Launched with enable_fp_fusion=False so x * 255 is rounded before the round-half-even (a fused multiply-add would
 round once, unlike the torch reference).
 """
@@ -11,8 +14,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C, s_k, s_c, s_h, s_w, rois_ptr, n_rois, TH, TW,
-                       BLOCK: tl.constexpr, MULTI: tl.constexpr):
+def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C: tl.constexpr, s_k, s_c, s_h, s_w, rois_ptr, n_rois,
+                       TH, TW, BLOCK: tl.constexpr, MULTI: tl.constexpr, CL: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1).to(tl.int64)
     ty = 0
@@ -24,25 +27,38 @@ def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C, s_k, s_c, s_h, 
         rw = tl.load(rois_ptr + 4 * r + 3)
         ty = y0
         tx = x0
-    n = C * rh * rw
     acc = tl.zeros([BLOCK], dtype=tl.int64)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, n, BLOCK):
-        e = start + tl.arange(0, BLOCK)
-        m = e < n
-        c = e // (rh * rw)
-        rem = e % (rh * rw)
-        i = rem // rw
-        j = rem % rw
-        v = tl.load(x_ptr + k * s_k + c * s_c + (y0 + i) * s_h + (x0 + j) * s_w, mask=m, other=0.0).to(tl.float32)
-        nan = nan | (v != v).to(tl.int32)
-        v = tl.where(v != v, 0.0, v)  # recorded above; keep the integer conversion below well defined
-        v = tl.where(v > 1.0, 1.0, tl.where(v < 0.0, 0.0, v))
-        s = v * 255.0
-        q = ((s + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even via the FPU's default rounding
-        t = tl.load(t_ptr + (c * TH + ty + i) * TW + tx + j, mask=m, other=0).to(tl.int32)
-        d = tl.where(m, q - t, 0)
-        acc += (d * d).to(tl.int64)
+    if CL:
+        rows = rh
+        row_len = rw * C
+    else:
+        rows = C * rh
+        row_len = rw
+    for row in range(0, rows):
+        if CL:
+            i = row
+        else:
+            i = row % rh
+        for start in range(0, row_len, BLOCK):
+            lane = start + tl.arange(0, BLOCK)
+            m = lane < row_len
+            if CL:
+                j = lane // C  # C is a constant: a multiply and shift
+                c = lane % C
+            else:
+                j = lane
+                c = row // rh + 0 * lane
+            v = tl.load(x_ptr + k * s_k + c * s_c + (y0 + i) * s_h + (x0 + j) * s_w, mask=m, other=0.0)
+            v = v.to(tl.float32)
+            nan = nan | (v != v).to(tl.int32)
+            v = tl.where(v != v, 0.0, v)  # recorded above; keep the integer conversion below well defined
+            v = tl.where(v > 1.0, 1.0, tl.where(v < 0.0, 0.0, v))
+            s = v * 255.0
+            q = ((s + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even via the FPU's default rounding
+            t = tl.load(t_ptr + (c * TH + ty + i) * TW + tx + j, mask=m, other=0).to(tl.int32)
+            d = tl.where(m, q - t, 0)
+            acc += (d * d).to(tl.int64)
     total = tl.sum(acc, axis=0).to(tl.float64)
     has_nan = tl.max(nan, axis=0)
     tl.store(out_ptr + k * n_rois + r, tl.where(has_nan > 0, float("nan"), total))

@@ -24,8 +24,8 @@ SCRIPT = textwrap.dedent('''
                  "pb": "i32", "s_ok": "i64", "s_oc": "i64", "s_oh": "i64", "s_ow": "i64", "NOISY": "constexpr",
                  "RAINY": "constexpr", "BLOCK_W": "constexpr", "CL": "constexpr"}
     ROI = {"out_ptr": "*fp64", "x_ptr": "*fp32", "t_ptr": "*i32", "y0": "i32", "x0": "i32", "rh": "i32",
-           "rw": "i32", "C": "i32", "s_k": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "rois_ptr": "*i64",
-           "n_rois": "i32", "TH": "i32", "TW": "i32", "BLOCK": "constexpr", "MULTI": "constexpr"}
+           "rw": "i32", "C": "constexpr", "s_k": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "rois_ptr": "*i64",
+           "n_rois": "i32", "TH": "i32", "TW": "i32", "BLOCK": "constexpr", "MULTI": "constexpr", "CL": "constexpr"}
 
     def compile_sm90(fn, sig, constexprs, **options):
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
@@ -40,8 +40,10 @@ SCRIPT = textwrap.dedent('''
     report = {}
     for fn, sig, cx, opts in ((_intervene_kernel, INTERVENE,
                                {"NOISY": True, "RAINY": True, "BLOCK_W": 256, "C": 3, "CL": True}, {}),
-                              (_roi_sq_err_kernel, ROI, {"BLOCK": 1024, "MULTI": True}, {"enable_fp_fusion": False}),
-                              (_roi_sq_err_kernel, ROI, {"BLOCK": 1024, "MULTI": False}, {"enable_fp_fusion": False})):
+                              (_roi_sq_err_kernel, ROI, {"BLOCK": 128, "MULTI": True, "C": 3, "CL": True},
+                               {"enable_fp_fusion": False}),
+                              (_roi_sq_err_kernel, ROI, {"BLOCK": 32, "MULTI": False, "C": 3, "CL": False},
+                               {"enable_fp_fusion": False})):
         k = compile_sm90(fn, *as_the_jit_specialises(fn, sig, cx, 1), **opts)
         report[f"{fn.__name__} {cx} with integer arguments = 1"] = {"cubin": "cubin" in k.asm, "fma": False}
     for out in ("*fp32", "*fp16", "*bf16"):
@@ -53,9 +55,11 @@ SCRIPT = textwrap.dedent('''
                                                                                    "fma": False}
     for x in ("*fp32", "*fp16", "*bf16"):
         for multi in (False, True):
-            k = compile_sm90(_roi_sq_err_kernel, dict(ROI, x_ptr=x), {"BLOCK": 1024, "MULTI": multi},
-                             enable_fp_fusion=False)
-            report[f"roi {x} multi={multi}"] = {"cubin": "cubin" in k.asm, "fma": "fma.rn.f32" in k.asm["ptx"]}
+            for cl in (False, True):
+                k = compile_sm90(_roi_sq_err_kernel, dict(ROI, x_ptr=x),
+                                 {"BLOCK": 128, "MULTI": multi, "C": 3, "CL": cl}, enable_fp_fusion=False)
+                report[f"roi {x} multi={multi} cl={cl}"] = {"cubin": "cubin" in k.asm,
+                                                            "fma": "fma.rn.f32" in k.asm["ptx"]}
     print(json.dumps(report))
 ''')
 
@@ -77,7 +81,7 @@ def test_every_triton_kernel_compiles_for_sm90(triton_of):
     lines = p.stdout.strip().splitlines()
     assert lines[0] == ("3.6.0" if triton_of == "gpu-image" else __import__("triton").__version__)
     report = json.loads(lines[-1])
-    assert len(report) == 27
+    assert len(report) == 33
     for name, r in report.items():
         assert r["cubin"], f"{name}: no cubin"
         # the ROI kernel must round x * 255 before the round-half-even step, like the reference: no FMA
