@@ -96,6 +96,13 @@ class RunCache:
             m = _CHUNK.match(f.name)
             if not m:
                 continue  # temporaries, and chunks of older formats (.npy): never read
+            if not f.is_file() or f.is_symlink():  # a pipe would block the run, a folder or link is not ours
+                self.dropped.append(f"{stage}/{f.name}: not a regular file")
+                if f.is_dir() and not f.is_symlink():
+                    shutil.rmtree(f, ignore_errors=True)
+                else:
+                    f.unlink(missing_ok=True)
+                continue
             start, count = int(m.group(1)), int(m.group(2))
             try:
                 arr, chunk_ids = self._read_chunk(f, stage, start, count, n, width, ids)

@@ -23,10 +23,9 @@ def _is_int(value: Any) -> bool:
 
 def integer(name: str, value: Any, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
     """``value`` as an int in [lo, hi]; floats, strings and booleans are refused (``8.5`` is not silently 8)."""
-    if not _is_int(value):
-        raise ValueError(f"{name} must be an integer{_range(lo, hi)}, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be an integer{_range(lo, hi)}, got {value!r}")
+    if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        kind = {(1, None): "a positive integer", (0, None): "a non-negative integer"}.get((lo, hi))
+        raise ValueError(f"{name} must be {kind or 'an integer' + _range(lo, hi)}, got {value!r}")
     return int(value)
 
 
@@ -66,5 +65,5 @@ def _range(lo: Optional[int], hi: Optional[int]) -> str:
     if lo is None and hi is None:
         return ""
     if hi is None:
-        return " >= 0" if lo == 0 else " >= 1" if lo == 1 else f" >= {lo}"
+        return f" >= {lo}"
     return f" in [{_fmt(lo, '-inf')}, {hi}]"

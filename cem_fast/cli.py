@@ -19,15 +19,20 @@ from pathlib import Path
 from typing import Optional
 
 from .checks import first_line
-from .jsonsafe import json_safe
 
 CACHE_DIR = ".cem_cache"  # inside --out: per-batch samples, so a re-run resumes after a crash
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+RESERVED = {"report.html", "compare.html", "compare", "error.json"}  # what the run writes beside the run folders
+
+
+def _safe_name(name: str, fallback: str = "run") -> str:
+    """A folder name: letters, digits, '.', '_' and '-' only, never starting with a dot ('..', '.', '.cem_cache'
+    would leave the output folder or hide in it) and never a name the run writes itself (report.html...)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or fallback
+    return safe + "_" if safe in RESERVED else safe
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -39,26 +44,34 @@ def unique_names(names: list[str]) -> list[str]:
 def image_labels(images: list[str]) -> tuple[list[str], list[str]]:
     """(folder name, label) of each image: ``A/img.png`` and ``B/img.png``, or ``a b.png`` and ``a_b.png``, get
     folders of their own (``img``, ``img_2``) and labels that tell them apart (the path where names repeat)."""
-    folders = unique_names([_safe_name(Path(i).stem) for i in images])
+    folders = unique_names([_safe_name(Path(i).stem, "image") for i in images])
     names = [Path(i).name for i in images]
     labels = [n if names.count(n) == 1 else str(i) for n, i in zip(names, images)]
     return folders, labels
 
 
+# the temporaries atomic_write leaves when killed, for the files a run writes (and never anyone else's)
+OUR_TEMPORARY = re.compile(r"^\.(result\.npz|summary\.json|rois\.json|error\.json|meta\.json|report\.html|"
+                           r"compare\.html|diff\.(npz|json|png)|[a-z_]+\.png|\d{9}-\d{6}\.npz)\.tmp\d+$")
 RESULT_FILES = ("result.npz", "summary.json", "rois.json", "maps.png", "cem.png", "overlay.png", "pie.png",
                 "gt.png", "input.png", "output.png")
+
+
+def _clear_outputs(run_dir: Path) -> None:
+    """Remove what a run writes into its folder (and nothing else)."""
+    if run_dir.is_dir():
+        for f in RESULT_FILES + ("error.json",):
+            (run_dir / f).unlink(missing_ok=True)
+        for d in run_dir.glob("roi_*"):
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _mark_failed(run_dir: Path, message: str) -> None:
     """A failed run leaves no earlier result behind in its folder (it would pass for this run's), and an
     error.json saying what happened."""
     from .fileio import atomic_write
-    if run_dir.is_dir():
-        for f in RESULT_FILES:
-            (run_dir / f).unlink(missing_ok=True)
-        for d in run_dir.glob("roi_*"):
-            if d.is_dir():
-                shutil.rmtree(d, ignore_errors=True)
+    _clear_outputs(run_dir)
     try:
         atomic_write(run_dir / "error.json", lambda f: f.write(json.dumps({"error": message}).encode()))
     except OSError:
@@ -75,8 +88,12 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     from .fileio import clean_stale_temporaries
     from .report import write_report
 
+    if not str(out_dir).strip():
+        raise ValueError("--out must name a folder, got ''")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file, expected a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out_dir)  # left by a killed run or a full disk
+    clean_stale_temporaries(out_dir, OUR_TEMPORARY)  # ours only, left by a killed run or a full disk
     entries = [] if entries is None else entries
     folders, labels = image_labels(cfg.images)
     failed = 0
@@ -92,7 +109,7 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
 def _spec_name(spec: str) -> str:
     """A folder name for a model that failed to load (a loaded model is named by :func:`load_model`)."""
     is_path = bool(Path(spec).suffix) or "/" in spec
-    return _safe_name(Path(spec).stem if is_path else spec.rsplit(":", 1)[-1])
+    return _safe_name(Path(spec).stem if is_path else spec.rsplit(":", 1)[-1], "model")
 
 
 def _take(name: str, taken: set) -> str:
@@ -113,10 +130,10 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
     name = None
     try:
         model, loaded_name = load_model(spec, scale=int(task_opts["scale"]), trust_model_code=opts["trust_model_code"])
-        name = _take(_safe_name(loaded_name), taken)
+        name = _take(_safe_name(loaded_name, "model"), taken)
         scale = int(task_opts["scale"]) if str(opts["task"]).upper() == "SR" else 1
         model = apply_model_options(model, opts.get("model_options"), scale)
-    except Exception as e:  # every image of this model gets its row; the other models run
+    except (Exception, SystemExit) as e:  # every image of this model gets its row; the other models run
         name = name or _take(_spec_name(spec), taken)
         msg = first_line(e)
         print(f"cem-fast: error: {msg if msg.startswith('model') else f'model {name}: {msg}'}", file=sys.stderr)
@@ -130,9 +147,7 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
         print(f"[cem-fast] {name} on {label} ...", file=sys.stderr, flush=True)
         try:
             entry = _run_one(cfg, model, spec, name, image, label, out_dir, rel, opts, task_opts, progress, fresh)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # SystemExit: a model's own sys.exit / argparse ends this run only
             failed += 1
             msg = first_line(e)
             print(f"cem-fast: error: {name} on {label}: {msg}", file=sys.stderr)
@@ -168,6 +183,7 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, opts, task_opts
         print(f"[cem-fast]   note: cached chunk {note}; recomputed", file=sys.stderr)
     extra = {"config": _jsonable(cfg.raw), "model_spec": spec, "image_path": str(image)}
     loc = _locality_note(res.extra.get("locality", {}))
+    _clear_outputs(out_dir / rel)  # an earlier run of another shape (roi / rois) must not leave files behind
     if cfg.multi_roi:
         for r in results:
             r.extra.update(extra)
@@ -214,6 +230,11 @@ def _reused(res) -> str:
 
 def _jsonable(d):
     return json_safe(d)
+
+
+def json_safe(obj):
+    from .jsonsafe import json_safe as safe  # numpy: imported when needed, not at start-up
+    return safe(obj)
 
 
 def _with_exact(args) -> list[str]:
@@ -288,12 +309,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (``cem-fast run --help`` still shows the usage)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"cem-fast: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    p = argparse.ArgumentParser(prog="cem-fast", description="Causal Effect Maps for image-restoration networks.")
+    p = _OneLineParser(prog="cem-fast", description="Causal Effect Maps for image-restoration networks.")
     p.add_argument("--version", action="version", version=f"cem-fast {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command")
+    sub = p.add_subparsers(dest="command", parser_class=_OneLineParser)
     r = sub.add_parser("run", help="run the CEMs of a YAML config")
     r.add_argument("config", help="YAML config (reference keys or ours; see README)")
     r.add_argument("--out", required=True, help="output folder")

@@ -115,6 +115,8 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
         k, v = item.split("=", 1)
         raw[k.strip()] = parse_value(v)
     for k in raw:
+        if not isinstance(k, str):
+            raise ValueError(f"config keys must be names (text), got {k!r}")
         if k not in VALID_KEYS:
             raise ValueError(f"unknown config key {k!r}{_closest(k)}")
     return normalise(raw, base)
@@ -160,7 +162,7 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
                          "or pkg.module:factory)")
     images = _as_list(opts.pop("images")) + _as_list(opts.pop("image"))
     if "Imagelist" in raw:
-        folder = Path(str(raw.get("TextImg_path", ".")))
+        folder = Path(_path_text("TextImg_path", raw.get("TextImg_path", ".")))
         images += [str(folder / _path_text("Imagelist", n)) for n in _as_list(raw["Imagelist"])]
     if not images:
         raise ValueError("config must name images (key 'images', or the reference's TextImg_path + Imagelist)")
@@ -198,8 +200,10 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
         raise ValueError(f"task must be SR, DN, DR or identity, got {task!r}")
     crop = opts.get("crop")
     if crop is not None and (not isinstance(crop, (list, tuple)) or len(crop) != 4
-                             or not all(isinstance(v, int) for v in crop) or crop[2] <= crop[0] or crop[3] <= crop[1]):
-        raise ValueError(f"crop must be a PIL box [left, upper, right, lower] of integers, got {crop!r}")
+                             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in crop)
+                             or crop[2] <= crop[0] or crop[3] <= crop[1]):
+        raise ValueError(f"crop must be a PIL box [left, upper, right, lower] of non-negative integers with right > "
+                         f"left and lower > upper, got {crop!r}")
     for k in ("block", "coarse", "fine", "seed", "scale"):
         if not isinstance(opts[k], int) or isinstance(opts[k], bool):
             raise ValueError(f"{k} must be an integer, got {opts[k]!r}")
@@ -227,6 +231,23 @@ def _check_values(opts: dict[str, Any]) -> None:
     if opts["max_pixels"] is not None:
         checks.integer("max_pixels", opts["max_pixels"], 1)
     checks.boolean("trust_model_code", opts["trust_model_code"])
+    # what each run would only refuse later, once per model and image: refused here, once, as a usage error
+    checks.integer("block", opts["block"], 1)
+    checks.integer("scale", opts["scale"], 1)
+    checks.choice("mode", opts["mode"], ("coarse-to-fine", "exhaustive"))
+    checks.integer("coarse", opts["coarse"], 1)
+    checks.integer("fine", opts["fine"], 0)
+    if opts["samples"] is not None:
+        checks.integer("samples", opts["samples"], 1)
+        if opts["mode"] != "exhaustive":
+            raise ValueError(f"samples applies to mode: exhaustive (draws per block), got mode {opts['mode']!r}")
+    if opts["batch_size"] not in (None, "auto"):
+        checks.integer("batch_size", opts["batch_size"], 1)
+    if opts["backend"] is not None:
+        checks.choice("backend", opts["backend"], ("auto", "torch", "triton", "cuda", "cpp"))
+    if opts["device"] is not None and not isinstance(opts["device"], str):
+        raise ValueError(f"device must be a name such as cpu or cuda:0, got {opts['device']!r}")
+    checks.choice("rain_preset", opts["rain_preset"], ("small", "medium", "large", "random"))
     draws = opts["coarse"] + (opts["samples"] if isinstance(opts["samples"], int) else opts["fine"])
     if draws > checks.MAX_DRAWS:
         raise ValueError(f"coarse + fine (or samples) must be at most {checks.MAX_DRAWS} draws per block, got {draws}")

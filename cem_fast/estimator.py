@@ -63,11 +63,15 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         name = path.name
-        if not path.is_file():
+        if not path.exists():
             raise ValueError(f"image {str(path)!r} does not exist")
+        if not path.is_file():  # a folder, or a pipe that would never end
+            raise ValueError(f"image {str(path)!r} is not a regular file")
+        bomb_limit = Image.MAX_IMAGE_PIXELS
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit speaks instead
+                Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max(max_pixels, bomb_limit or 0)
                 with Image.open(path) as im:
                     _check_pixels(f"image {str(path)!r}", im.height, im.width, max_pixels)
                     image = _pil_to_rgb8(ImageOps.exif_transpose(im), str(path))
@@ -75,6 +79,8 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
             raise
         except Exception as e:
             raise ValueError(f"image {str(path)!r} cannot be read: {first_line(e)}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = bomb_limit
     if isinstance(image, Image.Image):
         _check_pixels("image", image.height, image.width, max_pixels)
         image = _pil_to_rgb8(image, "image")
@@ -102,8 +108,8 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
 
 def _check_pixels(what: str, h: int, w: int, max_pixels: Optional[int]) -> None:
     if max_pixels is not None and h * w > max_pixels:
-        raise ValueError(f"{what} is {w}x{h} = {h * w / 1e6:.1f} MP, above max_pixels={max_pixels} "
-                         f"({max_pixels / 1e6:.1f} MP): raise max_pixels to run it (memory grows with the image)")
+        raise ValueError(f"{what} is {w}x{h} = {h * w:,} pixels, above max_pixels={max_pixels:,}: raise "
+                         "max_pixels to run it (memory grows with the image)")
 
 
 def _u16_to_u8(a: np.ndarray) -> np.ndarray:

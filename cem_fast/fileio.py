@@ -54,17 +54,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temporaries(folder: "str | os.PathLike", max_age_s: float = 3600.0) -> int:
+def clean_stale_temporaries(folder: "str | os.PathLike", ours: "re.Pattern | None" = None,
+                            max_age_s: float = 3600.0) -> int:
     """Remove the temporaries of :func:`atomic_write` under ``folder`` (recursively) that no write will finish:
     those whose process is gone, and any older than ``max_age_s`` (a write updates its file's time, and the
-    pid may have been reused by another process). Returns how many were removed."""
+    pid may have been reused by another process). ``ours``: only temporaries whose names it matches (the files
+    the caller writes: a user's own ``.notes.txt.tmp123`` under the folder is left alone). Returns how many were
+    removed."""
     removed = 0
     now = time.time()
     for root, _dirs, files in os.walk(folder):
         for name in files:
             m = _TEMPORARY.match(name)
-            if not m:
-                continue
+            if not m or (ours is not None and not ours.match(name)):
+                continue  # not a temporary, or one of a file that is not ours: never touched
             p = os.path.join(root, name)
             try:
                 old = now - os.lstat(p).st_mtime > max_age_s

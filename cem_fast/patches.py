@@ -80,8 +80,9 @@ class PatchBank:
         # os.scandir and plain name sorting: the key of a 10,000-file bank in half the time of pathlib (whose
         # objects sort slowly); same order, same key
         with os.scandir(folder) as it:
-            entries = sorted((e for e in it if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES),
-                             key=lambda e: e.name)
+            # regular files only: a pipe named like a patch would never finish reading
+            entries = sorted((e for e in it if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+                              and e.is_file()), key=lambda e: e.name)
         if not entries:
             raise ValueError(f"patch folder {str(folder)!r} holds no images (expected .png/.jpg patches)")
         # keyed by content: names and bytes (with lengths, so no two file lists share a key). The bytes read

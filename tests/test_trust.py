@@ -414,13 +414,13 @@ def test_images_above_max_pixels_are_refused_before_decoding(tmp_path, rng, monk
     decoded = []
     monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(1) or (_ for _ in ()).throw(
         AssertionError("decoded")))
-    with pytest.raises(ValueError, match=r"big.png' is 48x64 = 0.0 MP, above max_pixels=1000") as e:
+    with pytest.raises(ValueError, match=r"big.png' is 48x64 = 3,072 pixels, above max_pixels=1,000") as e:
         cem_fast.load_image(path, max_pixels=1000)
     assert "\n" not in str(e.value) and not decoded
     assert cem_fast.estimator.DEFAULT_MAX_PIXELS == 8192 * 8192
     monkeypatch.undo()
     p = run_cli("run", sr_config(tmp_path, [path], max_pixels=1000), "--out", tmp_path / "o", "--no-progress")
-    assert "above max_pixels=1000" in one_error_line(p)
+    assert "above max_pixels=1,000" in one_error_line(p)
 
 
 def test_a_roi_the_model_restores_exactly_is_one_clear_error(bank):
@@ -464,10 +464,20 @@ def test_an_infinite_y_is_written_as_valid_json(tmp_path, bank):
     ("sigma=1e308", "sigma must be a finite number in (0, 255]"),
     ("sigma=abc", "sigma must be a finite number in (0, 255], got 'abc'"),
     ("coarse=100000000000", "coarse + fine (or samples) must be at most 1048576"),
-    ("model=os:system", "system is a builtin_function_or_method, expected a factory function"),
+    ("model=os:system", "os is a standard-library module, not a model factory"),
+    ("model=numpy:zeros", "zeros is a builtin_function_or_method, expected a factory function"),
     ("model=test_trust:raising_factory", "raising_factory() raised KeyError"),
     ("roi=[8.5, 0, 8]", "roi must be (y, x, size) or (y, x, height, width) integers, got [8.5, 0, 8]"),
-    ("max_pixels=0", "max_pixels must be an integer >= 1, got 0"),
+    ("max_pixels=0", "max_pixels must be a positive integer, got 0"),
+    ("block=-8", "block must be a positive integer, got -8"),
+    ("backend=[torch]", "backend must be one of auto, torch, triton, cuda, cpp, got ['torch']"),
+    ("rain_preset=[small]", "rain_preset must be one of small, medium, large, random"),
+    ("device=[cpu]", "device must be a name such as cpu or cuda:0"),
+    ("samples=3", "samples applies to mode: exhaustive"),
+    ("crop=[-16, -16, 16, 16]", "crop must be a PIL box [left, upper, right, lower] of non-negative integers"),
+    ("crop=[false, false, 16, 16]", "crop must be a PIL box"),
+    ("model=http.server:test", "http.server is a standard-library module, not a model factory"),
+    ("model=this:x", "this is a standard-library module"),
     ("trust_model_code=yes please", "trust_model_code must be true or false"),
 ])
 def test_cli_mistakes_are_one_line(tmp_path, rng, override, match):
@@ -535,3 +545,128 @@ def test_readme_states_the_trust_rules():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for promise in ("trust_model_code", "--trust-model", "max_pixels", "error.json", "weights_only=True"):
         assert promise in readme, promise
+
+
+# ---- found by an adversarial re-try --------------------------------------------------------------------------
+
+def test_names_never_leave_the_output_folder_or_take_the_reports_name(tmp_path, rng):
+    img = write_png(tmp_path / "x.png", rng).rename(tmp_path / "...png")  # its stem is '..'
+    sd = cem_fast.models.default_model("dn").state_dict()
+    (tmp_path / "m").mkdir()
+    torch.save(sd, tmp_path / "m" / "...pth")
+    torch.save(sd, tmp_path / "m" / "report.html.pth")
+    cfg = sr_config(tmp_path, [img], task="DN", models=[str(tmp_path / "m" / "...pth"),
+                                                        str(tmp_path / "m" / "report.html.pth")])
+    cfg.write_text(cfg.read_text().replace('"model": "bicubic", ', ""))
+    (tmp_path / "o").mkdir()
+    before = set(tmp_path.iterdir())
+    p = run_cli("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert set(tmp_path.iterdir()) == before  # nothing written beside the output folder
+    assert (tmp_path / "o" / "report.html").is_file()
+    runs = sorted(str(f.parent.relative_to(tmp_path / "o")) for f in (tmp_path / "o").rglob("result.npz"))
+    assert runs == ["model/image", "report.html_/image"], runs
+
+
+def test_a_users_own_temporary_files_under_out_are_left_alone(tmp_path, rng):
+    mine = tmp_path / "o" / "docs" / ".thesis.tex.tmp99999"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my thesis")
+    assert run_cli("run", sr_config(tmp_path, [write_png(tmp_path / "im.png", rng)]), "--out", tmp_path / "o",
+                   "--no-progress").returncode == 0
+    assert mine.read_text() == "my thesis"
+
+
+HELPER_MODEL = """
+import torch
+from helper_code import scale
+
+
+class UsesHelper(torch.nn.Module):
+    def forward(self, x):
+        return scale(x)
+"""
+
+
+def test_editing_a_helper_the_model_imports_invalidates_its_cached_samples(tmp_path, monkeypatch, image, bank):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "helper_model.py").write_text(HELPER_MODEL)
+    (tmp_path / "helper_code.py").write_text("def scale(x):\n    return x * 0.9\n")
+    import helper_code
+    import helper_model
+    args = dict(task="identity", roi=(8, 8, 8), coarse=2, fine=1, patches=bank, cache=tmp_path / "cache")
+    cem_fast.causal_effect_map(helper_model.UsesHelper(), image, **args)
+    (tmp_path / "helper_code.py").write_text("def scale(x):\n    return x * 0.5 + 0.1\n")
+    importlib.reload(helper_code)
+    importlib.reload(helper_model)
+    edited = cem_fast.causal_effect_map(helper_model.UsesHelper(), image, **args)
+    fresh = cem_fast.causal_effect_map(helper_model.UsesHelper(), image, **{**args, "cache": None})
+    assert edited.extra["reused_from_cache"] == 0 and np.array_equal(edited.effect, fresh.effect)
+
+
+class Exits(torch.nn.Module):
+    def forward(self, x):
+        raise SystemExit(3)  # research code that parses arguments or exits
+
+
+def make_exits():
+    return Exits()
+
+
+def test_a_model_that_calls_sys_exit_fails_its_run_only(tmp_path, rng):
+    cfg = sr_config(tmp_path, [write_png(tmp_path / "im.png", rng)], models=["test_trust:make_exits", "bicubic"])
+    cfg.write_text(cfg.read_text().replace('"model": "bicubic", ', ""))
+    p = run_cli("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert (tmp_path / "o" / "bicubic_x4" / "im" / "result.npz").is_file()
+    assert "failed: " in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_switching_between_roi_and_rois_leaves_no_stale_files(tmp_path, rng):
+    cfg = sr_config(tmp_path, [write_png(tmp_path / "im.png", rng)])
+    folder = tmp_path / "o" / "bicubic_x4" / "im"
+    assert run_cli("run", cfg, "--out", tmp_path / "o", "--no-progress").returncode == 0
+    assert (folder / "result.npz").is_file()
+    p = run_cli("run", cfg, "--out", tmp_path / "o", "--no-progress", "--set", "roi=null",
+                "--set", "rois=[[0, 0, 8], [8, 8, 8]]")
+    assert p.returncode == 0, p.stderr
+    assert not (folder / "result.npz").exists() and (folder / "rois.json").is_file()
+    assert run_cli("run", cfg, "--out", tmp_path / "o", "--no-progress").returncode == 0
+    assert not (folder / "rois.json").exists() and not list(folder.glob("roi_*"))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["run", "c.yml"], "the following arguments are required: --out"),
+])
+def test_usage_mistakes_are_one_line(args, match):
+    p = run_cli(*args)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and match in p.stderr, p.stderr
+
+
+def test_config_keys_that_are_not_names_and_out_that_is_a_file(tmp_path, rng):
+    img = write_png(tmp_path / "im.png", rng)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"task: SR\nmodel: bicubic\nimages: [{img}]\nroi: [0, 0, 8]\n1: 2\n")
+    assert "config keys must be names (text), got 1" in one_error_line(run_cli("run", cfg, "--out", tmp_path / "o"))
+    (tmp_path / "afile").write_text("x")
+    p = run_cli("run", sr_config(tmp_path, [img]), "--out", tmp_path / "afile")
+    assert "afile' is a file, expected a folder" in one_error_line(p)
+
+
+def test_a_pipe_among_the_patches_or_the_cache_does_not_block_the_run(tmp_path, rng, image):
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)).save(folder / f"p{i}.png")
+    os.mkfifo(folder / "b.png")
+    bank = cem_fast.load_patch_bank(folder)  # would block forever reading the pipe
+    assert len(bank) == 4
+    args = dict(task="identity", roi=(8, 8, 8), coarse=2, fine=1, patches=bank, cache=tmp_path / "cache")
+    first = cem_fast.causal_effect_map(OutOfPlace(), image, **args)
+    chunk = sorted((tmp_path / "cache").rglob("coarse/*.npz"))[0]
+    chunk.unlink()
+    os.mkfifo(chunk)
+    res = cem_fast.causal_effect_map(OutOfPlace(), image, **args)
+    assert "not a regular file" in res.extra["cache_dropped_chunks"][0]
+    assert np.array_equal(res.effect, first.effect)

@@ -9,6 +9,7 @@ import inspect
 import logging
 import math
 import re
+import sys
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -227,6 +228,10 @@ def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool =
         return eval_mode(_load_checkpoint(path, trust_model_code)), path.stem
     if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
         mod_name, _, factory = spec.partition(":")
+        # a config names the factory: the standard library holds no models, but functions that serve files,
+        # exit or run commands (http.server:test, os:abort), and modules that act when imported (this)
+        if mod_name.split(".")[0] in sys.stdlib_module_names:
+            raise ValueError(f"model {spec!r}: {mod_name} is a standard-library module, not a model factory")
         try:
             mod = importlib.import_module(mod_name)
         except Exception as e:  # ImportError, or any error raised by the module's own code
@@ -243,7 +248,7 @@ def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool =
                              "an nn.Module class")
         try:
             model = fn()
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # SystemExit: a factory that parses arguments or exits
             raise ValueError(f"model {spec!r}: {factory}() raised {type(e).__name__}: {first_line(e)}") from None
         if not isinstance(model, nn.Module):
             raise ValueError(f"model {spec!r}: {factory}() returned {type(model).__name__}, expected an nn.Module")
@@ -278,11 +283,45 @@ def _function_code(fn) -> str:
     return f"{code.co_code.hex()}|{code.co_consts!r}|{code.co_names!r}"
 
 
+_INSTALLED = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+
+
+def _user_code_reachable(module, limit: int = 500) -> list[str]:
+    """Source files of the user's modules that ``module`` reaches through its globals (imported modules, and the
+    modules of imported functions and classes), transitively: a forward that calls ``helper.f`` changes when
+    helper.py does. Installed code (the standard library, site-packages) is left out, its version not being the
+    user's edit, and so is cem_fast itself (what it computes is keyed by its cache format), so that the set does
+    not depend on which of cem_fast's modules happen to be loaded."""
+    seen: set = set()
+    out: list[str] = []
+    todo = [module]
+    while todo and len(out) < limit:
+        mod = todo.pop()
+        if mod is None or mod.__name__ in seen:
+            continue
+        seen.add(mod.__name__)
+        path = getattr(mod, "__file__", None)
+        if not path or not path.endswith(".py"):
+            continue
+        path = str(Path(path).resolve())
+        ours = mod.__name__ == __package__.split(".")[0] or mod.__name__.startswith(__package__.split(".")[0] + ".")
+        if path.startswith(_INSTALLED) or (ours and mod is not module):
+            continue
+        out.append(path)
+        for value in list(vars(mod).values()):
+            if inspect.ismodule(value):
+                todo.append(value)
+            elif inspect.isfunction(value) or inspect.isclass(value):
+                todo.append(sys.modules.get(getattr(value, "__module__", None) or ""))
+    return sorted(out)
+
+
 def model_code_digest(model: nn.Module) -> "tuple[str | None, str | None]":
     """(digest, None) of the code a model runs, or (None, why it cannot be known).
 
-    Python classes: the whole source file of every class in the MRO of every submodule (so helper functions in
-    the same file count), torch's own classes excepted (the torch version is in the key); TorchScript modules:
+    Python classes: the whole source file of every class in the MRO of every submodule, and of the user modules
+    it reaches through its imports (so helper functions count, in the same file or imported), torch's own classes
+    and installed packages excepted (the torch version is in the key); TorchScript modules:
     the inlined graph (every method and scripted function it calls); fx / torch.export modules: their
     generated code; a ``forward`` assigned to an instance: its bytecode."""
     h = hashlib.sha256()
@@ -307,10 +346,11 @@ def model_code_digest(model: nn.Module) -> "tuple[str | None, str | None]":
                 except TypeError:
                     path = None
                 if path and Path(path).is_file():
-                    if path not in files:
-                        files.add(path)
-                        h.update(path.encode())
-                        h.update(Path(path).read_bytes())
+                    for f in [path] + _user_code_reachable(sys.modules.get(cls.__module__)):
+                        if f not in files:
+                            files.add(f)
+                            h.update(f.encode())
+                            h.update(Path(f).read_bytes())
                     continue
                 try:  # a class typed into a notebook: linecache may still hold its source
                     h.update(inspect.getsource(cls).encode())
