@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from .checks import first_line
 from .fileio import atomic_write
 
 CACHE_FORMAT = 3  # bump when the meaning or the layout of cached samples changes (3: checksummed .npz chunks)
@@ -178,7 +179,7 @@ def _reason(e: BaseException) -> str:
     # one line for summary.json: our own reasons as they are, a reading error with its type
     if isinstance(e, _Bad):
         return str(e)
-    detail = str(e).splitlines()[0] if str(e) else ""
+    detail = first_line(e) if str(e).strip() else ""
     return f"unreadable ({type(e).__name__}{': ' + detail if detail else ''})"
 
 

@@ -154,11 +154,10 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
             _mark_failed(out_dir / rel, msg)
             entries.append({"model": name, "image": label, "dir": rel, "error": msg})
             continue
-        (out_dir / rel / "error.json").unlink(missing_ok=True)
+        result = entry.pop("_result")  # _run_one cleared the folder's earlier outputs, error.json included
         entries.append(entry)
         if keep is not None:
-            keep.append((name, label, folder, entry.pop("_result")))
-        entry.pop("_result", None)
+            keep.append((name, label, folder, result))
     return failed
 
 
@@ -181,7 +180,7 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, opts, task_opts
               f"{res.gt.shape[-1]}, a multiple of the scale", file=sys.stderr)
     for note in res.extra.get("cache_dropped_chunks", []):
         print(f"[cem-fast]   note: cached chunk {note}; recomputed", file=sys.stderr)
-    extra = {"config": _jsonable(cfg.raw), "model_spec": spec, "image_path": str(image)}
+    extra = {"config": json_safe(cfg.raw), "model_spec": spec, "image_path": str(image)}
     loc = _locality_note(res.extra.get("locality", {}))
     _clear_outputs(out_dir / rel)  # an earlier run of another shape (roi / rois) must not leave files behind
     if cfg.multi_roi:
@@ -226,10 +225,6 @@ def _locality_note(info: dict) -> str:
 def _reused(res) -> str:
     n = res.extra.get("reused_from_cache", 0)
     return f" (+{n} samples from the cache)" if n else ""
-
-
-def _jsonable(d):
-    return json_safe(d)
 
 
 def json_safe(obj):
@@ -309,6 +304,10 @@ def cmd_info(args) -> int:
     return 0
 
 
+TRUST_HELP = ("load model files that hold programs (TorchScript, torch.export .pt2), which can run code: only for "
+              "files you trust (config: trust_model_code: true)")
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, with a usage mistake said in one line (``cem-fast run --help`` still shows the usage)."""
 
@@ -332,8 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exact", action="store_true",
                    help="exact mode: every block on the whole input in fp32 (same as --set locality=off "
                         "--set precision=fp32)")
-    r.add_argument("--trust-model", action="store_true", help="load model files that hold programs (TorchScript, torch.export .pt2), which can run code: "
-                        "only for files you trust (config: trust_model_code: true)")
+    r.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare", help="run several models with the same draws and compare their maps")
     c.add_argument("config", help="YAML config with `models:` (two or more)")
@@ -342,8 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--fresh", action="store_true", help="ignore cached samples and recompute")
     c.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
-    c.add_argument("--trust-model", action="store_true", help="load model files that hold programs (TorchScript, torch.export .pt2), which can run code: "
-                        "only for files you trust (config: trust_model_code: true)")
+    c.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
     c.set_defaults(func=cmd_compare)
     d = sub.add_parser("demo", help="run the offline demo and write a report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

@@ -234,7 +234,11 @@ def _check_values(opts: dict[str, Any]) -> None:
     # what each run would only refuse later, once per model and image: refused here, once, as a usage error
     checks.integer("block", opts["block"], 1)
     checks.integer("scale", opts["scale"], 1)
-    checks.choice("mode", opts["mode"], ("coarse-to-fine", "exhaustive"))
+    from .estimator import MODES  # the vocabularies where they are defined (these import torch: only here)
+    from .models.wrappers import check_model_options
+    from .ops import BACKENDS
+    from .rain import PRESETS
+    checks.choice("mode", opts["mode"], MODES)
     checks.integer("coarse", opts["coarse"], 1)
     checks.integer("fine", opts["fine"], 0)
     if opts["samples"] is not None:
@@ -244,12 +248,11 @@ def _check_values(opts: dict[str, Any]) -> None:
     if opts["batch_size"] not in (None, "auto"):
         checks.integer("batch_size", opts["batch_size"], 1)
     if opts["backend"] is not None:
-        checks.choice("backend", opts["backend"], ("auto", "torch", "triton", "cuda", "cpp"))
+        checks.choice("backend", opts["backend"], ("auto",) + BACKENDS)
     if opts["device"] is not None and not isinstance(opts["device"], str):
         raise ValueError(f"device must be a name such as cpu or cuda:0, got {opts['device']!r}")
-    checks.choice("rain_preset", opts["rain_preset"], ("small", "medium", "large", "random"))
+    checks.choice("rain_preset", opts["rain_preset"], tuple(PRESETS))
     draws = opts["coarse"] + (opts["samples"] if isinstance(opts["samples"], int) else opts["fine"])
     if draws > checks.MAX_DRAWS:
         raise ValueError(f"coarse + fine (or samples) must be at most {checks.MAX_DRAWS} draws per block, got {draws}")
-    from .models.wrappers import check_model_options
     check_model_options(opts.get("model_options"))

@@ -82,12 +82,10 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
         finally:
             Image.MAX_IMAGE_PIXELS = bomb_limit
     if isinstance(image, Image.Image):
-        _check_pixels("image", image.height, image.width, max_pixels)
         image = _pil_to_rgb8(image, "image")
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image array must be (H, W, 3), got {image.shape}")
-        _check_pixels("image array", image.shape[0], image.shape[1], max_pixels)
         if image.dtype == np.uint16:
             image = _u16_to_u8(image)
         # the (3, H, W) copy at the end detaches the tensor from the caller's array: no copy here (0.25 s at 8192^2)
@@ -97,7 +95,7 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
         raise ValueError(f"image must be a path, PIL image, array or tensor, got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image tensor must be (3, H, W), got {tuple(image.shape)}")
-    _check_pixels("image tensor", image.shape[1], image.shape[2], max_pixels)
+    _check_pixels("image", image.shape[1], image.shape[2], max_pixels)  # every input, as it is now
     if image.dtype != torch.uint8:
         x = image.detach().float().cpu()
         if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
@@ -710,7 +708,8 @@ def causal_effect_maps(
         if cache is not None:
             code_digest, code_unknown = model_code_digest(model)
             components = {
-                "model": model_digest(model), "model_code": code_digest, "gt": digest_bytes(prep.gt.cpu().numpy().tobytes()),
+                "model": model_digest(model), "model_code": code_digest,
+                "gt": digest_bytes(prep.gt.cpu().numpy().tobytes()),
                 "input": digest_bytes(prep.base.cpu().numpy().tobytes(), str(tuple(prep.base.shape)).encode()),
                 "task": task_obj.describe(), "rois": [r.as_tuple() for r in roi_list], "block": block,
                 "bank": bank_digest, "seed": int(seed), "coarse": coarse, "fine": fine, "tol": float(tol),

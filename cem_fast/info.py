@@ -11,7 +11,8 @@ import torch
 def info_text() -> str:
     import cem_fast
     from .ops import BACKENDS, backend_reasons
-    lines = [f"cem_fast {cem_fast.__version__} from {os.path.dirname(cem_fast.__file__)}", f"python {platform.python_version()}, torch {torch.__version__}, "
+    lines = [f"cem_fast {cem_fast.__version__} from {os.path.dirname(cem_fast.__file__)}",
+             f"python {platform.python_version()}, torch {torch.__version__}, "
              f"numpy {np.__version__}"]
     cuda = torch.cuda.is_available()
     lines.append("cuda: " + (f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda})" if cuda

@@ -132,8 +132,6 @@ class SuperResolution(_GridTask):
     name = "SR"
 
     def __init__(self, scale: int = 4):
-        if isinstance(scale, (int, np.integer)) and not isinstance(scale, bool) and scale < 1:
-            raise ValueError(f"sr scale must be a positive integer, got {scale}")
         checks.integer("sr scale", scale, 1)
         self.scale = int(scale)
 

@@ -93,12 +93,12 @@ def roi_sq_err_multi_triton(outputs: torch.Tensor, target: torch.Tensor, rois: "
     if K == 0 or n == 0:
         return res
     t = target.to(torch.int32).contiguous()
+    cl = _channels_last(outputs)
     with on_device(outputs.device):
         for j in range(0, n, MAX_ROIS_PER_LAUNCH):
             part = rois[j:j + MAX_ROIS_PER_LAUNCH]
             dest = res if len(part) == n else torch.empty(K, len(part), dtype=torch.float64, device=outputs.device)
             table = rois_table(part, H, W, outputs.device)
-            cl = _channels_last(outputs)
             block = min(1024, triton.next_power_of_2(max(r.width for r in part) * (C if cl else 1)))
             _roi_sq_err_kernel[(K, len(part))](dest, outputs, t, 0, 0, 1, 1, C, *outputs.stride(), table, len(part),
                                                t.shape[1], t.shape[2], BLOCK=block, MULTI=True, CL=cl, **_no_fma())

@@ -265,9 +265,8 @@ def eval_mode(model: nn.Module) -> nn.Module:
 
 
 def model_digest(model: nn.Module) -> str:
-    """Hash of a model's class, weights and code (for caches and summaries); see :func:`model_code_digest`."""
-    code, _ = model_code_digest(model)
-    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}\n{code}".encode())
+    """Hash of a model's class and weights (for caches and summaries); its code: :func:`model_code_digest`."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -284,6 +283,7 @@ def _function_code(fn) -> str:
 
 
 _INSTALLED = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+_OWN_PACKAGE = __package__.split(".")[0]
 
 
 def _user_code_reachable(module, limit: int = 500) -> list[str]:
@@ -304,7 +304,7 @@ def _user_code_reachable(module, limit: int = 500) -> list[str]:
         if not path or not path.endswith(".py"):
             continue
         path = str(Path(path).resolve())
-        ours = mod.__name__ == __package__.split(".")[0] or mod.__name__.startswith(__package__.split(".")[0] + ".")
+        ours = mod.__name__ == _OWN_PACKAGE or mod.__name__.startswith(_OWN_PACKAGE + ".")
         if path.startswith(_INSTALLED) or (ours and mod is not module):
             continue
         out.append(path)
@@ -346,11 +346,12 @@ def model_code_digest(model: nn.Module) -> "tuple[str | None, str | None]":
                 except TypeError:
                     path = None
                 if path and Path(path).is_file():
-                    for f in [path] + _user_code_reachable(sys.modules.get(cls.__module__)):
-                        if f not in files:
-                            files.add(f)
-                            h.update(f.encode())
-                            h.update(Path(f).read_bytes())
+                    if path not in files:  # a file already hashed had its module's imports followed too
+                        for f in [path] + _user_code_reachable(sys.modules.get(cls.__module__)):
+                            if f not in files:
+                                files.add(f)
+                                h.update(f.encode())
+                                h.update(Path(f).read_bytes())
                     continue
                 try:  # a class typed into a notebook: linecache may still hold its source
                     h.update(inspect.getsource(cls).encode())
