@@ -19,6 +19,27 @@ NO_SHARED = (f"needs the project's shared data ({SHARED}: ../shared/data beside 
              "CEM_FAST_SHARED_DATA), which developers and CI have and a clone alone does not")
 
 
+def pytest_runtest_setup(item):
+    """The one place where marks become skips, each with its reason: ``gpu`` (a CUDA device), ``needs_backend(name,
+    device="cpu")`` (the backend can run there: its own reasons otherwise) and ``interpreter`` (Triton kernels run
+    under the interpreter, i.e. on CPU tensors)."""
+    for mark in item.iter_markers("gpu"):
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device" + (f" ({mark.kwargs['reason']})" if "reason" in mark.kwargs else ""))
+    for mark in item.iter_markers("needs_backend"):
+        from cem_fast import ops
+        name, device = mark.args[0], mark.kwargs.get("device", "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip(f"the {name} backend on cuda needs a CUDA device")
+        why = ops.backend_reasons(name, torch.device(device))
+        if why:
+            pytest.skip(f"{name} cannot run on {device}: " + "; ".join(why))
+    for mark in item.iter_markers("interpreter"):
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("runs the Triton kernels under the interpreter (TRITON_INTERPRET=1): " +
+                        mark.kwargs.get("reason", "CPU only"))
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not SHARED.is_dir():

@@ -8,7 +8,7 @@ import cem_fast
 from cem_fast import ops
 from cem_fast.geometry import ROI
 from cem_fast.reference import intervene_ref, roi_sq_err_ref
-from test_reference_ops import random_case
+from helpers import random_case
 
 CPU_BACKENDS = ["cpp", "triton"]  # triton on CPU tensors runs under the interpreter (TRITON_INTERPRET=1, conftest)
 
@@ -176,7 +176,6 @@ def test_auto_prefers_cpp_on_cpu_when_built():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_backends_equal_the_reference(backend, dtype):

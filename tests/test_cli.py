@@ -164,7 +164,7 @@ def test_crop_key_runs_on_a_crop_of_the_image(sr_config, tmp_path):
 
 @pytest.mark.slow
 def test_cli_reproduces_the_sr_golden_configuration(tmp_path, shared):
-    from test_golden import assert_agrees
+    from helpers import assert_agrees
     root = Path(__file__).resolve().parents[1]
     if not (root.parent / "shared" / "data").is_dir():
         pytest.skip("configs/golden_sr_bicubic_demo2.yml names ../shared/data beside the repository")
@@ -184,7 +184,7 @@ def test_cli_reproduces_the_sr_golden_configuration(tmp_path, shared):
 def test_compare_writes_side_by_side_and_difference_maps(sr_config, tmp_path):
     out = tmp_path / "cmp"
     p = run("compare", sr_config, "--out", out, "--no-progress",
-            "--set", "models=[bicubic, 'cem_fast.models:Bicubic', 'tests_sharp_sr:make']")
+            "--set", "models=[bicubic, 'cem_fast.models:Bicubic', 'model_factories:make']")
     assert p.returncode == 0, p.stderr
     html = (out / "compare.html").read_text()
     for link in report_links(out / "compare.html"):
@@ -204,7 +204,7 @@ def test_compare_needs_two_models(sr_config, tmp_path):
 def test_model_options_wrap_every_model(tmp_path, demo2):
     Image.fromarray(demo2[:32, :32]).save(tmp_path / "im.png")
     cfg = tmp_path / "c.yml"
-    cfg.write_text(f"task: DN\nsigma: 25\nmodel: tests_sharp_sr:make_fdncnn\nimages: [{tmp_path / 'im.png'}]\n"
+    cfg.write_text(f"task: DN\nsigma: 25\nmodel: model_factories:make_fdncnn\nimages: [{tmp_path / 'im.png'}]\n"
                    "roi: [8, 8, 8]\nfine: 2\nmodel_options: {noise_level: 25, pad_multiple: 16}\n")
     p = run("run", cfg, "--out", tmp_path / "o", "--no-progress")
     assert p.returncode == 0, p.stderr

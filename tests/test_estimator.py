@@ -79,7 +79,7 @@ def test_estimator_matches_the_naive_reference_loop(tiny_net, small_image, bank,
 
 
 def test_dn_counter_input_noise_runs_on_the_run_device(small_image, bank):
-    from test_tasks import counter_noise_by_hand
+    from helpers import counter_noise_by_hand
     res = cem_fast.causal_effect_map(Blur(), small_image, task="DN", sigma=25, noise_seed=4, input_noise="counter",
                                      roi=(4, 4, 8), coarse=2, fine=2, patches=bank, seed=1, device="cpu")
     base = counter_noise_by_hand(torch.from_numpy(small_image).permute(2, 0, 1), 25, 4)

@@ -42,9 +42,8 @@ def test_a_tensor_on_another_device_is_refused_before_any_launch(backend):
         ops.roi_sq_err_multi(out, torch.zeros(3, 8, 8, device="meta"), [ROI(0, 0, 4, 4)], backend=backend)
 
 
+@pytest.mark.needs_backend("triton")
 def test_many_roi_launches_are_split_at_the_grid_limit(monkeypatch, rng):
-    if ops.backend_reasons("triton", torch.device("cpu")):
-        pytest.skip("triton cannot run here: " + "; ".join(ops.backend_reasons("triton", torch.device("cpu"))))
     out = torch.from_numpy(rng.rand(2, 3, 8, 8).astype(np.float32))
     target = torch.from_numpy(rng.randint(0, 256, (3, 8, 8)).astype(np.uint8))
     rois = [ROI(y, x, 3, 2) for y in range(0, 5, 2) for x in range(0, 6, 3)]  # 6 ROIs

@@ -10,25 +10,7 @@ import cem_fast
 from cem_fast.locality import Window, plan_locality
 from cem_fast.geometry import ROI, BlockGrid
 from cem_fast.patches import PatchBank
-
-
-class ConvStack(torch.nn.Module):
-    """``n`` same-padded 3x3 convs with ``dilation``: receptive-field radius ``n * dilation`` px."""
-
-    def __init__(self, n=2, dilation=1, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.convs = torch.nn.ModuleList(
-            torch.nn.Conv2d(3, 3, 3, padding=dilation, dilation=dilation) for _ in range(n))
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-    def forward(self, x):
-        y = x
-        for c in self.convs:
-            y = torch.tanh(c(y))
-        return x + 0.5 * y
+from helpers import ConvStack, probe, reach_from_radius, tight_window
 
 
 class GlobalMean(torch.nn.Module):
@@ -62,41 +44,6 @@ class Mirror(torch.nn.Module):
 
     def forward(self, x):
         return x * 0.9 + 0.1 * x.flip(-1)
-
-
-def reach_from_radius(grid: BlockGrid, roi: ROI, radius_in_px: int) -> np.ndarray:
-    """Blocks whose input pixels lie within ``radius`` (input px) of the ROI's input footprint."""
-    s = grid.scale
-    y0, y1 = roi.y // s - radius_in_px, (roi.y + roi.height - 1) // s + radius_in_px
-    x0, x1 = roi.x // s - radius_in_px, (roi.x + roi.width - 1) // s + radius_in_px
-    want = np.zeros((grid.rows, grid.cols), bool)
-    for r in range(grid.rows):
-        for c in range(grid.cols):
-            by0, bx0 = r * grid.in_block, c * grid.in_block
-            by1, bx1 = min(by0 + grid.in_block, grid.in_h) - 1, min(bx0 + grid.in_block, grid.in_w) - 1
-            want[r, c] = by1 >= y0 and by0 <= y1 and bx1 >= x0 and bx0 <= x1
-    return want
-
-
-def tight_window(roi: ROI, radius: int, H: int, W: int) -> Window:
-    """The receptive field's box in input pixels (scale 1), grown to a multiple of 4 px at the end, or at the start
-    where the image ends; a side that cannot reach 4 px more keeps the whole extent."""
-    out = []
-    for a, b, limit in ((max(0, roi.y - radius), min(H, roi.y + roi.height + radius), H),
-                        (max(0, roi.x - radius), min(W, roi.x + roi.width + radius), W)):
-        size = min(limit, -(-(b - a) // 4) * 4)
-        out.append((a if a + size <= limit else limit - size, size))
-    (y, h), (x, w) = out
-    return Window(y, x, h, w)
-
-
-def probe(model, shape, block, rois, scale=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randint(0, 256, (3,) + shape, generator=g).float() / 255
-    grid = BlockGrid(shape[0] * scale, shape[1] * scale, block, scale)
-    with torch.inference_mode():
-        full = model(base[None])  # as the estimator does when the whole input is affordable
-        return plan_locality(model, base, grid, [ROI.parse(r) for r in rois], batch_size=16, full_output=full), grid
 
 
 @pytest.mark.parametrize("n,dilation,block,roi", [

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from cem_fast.geometry import ROI, BlockGrid
 from cem_fast.reference import intervene_ref, roi_psnr_ref
-from test_reference_ops import naive_intervene
+from helpers import naive_intervene
 
 # derandomize: the same examples on every run, so CI cannot turn red by chance
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
@@ -97,7 +97,7 @@ def test_roi_psnr_matches_numpy(data):
 def test_probe_reach_is_the_receptive_field(n, dilation, block, h, w, data):
     """Any conv stack, image size (partial edge blocks included) and ROI: the probed reach is exactly the blocks
     within the receptive field, and the plan is verified."""
-    from test_locality import ConvStack, probe, reach_from_radius, tight_window
+    from helpers import ConvStack, probe, reach_from_radius, tight_window
     rh, rw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
     y, x = data.draw(st.integers(0, h - rh)), data.draw(st.integers(0, w - rw))
     plan, grid = probe(ConvStack(n, dilation), (h, w), block, [(y, x, rh, rw)])

@@ -7,42 +7,7 @@ import torch
 from cem_fast import ops, rng
 from cem_fast.geometry import ROI
 from cem_fast.reference import intervene_ref, roi_psnr_ref, roi_sq_err_ref
-
-
-def naive_intervene(base, patches, idx, origins, sizes, noise=None, rain=None, windows=None, wsize=None):
-    """One intervention at a time, one pixel at a time. ``noise[k]`` is (C, pb, pb) in 0..255 units."""
-    C, h, w = base.shape
-    wh, ww = wsize or (h, w)
-    outs = []
-    for k in range(len(idx)):
-        wy, wx = (windows[k] if windows is not None else (0, 0))
-        full = base.clone()
-        p = patches[idx[k]].double()
-        for c in range(C):
-            for dy in range(int(sizes[k][0])):
-                for dx in range(int(sizes[k][1])):
-                    y, x = int(origins[k][0]) + dy, int(origins[k][1]) + dx
-                    v = float(p[c, dy, dx])
-                    if noise is not None:
-                        v = math.floor(min(max(v + float(noise[k][c, dy, dx]), 0.0), 255.0))
-                    if rain is not None:
-                        v = math.floor(min(v + float(rain[c, y, x]), 255.0))
-                    full[c, y, x] = v / 255.0
-        outs.append(full[:, wy:wy + wh, wx:wx + ww])
-    return torch.stack(outs)
-
-
-def random_case(seed, C=3, h=13, w=11, pb=4, K=7, P=5):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randint(0, 256, (C, h, w), generator=g).float() / 255
-    patches = torch.randint(0, 256, (P, C, pb, pb), generator=g, dtype=torch.uint8)
-    idx = torch.randint(0, P, (K,), generator=g)
-    # block origins on a pb grid, including the partial edge blocks
-    by = torch.randint(0, (h + pb - 1) // pb, (K,), generator=g) * pb
-    bx = torch.randint(0, (w + pb - 1) // pb, (K,), generator=g) * pb
-    origins = torch.stack([by, bx], 1)
-    sizes = torch.stack([(h - by).clamp(max=pb), (w - bx).clamp(max=pb)], 1)
-    return base, patches, idx, origins, sizes
+from helpers import naive_intervene, random_case
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

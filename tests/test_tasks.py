@@ -4,9 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import counter_noise_by_hand
+
 from cem_fast.rain import PRESETS, motion_kernel, rain_layer, seed_from_name
-from cem_fast import rng as crng
-from cem_fast.tasks import (INPUT_NOISE_ID, CustomTask, Denoise, Derain, Identity, SuperResolution, make_task,
+from cem_fast.tasks import (CustomTask, Denoise, Derain, Identity, SuperResolution, make_task,
                              resize_patches)
 
 
@@ -157,18 +158,6 @@ def test_dn_input_noise_in_row_chunks_is_the_same_draw(demo2, monkeypatch):
     monkeypatch.setattr(Denoise, "NOISE_CHUNK", 1000)  # 1 row of 256x3 per chunk
     got = Denoise(50, noise_seed=3).prepare(torch.from_numpy(demo2).permute(2, 0, 1), block=8).base
     assert torch.equal(got, want)
-
-
-def counter_noise_by_hand(gt: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
-    """Input noise from the RNG primitives: pixel (c, y, x) of an H x W image uses counter (c * S + y) * S + x,
-    S = max(H, W), and the integer arithmetic of the interventions (units of 2^-24 grey levels, floor, clip)."""
-    C, H, W = gt.shape
-    S = max(H, W)
-    c, y, x = torch.meshgrid(torch.arange(C), torch.arange(H), torch.arange(W), indexing="ij")
-    key = crng.stream_key(seed, torch.tensor(INPUT_NOISE_ID))
-    z = crng.gaussian12(key, (c * S + y) * S + x)
-    total = gt.long() * (1 << 24) + z * round(sigma * 256)
-    return torch.div(total, 1 << 24, rounding_mode="floor").clamp(0, 255).float() / 255
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 12), (3, 9, 17), (3, 16, 16)])

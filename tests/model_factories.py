@@ -1,4 +1,4 @@
-"""Model factories for the CLI tests (``tests_sharp_sr:make``); importable because tests/ is on sys.path."""
+"""Model factories for the CLI tests (``model_factories:make``); importable because tests/ is on sys.path."""
 import torch
 import torch.nn.functional as F
 

@@ -1,0 +1,149 @@
+"""Helpers shared by several test files (one module: no test file imports another).
+
+Cases for the ops (random inputs, a naive one-pixel-at-a-time intervention), the DN counter noise by hand, a
+local model with a known receptive field and the locality expectations, and the golden-reference agreement.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cem_fast import rng as crng
+from cem_fast.geometry import ROI, BlockGrid
+from cem_fast.locality import Window, plan_locality
+from cem_fast.tasks import INPUT_NOISE_ID
+
+
+def random_case(seed, C=3, h=13, w=11, pb=4, K=7, P=5):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (C, h, w), generator=g).float() / 255
+    patches = torch.randint(0, 256, (P, C, pb, pb), generator=g, dtype=torch.uint8)
+    idx = torch.randint(0, P, (K,), generator=g)
+    # block origins on a pb grid, including the partial edge blocks
+    by = torch.randint(0, (h + pb - 1) // pb, (K,), generator=g) * pb
+    bx = torch.randint(0, (w + pb - 1) // pb, (K,), generator=g) * pb
+    origins = torch.stack([by, bx], 1)
+    sizes = torch.stack([(h - by).clamp(max=pb), (w - bx).clamp(max=pb)], 1)
+    return base, patches, idx, origins, sizes
+
+
+def naive_intervene(base, patches, idx, origins, sizes, noise=None, rain=None, windows=None, wsize=None):
+    """One intervention at a time, one pixel at a time. ``noise[k]`` is (C, pb, pb) in 0..255 units."""
+    C, h, w = base.shape
+    wh, ww = wsize or (h, w)
+    outs = []
+    for k in range(len(idx)):
+        wy, wx = (windows[k] if windows is not None else (0, 0))
+        full = base.clone()
+        p = patches[idx[k]].double()
+        for c in range(C):
+            for dy in range(int(sizes[k][0])):
+                for dx in range(int(sizes[k][1])):
+                    y, x = int(origins[k][0]) + dy, int(origins[k][1]) + dx
+                    v = float(p[c, dy, dx])
+                    if noise is not None:
+                        v = math.floor(min(max(v + float(noise[k][c, dy, dx]), 0.0), 255.0))
+                    if rain is not None:
+                        v = math.floor(min(v + float(rain[c, y, x]), 255.0))
+                    full[c, y, x] = v / 255.0
+        outs.append(full[:, wy:wy + wh, wx:wx + ww])
+    return torch.stack(outs)
+
+
+def counter_noise_by_hand(gt: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """Input noise from the RNG primitives: pixel (c, y, x) of an H x W image uses counter (c * S + y) * S + x,
+    S = max(H, W), and the integer arithmetic of the interventions (units of 2^-24 grey levels, floor, clip)."""
+    C, H, W = gt.shape
+    S = max(H, W)
+    c, y, x = torch.meshgrid(torch.arange(C), torch.arange(H), torch.arange(W), indexing="ij")
+    key = crng.stream_key(seed, torch.tensor(INPUT_NOISE_ID))
+    z = crng.gaussian12(key, (c * S + y) * S + x)
+    total = gt.long() * (1 << 24) + z * round(sigma * 256)
+    return torch.div(total, 1 << 24, rounding_mode="floor").clamp(0, 255).float() / 255
+
+
+class ConvStack(torch.nn.Module):
+    """``n`` same-padded 3x3 convs with ``dilation``: receptive-field radius ``n * dilation`` px."""
+
+    def __init__(self, n=2, dilation=1, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(3, 3, 3, padding=dilation, dilation=dilation) for _ in range(n))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x):
+        y = x
+        for c in self.convs:
+            y = torch.tanh(c(y))
+        return x + 0.5 * y
+
+
+def reach_from_radius(grid: BlockGrid, roi: ROI, radius_in_px: int) -> np.ndarray:
+    """Blocks whose input pixels lie within ``radius`` (input px) of the ROI's input footprint."""
+    s = grid.scale
+    y0, y1 = roi.y // s - radius_in_px, (roi.y + roi.height - 1) // s + radius_in_px
+    x0, x1 = roi.x // s - radius_in_px, (roi.x + roi.width - 1) // s + radius_in_px
+    want = np.zeros((grid.rows, grid.cols), bool)
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            by0, bx0 = r * grid.in_block, c * grid.in_block
+            by1, bx1 = min(by0 + grid.in_block, grid.in_h) - 1, min(bx0 + grid.in_block, grid.in_w) - 1
+            want[r, c] = by1 >= y0 and by0 <= y1 and bx1 >= x0 and bx0 <= x1
+    return want
+
+
+def tight_window(roi: ROI, radius: int, H: int, W: int) -> Window:
+    """The receptive field's box in input pixels (scale 1), grown to a multiple of 4 px at the end, or at the start
+    where the image ends; a side that cannot reach 4 px more keeps the whole extent."""
+    out = []
+    for a, b, limit in ((max(0, roi.y - radius), min(H, roi.y + roi.height + radius), H),
+                        (max(0, roi.x - radius), min(W, roi.x + roi.width + radius), W)):
+        size = min(limit, -(-(b - a) // 4) * 4)
+        out.append((a if a + size <= limit else limit - size, size))
+    (y, h), (x, w) = out
+    return Window(y, x, h, w)
+
+
+def probe(model, shape, block, rois, scale=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (3,) + shape, generator=g).float() / 255
+    grid = BlockGrid(shape[0] * scale, shape[1] * scale, block, scale)
+    with torch.inference_mode():
+        full = model(base[None])  # as the estimator does when the whole input is affordable
+        return plan_locality(model, base, grid, [ROI.parse(r) for r in rois], batch_size=16, full_output=full), grid
+
+
+def reference_map(folder: Path, tol: float = 0.01):
+    """Y(I) and the thresholded map of a reference run saved as .mat files (coarse, fine, origin)."""
+    import scipy.io as sio
+
+    origin = sio.loadmat(next(folder.glob("*-PSNR-Origin.mat")))["PSNR"][0, 0]
+    coarse = sio.loadmat(next(folder.glob("*-C3.mat")))["PSNR"]
+    fine = sio.loadmat(next(folder.glob("*-PSNR_all_perturb-F*.mat")))["PSNR"]
+    gated = (fine != 0).any(2)
+    ce = np.where(gated, origin - np.where(gated[..., None], fine, 0).sum(2) / fine.shape[2],
+                  origin - coarse.mean(2))
+    return float(origin), np.where(np.abs(ce) >= tol, ce, 0.0)
+
+
+def assert_agrees(res, folder: Path, y0_tol: float = 0.01):
+    origin, ref = reference_map(folder)
+    ours = res.cem
+    assert ours.shape == ref.shape
+    assert abs(res.psnr_origin - origin) <= y0_tol, (res.psnr_origin, origin)
+    r_all = np.corrcoef(ours.ravel(), ref.ravel())[0, 1]
+    out = ~res.roi_mask
+    r_out = np.corrcoef(ours[out], ref[out])[0, 1]
+    big = np.abs(ref) >= 0.1
+    sign_ok = np.sign(ours[big]) == np.sign(ref[big])
+    total = np.abs(ours).sum() / np.abs(ref).sum()
+    msg = f"r_all={r_all:.4f} r_out={r_out:.4f} total_ratio={total:.3f} sign={sign_ok.mean():.3f}"
+    print(f"golden {folder.name}: Y(I) {res.psnr_origin:.4f} vs {origin:.4f}, {msg}")
+    assert r_all >= 0.95, msg
+    assert r_out >= 0.9, msg
+    assert sign_ok.all(), msg + f" sign differs at {np.argwhere(big)[~sign_ok].tolist()}"
+    assert abs(total - 1) <= 0.10, msg
