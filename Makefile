@@ -19,6 +19,7 @@ $(VENV)/.ready: pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q "$(TRITON_SPEC)" || echo "note: triton not installed; the triton backend is skipped"
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton-gpu-image "$(GPU_TRITON_SPEC)" \
 	  || echo "note: the GPU image's triton is not installed; its compile check is skipped"
+	$(PY) -m pip install -q --no-deps "captum==0.9.*" || echo "note: captum not installed; the Captum adapter tests are skipped"
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

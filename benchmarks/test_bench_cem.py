@@ -26,7 +26,8 @@ from PIL import Image
 
 import cem_fast
 from cem_fast import rng
-from cem_fast.estimator import DRAW_STRIDE, _effects
+from cem_fast.pipeline.options import DRAW_STRIDE
+from cem_fast.pipeline.samples import effects
 
 SHARED = Path(os.environ.get("CEM_FAST_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 SIZE = os.environ.get("CEM_FAST_BENCH_SIZE", "full")
@@ -227,10 +228,10 @@ def plain_loop_cem(model, task, clean_u8: np.ndarray, bank, roi, block, coarse, 
     y0 = psnr(prep.base)
     nb = grid.num_blocks
     sc = np.array([[sample(b, d) for d in range(coarse)] for b in range(nb)])
-    gated = (np.abs(_effects(y0, sc)) >= tol).any(1)
-    ce = _effects(y0, sc).mean(1)
+    gated = (np.abs(effects(y0, sc)) >= tol).any(1)
+    ce = effects(y0, sc).mean(1)
     for b in np.flatnonzero(gated):
-        ce[b] = _effects(y0, np.array([sample(b, coarse + d) for d in range(fine)])).mean()
+        ce[b] = effects(y0, np.array([sample(b, coarse + d) for d in range(fine)])).mean()
     ce = np.where(np.abs(ce) >= tol, ce, 0.0)
     return ce.reshape(grid.rows, grid.cols), 1 + nb * coarse + int(gated.sum()) * fine
 

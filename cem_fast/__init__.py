@@ -13,10 +13,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _PUBLIC = {
-    "causal_effect_map": "estimator", "causal_effect_maps": "estimator", "load_image": "estimator",
+    "causal_effect_map": "estimator", "causal_effect_maps": "estimator", "load_image": "images",
     "ROI": "geometry", "BlockGrid": "geometry", "load_model": "models", "compare_models": "compare",
     "difference": "compare", "intervene": "ops", "roi_psnr": "ops", "roi_sq_err": "ops", "roi_sq_err_multi": "ops",
     "roi_grid": "reference", "PatchBank": "patches", "load_patch_bank": "patches", "CEMResult": "result",

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -158,17 +158,6 @@ class RunCache:
         sha = np.array(_chunk_digest(stage, start, arr, ids))
         atomic_write(self.dir / stage / f"{start:09d}-{count:06d}.npz",
                      lambda f: np.savez(f, scores=arr, ids=ids, sha256=sha))
-
-    def get_value(self, name: str) -> Optional[float]:
-        p = self.dir / f"{name}.json"
-        try:
-            return float(json.loads(p.read_text())["value"])
-        except Exception:
-            return None
-
-    def put_value(self, name: str, value: float) -> None:
-        text = json.dumps({"value": repr(float(value))})
-        atomic_write(self.dir / f"{name}.json", lambda f: f.write(text.encode()))
 
 
 class _Bad(ValueError):

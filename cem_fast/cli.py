@@ -122,17 +122,18 @@ def _take(name: str, taken: set) -> str:
 
 
 def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries) -> int:
+    from dataclasses import replace
+
     from .models import apply_model_options, load_model
-    opts = dict(cfg.options)
-    # make_task takes the options of the configured task and ignores the others
-    task_opts = {k: opts.pop(k) for k in ("scale", "sigma", "noise_seed", "input_noise", "rain_preset", "rain_beta",
-                                          "rain_seed")}
+    from .pipeline.options import split_options
+    run, task_opts, rest = split_options(cfg.options)
+    run = replace(run, progress=progress, cache=out_dir / CACHE_DIR, fresh=fresh)
     name = None
     try:
-        model, loaded_name = load_model(spec, scale=int(task_opts["scale"]), trust_model_code=opts["trust_model_code"])
+        model, loaded_name = load_model(spec, scale=task_opts.scale, trust_model_code=run.trust_model_code)
         name = _take(_safe_name(loaded_name, "model"), taken)
-        scale = int(task_opts["scale"]) if str(opts["task"]).upper() == "SR" else 1
-        model = apply_model_options(model, opts.get("model_options"), scale)
+        scale = task_opts.scale if str(rest["task"]).upper() == "SR" else 1
+        model = apply_model_options(model, rest.get("model_options"), scale)
     except (Exception, SystemExit) as e:  # every image of this model gets its row; the other models run
         name = name or _take(_spec_name(spec), taken)
         msg = first_line(e)
@@ -146,7 +147,7 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
         rel = f"{name}/{folder}"
         print(f"[cem-fast] {name} on {label} ...", file=sys.stderr, flush=True)
         try:
-            entry = _run_one(cfg, model, spec, name, image, label, out_dir, rel, opts, task_opts, progress, fresh)
+            entry = _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts, rest)
         except (Exception, SystemExit) as e:  # SystemExit: a model's own sys.exit / argparse ends this run only
             failed += 1
             msg = first_line(e)
@@ -161,18 +162,12 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
     return failed
 
 
-def _run_one(cfg, model, spec, name, image, label, out_dir, rel, opts, task_opts, progress, fresh) -> dict:
+def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts, rest) -> dict:
     """One model on one image: compute, save, and the report entry (with the result under ``_result``)."""
-    from .estimator import causal_effect_maps
-    source = _load_cropped(image, opts["crop"], opts["max_pixels"]) if opts.get("crop") else image
-    results = causal_effect_maps(
-        model, source, image_name=Path(image).name, task=opts["task"],
-        rois=None if cfg.roi_grid else cfg.rois, roi_grid=cfg.roi_grid, block=opts["block"],
-        coarse=opts["coarse"], fine=opts["fine"], tol=opts["tol"], patches=opts["patches"],
-        seed=opts["seed"], device=opts["device"], batch_size=opts["batch_size"], mode=opts["mode"],
-        samples=opts["samples"], backend=opts["backend"], locality=opts["locality"],
-        precision=opts["precision"], progress=progress, model_name=name,
-        cache=out_dir / CACHE_DIR, fresh=fresh, **_max_pixels(opts), **task_opts)
+    from .pipeline.run import run_cem
+    source = _load_cropped(image, rest["crop"], run.max_pixels) if rest.get("crop") else image
+    results = run_cem(model, source, rest["task"], None if cfg.roi_grid else cfg.rois, cfg.roi_grid,
+                      rest["patches"], run, task_opts, model_name=name, image_name=Path(image).name)
     res = results[0]
     if "cropped_from" in res.extra:
         h, w = res.extra["cropped_from"]
@@ -199,14 +194,10 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, opts, task_opts
     return {"model": name, "image": label, "dir": rel, "summary": summary, "_result": res}
 
 
-def _max_pixels(opts: dict) -> dict:
-    return {"max_pixels": opts["max_pixels"]} if opts.get("max_pixels") is not None else {}
-
-
-def _load_cropped(image: str, box, max_pixels=None):
+def _load_cropped(image: str, box, max_pixels):
     """The ``crop`` box of an image, read the way the estimator reads images (orientation, 16-bit, pixel limit)."""
-    from .estimator import DEFAULT_MAX_PIXELS, load_image
-    full, _ = load_image(image, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+    from .images import load_image
+    full, _ = load_image(image, max_pixels)
     h, w = full.shape[-2:]
     if box[2] > w or box[3] > h:
         raise ValueError(f"crop {list(box)} must lie inside the {w}x{h} image {Path(image).name}")
@@ -316,7 +307,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
     p = _OneLineParser(prog="cem-fast", description="Causal Effect Maps for image-restoration networks.")
     p.add_argument("--version", action="version", version=f"cem-fast {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

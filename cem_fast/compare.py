@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .estimator import _effects
+from .pipeline.samples import effects
 from .fileio import atomic_write
 from .jsonsafe import json_bytes
 from .result import CEMResult
@@ -57,10 +57,10 @@ def _check_paired(a: CEMResult, b: CEMResult) -> None:
 def difference(a: CEMResult, b: CEMResult) -> MapDifference:
     """Paired difference of two maps computed with the same seed, task, ROI, grid and patch bank."""
     _check_paired(a, b)
-    ea_c, eb_c = _effects(a.psnr_origin, a.samples_coarse), _effects(b.psnr_origin, b.samples_coarse)
+    ea_c, eb_c = effects(a.psnr_origin, a.samples_coarse), effects(b.psnr_origin, b.samples_coarse)
     both_fine = a.gated & b.gated & (a.samples_fine.shape[2] > 0)
     with np.errstate(invalid="ignore"):
-        d_fine = _effects(a.psnr_origin, a.samples_fine) - _effects(b.psnr_origin, b.samples_fine)
+        d_fine = effects(a.psnr_origin, a.samples_fine) - effects(b.psnr_origin, b.samples_fine)
     rows, cols = a.cem.shape
     diff = np.zeros((rows, cols))
     half = np.full((rows, cols), np.inf)

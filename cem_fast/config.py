@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
-from . import checks
 from .geometry import ROI
+from .pipeline.options import TASKS, config_defaults, split_options
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -41,13 +41,10 @@ def _yaml_error(e: yaml.YAMLError) -> str:
         return f"{problem}" + (f" (line {mark.line + 1})" if mark is not None and "line" not in problem else "")
     return str(e).splitlines()[0]
 
+# our keys: what to run on, then every run and task option with its default (defined in pipeline.options)
 OURS = {
-    "model": None, "models": None, "images": None, "image": None, "roi": None, "task": "DN", "scale": 4,
-    "sigma": 50.0, "noise_seed": 0, "input_noise": "numpy", "rain_preset": "medium", "rain_beta": None, "rain_seed": None,
-    "block": 8, "coarse": 3, "fine": 50, "tol": 0.01, "patches": None, "seed": 0, "device": None,
-    "batch_size": "auto", "backend": None, "mode": "coarse-to-fine", "samples": None, "crop": None,
-    "model_options": None, "rois": None, "roi_grid": None, "locality": "auto", "precision": "fp32",
-    "max_pixels": None, "trust_model_code": False,
+    "model": None, "models": None, "images": None, "image": None, "roi": None, "rois": None, "roi_grid": None,
+    "task": "DN", "patches": None, "crop": None, "model_options": None, **config_defaults(),
 }
 REFERENCE = {"sr": "scale", "patch_path": "patches", "mask_block_size": "block", "coarse_num": "coarse",
              "fine_num": "fine", "Modellist": "models"}
@@ -189,24 +186,17 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
         raise ValueError(f"roi_grid must be a positive tile size in pixels, got {roi_grid!r}")
     if isinstance(opts["locality"], bool):  # YAML reads a bare `off` / `on` as a boolean
         opts["locality"] = "auto" if opts["locality"] else "off"
-    for k, allowed in (("locality", ("auto", "off")), ("precision", ("fp32", "tf32", "bf16", "fp16")),
-                       ("input_noise", ("numpy", "counter"))):
-        if opts[k] not in allowed:
-            raise ValueError(f"{k} must be one of {', '.join(allowed)}, got {opts[k]!r}")
     if opts.get("patches") is not None and opts["patches"] != "default":
         opts["patches"] = _resolve(opts["patches"], base)
     task = str(opts["task"]).strip()
-    if task.upper() not in ("SR", "DN", "DR", "IDENTITY"):
-        raise ValueError(f"task must be SR, DN, DR or identity, got {task!r}")
+    if task.upper() not in (t.upper() for t in TASKS):
+        raise ValueError(f"task must be {', '.join(TASKS[:-1])} or {TASKS[-1]}, got {task!r}")
     crop = opts.get("crop")
     if crop is not None and (not isinstance(crop, (list, tuple)) or len(crop) != 4
                              or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in crop)
                              or crop[2] <= crop[0] or crop[3] <= crop[1]):
         raise ValueError(f"crop must be a PIL box [left, upper, right, lower] of non-negative integers with right > "
                          f"left and lower > upper, got {crop!r}")
-    for k in ("block", "coarse", "fine", "seed", "scale"):
-        if not isinstance(opts[k], int) or isinstance(opts[k], bool):
-            raise ValueError(f"{k} must be an integer, got {opts[k]!r}")
     _check_values(opts)
     roi_list = [ROI.parse(r) for r in rois] if rois is not None else [ROI.parse(roi)] if roi is not None else []
     return RunConfig([str(m) for m in models], images, roi_list, opts, raw, roi_grid)
@@ -219,40 +209,10 @@ def _path_text(key: str, value: Any) -> str:
 
 
 def _check_values(opts: dict[str, Any]) -> None:
-    """Values the runs would only trip over later, checked once for the whole config."""
-    checks.integer("seed", opts["seed"], 0, checks.SEED_MAX)
-    checks.integer("noise_seed", opts["noise_seed"], 0, checks.NUMPY_SEED_MAX)
-    if opts["rain_seed"] is not None:
-        checks.integer("rain_seed", opts["rain_seed"], 0, checks.NUMPY_SEED_MAX)
-    checks.number("sigma", opts["sigma"], 0, 255, lo_open=True)
-    if opts["rain_beta"] is not None:
-        checks.number("rain_beta", opts["rain_beta"], 0, 2, lo_open=True)
-    checks.number("tol", opts["tol"], 0)
-    if opts["max_pixels"] is not None:
-        checks.integer("max_pixels", opts["max_pixels"], 1)
-    checks.boolean("trust_model_code", opts["trust_model_code"])
-    # what each run would only refuse later, once per model and image: refused here, once, as a usage error
-    checks.integer("block", opts["block"], 1)
-    checks.integer("scale", opts["scale"], 1)
-    from .estimator import MODES  # the vocabularies where they are defined (these import torch: only here)
-    from .models.wrappers import check_model_options
-    from .ops import BACKENDS
-    from .rain import PRESETS
-    checks.choice("mode", opts["mode"], MODES)
-    checks.integer("coarse", opts["coarse"], 1)
-    checks.integer("fine", opts["fine"], 0)
-    if opts["samples"] is not None:
-        checks.integer("samples", opts["samples"], 1)
-        if opts["mode"] != "exhaustive":
-            raise ValueError(f"samples applies to mode: exhaustive (draws per block), got mode {opts['mode']!r}")
-    if opts["batch_size"] not in (None, "auto"):
-        checks.integer("batch_size", opts["batch_size"], 1)
-    if opts["backend"] is not None:
-        checks.choice("backend", opts["backend"], ("auto",) + BACKENDS)
-    if opts["device"] is not None and not isinstance(opts["device"], str):
-        raise ValueError(f"device must be a name such as cpu or cuda:0, got {opts['device']!r}")
-    checks.choice("rain_preset", opts["rain_preset"], tuple(PRESETS))
-    draws = opts["coarse"] + (opts["samples"] if isinstance(opts["samples"], int) else opts["fine"])
-    if draws > checks.MAX_DRAWS:
-        raise ValueError(f"coarse + fine (or samples) must be at most {checks.MAX_DRAWS} draws per block, got {draws}")
+    """Values the runs would only trip over later, checked once for the whole config (a usage error, not one
+    failed run per model and image): the run and task options check themselves."""
+    run, task, _ = split_options(opts)
+    run.check()
+    task.check()
+    from .models.wrappers import check_model_options  # imports torch: only here
     check_model_options(opts.get("model_options"))

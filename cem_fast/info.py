@@ -9,9 +9,9 @@ import torch
 
 
 def info_text() -> str:
-    import cem_fast
+    from ._version import __version__
     from .ops import BACKENDS, backend_reasons
-    lines = [f"cem_fast {cem_fast.__version__} from {os.path.dirname(cem_fast.__file__)}",
+    lines = [f"cem_fast {__version__} from {os.path.dirname(os.path.abspath(__file__))}",
              f"python {platform.python_version()}, torch {torch.__version__}, "
              f"numpy {np.__version__}"]
     cuda = torch.cuda.is_available()

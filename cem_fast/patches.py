@@ -154,12 +154,6 @@ class PatchBank:
     def save(self, path: "str | os.PathLike") -> None:
         _atomic_savez(Path(path), patches=self.patches.numpy(), names=np.array(self.names))
 
-    def save_folder(self, folder: "str | os.PathLike") -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for p, n in zip(self.patches.permute(0, 2, 3, 1).numpy(), self.names):
-            Image.fromarray(p).save(folder / n)
-
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "PatchBank":
         """A bank written by :meth:`save`: arrays ``patches`` and (optionally) ``names``."""

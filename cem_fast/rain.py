@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .pipeline.options import RAIN_PRESETS
+
 
 @dataclass(frozen=True)
 class RainPreset:
@@ -23,12 +25,12 @@ class RainPreset:
     angle: tuple[int, int]
 
 
-PRESETS = {
-    "small": RainPreset((0.002, 0.004), (1, 3), (0.5, 0.5), (25, 35), (-10, 10)),
-    "medium": RainPreset((0.005, 0.007), (3, 5, 7), (0.25, 0.5, 0.25), (35, 45), (-30, 30)),
-    "large": RainPreset((0.008, 0.010), (7, 9), (0.5, 0.5), (45, 55), (-60, 60)),
-    "random": RainPreset((0.002, 0.010), (1, 3, 5, 7, 9), (0.2,) * 5, (25, 55), (-60, 60)),
-}
+PRESETS = dict(zip(RAIN_PRESETS, (  # the names are the options' vocabulary; here what each means
+    RainPreset((0.002, 0.004), (1, 3), (0.5, 0.5), (25, 35), (-10, 10)),
+    RainPreset((0.005, 0.007), (3, 5, 7), (0.25, 0.5, 0.25), (35, 45), (-30, 30)),
+    RainPreset((0.008, 0.010), (7, 9), (0.5, 0.5), (45, 55), (-60, 60)),
+    RainPreset((0.002, 0.010), (1, 3, 5, 7, 9), (0.2,) * 5, (25, 55), (-60, 60)),
+), strict=True))
 BETA_RANGE = (0.6, 1.0)
 
 

@@ -123,8 +123,8 @@ def _multi_roi_row(out_dir: Path, r: dict) -> str:
 
 
 def _write_page(path: Path, title: str, parts: list[str]) -> Path:
-    import cem_fast
-    page = PAGE.format(title=html.escape(title), version=cem_fast.__version__, body="\n".join(parts))
+    from ._version import __version__
+    page = PAGE.format(title=html.escape(title), version=__version__, body="\n".join(parts))
     return atomic_write(path, lambda f: f.write(page.encode()))
 
 

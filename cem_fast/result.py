@@ -134,7 +134,7 @@ class CEMResult:
         return out
 
     def summary(self) -> dict[str, Any]:
-        import cem_fast
+        from ._version import __version__
         return {
             "model": self.model_name, "image": self.image_name, "task": self.task,
             "roi": {"y": self.roi.y, "x": self.roi.x, "height": self.roi.height, "width": self.roi.width},
@@ -143,7 +143,7 @@ class CEMResult:
             "grid": list(self.cem.shape), "psnr_origin": _finite_or_str(self.psnr_origin),
             "stats": self.stats(), "num_forwards": self.num_forwards, "wall_time_s": round(self.wall_time, 3),
             "backend": self.backend, "device": self.device, "patch_bank": self.patch_bank,
-            "versions": {"cem_fast": cem_fast.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "versions": {"cem_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": platform.python_version()},
             **self.extra,
         }

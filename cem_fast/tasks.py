@@ -21,6 +21,7 @@ from PIL import Image
 
 from . import checks, ops
 from .geometry import BlockGrid, int64_on_device
+from .pipeline.options import INPUT_NOISES, TASKS, TaskOptions
 from .rain import PRESETS, rain_layer, seed_from_name
 
 
@@ -142,7 +143,6 @@ class SuperResolution(_GridTask):
         return torch.from_numpy(np.asarray(lr).copy()).permute(2, 0, 1).float() / 255.0, {}
 
 
-INPUT_NOISE = ("numpy", "counter")
 #: intervention id of the counter-based input noise: above every intervention id (block * 2^20 + draw)
 INPUT_NOISE_ID = (1 << 62) - 1
 
@@ -165,7 +165,7 @@ class Denoise(_GridTask):
         if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma <= 0:
             raise ValueError(f"sigma must be positive (0..255 units), got {sigma}")
         self.sigma = checks.number("sigma", sigma, 0, 255, lo_open=True)
-        checks.choice("input_noise", input_noise, INPUT_NOISE)
+        checks.choice("input_noise", input_noise, INPUT_NOISES)
         self.noise_seed = checks.integer("noise_seed", noise_seed, 0, checks.NUMPY_SEED_MAX)
         self.input_noise = input_noise
         self.degrades_on_device = input_noise == "counter"
@@ -284,19 +284,20 @@ class CustomTask(Task):
         return self.degrade(intervened)
 
 
-def make_task(task: "str | Task", *, scale: int = 4, sigma: float = 50.0, noise_seed: int = 0,
-              input_noise: str = "numpy", rain_preset: str = "medium", rain_beta: Optional[float] = None,
-              rain_seed: Optional[int] = None) -> Task:
-    """A task from a name: ``SR`` (x ``scale``), ``DN`` (``sigma``), ``DR`` (rain preset), ``identity``."""
+def make_task(task: "str | Task", **task_options: Any) -> Task:
+    """A task from a name: ``SR`` (x ``scale``), ``DN`` (``sigma``, ``noise_seed``, ``input_noise``), ``DR``
+    (``rain_preset``, ``rain_beta``, ``rain_seed``), ``identity``; the options and their defaults are those of
+    :class:`~cem_fast.pipeline.options.TaskOptions`."""
+    o = TaskOptions.of(**task_options)
     if isinstance(task, Task):
         return task
     key = str(task).strip().upper()
     if key == "SR":
-        return SuperResolution(scale)
+        return SuperResolution(o.scale)
     if key == "DN":
-        return Denoise(sigma, noise_seed, input_noise)
+        return Denoise(o.sigma, o.noise_seed, o.input_noise)
     if key == "DR":
-        return Derain(rain_preset, rain_beta, rain_seed)
+        return Derain(o.rain_preset, o.rain_beta, o.rain_seed)
     if key in ("IDENTITY", "ID", "NONE"):
         return Identity()
-    raise ValueError(f"task must be one of SR, DN, DR, identity (or a Task), got {task!r}")
+    raise ValueError(f"task must be one of {', '.join(TASKS)} (or a Task), got {task!r}")

@@ -96,12 +96,16 @@ def reach_from_radius(grid: BlockGrid, roi: ROI, radius_in_px: int) -> np.ndarra
     return want
 
 
-def tight_window(roi: ROI, radius: int, H: int, W: int) -> Window:
-    """The receptive field's box in input pixels (scale 1), grown to a multiple of 4 px at the end, or at the start
-    where the image ends; a side that cannot reach 4 px more keeps the whole extent."""
+def tight_window(roi: ROI, radius: int, H: int, W: int, step: int = 1) -> Window:
+    """The box of the input pixels the ROI depends on (scale 1), grown to a multiple of 4 px at the end, or at the
+    start where the image ends; a side that cannot reach 4 px more keeps the whole extent. ``step``: the model
+    reads offsets that are multiples of it (a stack of convs with dilation ``step``), so a ROI narrower than the
+    dilation depends on a comb of pixels whose box can be smaller than ``radius`` on each side."""
     out = []
-    for a, b, limit in ((max(0, roi.y - radius), min(H, roi.y + roi.height + radius), H),
-                        (max(0, roi.x - radius), min(W, roi.x + roi.width + radius), W)):
+    for start, size_roi, limit in ((roi.y, roi.height, H), (roi.x, roi.width, W)):
+        reach = range(-(radius // step) * step, radius + 1, step)
+        needed = [p + k for p in range(start, start + size_roi) for k in reach if 0 <= p + k < limit]
+        a, b = min(needed), max(needed) + 1
         size = min(limit, -(-(b - a) // 4) * 4)
         out.append((a if a + size <= limit else limit - size, size))
     (y, h), (x, w) = out

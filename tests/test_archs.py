@@ -150,8 +150,8 @@ def test_paired_differences_are_tighter_than_independent_ones(rng):
     b_other = cem_fast.causal_effect_map(Sharper(), img, seed=1, **kw)
     paired = difference(b_same, a).half_width
     # unpaired: the spread of the per-draw effect difference with independent draws
-    ind = (cem_fast.estimator._effects(b_other.psnr_origin, b_other.samples_fine)
-           - cem_fast.estimator._effects(a.psnr_origin, a.samples_fine))
+    ind = (cem_fast.pipeline.samples.effects(b_other.psnr_origin, b_other.samples_fine)
+           - cem_fast.pipeline.samples.effects(a.psnr_origin, a.samples_fine))
     unpaired = 1.96 * ind.std(axis=2, ddof=1) / np.sqrt(8)
     assert np.median(paired) < 0.5 * np.median(unpaired)
 

@@ -71,7 +71,7 @@ def test_many_roi_finiteness_in_one_pass_equals_the_per_roi_check(rng):
 
 def test_cpu_runs_need_no_pinned_memory():
     """The asynchronous score copies are a CUDA path; on the CPU the scores are read as they are."""
-    from cem_fast.estimator import _HostCopies
+    from cem_fast.pipeline.runner import HostCopies as _HostCopies
     copies = _HostCopies()
     a = torch.tensor([[1.5], [2.5]], dtype=torch.float64)
     assert np.array_equal(copies.finish(copies.start(a)), a.numpy())

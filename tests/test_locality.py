@@ -227,14 +227,14 @@ def test_reduced_precision_is_checked_against_fp32(image, bank):
 
 
 def test_auto_batch_size_is_remembered_per_model_and_shape(image, bank):
-    from cem_fast import estimator
+    from cem_fast.pipeline import model as placement
     model = ConvStack(2)
     args = dict(task="DN", roi=(16, 24, 16), coarse=1, fine=0, patches=bank, locality="off")
     first = cem_fast.causal_effect_map(model, image, **args)
     assert first.extra["batch_size"] == "auto"
-    assert first.extra["final_batch_size"] == min(256, estimator.CPU_BATCH_PIXELS // (48 * 64))
+    assert first.extra["final_batch_size"] == min(256, placement.CPU_BATCH_PIXELS // (48 * 64))
     key = ((3, 48, 64), "fp32", "cpu")
-    estimator.remember_batch_size(model, key, 7)
+    placement.remember_batch_size(model, key, 7)
     again = cem_fast.causal_effect_map(model, image, **args)
     assert again.extra["final_batch_size"] == 7
     other = cem_fast.causal_effect_map(ConvStack(2), image, **args)  # another model: not remembered

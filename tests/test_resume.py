@@ -55,7 +55,7 @@ def cem(model, img, bank, **kw):
 
 def crash_after(monkeypatch, scorings: int, run) -> None:
     """Run ``run()`` and let the process "die" (KeyboardInterrupt) once ``scorings`` batches were scored."""
-    real = cem_fast.estimator.ops.roi_psnr
+    real = cem_fast.ops.roi_sq_err
     calls = []
 
     def crashing(*a, **k):
@@ -65,7 +65,7 @@ def crash_after(monkeypatch, scorings: int, run) -> None:
         return real(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(cem_fast.estimator.ops, "roi_psnr", crashing)
+        m.setattr(cem_fast.ops, "roi_sq_err", crashing)
         with pytest.raises(KeyboardInterrupt):
             run()
 

@@ -1,0 +1,198 @@
+"""Planning a run: everything decided before the first intervention, in one :class:`RunPlan`.
+
+:func:`prepare` loads and places (no forward pass): the model on its device in its memory format and precision,
+the task applied to the image, the ROIs, the patch bank at input resolution, the backend. :func:`plan_sampling`
+then runs what the plan needs (inside ``torch.inference_mode``): the unintervened forward, the locality probe
+(which blocks can reach the ROIs, on which input crop), the batch size, and the cache entry keyed by every input
+of the samples.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ops, reference, rng
+from ..cache import RunCache, digest_bytes, run_key
+from ..geometry import ROI, BlockGrid, RoiLike
+from ..images import ImageLike, load_image
+from ..locality import LocalityPlan, Window, plan_locality
+from ..models import load_model, model_code_digest, model_digest
+from ..patches import PatchBank, load_patch_bank
+from ..tasks import Prepared, Task, make_task
+from .model import ModelForward, auto_batch_size, pick_device, place_model, unintervened_output
+from .options import DRAW_STRIDE, RunOptions, TaskOptions
+from .samples import check_sample_memory
+
+DRAWS_VERSION = "hash-v1"  # how (seed, block, draw) map to patches and noise; part of the cache key
+FULL_FORWARD_MAX_PX = 1024 * 1024  # larger inputs with locality: no full-image forward (verify on the window)
+NO_ROIS = "give rois (a list of (y, x, size)) or roi_grid (a tile size in px)"
+PROBE_BATCH = {"cuda": 16, "cpu": 4}  # the probe's batches hold crops around the ROI: small, fixed batches
+
+
+@dataclass
+class RunPlan:
+    """One run, planned. ``model`` is the placed module (the key of remembered batch sizes and of the cache);
+    ``forward`` how it is called; ``prep`` the task applied to the image, on ``device``; ``bank_in`` the patches
+    at input resolution; ``locality`` which blocks run, on which crop; ``full_output`` the whole input's output
+    when it was computed (else the pictures use the crop's)."""
+
+    model: nn.Module
+    forward: ModelForward
+    name: str
+    image_name: str
+    task: Task
+    clean: torch.Tensor
+    prep: Prepared
+    rois: list[ROI]
+    bank: PatchBank
+    bank_digest: str
+    bank_in: torch.Tensor
+    device: torch.device
+    backend: str
+    options: RunOptions
+    task_options: TaskOptions
+    seed: int
+    locality: Optional[LocalityPlan] = None
+    full_output: Optional[torch.Tensor] = None
+    batch_size: int = 1
+    batch_key: Optional[tuple] = None
+    cache: Optional[RunCache] = None
+    cache_note: Optional[str] = None
+    marks: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> BlockGrid:
+        return self.prep.grid
+
+    @property
+    def cropped_from(self) -> Optional[list]:
+        """The image's (H, W) when the task cropped it (SR: to a multiple of the scale)."""
+        return list(self.clean.shape[-2:]) if tuple(self.prep.gt.shape) != tuple(self.clean.shape) else None
+
+
+def parse_rois(rois, roi_grid: Optional[int], out_h: int, out_w: int) -> list[ROI]:
+    """The ROIs of a run: a list (of tuples or dicts), one ROI, or every tile of ``roi_grid`` px."""
+    if rois is None and roi_grid is None:
+        raise ValueError(NO_ROIS)
+    if roi_grid is not None:
+        if not isinstance(roi_grid, (int, np.integer)) or isinstance(roi_grid, bool) or roi_grid < 1:
+            raise ValueError(f"roi_grid must be a positive integer, got {roi_grid!r}")
+        parsed = reference.roi_grid(out_h, out_w, int(roi_grid))
+        if not parsed:
+            raise ValueError(f"roi_grid {roi_grid} px must fit inside the {out_h}x{out_w} output")
+        return parsed
+    if isinstance(rois, (list, tuple)) and rois and not isinstance(rois[0], (int, np.integer, str)):
+        parsed = [ROI.parse(r) for r in rois]
+    else:
+        parsed = [ROI.parse(rois)]
+    for r in parsed:
+        r.check_inside(out_h, out_w)
+    return parsed
+
+
+def prepare(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Task],
+            rois: Union[RoiLike, Sequence[RoiLike], None], roi_grid: Optional[int],
+            patches: Union[None, str, os.PathLike, PatchBank], options: RunOptions, task_options: TaskOptions,
+            model_name: Optional[str] = None, image_name: Optional[str] = None) -> RunPlan:
+    """Load and place everything (no forward pass yet); ``options`` must be checked."""
+    if isinstance(model, nn.Module):
+        name = model_name or type(model).__name__
+    else:
+        model, name = load_model(model, scale=int(task_options.scale), trust_model_code=options.trust_model_code)
+        name = model_name or name
+    task_obj = make_task(task, **task_options.as_kwargs())
+    clean, default_name = load_image(image, options.max_pixels)
+    image_name = image_name or default_name
+    bank = load_patch_bank(patches)
+    if rois is None and roi_grid is None:  # said before the device is touched
+        raise ValueError(NO_ROIS)
+    dev = pick_device(model, options.device)
+    prep = task_obj.prepare(clean, options.block, image_name, dev)
+    roi_list = parse_rois(rois, roi_grid, prep.grid.out_h, prep.grid.out_w)
+    backend = ops.resolve_backend(options.backend, dev)
+    model, forward = place_model(model, dev, options.precision, options.compile)
+    return RunPlan(model=model, forward=forward, name=name, image_name=image_name, task=task_obj, clean=clean,
+                   prep=prep.to(dev), rois=roi_list, bank=bank, bank_digest=bank.digest(),
+                   bank_in=task_obj.bank_at_input(bank.patches, options.block).to(dev), device=dev,
+                   backend=backend, options=options, task_options=task_options, seed=int(options.seed))
+
+
+def verification_inputs(plan: RunPlan, block_ids: np.ndarray, window: Window) -> torch.Tensor:
+    """Draw 0 of each block in ``block_ids``, written into crops of ``window``: what locality verifies with."""
+    b = torch.from_numpy(block_ids).to(plan.device)
+    ids = b * DRAW_STRIDE
+    pidx = rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
+    return plan.task.intervene(plan.prep, plan.bank_in, pidx, b, ids, plan.seed, plan.backend, window=window)
+
+
+def plan_sampling(plan: RunPlan) -> RunPlan:
+    """The unintervened forward, the locality plan, the batch size and the cache entry (run under
+    ``torch.inference_mode``); refuses a sampling plan that would not fit in host memory."""
+    o, grid = plan.options, plan.grid
+    use_locality = o.locality == "auto" and plan.task.supports_windows
+    whole = partial(unintervened_output, plan.forward, plan.prep, plan.task, plan.name)
+    out0 = whole() if (not use_locality or grid.in_h * grid.in_w <= FULL_FORWARD_MAX_PX) else None
+    if use_locality:
+        probe_batch = PROBE_BATCH["cuda" if plan.device.type == "cuda" else "cpu"] if o.auto_batch \
+            else int(o.batch_size)
+        plan.locality = plan_locality(plan.forward, plan.prep.base, grid, plan.rois, batch_size=probe_batch,
+                                      precision=o.precision, full_output=out0,
+                                      interventions=partial(verification_inputs, plan))
+    else:
+        why = "exact mode (locality='off')" if o.locality == "off" else \
+            "a custom degradation sees the whole image, so it cannot be cropped"
+        plan.locality = LocalityPlan.off(len(plan.rois), grid, o.locality, why)
+    if out0 is None and plan.locality.window is None:
+        out0 = whole()  # locality found nothing to crop: the whole image runs after all
+    plan.full_output = out0
+    _size_batches(plan)
+    _open_cache(plan)
+    coarse, fine = o.stages
+    n = len(plan.rois)
+    check_sample_memory(int(plan.locality.reach.reshape(n, -1).any(0).sum()), coarse, fine, n)
+    return plan
+
+
+def _size_batches(plan: RunPlan) -> None:
+    """``batch_size="auto"``: sized for what the batches hold (the crop, or the whole input)."""
+    if not plan.options.auto_batch:
+        plan.batch_size = int(plan.options.batch_size)
+        return
+    window = plan.locality.window
+    sample_in = window.crop(plan.prep.base) if window is not None else plan.prep.base
+    plan.batch_key = (tuple(sample_in.shape), plan.options.precision, str(plan.device))
+    plan.batch_size = auto_batch_size(plan.model, plan.forward, sample_in, plan.batch_key)
+
+
+def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any]:
+    """Everything the samples depend on (and, for people reading the entry, the model's and image's names)."""
+    o, prep, window = plan.options, plan.prep, plan.locality.window
+    coarse, fine = o.stages
+    return {
+        "model": model_digest(plan.model), "model_code": code_digest,
+        "gt": digest_bytes(prep.gt.cpu().numpy().tobytes()),
+        "input": digest_bytes(prep.base.cpu().numpy().tobytes(), str(tuple(prep.base.shape)).encode()),
+        "task": plan.task.describe(), "rois": [r.as_tuple() for r in plan.rois], "block": o.block,
+        "bank": plan.bank_digest, "seed": plan.seed, "coarse": coarse, "fine": fine, "tol": float(o.tol),
+        "mode": o.mode, "locality": o.locality, "window": window.as_list() if window else None,
+        "precision": o.precision, "draws": DRAWS_VERSION, **({"compile": str(o.compile)} if o.compile else {}),
+        "model_name": plan.name, "image": plan.image_name,
+    }
+
+
+def _open_cache(plan: RunPlan) -> None:
+    if plan.options.cache is None:
+        return
+    code_digest, code_unknown = model_code_digest(plan.model)
+    components = cache_components(plan, code_digest)
+    key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
+    if code_unknown:  # a model whose code may have changed unseen: its samples are never reused
+        key_parts["never_reused"] = os.urandom(16).hex()
+        plan.cache_note = f"samples not reused across runs: {code_unknown}"
+    plan.cache = RunCache(plan.options.cache, run_key(key_parts), components, fresh=plan.options.fresh)

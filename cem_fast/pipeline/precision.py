@@ -1,0 +1,71 @@
+"""Numerical precision of the model step: the mode around each forward, and the re-check of a reduced-precision
+run against fp32 on a sample of blocks (same draws, same crop)."""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .plan import RunPlan
+
+PRECISION_CHECK_BLOCKS = 8
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device):
+    """fp32: true fp32 (TF32 off for cuDNN convolutions and matmuls, which torch allows by default for cuDNN);
+    tf32: TF32 allowed; bf16 / fp16: autocast. Restores the global flags afterwards."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            with torch.autocast(device.type, dtype=dtype):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def blocks_to_check(plan: "RunPlan", effects: list) -> np.ndarray:
+    """The blocks re-run in fp32: the strongest effects, and a few at random among the other reachable ones."""
+    strength = np.max([np.abs(e) for e in effects], axis=0).reshape(-1)
+    candidates = np.flatnonzero(plan.locality.reach.any(0).reshape(-1))
+    top = candidates[np.argsort(-strength[candidates], kind="stable")][:PRECISION_CHECK_BLOCKS // 2]
+    rest = np.setdiff1d(candidates, top)
+    pick = np.random.RandomState(plan.seed).choice(rest, min(len(rest), PRECISION_CHECK_BLOCKS - len(top)),
+                                                   replace=False) if len(rest) else rest
+    return np.sort(np.concatenate([top, pick])).astype(np.int64)
+
+
+def check_precision(plan: "RunPlan", effects: list, psnr_origin: np.ndarray, gated: np.ndarray) -> dict:
+    """Recompute a sample of blocks in fp32 (same draws, same crop). Reports the largest |CE(precision) -
+    CE(fp32)| and the shift of Y(I)."""
+    from .runner import Runner
+    from .samples import Samples
+    blocks = blocks_to_check(plan, effects)
+    runner = Runner(plan, forward=plan.forward.at_precision("fp32"))
+    origin32 = runner.origin()
+    n = len(plan.rois)
+    coarse, fine = plan.options.stages
+    gated = np.asarray(gated).reshape(n, -1)
+    draws_per_block = coarse + (fine if gated[:, blocks].any() else 0)
+    b = torch.from_numpy(blocks).repeat_interleave(draws_per_block)
+    d = torch.arange(draws_per_block).repeat(len(blocks))
+    got = runner.run("precision", b, d).reshape(len(blocks), draws_per_block, n).transpose(2, 0, 1)
+    # the checked blocks' fp32 samples, read the way the run's were
+    fine_run = blocks if draws_per_block > coarse else blocks[:0]
+    fp32 = Samples(blocks, got[:, :, :coarse], fine_run, got[:, :len(fine_run), coarse:], gated,
+                   plan.locality.reach.reshape(n, -1), origin32)
+    worst = 0.0
+    for j in range(n):
+        ce32 = fp32.effect(j)[blocks]
+        worst = max(worst, float(np.nanmax(np.abs(ce32 - effects[j].reshape(-1)[blocks]))))
+    return {"blocks_checked": int(len(blocks)), "max_abs_delta_ce_db": round(worst, 5),
+            "psnr_origin_fp32": [float(v) for v in origin32],
+            "psnr_origin_delta_db": round(float(np.max(np.abs(psnr_origin - origin32))), 5),
+            "forwards": runner.forwards}

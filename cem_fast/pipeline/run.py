@@ -1,0 +1,71 @@
+"""One CEM run from end to end: plan -> run -> samples -> assemble (see :mod:`cem_fast.pipeline`)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..geometry import RoiLike
+from ..images import ImageLike
+from ..patches import PatchBank
+from ..result import CEMResults
+from ..tasks import Task
+from .assemble import assemble, pictures, run_extra, timings
+from .model import remember_batch_size
+from .options import RunOptions, TaskOptions
+from .plan import RunPlan, plan_sampling, prepare
+from .precision import check_precision
+from .runner import Runner
+from .samples import Samples, refuse_infinite_effects, refuse_nan_samples, sample_stages
+
+
+def run_cem(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Task],
+            rois: Union[RoiLike, Sequence[RoiLike], None], roi_grid: Optional[int] = None,
+            patches: Union[None, str, os.PathLike, PatchBank] = None, options: RunOptions = RunOptions(),
+            task_options: TaskOptions = TaskOptions(), model_name: Optional[str] = None,
+            image_name: Optional[str] = None) -> CEMResults:
+    """The maps of ``model`` for ``rois`` (or every ``roi_grid`` tile) of its output on ``image``."""
+    t0 = time.perf_counter()
+    options.check()
+    plan = prepare(model, image, task, rois, roi_grid, patches, options, task_options, model_name, image_name)
+    plan.marks["prepare"] = time.perf_counter()
+    with torch.inference_mode():
+        plan_sampling(plan)
+        plan.marks["probe"] = time.perf_counter()
+        progress = sys.stderr.isatty() if options.progress is None else bool(options.progress)
+        runner = Runner(plan, cache=plan.cache, progress=progress)
+        try:
+            psnr_origin, sampled = _sample(plan, runner)
+        finally:
+            runner.close()
+        if plan.batch_key is not None:
+            remember_batch_size(plan.model, plan.batch_key, runner.batch_size)
+        refuse_nan_samples(sampled, plan.grid, plan.name)
+        plan.marks["sampling"] = time.perf_counter()
+        grid = plan.grid
+        effects = [sampled.effect(j).reshape(grid.rows, grid.cols) for j in range(len(plan.rois))]
+        for j, e in enumerate(effects):
+            refuse_infinite_effects(e, float(psnr_origin[j]), plan.rois[j], plan.name)
+        precision_check = None
+        if options.precision != "fp32":
+            precision_check = check_precision(plan, effects, psnr_origin, sampled.gated)
+        pics = pictures(plan, runner)
+    wall = time.perf_counter() - t0
+    extra = run_extra(plan, runner, timings(t0, plan.marks, wall), precision_check)
+    return assemble(plan, runner, sampled, effects, psnr_origin, pics, extra, wall)
+
+
+def _sample(plan: RunPlan, runner: Runner) -> tuple[np.ndarray, Samples]:
+    """Y(I) per ROI (from the whole-input output when the run is not cropped) and the two stages' samples."""
+    if plan.locality.window is None and plan.full_output is not None:
+        psnr_origin = runner.score(plan.full_output)[0].cpu().numpy()
+    else:
+        psnr_origin = runner.origin()
+    coarse, fine = plan.options.stages
+    return psnr_origin, sample_stages(runner, plan.grid, plan.locality.reach, psnr_origin, coarse, fine,
+                                      plan.options.tol)
