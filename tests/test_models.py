@@ -104,3 +104,12 @@ def test_default_dr_beats_the_rainy_input_on_the_held_out_crop():
     rainy = torch.round(prep.base * 255)
     assert name == "default_dr"
     assert psnr_uint8(out, prep.gt) > psnr_uint8(rainy, prep.gt) + 2
+
+
+@pytest.mark.parametrize("spec, arch", [("RCAN_DN", "RCAN"), ("DnCNN", "DnCNN"), ("SwinIR-M", "SwinIR")])
+def test_a_reference_zoo_name_says_to_give_its_checkpoint(spec, arch):
+    with pytest.raises(ValueError, match=rf"give the path of its checkpoint instead .*detects {arch} from"):
+        load_model(spec)
+    with pytest.raises(ValueError) as e:  # an unrelated name gets no such hint
+        load_model("not_a_model_name")
+    assert "checkpoint" not in str(e.value)

@@ -253,7 +253,19 @@ def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool =
         if not isinstance(model, nn.Module):
             raise ValueError(f"model {spec!r}: {factory}() returned {type(model).__name__}, expected an nn.Module")
         return model.eval(), factory
-    raise ValueError(f"model {spec!r} is not a file, 'bicubic[:xS]', 'default' or 'pkg.module:factory'")
+    raise ValueError(f"model {spec!r} is not a file, 'bicubic[:xS]', 'default' or 'pkg.module:factory'"
+                     + _zoo_hint(spec))
+
+
+def _zoo_hint(spec: str) -> str:
+    """The reference code names models of its zoo (``Modellist: ['DnCNN', 'RCAN_DN']``); cem_fast reads their
+    checkpoints instead and finds the architecture from the tensors."""
+    family = re.split(r"[_-]", spec)[0].lower()
+    known = {name.lower(): name for name in ARCHITECTURES} | {"srresnet": "MSRResNet", "fdncnn": "DnCNN"}
+    if family not in known:
+        return ""
+    return (f"; a model-zoo name like the reference code's: give the path of its checkpoint instead (a .pth "
+            f"state dict: cem_fast detects {known[family]} from its tensors)")
 
 
 def eval_mode(model: nn.Module) -> nn.Module:
