@@ -278,3 +278,45 @@ def test_pipeline(benchmark, case):
     if plain and plain["seconds"] and benchmark.stats:
         benchmark.extra_info["plain_over_pipeline"] = plain["seconds"] / benchmark.stats.stats.median
         benchmark.extra_info["pearson_vs_plain"] = float(np.corrcoef(res.cem.ravel(), plain["cem"].ravel())[0, 1])
+
+
+# ---- a ROI grid whose union is the whole image: one shared pass, one run per ROI, the loop of single runs --------
+
+def roi_grid_case():
+    """(image, tile, samples) with the shipped DnCNN (receptive field 12 px): ROIs far apart, their union the whole
+    image, so the shared pass runs every block on the whole input while each single run has a small crop."""
+    if SIZE == "ci":
+        return demo2()[96:160, 64:128], 32, 1
+    if DEV == "cuda":
+        return demo2(), 32, 3
+    return demo2()[48:208, 48:208], 32, 1
+
+
+def _grid_maps(benchmark, roi_plan):
+    image, tile, samples = roi_grid_case()
+    return run_cem(benchmark, "ROI grid plan", model="default", image=image, task="DN", roi_grid=tile,
+                   mode="exhaustive", samples=samples, roi_plan=roi_plan)
+
+
+def test_roi_grid_loop_of_single_runs(benchmark):
+    image, tile, samples = roi_grid_case()
+    benchmark.group = "ROI grid plan"
+    rois = cem_fast.reference.roi_grid(image.shape[0], image.shape[1], tile)
+    loop = lambda: [cem_fast.causal_effect_map("default", image, task="DN", roi=r.as_tuple(), mode="exhaustive",  # noqa: E731
+                                               samples=samples, device=DEV, progress=False) for r in rois]
+    maps = benchmark.pedantic(loop, rounds=1, iterations=1)
+    ROWS["grid_loop"] = dict(seconds=benchmark.stats.stats.median if benchmark.stats else None,
+                             effects=[m.effect for m in maps])
+    benchmark.extra_info.update(rois=len(rois), forwards=sum(m.num_forwards for m in maps))
+
+
+@pytest.mark.parametrize("roi_plan", ["shared", "auto"])
+def test_roi_grid_plans(benchmark, roi_plan):
+    maps = _grid_maps(benchmark, roi_plan)
+    loop = ROWS.get("grid_loop") or {}
+    benchmark.extra_info.update(plan=maps[0].extra["plan"]["rois"], forwards=sum(
+        m.num_forwards for m in maps) if maps[0].extra["plan"]["rois"]["chosen"] == "per-roi" else maps[0].num_forwards)
+    if loop.get("seconds") and benchmark.stats:
+        benchmark.extra_info["loop_over_this"] = loop["seconds"] / benchmark.stats.stats.median
+    if loop.get("effects"):  # the same draws: every map equals its single run's
+        assert all(np.array_equal(m.effect, e) for m, e in zip(maps, loop["effects"]))

@@ -95,6 +95,7 @@ def causal_effect_maps(
     device: Optional[Union[str, torch.device]] = None,
     batch_size: Union[int, str, None] = "auto",
     locality: str = "auto",
+    roi_plan: str = "auto",
     precision: str = "fp32",
     compile: Union[bool, str] = False,
     mode: str = "coarse-to-fine",
@@ -120,6 +121,10 @@ def causal_effect_maps(
             rest on the input crop that determines them, after probing and verifying the model
             (:mod:`cem_fast.locality`); it falls back to the whole image, and says why, when verification fails.
             "off": the exact mode (every block, whole input).
+        roi_plan: many ROIs: "auto" (default) runs one shared pass (every intervention of the union's reachable
+            blocks, on the union's crop) or one run per ROI (each on its own crop), whichever moves fewer input
+            pixels, counted before running (``summary.json: plan``); "shared" or "per-roi" forces one. The maps
+            are the same either way.
         precision: "fp32" (default; TF32 off), "tf32", "bf16" or "fp16" (autocast); reduced precision is checked
             against fp32 on a sample of blocks and reported (``summary.json: precision_check``).
         compile: run the model through ``torch.compile`` (True: mode "reduce-overhead", i.e. CUDA graphs, on CUDA
@@ -142,7 +147,7 @@ def causal_effect_maps(
         :class:`CEMResults`, one :class:`CEMResult` per ROI, in order.
     """
     run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, mode=mode, samples=samples,
-                     locality=locality, precision=precision, batch_size=batch_size, device=device, backend=backend,
+                     locality=locality, roi_plan=roi_plan, precision=precision, batch_size=batch_size, device=device, backend=backend,
                      compile=compile, progress=progress, cache=cache, fresh=fresh, max_pixels=max_pixels,
                      trust_model_code=trust_model_code)
     return run_cem(model, image, task, rois, roi_grid, patches, run, TaskOptions.of(**task_options),

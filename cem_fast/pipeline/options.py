@@ -20,6 +20,7 @@ Backend = Literal["torch", "triton", "cuda", "cpp"]
 TaskName = Literal["SR", "DN", "DR", "identity"]
 InputNoise = Literal["numpy", "counter"]
 RainPreset = Literal["small", "medium", "large", "random"]
+RoiPlan = Literal["auto", "shared", "per-roi"]
 
 MODES: tuple = get_args(Mode)
 LOCALITY: tuple = get_args(Locality)
@@ -29,6 +30,7 @@ BACKEND_CHOICES: tuple = ("auto",) + BACKENDS
 TASKS: tuple = get_args(TaskName)
 INPUT_NOISES: tuple = get_args(InputNoise)
 RAIN_PRESETS: tuple = get_args(RainPreset)
+ROI_PLANS: tuple = get_args(RoiPlan)
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger inputs are refused unless max_pixels is raised (memory grows with it)
 DRAW_STRIDE = checks.MAX_DRAWS  # intervention id = block * DRAW_STRIDE + draw index
@@ -84,6 +86,7 @@ class RunOptions:
     mode: Mode = "coarse-to-fine"
     samples: Optional[int] = None
     locality: Locality = "auto"
+    roi_plan: RoiPlan = "auto"
     precision: Precision = "fp32"
     batch_size: Union[int, str, None] = "auto"
     device: Optional[str] = None
@@ -100,6 +103,7 @@ class RunOptions:
         checks.integer("block", self.block, 1)
         checks.choice("mode", self.mode, MODES)
         checks.choice("locality", self.locality, LOCALITY)
+        checks.choice("roi_plan", self.roi_plan, ROI_PLANS)
         checks.choice("precision", self.precision, PRECISIONS)
         if self.mode == "exhaustive":
             checks.integer("samples", self.fine if self.samples is None else self.samples, 1)

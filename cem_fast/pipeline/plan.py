@@ -9,6 +9,7 @@ of the samples.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional, Sequence, Union
@@ -65,6 +66,12 @@ class RunPlan:
     cache: Optional[RunCache] = None
     cache_note: Optional[str] = None
     marks: dict = field(default_factory=dict)
+    progress: bool = False  # progress bar and one-line messages on stderr
+
+    def say(self, message: str) -> None:
+        """A line on stderr while the run goes on (only with progress: scripts and tests stay quiet)."""
+        if self.progress:
+            print(f"[cem-fast] {message}", file=sys.stderr, flush=True)
 
     @property
     def grid(self) -> BlockGrid:
@@ -139,6 +146,7 @@ def plan_sampling(plan: RunPlan) -> RunPlan:
     whole = partial(unintervened_output, plan.forward, plan.prep, plan.task, plan.name)
     out0 = whole() if (not use_locality or grid.in_h * grid.in_w <= FULL_FORWARD_MAX_PX) else None
     if use_locality:
+        plan.say("locality probe: which blocks can reach the ROI, and which input crop determines it ...")
         probe_batch = PROBE_BATCH["cuda" if plan.device.type == "cuda" else "cpu"] if o.auto_batch \
             else int(o.batch_size)
         plan.locality = plan_locality(plan.forward, plan.prep.base, grid, plan.rois, batch_size=probe_batch,
@@ -157,6 +165,41 @@ def plan_sampling(plan: RunPlan) -> RunPlan:
     n = len(plan.rois)
     check_sample_memory(int(plan.locality.reach.reshape(n, -1).any(0).sum()), coarse, fine, n)
     return plan
+
+
+def forward_budget(plan: RunPlan) -> dict[str, Any]:
+    """What the sampling will cost, before it runs: blocks, forwards (the fine stage as an upper bound: every
+    reachable block gated) and input pixels per forward."""
+    n, grid = len(plan.rois), plan.grid
+    blocks = int(plan.locality.reach.reshape(n, -1).any(0).sum())
+    coarse, fine = plan.options.stages
+    window = plan.locality.window
+    h, w = (window.h, window.w) if window is not None else tuple(plan.prep.base.shape[1:])
+    return {"blocks": blocks, "of_blocks": grid.num_blocks, "coarse_forwards": blocks * coarse,
+            "fine_forwards_at_most": blocks * fine, "input_px_per_forward": int(h * w),
+            "input_shape": [int(h), int(w)], "batch_size": plan.batch_size}
+
+
+def budget_line(b: dict, n_rois: int) -> str:
+    fine = f" + at most {b['fine_forwards_at_most']:,} fine" if b["fine_forwards_at_most"] else ""
+    h, w = b["input_shape"]
+    return (f"plan: {b['blocks']:,} of {b['of_blocks']:,} blocks can reach the {n_rois} ROI"
+            f"{'s' if n_rois > 1 else ''}: {b['coarse_forwards']:,} coarse{fine} forwards on {h}x{w} input px, "
+            f"batch {b['batch_size']}")
+
+
+def per_roi_pixels(plan: RunPlan) -> int:
+    """Input pixels the same sampling would cost as one run per ROI: each ROI's reachable blocks on the box of
+    those blocks (an upper bound of each run's verified crop; their probes not counted)."""
+    grid, total = plan.grid, 0
+    for reach in plan.locality.reach:
+        rows, cols = np.nonzero(reach)
+        if not len(rows):
+            continue
+        h = min(grid.in_h, (rows.max() + 1) * grid.in_block) - rows.min() * grid.in_block
+        w = min(grid.in_w, (cols.max() + 1) * grid.in_block) - cols.min() * grid.in_block
+        total += len(rows) * int(h) * int(w)
+    return total
 
 
 def _size_batches(plan: RunPlan) -> None:

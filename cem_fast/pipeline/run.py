@@ -18,7 +18,7 @@ from ..tasks import Task
 from .assemble import assemble, pictures, run_extra, timings
 from .model import remember_batch_size
 from .options import RunOptions, TaskOptions
-from .plan import RunPlan, plan_sampling, prepare
+from .plan import RunPlan, budget_line, forward_budget, per_roi_pixels, plan_sampling, prepare
 from .precision import check_precision
 from .runner import Runner
 from .samples import Samples, refuse_infinite_effects, refuse_nan_samples, sample_stages
@@ -33,12 +33,17 @@ def run_cem(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Tas
     t0 = time.perf_counter()
     options.check()
     plan = prepare(model, image, task, rois, roi_grid, patches, options, task_options, model_name, image_name)
+    plan.progress = sys.stderr.isatty() if options.progress is None else bool(options.progress)
     plan.marks["prepare"] = time.perf_counter()
     with torch.inference_mode():
         plan_sampling(plan)
         plan.marks["probe"] = time.perf_counter()
-        progress = sys.stderr.isatty() if options.progress is None else bool(options.progress)
-        runner = Runner(plan, cache=plan.cache, progress=progress)
+        budget = forward_budget(plan)
+        roi_plan = choose_roi_plan(plan, budget)
+        if roi_plan["chosen"] == "per-roi":
+            return _run_per_roi(plan, roi_plan)
+        plan.say(budget_line(budget, len(plan.rois)))
+        runner = Runner(plan, cache=plan.cache, progress=plan.progress)
         try:
             psnr_origin, sampled = _sample(plan, runner)
         finally:
@@ -57,7 +62,37 @@ def run_cem(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Tas
         pics = pictures(plan, runner)
     wall = time.perf_counter() - t0
     extra = run_extra(plan, runner, timings(t0, plan.marks, wall), precision_check)
+    extra["plan"] = {**budget, **({"rois": roi_plan} if len(plan.rois) > 1 else {})}
     return assemble(plan, runner, sampled, effects, psnr_origin, pics, extra, wall)
+
+
+PER_ROI_MARGIN = 1.25  # one run per ROI also probes each ROI: chosen only when clearly cheaper
+
+
+def choose_roi_plan(plan: RunPlan, budget: dict) -> dict:
+    """Many ROIs: one shared pass (every intervention of the union's reachable blocks, on the crop of the union)
+    or one run per ROI (each on its own crop), whichever moves fewer input pixels (counted, before running)."""
+    if len(plan.rois) == 1:
+        return {"chosen": "shared"}
+    shared = budget["blocks"] * budget["input_px_per_forward"]
+    per_roi = per_roi_pixels(plan)  # without locality every ROI reaches every block: n x the shared pass
+    asked = plan.options.roi_plan
+    chosen = asked if asked != "auto" else ("per-roi" if per_roi * PER_ROI_MARGIN < shared else "shared")
+    why = "asked (roi_plan)" if asked != "auto" else \
+        f"counted input pixels per draw: shared pass {shared:,}, one run per ROI {per_roi:,}"
+    return {"chosen": chosen, "why": why, "shared_px_per_draw": int(shared), "per_roi_px_per_draw": int(per_roi)}
+
+
+def _run_per_roi(plan: RunPlan, roi_plan: dict) -> CEMResults:
+    """One run per ROI, each exactly the single-ROI run (its own locality crop, cache entry and draws)."""
+    plan.say(f"{len(plan.rois)} ROIs as one run each ({roi_plan['why']})")
+    results = CEMResults()
+    for j, roi in enumerate(plan.rois):
+        one = run_cem(plan.model, plan.clean, plan.task, [roi.as_tuple()], None, plan.bank, plan.options,
+                      plan.task_options, model_name=plan.name, image_name=plan.image_name)[0]
+        one.extra["plan"]["rois"] = {**roi_plan, "roi_index": j, "rois": len(plan.rois)}
+        results.append(one)
+    return results
 
 
 def _sample(plan: RunPlan, runner: Runner) -> tuple[np.ndarray, Samples]:

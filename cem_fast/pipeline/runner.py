@@ -119,10 +119,17 @@ class Runner:
             scores, done = np.full((n, width), np.nan), np.zeros(n, dtype=bool)
         self.reused += int(done.sum())
         if self.bar is not None:
-            self.bar.total += n
+            self.bar.total = max(self.bar.total, self.bar.n + n)  # an unplanned stage (the fp32 re-check)
             self.bar.update(int(done.sum()))
         _Batches(self, stage, blocks, draws, ids, scores).run(list(missing_ranges(done, self.batch_size))[::-1])
         return scores
+
+    def expect(self, total: int) -> None:
+        """The interventions this run will compute in all (the bar's total): never below what is done, so the bar
+        only moves forward (an upper bound first, then the real count once the fine stage is known)."""
+        if self.bar is not None:
+            self.bar.total = max(int(total), self.bar.n)
+            self.bar.refresh()
 
     def back_off(self, s: int, e: int) -> int:
         """After an out-of-memory error on batch [s, e): the smaller batch size to retry with."""

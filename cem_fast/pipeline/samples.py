@@ -91,6 +91,8 @@ def sample_stages(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.nda
     nb = grid.num_blocks
     flat_reach = reach.reshape(n, nb)
     run = np.flatnonzero(flat_reach.any(0)) if coarse else np.zeros(0, np.int64)
+    # the progress total: every reachable block's fine stage as an upper bound, the real count once gated
+    runner.expect(len(run) * coarse + int(flat_reach.any(0).sum()) * fine)
     got_coarse = np.zeros((n, len(run), coarse))
     if coarse:
         if len(run):
@@ -103,6 +105,7 @@ def sample_stages(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.nda
     else:
         gated = np.ones((n, nb), dtype=bool)
     fine_run = np.flatnonzero((gated & flat_reach).any(0)) if fine else np.zeros(0, np.int64)
+    runner.expect(len(run) * coarse + len(fine_run) * fine)
     got_fine = np.zeros((n, len(fine_run), fine))
     if len(fine_run):
         b = torch.from_numpy(fine_run).repeat_interleave(fine)

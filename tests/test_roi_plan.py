@@ -1,0 +1,97 @@
+"""Many ROIs: the cheaper of one shared pass and one run per ROI, chosen by counted input pixels and said in the
+summary; either way each map is its single-ROI run's. An honest plan line, and a progress bar that only moves
+forward."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import cem_fast
+from cem_fast.patches import PatchBank
+
+
+class BoxBlur(torch.nn.Module):
+    """A local denoiser: a 9x9 box blur (receptive-field radius 4 px)."""
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool2d(x, 9, stride=1, padding=4, count_include_pad=False)
+
+
+@pytest.fixture
+def image(rng):
+    return rng.randint(0, 256, (128, 128, 3)).astype(np.uint8)
+
+
+@pytest.fixture
+def bank(rng):
+    return PatchBank(torch.from_numpy(rng.randint(0, 256, (16, 3, 8, 8)).astype(np.uint8)))
+
+
+ARGS = dict(task="DN", sigma=30, coarse=2, fine=2, seed=3, batch_size=16)
+
+
+def test_a_grid_whose_union_is_the_image_runs_one_run_per_roi_with_the_single_maps(image, bank):
+    maps = cem_fast.causal_effect_maps(BoxBlur(), image, roi_grid=32, patches=bank, **ARGS)
+    plan = maps[0].extra["plan"]["rois"]
+    assert plan["chosen"] == "per-roi", plan
+    assert plan["per_roi_px_per_draw"] * 1.25 < plan["shared_px_per_draw"]
+    for j in (0, 5, 15):  # a corner, an inner and the last tile: each is exactly its own single run
+        roi = maps[j].roi
+        single = cem_fast.causal_effect_map(BoxBlur(), image, roi=roi.as_tuple(), patches=bank, **ARGS)
+        np.testing.assert_array_equal(maps[j].effect, single.effect)
+        np.testing.assert_array_equal(maps[j].samples_coarse, single.samples_coarse)
+        assert maps[j].num_forwards == single.num_forwards
+
+
+def test_the_shared_pass_gives_the_same_maps_and_is_kept_where_it_is_cheaper(image, bank):
+    per_roi = cem_fast.causal_effect_maps(BoxBlur(), image, rois=[(40, 40, 16), (48, 56, 16)], patches=bank,
+                                          **ARGS)
+    assert per_roi[0].extra["plan"]["rois"]["chosen"] == "shared"  # overlapping ROIs: one pass is cheaper
+    forced = cem_fast.causal_effect_maps(BoxBlur(), image, rois=[(40, 40, 16), (48, 56, 16)], patches=bank,
+                                         roi_plan="per-roi", **ARGS)
+    assert forced[0].extra["plan"]["rois"]["why"] == "asked (roi_plan)"
+    for a, b in zip(per_roi, forced):
+        np.testing.assert_array_equal(a.effect, b.effect)
+
+
+class RecordingBar:
+    """Stands in for tqdm: records the fraction done after every change."""
+    seen: list = []
+
+    def __init__(self, total=0, **kwargs):
+        self.total, self.n = total, 0
+        RecordingBar.seen = []
+
+    def _record(self):
+        RecordingBar.seen.append((self.n, self.total))
+
+    def update(self, k):
+        self.n += k
+        self._record()
+
+    def refresh(self):
+        self._record()
+
+    def close(self):
+        pass
+
+
+def test_the_plan_is_said_and_the_progress_bar_only_moves_forward(image, bank, capsys, monkeypatch):
+    import tqdm.auto
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    res = cem_fast.causal_effect_map(BoxBlur(), image, roi=(40, 40, 16), patches=bank, progress=True,
+                                     **{**ARGS, "fine": 6, "batch_size": 4})
+    err = capsys.readouterr().err
+    assert "locality probe" in err
+    line = re.search(r"plan: (\d+) of 256 blocks can reach the 1 ROI: (\d+) coarse \+ at most (\d+) fine", err)
+    assert line, err[-2000:]
+    blocks = int(line.group(1))
+    assert blocks == int(res.reachable.sum()) and int(line.group(2)) == 2 * blocks
+    assert int(line.group(3)) == 6 * blocks
+    fractions = [n / total for n, total in RecordingBar.seen if total]
+    assert len(fractions) >= 5 and fractions[-1] == 1.0, RecordingBar.seen
+    assert fractions == sorted(fractions), RecordingBar.seen  # the fine stage is in the total from the start
+    n_done, total = RecordingBar.seen[-1]
+    assert n_done == total == 2 * blocks + 6 * int(res.gated.sum())  # every intervention, counted once
+    assert res.extra["plan"]["blocks"] == blocks and res.extra["plan"]["fine_forwards_at_most"] == 6 * blocks
