@@ -96,6 +96,7 @@ def causal_effect_maps(
     batch_size: Union[int, str, None] = "auto",
     locality: str = "auto",
     roi_plan: str = "auto",
+    windows: str = "auto",
     precision: str = "fp32",
     compile: Union[bool, str] = False,
     mode: str = "coarse-to-fine",
@@ -125,6 +126,10 @@ def causal_effect_maps(
             blocks, on the union's crop) or one run per ROI (each on its own crop), whichever moves fewer input
             pixels, counted before running (``summary.json: plan``); "shared" or "per-roi" forces one. The maps
             are the same either way.
+        windows: "auto" (default): where locality is verified, each intervention runs on the smallest input
+            window that determines the part of the ROIs it can change, its ROI error composed exactly from the
+            unintervened one (:mod:`cem_fast.pipeline.windows`; verified per run, else the crop, and
+            ``summary.json: locality.windows`` says why); "crop": every intervention on the ROIs' crop.
         precision: "fp32" (default; TF32 off), "tf32", "bf16" or "fp16" (autocast); reduced precision is checked
             against fp32 on a sample of blocks and reported (``summary.json: precision_check``).
         compile: run the model through ``torch.compile`` (True: mode "reduce-overhead", i.e. CUDA graphs, on CUDA
@@ -147,7 +152,7 @@ def causal_effect_maps(
         :class:`CEMResults`, one :class:`CEMResult` per ROI, in order.
     """
     run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, mode=mode, samples=samples,
-                     locality=locality, roi_plan=roi_plan, precision=precision, batch_size=batch_size, device=device, backend=backend,
+                     locality=locality, roi_plan=roi_plan, windows=windows, precision=precision, batch_size=batch_size, device=device, backend=backend,
                      compile=compile, progress=progress, cache=cache, fresh=fresh, max_pixels=max_pixels,
                      trust_model_code=trust_model_code)
     return run_cem(model, image, task, rois, roi_grid, patches, run, TaskOptions.of(**task_options),

@@ -91,11 +91,14 @@ class Task:
                   ids: torch.Tensor, seed: int, backend: Optional[str] = None, window=None,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(K, C, h, w) inputs with block ``blocks[k]`` (row-major id) replaced by patch ``patch_idx[k]``; with
-        ``window`` (a :class:`cem_fast.locality.Window`) only that crop of each input, written into ``out``."""
+        ``window`` (a :class:`cem_fast.locality.Window`) only that crop of each input, written into ``out``; with
+        ``window = (origins, (h, w))`` (origins (K, 2) input px) a window of its own for each intervention."""
         origins = prep.extra["origins"][blocks]
         sizes = prep.extra["sizes"][blocks]
         crop = {}
-        if window is not None:
+        if isinstance(window, tuple):
+            crop = {"window_origins": window[0], "window_size": tuple(window[1])}
+        elif window is not None:
             o = int64_on_device(((window.y, window.x),), prep.base.device)
             crop = {"window_origins": o.expand(len(blocks), 2).contiguous(), "window_size": (window.h, window.w)}
         return ops.intervene(prep.base, bank_in, patch_idx, origins, sizes, ids=ids, seed=seed,

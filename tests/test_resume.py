@@ -53,26 +53,28 @@ def cem(model, img, bank, **kw):
     return cem_fast.causal_effect_map(model, img, **args)
 
 
-def crash_after(monkeypatch, scorings: int, run) -> None:
-    """Run ``run()`` and let the process "die" (KeyboardInterrupt) once ``scorings`` batches were scored."""
-    real = cem_fast.ops.roi_sq_err
+def crash_after(monkeypatch, batches: int, run) -> None:
+    """Run ``run()`` and let the process "die" (KeyboardInterrupt) once ``batches`` batches were scored (the crash
+    comes as the next batch's scores are handed over, whichever way the batch was scored)."""
+    from cem_fast.pipeline.runner import HostCopies
+    real = HostCopies.start
     calls = []
 
-    def crashing(*a, **k):
+    def crashing(self, *a, **k):
         calls.append(1)
-        if len(calls) > scorings:
+        if len(calls) > batches:
             raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
+        return real(self, *a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(cem_fast.ops, "roi_sq_err", crashing)
+        m.setattr(HostCopies, "start", crashing)
         with pytest.raises(KeyboardInterrupt):
             run()
 
 
 def test_a_crashed_run_resumes_to_identical_samples(img, bank, tmp_path, monkeypatch):
     want = cem(Blur(), img, bank)
-    crash_after(monkeypatch, 4, lambda: cem(Blur(), img, bank, cache=tmp_path))  # Y(I) + 3 batches
+    crash_after(monkeypatch, 3, lambda: cem(Blur(), img, bank, cache=tmp_path))  # 3 batches kept
     got = cem(Blur(), img, bank, cache=tmp_path)
     assert got.extra["reused_from_cache"] == 15  # three batches of 5 were kept
     np.testing.assert_array_equal(got.samples_coarse, want.samples_coarse)
@@ -87,7 +89,7 @@ def test_speed_mode_resumes_too(img, bank, tmp_path, monkeypatch):
     img = np.tile(img, (3, 3, 1))  # 72x96: room to skip blocks
     want = cem(ConvStack(2), img, bank, locality="auto", roi=(32, 40, 8))
     assert want.extra["locality"]["active"]
-    crash_after(monkeypatch, 3, lambda: cem(ConvStack(2), img, bank, cache=tmp_path, locality="auto",
+    crash_after(monkeypatch, 2, lambda: cem(ConvStack(2), img, bank, cache=tmp_path, locality="auto",
                                             roi=(32, 40, 8)))
     got = cem(ConvStack(2), img, bank, cache=tmp_path, locality="auto", roi=(32, 40, 8))
     assert got.extra["reused_from_cache"] > 0

@@ -32,16 +32,31 @@ ARGS = dict(task="DN", sigma=30, coarse=2, fine=2, seed=3, batch_size=16)
 
 
 def test_a_grid_whose_union_is_the_image_runs_one_run_per_roi_with_the_single_maps(image, bank):
-    maps = cem_fast.causal_effect_maps(BoxBlur(), image, roi_grid=32, patches=bank, **ARGS)
+    """Every intervention on the union's crop (the whole image): one run per ROI is cheaper."""
+    maps = cem_fast.causal_effect_maps(BoxBlur(), image, roi_grid=32, patches=bank, windows="crop", **ARGS)
     plan = maps[0].extra["plan"]["rois"]
     assert plan["chosen"] == "per-roi", plan
     assert plan["per_roi_px_per_draw"] * 1.25 < plan["shared_px_per_draw"]
     for j in (0, 5, 15):  # a corner, an inner and the last tile: each is exactly its own single run
         roi = maps[j].roi
-        single = cem_fast.causal_effect_map(BoxBlur(), image, roi=roi.as_tuple(), patches=bank, **ARGS)
+        single = cem_fast.causal_effect_map(BoxBlur(), image, roi=roi.as_tuple(), patches=bank, windows="crop",
+                                            **ARGS)
         np.testing.assert_array_equal(maps[j].effect, single.effect)
         np.testing.assert_array_equal(maps[j].samples_coarse, single.samples_coarse)
         assert maps[j].num_forwards == single.num_forwards
+
+
+def test_with_windows_of_their_own_one_shared_pass_serves_the_grid(image, bank):
+    """Each intervention on its own window serves every ROI it can change: the shared pass is the cheaper plan,
+    and every map still equals its single run."""
+    maps = cem_fast.causal_effect_maps(BoxBlur(), image, roi_grid=32, patches=bank, **ARGS)
+    plan = maps[0].extra["plan"]["rois"]
+    assert plan["chosen"] == "shared" and plan["shared_px_per_draw"] < plan["per_roi_px_per_draw"], plan
+    assert maps[0].extra["locality"]["windows"]["used"]
+    for j in (0, 6, 15):
+        single = cem_fast.causal_effect_map(BoxBlur(), image, roi=maps[j].roi.as_tuple(), patches=bank, **ARGS)
+        np.testing.assert_array_equal(maps[j].samples_coarse, single.samples_coarse)
+        np.testing.assert_array_equal(maps[j].effect, single.effect)
 
 
 def test_the_shared_pass_gives_the_same_maps_and_is_kept_where_it_is_cheaper(image, bank):

@@ -21,6 +21,7 @@ TaskName = Literal["SR", "DN", "DR", "identity"]
 InputNoise = Literal["numpy", "counter"]
 RainPreset = Literal["small", "medium", "large", "random"]
 RoiPlan = Literal["auto", "shared", "per-roi"]
+Windows = Literal["auto", "crop"]
 
 MODES: tuple = get_args(Mode)
 LOCALITY: tuple = get_args(Locality)
@@ -31,6 +32,7 @@ TASKS: tuple = get_args(TaskName)
 INPUT_NOISES: tuple = get_args(InputNoise)
 RAIN_PRESETS: tuple = get_args(RainPreset)
 ROI_PLANS: tuple = get_args(RoiPlan)
+WINDOWS: tuple = get_args(Windows)
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger inputs are refused unless max_pixels is raised (memory grows with it)
 DRAW_STRIDE = checks.MAX_DRAWS  # intervention id = block * DRAW_STRIDE + draw index
@@ -87,6 +89,7 @@ class RunOptions:
     samples: Optional[int] = None
     locality: Locality = "auto"
     roi_plan: RoiPlan = "auto"
+    windows: Windows = "auto"
     precision: Precision = "fp32"
     batch_size: Union[int, str, None] = "auto"
     device: Optional[str] = None
@@ -104,6 +107,7 @@ class RunOptions:
         checks.choice("mode", self.mode, MODES)
         checks.choice("locality", self.locality, LOCALITY)
         checks.choice("roi_plan", self.roi_plan, ROI_PLANS)
+        checks.choice("windows", self.windows, WINDOWS)
         checks.choice("precision", self.precision, PRECISIONS)
         if self.mode == "exhaustive":
             checks.integer("samples", self.fine if self.samples is None else self.samples, 1)

@@ -67,6 +67,7 @@ class RunPlan:
     cache_note: Optional[str] = None
     marks: dict = field(default_factory=dict)
     progress: bool = False  # progress bar and one-line messages on stderr
+    windows: Optional[Any] = None  # BlockWindows when interventions run on windows of their own
 
     def say(self, message: str) -> None:
         """A line on stderr while the run goes on (only with progress: scripts and tests stay quiet)."""
@@ -160,6 +161,9 @@ def plan_sampling(plan: RunPlan) -> RunPlan:
         out0 = whole()  # locality found nothing to crop: the whole image runs after all
     plan.full_output = out0
     _size_batches(plan)
+    if use_locality:
+        from .windows import plan_windows
+        plan.locality.info["windows"] = plan_windows(plan)
     _open_cache(plan)
     coarse, fine = o.stages
     n = len(plan.rois)
@@ -175,16 +179,20 @@ def forward_budget(plan: RunPlan) -> dict[str, Any]:
     coarse, fine = plan.options.stages
     window = plan.locality.window
     h, w = (window.h, window.w) if window is not None else tuple(plan.prep.base.shape[1:])
+    per_forward = plan.windows.pixels() // max(1, blocks) if plan.windows is not None else int(h * w)
     return {"blocks": blocks, "of_blocks": grid.num_blocks, "coarse_forwards": blocks * coarse,
-            "fine_forwards_at_most": blocks * fine, "input_px_per_forward": int(h * w),
-            "input_shape": [int(h), int(w)], "batch_size": plan.batch_size}
+            "fine_forwards_at_most": blocks * fine, "input_px_per_forward": int(per_forward),
+            "input_shape": [int(h), int(w)], "batch_size": plan.batch_size,
+            "windows": "intervention-centred" if plan.windows is not None else "crop"}
 
 
 def budget_line(b: dict, n_rois: int) -> str:
     fine = f" + at most {b['fine_forwards_at_most']:,} fine" if b["fine_forwards_at_most"] else ""
     h, w = b["input_shape"]
+    on = f"{h}x{w} input px" if b["windows"] == "crop" else \
+        f"windows of their own ({b['input_px_per_forward']:,} input px on average, the crop {h}x{w})"
     return (f"plan: {b['blocks']:,} of {b['of_blocks']:,} blocks can reach the {n_rois} ROI"
-            f"{'s' if n_rois > 1 else ''}: {b['coarse_forwards']:,} coarse{fine} forwards on {h}x{w} input px, "
+            f"{'s' if n_rois > 1 else ''}: {b['coarse_forwards']:,} coarse{fine} forwards on {on}, "
             f"batch {b['batch_size']}")
 
 
@@ -225,6 +233,7 @@ def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any
         "bank": plan.bank_digest, "seed": plan.seed, "coarse": coarse, "fine": fine, "tol": float(o.tol),
         "mode": o.mode, "locality": o.locality, "window": window.as_list() if window else None,
         "precision": o.precision, "draws": DRAWS_VERSION, **({"compile": str(o.compile)} if o.compile else {}),
+        **({"windows": "intervention-centred"} if plan.windows is not None else {}),
         "model_name": plan.name, "image": plan.image_name,
     }
 

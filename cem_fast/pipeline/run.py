@@ -74,7 +74,7 @@ def choose_roi_plan(plan: RunPlan, budget: dict) -> dict:
     or one run per ROI (each on its own crop), whichever moves fewer input pixels (counted, before running)."""
     if len(plan.rois) == 1:
         return {"chosen": "shared"}
-    shared = budget["blocks"] * budget["input_px_per_forward"]
+    shared = plan.windows.pixels() if plan.windows is not None else budget["blocks"] * budget["input_px_per_forward"]
     per_roi = per_roi_pixels(plan)  # without locality every ROI reaches every block: n x the shared pass
     asked = plan.options.roi_plan
     chosen = asked if asked != "auto" else ("per-roi" if per_roi * PER_ROI_MARGIN < shared else "shared")

@@ -76,6 +76,8 @@ class Runner:
         self.score = RoiScorer(target, local_rois, plan.backend)
         self.forwards = self.reused = self.oom_backoffs = 0
         self._buffer: Optional[torch.Tensor] = None
+        self._window_buffers: dict = {}  # per window shape (intervention-centred windows)
+        self._changed: Optional[object] = None  # their scorer, made from the unintervened output on first use
         self._copies = HostCopies()
         self.origin_output: Optional[torch.Tensor] = None
         self.bar = None
@@ -97,14 +99,60 @@ class Runner:
                                        device=base.device).contiguous(memory_format=self.forward.memory_format)
         return self._buffer[:k]
 
+    def order(self, blocks: np.ndarray) -> np.ndarray:
+        """Blocks in the order they run: grouped by window shape when interventions run on windows of their own
+        (a batch then holds one shape, or few), else as given."""
+        if self.plan.windows is None or not len(blocks):
+            return blocks
+        return blocks[np.argsort(self.plan.windows.shape_key(blocks), kind="stable")]
+
     def _scores(self, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         p = self.plan
+        if p.windows is not None:
+            return self._window_scores(blocks, draws)
         ids = blocks * DRAW_STRIDE + draws
         patch_idx = rng.patch_draws(p.options.seed, ids, p.bank_in.shape[0])
         out_buf = self._input_buffer(len(blocks)) if p.task.supports_windows else None
         inputs = p.task.intervene(p.prep, p.bank_in, patch_idx, blocks, ids, p.options.seed, p.backend,
                                   window=p.locality.window, out=out_buf)
         return self.score(self.forward(inputs, owned=out_buf is not None))
+
+    def _window_scores(self, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """Each intervention on its own window; runs of equal window shape share a forward."""
+        from .windows import windows_inputs
+        w = self.plan.windows
+        rows = w.rows(blocks.cpu().numpy())
+        keys = w.shape_key(w.blocks[rows])
+        cuts = [0, *(np.flatnonzero(np.diff(keys)) + 1), len(rows)]
+        parts = []
+        for a, b in zip(cuts, cuts[1:]):
+            vh, vw = (int(v) for v in w.inputs[rows[a], 2:])
+            buf = self._window_buffer(vh, vw, b - a)
+            inputs = windows_inputs(self.plan, w, blocks[a:b], draws[a:b], rows[a:b], out=buf)
+            parts.append(self._changed_scorer()(self.forward(inputs, owned=True), rows[a:b]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _window_buffer(self, vh: int, vw: int, k: int) -> torch.Tensor:
+        base = self.plan.prep.base
+        buf = self._window_buffers.get((vh, vw))
+        if buf is None or buf.shape[0] < k:
+            buf = torch.empty((k, base.shape[0], vh, vw), dtype=base.dtype, device=base.device) \
+                .contiguous(memory_format=self.forward.memory_format)
+            self._window_buffers[(vh, vw)] = buf
+        return buf[:k]
+
+    def _changed_scorer(self):
+        if self._changed is None:
+            from .windows import ChangedRegionScorer
+            s = self.plan.task.scale
+            if self.plan.locality.window is None and self.plan.full_output is not None:
+                base, origin = self.plan.full_output[0], (0, 0)
+            else:
+                if self.origin_output is None:
+                    self.origin()
+                base, origin = self.origin_output, (self.win.y * s, self.win.x * s)
+            self._changed = ChangedRegionScorer(self.plan, self.plan.windows, base, origin)
+        return self._changed
 
     def run(self, stage: str, blocks: torch.Tensor, draws: torch.Tensor) -> np.ndarray:
         """(n, n_rois) ROI PSNRs of interventions (blocks[i], draws[i])."""
@@ -139,6 +187,7 @@ class Runner:
             raise RuntimeError(f"out of memory with a batch of 1 intervention: the model does not fit on "
                                f"{self.plan.device}") from None
         self._buffer = None
+        self._window_buffers.clear()
         self.batch_size = (e - s + 1) // 2
         self.oom_backoffs += 1
         return self.batch_size

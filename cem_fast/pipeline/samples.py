@@ -90,7 +90,7 @@ def sample_stages(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.nda
     n = len(psnr_origin)
     nb = grid.num_blocks
     flat_reach = reach.reshape(n, nb)
-    run = np.flatnonzero(flat_reach.any(0)) if coarse else np.zeros(0, np.int64)
+    run = runner.order(np.flatnonzero(flat_reach.any(0))) if coarse else np.zeros(0, np.int64)
     # the progress total: every reachable block's fine stage as an upper bound, the real count once gated
     runner.expect(len(run) * coarse + int(flat_reach.any(0).sum()) * fine)
     got_coarse = np.zeros((n, len(run), coarse))
@@ -104,7 +104,7 @@ def sample_stages(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.nda
         gated[:, run] = (np.abs(effects(origin, got_coarse)) >= tol).any(axis=2) & flat_reach[:, run]
     else:
         gated = np.ones((n, nb), dtype=bool)
-    fine_run = np.flatnonzero((gated & flat_reach).any(0)) if fine else np.zeros(0, np.int64)
+    fine_run = runner.order(np.flatnonzero((gated & flat_reach).any(0))) if fine else np.zeros(0, np.int64)
     runner.expect(len(run) * coarse + len(fine_run) * fine)
     got_fine = np.zeros((n, len(fine_run), fine))
     if len(fine_run):

@@ -1,0 +1,245 @@
+"""Intervention-centred windows: each intervention runs on the smallest input window that determines the part of
+the ROIs it can change (issue 14).
+
+For a model whose locality was probed and verified, a change of input pixel ``p`` reaches only the output pixels
+``p * s + [-up, s + down) x [-left, s + right)`` (its *spread*, measured once with NaN in one pixel). An
+intervention on block ``b`` can therefore change only ``I_b`` = the block's output footprint grown by the spread,
+and for ROI ``j`` only ``C_bj = ROI_j & I_b``. Its new squared error is composed exactly::
+
+    sq_err(ROI_j) = base_sq(ROI_j) - base_sq(C_bj) + new_sq(C_bj)
+
+(uint8 convention: every term is a sum of integers, exact in float64), where ``new_sq(C_bj)`` comes from the model
+run on ``V_b``, the input pixels whose spread meets the union of the ``C_bj``. Interventions whose windows have
+one shape run as one batch (interior blocks share theirs). The plan is verified like the crop: for a few blocks,
+the outputs on ``C_b`` from ``V_b`` must equal those from the crop to the round-off of the precision in use;
+otherwise the run keeps the crop and says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from ..locality import VERIFY_TOL, Window
+from ..reference import psnr_from_sq_err, quantize_output
+from .options import DRAW_STRIDE
+
+if TYPE_CHECKING:
+    from .plan import RunPlan
+
+MIN_GAIN = 1.1  # the windows must save at least this factor of input pixels over the crop to be worth a group each
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How far a change of one input pixel reaches in the output, in output pixels beyond its own footprint."""
+
+    up: int
+    down: int
+    left: int
+    right: int
+
+
+@dataclass
+class BlockWindows:
+    """Per reachable block (``blocks``, ids): ``inputs`` (n, 4) ``[y, x, h, w]`` input windows V_b and
+    ``changed`` (n, n_rois, 4) ``[y0, x0, y1, x1]`` output rectangles C_bj (empty: y0 == y1), absolute."""
+
+    blocks: np.ndarray
+    inputs: np.ndarray
+    changed: np.ndarray
+    spread: Spread
+
+    def __post_init__(self):
+        self._row = {int(b): i for i, b in enumerate(self.blocks)}
+
+    def rows(self, blocks: np.ndarray) -> np.ndarray:
+        return np.array([self._row[int(b)] for b in blocks], dtype=np.int64)
+
+    def shape_key(self, blocks: np.ndarray) -> np.ndarray:
+        """(n,) an integer per window shape: blocks with equal keys batch together."""
+        r = self.rows(blocks)
+        return self.inputs[r, 2] * 1_000_003 + self.inputs[r, 3]
+
+    def pixels(self) -> int:
+        return int((self.inputs[:, 2] * self.inputs[:, 3]).sum())
+
+
+def measure_spread(plan: "RunPlan", region: Window) -> Optional[Spread]:
+    """NaN in the centre pixel of ``region`` (input px): the bounding box of the NaN outputs, relative to that
+    pixel's output footprint. None when the NaN reaches the region's edge (the spread is not contained)."""
+    s = plan.task.scale
+    inp = region.crop(plan.prep.base).unsqueeze(0).clone()
+    py, px = region.h // 2, region.w // 2
+    inp[:, :, py, px] = float("nan")
+    out = plan.forward(inp)
+    bad = (~torch.isfinite(out)).any(1)[0]
+    ys, xs = torch.nonzero(bad.any(1)).flatten(), torch.nonzero(bad.any(0)).flatten()
+    if not len(ys) or not len(xs):
+        return None
+    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    H, W = bad.shape
+    if y0 == 0 or x0 == 0 or y1 == H or x1 == W:
+        return None
+    # never below 0: a smaller spread than the pixel's own footprint only makes the windows a little larger
+    return Spread(*(max(0, v) for v in (py * s - y0, y1 - (py + 1) * s, px * s - x0, x1 - (px + 1) * s)))
+
+
+def block_windows(plan: "RunPlan", spread: Spread) -> BlockWindows:
+    """V_b and C_bj of every block that reaches some ROI (vectorised over blocks)."""
+    g, s = plan.grid, plan.task.scale
+    n = len(plan.rois)
+    blocks = np.flatnonzero(plan.locality.reach.reshape(n, -1).any(0))
+    r, c = blocks // g.cols, blocks % g.cols
+    iy0, ix0 = r * g.in_block, c * g.in_block
+    iy1, ix1 = np.minimum(iy0 + g.in_block, g.in_h), np.minimum(ix0 + g.in_block, g.in_w)
+    # I_b: what the block can change (output px)
+    oy0, oy1 = np.maximum(iy0 * s - spread.up, 0), np.minimum(iy1 * s + spread.down, g.out_h)
+    ox0, ox1 = np.maximum(ix0 * s - spread.left, 0), np.minimum(ix1 * s + spread.right, g.out_w)
+    rois = np.array([[q.y, q.x, q.y + q.height, q.x + q.width] for q in plan.rois])  # (n_rois, 4)
+    cy0, cy1 = np.maximum(oy0[:, None], rois[:, 0]), np.minimum(oy1[:, None], rois[:, 2])
+    cx0, cx1 = np.maximum(ox0[:, None], rois[:, 1]), np.minimum(ox1[:, None], rois[:, 3])
+    empty = (cy0 >= cy1) | (cx0 >= cx1) | ~plan.locality.reach.reshape(n, -1)[:, blocks].T
+    cy0, cy1 = np.where(empty, 0, cy0), np.where(empty, 0, cy1)
+    cx0, cx1 = np.where(empty, 0, cx0), np.where(empty, 0, cx1)
+    changed = np.stack([cy0, cx0, cy1, cx1], axis=2)
+    # U_b: the box of the changed parts; V_b: the input pixels whose spread meets it
+    big = np.iinfo(np.int64).max
+    uy0 = np.where(empty, big, cy0).min(1)
+    ux0 = np.where(empty, big, cx0).min(1)
+    uy1, ux1 = cy1.max(1), cx1.max(1)
+    vy0 = np.maximum(np.floor_divide(uy0 - spread.down, s), 0)
+    vx0 = np.maximum(np.floor_divide(ux0 - spread.right, s), 0)
+    vy1 = np.minimum(-np.floor_divide(-(uy1 + spread.up), s), g.in_h)
+    vx1 = np.minimum(-np.floor_divide(-(ux1 + spread.left), s), g.in_w)
+    inputs = np.stack([vy0, vx0, vy1 - vy0, vx1 - vx0], axis=1)
+    return BlockWindows(blocks.astype(np.int64), inputs.astype(np.int64), changed.astype(np.int64), spread)
+
+
+class ChangedRegionScorer:
+    """Scores of interventions run on their own windows: ``base_sq(ROI) - base_sq(C) + new_sq(C)`` per ROI."""
+
+    def __init__(self, plan: "RunPlan", windows: BlockWindows, base_output: torch.Tensor, base_origin: tuple):
+        """``base_output`` (C, H', W'): the unintervened output of the region starting at output pixel
+        ``base_origin`` (the crop's, or the whole output)."""
+        self.plan, self.windows = plan, windows
+        gt = plan.prep.gt
+        oy, ox = base_origin
+        h, w = base_output.shape[-2:]
+        sq = ((quantize_output(base_output).double() - gt[:, oy:oy + h, ox:ox + w].double()) ** 2).sum(0)
+        self.base_sat = torch.nn.functional.pad(sq.cumsum(0).cumsum(1), (1, 0, 1, 0))  # (h + 1, w + 1)
+        self.base_origin = base_origin
+        rois = torch.tensor([[q.y, q.x, q.y + q.height, q.x + q.width] for q in plan.rois], device=gt.device)
+        self.base_roi = self._base_sum(rois)  # (n_rois,)
+        self.values = torch.tensor([q.height * q.width * gt.shape[0] for q in plan.rois], dtype=torch.float64,
+                                   device=gt.device)
+
+    def _base_sum(self, rects: torch.Tensor) -> torch.Tensor:
+        """Sums of the base squared errors over ``[y0, x0, y1, x1]`` rectangles (absolute output px)."""
+        oy, ox = self.base_origin
+        y0, x0, y1, x1 = (rects[..., i] - (oy if i % 2 == 0 else ox) for i in range(4))
+        y0, x0, y1, x1 = (t.clamp(min=0) for t in (y0, x0, y1, x1))
+        sat = self.base_sat
+        return sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+
+    def __call__(self, out: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """(K, n_rois) PSNRs of outputs ``out`` (K, C, vh * s, vw * s) of the windows of ``rows``."""
+        s, gt, dev = self.plan.task.scale, self.plan.prep.gt, out.device
+        K, C, oh, ow = out.shape
+        v = torch.from_numpy(self.windows.inputs[rows]).to(dev)  # (K, 4) input px
+        wy, wx = v[:, 0] * s, v[:, 1] * s  # output origin of each window
+        ys = wy.view(K, 1, 1) + torch.arange(oh, device=dev).view(1, oh, 1)
+        xs = wx.view(K, 1, 1) + torch.arange(ow, device=dev).view(1, 1, ow)
+        target = gt[:, ys, xs].permute(1, 0, 2, 3)  # (K, C, oh, ow)
+        sq = ((quantize_output(out).double() - target.double()) ** 2).sum(1)  # (K, oh, ow)
+        nan = torch.isnan(sq)
+        sat = torch.nn.functional.pad(sq.masked_fill(nan, 0).cumsum(1).cumsum(2), (1, 0, 1, 0))
+        nan_sat = torch.nn.functional.pad(nan.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
+        changed = torch.from_numpy(self.windows.changed[rows]).to(dev)  # (K, n_rois, 4) absolute output px
+        k = torch.arange(K, device=dev).view(K, 1)
+        y0, x0 = (changed[..., 0] - wy.view(K, 1)).clamp(min=0), (changed[..., 1] - wx.view(K, 1)).clamp(min=0)
+        y1, x1 = (changed[..., 2] - wy.view(K, 1)).clamp(min=0), (changed[..., 3] - wx.view(K, 1)).clamp(min=0)
+
+        def rect(t):
+            return t[k, y1, x1] - t[k, y0, x1] - t[k, y1, x0] + t[k, y0, x0]
+
+        total = self.base_roi.view(1, -1) - self._base_sum(changed) + rect(sat)
+        psnr = psnr_from_sq_err(total, self.values.view(1, -1))
+        return torch.where(rect(nan_sat) > 0, torch.full_like(psnr, float("nan")), psnr)
+
+
+def windows_inputs(plan: "RunPlan", windows: BlockWindows, blocks: torch.Tensor, draws: torch.Tensor,
+                   rows: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The interventions (blocks[k], draws[k]) written into their own windows (one shape for all of ``rows``)."""
+    from .. import rng
+    ids = blocks * DRAW_STRIDE + draws
+    patch_idx = rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
+    v = windows.inputs[rows]
+    origins = torch.from_numpy(v[:, :2].copy()).to(plan.device)
+    return plan.task.intervene(plan.prep, plan.bank_in, patch_idx, blocks, ids, plan.seed, plan.backend,
+                               window=(origins, (int(v[0, 2]), int(v[0, 3]))), out=out)
+
+
+def plan_windows(plan: "RunPlan") -> dict:
+    """Decide whether interventions run on their own windows: measure the spread, build the windows, verify them
+    against the crop on a few blocks. Sets ``plan.windows`` when they are used; returns what summary.json says."""
+    info = plan.locality.info
+    if plan.options.windows == "crop":
+        return {"used": False, "reason": "asked (windows: crop)"}
+    if "verify_max_abs_err" not in info:
+        return {"used": False, "reason": "locality was not verified: " + str(info.get("reason", "off"))}
+    if "tight_crop_refused" in info:
+        return {"used": False, "reason": "the model needs its input grid kept (the pixel-tight crop failed)"}
+    whole = Window(0, 0, plan.grid.in_h, plan.grid.in_w)
+    region = plan.locality.window or whole
+    spread = measure_spread(plan, region)
+    if spread is None:
+        return {"used": False, "reason": "one pixel's change reaches the edge of the crop"}
+    windows = block_windows(plan, spread)
+    crop_px = len(windows.blocks) * region.h * region.w
+    gain = crop_px / max(1, windows.pixels())
+    facts = {"spread_px": [spread.up, spread.down, spread.left, spread.right],
+             "input_px_per_draw": windows.pixels(), "crop_px_per_draw": int(crop_px), "gain": round(gain, 3),
+             "shapes": int(len(np.unique(windows.shape_key(windows.blocks))))}
+    if gain < MIN_GAIN:
+        return {"used": False, "reason": f"saves too little over the crop ({gain:.2f}x the pixels)", **facts}
+    err = verify_windows(plan, windows, region)
+    tol = VERIFY_TOL[plan.options.precision]
+    if not err <= tol:
+        return {"used": False, "reason": f"outputs on the changed region differ from the crop's by {err:.3g} "
+                                         f"(tolerance {tol:g})", **facts}
+    plan.windows = windows
+    return {"used": True, "verify_max_abs_err": err, **facts}
+
+
+VERIFY_WINDOW_BLOCKS = 4
+
+
+def verify_windows(plan: "RunPlan", windows: BlockWindows, region: Window) -> float:
+    """Largest |output on C_b from V_b - output on C_b from the crop| over a few blocks (the reach's corners and
+    one inside a ROI), draw 0 of each."""
+    from ..locality import _verification_blocks
+    s = plan.task.scale
+    reach_any = plan.locality.reach.any(0)
+    picks = _verification_blocks(reach_any, VERIFY_WINDOW_BLOCKS, plan.grid.cols)
+    err = 0.0
+    for b in picks:
+        row = windows.rows(np.array([b]))
+        blocks = torch.tensor([int(b)], device=plan.device)
+        draws = torch.zeros(1, dtype=torch.int64, device=plan.device)
+        own = plan.forward(windows_inputs(plan, windows, blocks, draws, row))
+        ids = blocks * DRAW_STRIDE
+        from .. import rng
+        pidx = rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
+        crop = plan.forward(plan.task.intervene(plan.prep, plan.bank_in, pidx, blocks, ids, plan.seed, plan.backend,
+                                                window=region))
+        vy, vx = int(windows.inputs[row[0], 0]) * s, int(windows.inputs[row[0], 1]) * s
+        for y0, x0, y1, x1 in windows.changed[row[0]]:
+            if y0 >= y1 or x0 >= x1:
+                continue
+            a = own[0, :, y0 - vy:y1 - vy, x0 - vx:x1 - vx].float()
+            c = crop[0, :, y0 - region.y * s:y1 - region.y * s, x0 - region.x * s:x1 - region.x * s].float()
+            err = max(err, float((a - c).abs().max()))
+    return err
