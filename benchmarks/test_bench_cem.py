@@ -148,6 +148,18 @@ def test_dn_demo_speed(benchmark, precision):
         benchmark.extra_info["exact_over_speed"] = ROWS["dn_exact"]["seconds"] / benchmark.stats.stats.median
     if precision == "fp32":
         ROWS["dn_speed"] = benchmark.stats.stats.median if benchmark.stats else None
+        benchmark.extra_info["windows"] = res.extra["locality"].get("windows")
+
+
+def test_dn_demo_speed_crop_only(benchmark):
+    """Today's speed mode before intervention-centred windows: every intervention on the ROI's crop (the baseline
+    row of the windows; the fp32 row above runs with them, the default)."""
+    image, roi, coarse, fine, _ = dn_case()
+    res = run_cem(benchmark, "DN demo", warm=True, model=DNCNN, image=image, task="DN", rois=[roi], coarse=coarse,
+                  fine=fine, patches=BANK, windows="crop")[0]
+    benchmark.extra_info["windows"] = res.extra["locality"].get("windows")
+    if benchmark.stats and ROWS.get("dn_speed"):
+        benchmark.extra_info["crop_over_windows"] = benchmark.stats.stats.median / ROWS["dn_speed"]
 
 
 # ---- the same ROI on larger images ------------------------------------------------------------------------------
@@ -310,12 +322,19 @@ def test_roi_grid_loop_of_single_runs(benchmark):
     benchmark.extra_info.update(rois=len(rois), forwards=sum(m.num_forwards for m in maps))
 
 
-@pytest.mark.parametrize("roi_plan", ["shared", "auto"])
-def test_roi_grid_plans(benchmark, roi_plan):
-    maps = _grid_maps(benchmark, roi_plan)
+@pytest.mark.parametrize("plan", ["shared-crop", "per-roi-crop", "auto"])
+def test_roi_grid_plans(benchmark, plan):
+    """shared-crop: every intervention on the union's crop (the whole image here); per-roi-crop: one run per ROI
+    on its crop; auto (the default): one shared pass with windows of their own."""
+    opts = {"shared-crop": dict(roi_plan="shared", windows="crop"),
+            "per-roi-crop": dict(roi_plan="per-roi", windows="crop"), "auto": {}}[plan]
+    image, tile, samples = roi_grid_case()
+    maps = run_cem(benchmark, "ROI grid plan", model="default", image=image, task="DN", roi_grid=tile,
+                   mode="exhaustive", samples=samples, **opts)
     loop = ROWS.get("grid_loop") or {}
-    benchmark.extra_info.update(plan=maps[0].extra["plan"]["rois"], forwards=sum(
-        m.num_forwards for m in maps) if maps[0].extra["plan"]["rois"]["chosen"] == "per-roi" else maps[0].num_forwards)
+    per_roi = maps[0].extra["plan"]["rois"]["chosen"] == "per-roi"
+    benchmark.extra_info.update(plan=maps[0].extra["plan"]["rois"], windows=maps[0].extra["plan"]["windows"],
+                                forwards=sum(m.num_forwards for m in maps) if per_roi else maps[0].num_forwards)
     if loop.get("seconds") and benchmark.stats:
         benchmark.extra_info["loop_over_this"] = loop["seconds"] / benchmark.stats.stats.median
     if loop.get("effects"):  # the same draws: every map equals its single run's
