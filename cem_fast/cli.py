@@ -52,7 +52,8 @@ def image_labels(images: list[str]) -> tuple[list[str], list[str]]:
 
 # the temporaries atomic_write leaves when killed, for the files a run writes (and never anyone else's)
 OUR_TEMPORARY = re.compile(r"^\.(result\.npz|summary\.json|rois\.json|error\.json|meta\.json|report\.html|"
-                           r"compare\.html|diff\.(npz|json|png)|[a-z_]+\.png|\d{9}-\d{6}\.npz)\.tmp\d+$")
+                           r"compare\.html|diff\.(npz|json|png)|[a-z_]+\.png|[A-Za-z0-9._-]+_cem\.png|"
+                           r"\d{9}-\d{6}\.npz)\.tmp\d+$")
 RESULT_FILES = ("result.npz", "summary.json", "rois.json", "maps.png", "cem.png", "overlay.png", "pie.png",
                 "gt.png", "input.png", "output.png")
 
@@ -181,16 +182,21 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts,
     if cfg.multi_roi:
         for r in results:
             r.extra.update(extra)
-        results.save(out_dir / rel)
-        print(f"[cem-fast]   {len(results)} ROIs from {res.num_forwards} forwards{_reused(res)}{loc}, "
-              f"{res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
+        results.save(out_dir / rel, scale=rest["plot_scale"])
+        shared = "rois_in_pass" in res.extra  # one pass for all; else one run per ROI (the cheaper plan)
+        forwards = res.num_forwards if shared else sum(r.num_forwards for r in results)
+        wall = res.wall_time if shared else sum(r.wall_time for r in results)
+        how = "" if shared else " (one run per ROI: fewer input pixels)"
+        print(f"[cem-fast]   {len(results)} ROIs from {forwards} forwards{how}{_reused(res)}{loc}, "
+              f"{wall:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
         return {"model": name, "image": label, "dir": rel, "rois": json_safe(results.summary()), "_result": res}
-    res.save(out_dir / rel, summary_extra=extra)
+    colours = res.colour_scale(rest["plot_scale"])
+    res.save(out_dir / rel, summary_extra=extra, scale=colours)
     st = res.stats()
     print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "
           f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
           f"{_reused(res)}{loc}, {res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
-    summary = json_safe({**res.summary(), **extra})
+    summary = json_safe({**res.summary(), **extra, "display_scale": colours.as_dict()})  # as in summary.json
     return {"model": name, "image": label, "dir": rel, "summary": summary, "_result": res}
 
 
@@ -261,10 +267,22 @@ def cmd_compare(args) -> int:
             save_difference(d, res, out / rel)
             diffs.append({"name": f"{name} - {base_name}", "dir": rel, "summary": d.summary()})
         rows.append({"image": label, "runs": [(n, f"{n}/{folder}", json_safe(r.summary())) for n, r in runs],
-                     "diffs": diffs})
+                     "diffs": diffs, "maps": _shared_scale_maps(runs, out, f"compare/{folder}", cfg)})
     path = write_compare_report(out, rows)
     print(f"report: {report}\ncomparison: {path}")
     return EXIT_FAILED if failed else 0
+
+
+def _shared_scale_maps(runs: list, out: Path, rel: str, cfg) -> dict[str, str]:
+    """Each model's map again, all on one colour scale (each run's own cem.png has its own "auto" bound, so equal
+    colours there need not mean equal effects); returns model name -> picture relative to ``out``."""
+    from .plotting import cem_figure, colour_scale, save_figure
+    shared = colour_scale(cfg.options.get("plot_scale", "auto"), [res for _, res in runs])
+    maps = {}
+    for name, res in runs:
+        maps[name] = f"{rel}/{name}_cem.png"
+        save_figure(cem_figure(res, scale=shared), out / maps[name])
+    return maps
 
 
 def cmd_demo(args) -> int:

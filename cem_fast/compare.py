@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .pipeline.samples import effects
 from .fileio import atomic_write
 from .jsonsafe import json_bytes
+from .cli import unique_names
 from .result import CEMResult
 
 Z95 = 1.959963984540054
@@ -25,23 +26,41 @@ Z95 = 1.959963984540054
 class MapDifference:
     """``diff`` (rows, cols) dB: CE of model a minus CE of model b, from paired draws; ``half_width`` the 95 %
     confidence half-width (normal approximation; inf with a single draw); ``draws`` the paired draws used;
-    ``significant`` where the interval excludes 0."""
+    ``roi_mask`` the ROI blocks (not rated: left out of the maximum, the significant blocks and the picture's
+    scale, as the maps' statistics leave them out); ``tol`` the smallest difference that counts, dB."""
 
     name_a: str
     name_b: str
     diff: np.ndarray
     half_width: np.ndarray
     draws: np.ndarray
+    roi_mask: Optional[np.ndarray] = None
+    tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.roi_mask is None:
+            self.roi_mask = np.zeros(self.diff.shape, dtype=bool)
 
     @property
     def significant(self) -> np.ndarray:
-        return np.abs(self.diff) > self.half_width
+        """(rows, cols) bool: blocks outside the ROI whose difference is at least ``tol`` (below it the maps
+        themselves show no effect) and whose 95 % interval excludes 0 (not sampling noise). Either alone is not
+        enough: a difference of 0.003 dB can be certain and a difference of 0.5 dB can be noise."""
+        return (np.abs(self.diff) >= self.tol) & (np.abs(self.diff) > self.half_width) & ~self.roi_mask
 
     def summary(self) -> dict[str, Any]:
-        return {"a": self.name_a, "b": self.name_b, "max_abs_diff_db": float(np.abs(self.diff).max()),
+        """The largest |diff| and the significant blocks, both outside the ROI (summary.json's stats leave the
+        ROI out too), and the median 95 % half-width."""
+        rated = ~self.roi_mask
+        size = np.where(rated, np.abs(self.diff), -np.inf)
+        top = np.unravel_index(np.argmax(size), size.shape)
+        finite = np.isfinite(self.half_width) & rated
+        return {"a": self.name_a, "b": self.name_b, "roi_excluded": True, "tol_db": self.tol,
+                "max_abs_diff_db": float(size[top]) if rated.any() else 0.0,
+                "max_abs_diff_block": [int(i) for i in top] if rated.any() else None,
                 "significant_blocks": int(self.significant.sum()),
-                "median_half_width_db": float(np.median(self.half_width[np.isfinite(self.half_width)]))
-                if np.isfinite(self.half_width).any() else None}
+                "significant_means": "|diff| >= tol and the 95% CI excludes 0, outside the ROI",
+                "median_half_width_db": float(np.median(self.half_width[finite])) if finite.any() else None}
 
 
 def _check_paired(a: CEMResult, b: CEMResult) -> None:
@@ -72,26 +91,38 @@ def difference(a: CEMResult, b: CEMResult) -> MapDifference:
             draws[r, c] = dk.size
             if dk.size > 1:
                 half[r, c] = Z95 * dk.std(ddof=1) / np.sqrt(dk.size)
-    return MapDifference(a.model_name, b.model_name, diff, half, draws)
+    name_a, name_b = unique_names([a.model_name, b.model_name])  # two maps of one class: "Net - Net_2"
+    return MapDifference(name_a, name_b, diff, half, draws, roi_mask=a.roi_mask, tol=float(a.tol))
 
 
 def save_difference(d: MapDifference, res: CEMResult, out_dir: "str | os.PathLike") -> dict[str, str]:
-    """Write diff.npz, diff.json and diff.png (difference map; blocks whose interval contains 0 faded)."""
-    from .plotting import difference_figure, _save_fig
+    """Write diff.npz, diff.json and diff.png (difference map: the ROI left out of its scale, blocks that are not
+    significant faded)."""
+    from .plotting import difference_figure, save_figure
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "diff.npz", diff=d.diff, half_width=d.half_width, draws=d.draws,
                         significant=d.significant)
     atomic_write(out / "diff.json", lambda f: f.write(json_bytes(d.summary())))
-    _save_fig(difference_figure(d, res), out / "diff.png")
+    save_figure(difference_figure(d, res), out / "diff.png")
     return {"npz": "diff.npz", "json": "diff.json", "png": "diff.png"}
 
 
-def compare_models(models: Sequence, image, **kwargs) -> tuple[list[CEMResult], list[MapDifference]]:
+def compare_models(models: Sequence, image, names: Optional[Sequence[str]] = None,
+                   **kwargs) -> tuple[list[CEMResult], list[MapDifference]]:
     """CEMs of every model on ``image`` with the same draws, and each model's paired difference to the first.
-    ``kwargs`` are those of :func:`cem_fast.causal_effect_map` (the seed is shared)."""
+    ``names``: the models' display names (default: their class or spec names); names that repeat are made
+    unique (``Upsample``, ``Upsample_2``), and each result's ``model_name`` is its unique name. ``kwargs`` are
+    those of :func:`cem_fast.causal_effect_map` (the seed is shared)."""
     from .estimator import causal_effect_map
     if len(models) < 2:
         raise ValueError(f"compare needs at least two models, got {len(models)}")
-    results = [causal_effect_map(m, image, **kwargs) for m in models]
+    if "model_name" in kwargs:
+        raise ValueError("compare_models takes names=[...] (one per model), got model_name")
+    if names is not None and len(names) != len(models):
+        raise ValueError(f"names must give one name per model ({len(models)}), got {len(names)}")
+    results = [causal_effect_map(m, image, model_name=None if names is None else str(names[i]), **kwargs)
+               for i, m in enumerate(models)]
+    for r, name in zip(results, unique_names([r.model_name for r in results])):
+        r.model_name = name
     return results, [difference(r, results[0]) for r in results[1:]]

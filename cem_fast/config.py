@@ -4,7 +4,8 @@ Reference keys (mapped): task (SR|DN|DR), sr (scale), TextImg_path + Imagelist (
 ROI_size (roi = (h, w, ROI_size)), mask_block_size (block), coarse_num, fine_num, tol, Modellist (models).
 Reference keys accepted and ignored: prefix, batch_size_dict, load_previous.
 Ours beyond the reference: rois (a list) or roi_grid (a tile size) for many ROIs from one set of forwards,
-locality (auto | off), precision (fp32 | tf32 | bf16 | fp16), input_noise (DN: numpy | counter), batch_size (auto or a number), crop, model_options.
+locality (auto | off), precision (fp32 | tf32 | bf16 | fp16), input_noise (DN: numpy | counter), batch_size (auto or a number), crop, model_options,
+plot_scale (auto | paper | a bound in dB: the colour scale of the pictures).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _yaml_error(e: yaml.YAMLError) -> str:
 # our keys: what to run on, then every run and task option with its default (defined in pipeline.options)
 OURS = {
     "model": None, "models": None, "images": None, "image": None, "roi": None, "rois": None, "roi_grid": None,
-    "task": "DN", "patches": None, "crop": None, "model_options": None, **config_defaults(),
+    "task": "DN", "patches": None, "crop": None, "model_options": None, "plot_scale": "auto", **config_defaults(),
 }
 REFERENCE = {"sr": "scale", "patch_path": "patches", "mask_block_size": "block", "coarse_num": "coarse",
              "fine_num": "fine", "Modellist": "models"}
@@ -197,9 +198,17 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
                              or crop[2] <= crop[0] or crop[3] <= crop[1]):
         raise ValueError(f"crop must be a PIL box [left, upper, right, lower] of non-negative integers with right > "
                          f"left and lower > upper, got {crop!r}")
+    _check_plot_scale(opts["plot_scale"])
     _check_values(opts)
     roi_list = [ROI.parse(r) for r in rois] if rois is not None else [ROI.parse(roi)] if roi is not None else []
     return RunConfig([str(m) for m in models], images, roi_list, opts, raw, roi_grid)
+
+
+def _check_plot_scale(value: Any) -> None:
+    """plot_scale: what cem_fast.plotting.colour_scale accepts (checked here: the pictures come after the run)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (value in ("auto", "paper") or (number and 0 < value < float("inf"))):
+        raise ValueError(f"plot_scale must be auto, paper or a positive bound in dB, got {value!r}")
 
 
 def _path_text(key: str, value: Any) -> str:

@@ -149,35 +149,62 @@ class CEMResult:
         }
 
     def display_bound(self) -> float:
+        """The paper's colour-scale bound of this map's task, dB (``scale="paper"``)."""
         b = DISPLAY_BOUND.get(str(self.task.get("task")))
         if b is None:
             m = float(np.abs(self.cem).max())
             b = m if m > 0 else 1.0
         return b
 
-    def plot(self, path: Optional["str | os.PathLike"] = None, title: Optional[str] = None):
-        """The METHOD.md picture (overlay + colour bar in dB) as a matplotlib Figure; saved when ``path``."""
-        from .plotting import cem_figure
-        fig = cem_figure(self, title=title)
+    def plot(self, path: Optional["str | os.PathLike"] = None, title: Optional[str] = None,
+             scale: "str | float" = "auto", legend: bool = True, dpi: int = 150):
+        """The map as a matplotlib Figure: the overlay (ROI green; in speed mode a grey box around the input crop
+        the interventions ran on), the strongest helping and hurting blocks under it, a colour bar in dB and a
+        legend of the boxes.
+
+        Args:
+            path: also save it there, in the format the suffix names: ``.png``, ``.pdf`` or ``.svg`` (vector;
+                the map itself stays a pixel image inside it), or any other format matplotlib writes.
+            title: default ``"<model> / <image>"``.
+            scale: the colour scale. ``"auto"`` (default): +-bound with bound the 99th percentile of the non-zero
+                |CE| outside the ROI rounded up to 1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 x 10^k, linear (never 0; an
+                all-zero map gets ``tol``); ``"paper"``: the paper's fixed bounds (SR 2.5, DN 1, DR 2 dB; other
+                tasks the largest |CE|) with the power law |c|^(1/1.2); a number: that bound in dB, linear.
+                Values beyond the bound are clipped, and the bar shows an arrow.
+            legend: show the legend of the ROI box, the crop box and the scale.
+            dpi: resolution of the saved picture (png; the pixel image inside pdf / svg).
+        """
+        from .plotting import cem_figure, save_figure
+        fig = cem_figure(self, title=title, scale=scale, legend=legend)
         if path is not None:
-            fig.savefig(path, dpi=100, bbox_inches="tight")
+            save_figure(fig, path, dpi=dpi, close=False)
         return fig
 
-    def save(self, out_dir: "str | os.PathLike", summary_extra: Optional[dict] = None) -> Path:
+    def colour_scale(self, scale: "str | float" = "auto"):
+        """The :class:`cem_fast.plotting.ColourScale` (bound in dB, gamma) that ``scale`` gives for this map."""
+        from .plotting import colour_scale
+        return colour_scale(scale, [self])
+
+    def save(self, out_dir: "str | os.PathLike", summary_extra: Optional[dict] = None,
+             scale: "str | float" = "auto", vector: "str | tuple" = ()) -> Path:
         """Write result.npz, summary.json and the pictures (cem.png, overlay.png, pie.png, input.png, output.png,
-        gt.png) into ``out_dir``; every file is written to a temporary name and renamed."""
+        gt.png) into ``out_dir``; every file is written to a temporary name and renamed. ``scale``: the colour
+        scale of cem.png and overlay.png (see :meth:`plot`; summary.json: display_scale says which bound it
+        gave); ``vector``: "pdf", "svg" or both, to write cem.pdf / cem.svg beside cem.png."""
         from . import plotting
+        colours = plotting.colour_scale(scale, [self])  # both checked before anything is written
+        vector = plotting.vector_formats(vector)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "result.npz", lambda f: np.savez_compressed(
             f, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
             samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable, psnr_origin=np.float64(self.psnr_origin),
             roi=np.array(self.roi.as_tuple()), block=np.int64(self.block), scale=np.int64(self.scale)))
-        summary = self.summary()
+        summary = {**self.summary(), "display_scale": colours.as_dict()}
         if summary_extra:
             summary.update(summary_extra)
         atomic_write(out / "summary.json", lambda f: f.write(json_bytes(summary)))
-        plotting.save_pictures(self, out)
+        plotting.save_pictures(self, out, scale=colours, vector=vector)
         return out
 
 
@@ -204,18 +231,19 @@ class CEMResults(list):
                            "stats": r.stats(), "folder": roi_folder(i, r.roi)} for i, r in enumerate(self)]
         return common
 
-    def save(self, out_dir: "str | os.PathLike") -> Path:
-        """Each map into ``out_dir/<roi folder>/`` (as :meth:`CEMResult.save`), plus rois.json (the run and every
-        ROI's numbers) and maps.png (all overlays side by side)."""
+    def save(self, out_dir: "str | os.PathLike", scale: "str | float" = "auto", vector: "str | tuple" = ()) -> Path:
+        """Each map into ``out_dir/<roi folder>/`` (as :meth:`CEMResult.save`, each on its own ``scale``), plus
+        rois.json (the run and every ROI's numbers) and maps.png (all overlays, each labelled with its ROI, on one
+        shared scale with one colour bar)."""
         from . import plotting
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(self):
-            r.save(out / roi_folder(i, r.roi))
+            r.save(out / roi_folder(i, r.roi), scale=scale, vector=vector)
         summary = self.summary()
         atomic_write(out / "rois.json", lambda f: f.write(json_bytes(summary)))
         if self:
-            plotting.save_overlay_grid(self, out / "maps.png")
+            plotting.save_overlay_grid(self, out / "maps.png", scale=scale)
         return out
 
 

@@ -194,6 +194,18 @@ def test_compare_writes_side_by_side_and_difference_maps(sr_config, tmp_path):
     assert np.array_equal(same["diff"], np.zeros((8, 8))) and not same["significant"].any()
     other = np.load(out / "compare" / "img_7" / "make_vs_bicubic_x4" / "diff.npz")
     assert np.abs(other["diff"]).max() > 0.01
+    for name in ("bicubic_x4", "Bicubic", "make"):  # every map again on one shared scale
+        assert f"compare/img_7/{name}_cem.png" in report_links(out / "compare.html")
+    assert "significant blocks (|diff| &ge; tol" in html and "max |diff| outside the ROI" in html
+
+
+def test_plot_scale_key_sets_the_pictures_scale(sr_config, tmp_path):
+    out = tmp_path / "o"
+    p = run("run", sr_config, "--out", out, "--set", "plot_scale=0.5", "--set", "fine_num=2")
+    assert p.returncode == 0, p.stderr
+    s = json.loads((out / "bicubic_x4" / "img_7" / "summary.json").read_text())
+    assert s["display_scale"] == {"kind": "fixed", "bound_db": 0.5, "gamma": 1.0}
+    assert "&plusmn;0.5 dB (fixed)" in (out / "report.html").read_text()
 
 
 def test_compare_needs_two_models(sr_config, tmp_path):

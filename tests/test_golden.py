@@ -7,7 +7,6 @@ different draws pass these bounds; so must we, with our own draws (and RGB patch
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import cem_fast

@@ -330,10 +330,10 @@ def test_failures_of_any_kind_each_get_a_row_and_the_rest_run(tmp_path, rng, mon
     from cem_fast import plotting
     save_pictures = plotting.save_pictures
 
-    def disk_full_on_one(res, out):
+    def disk_full_on_one(res, out, **options):
         if res.image_name == "one.png":
             raise OSError(28, "No space left on device")
-        return save_pictures(res, out)
+        return save_pictures(res, out, **options)
 
     monkeypatch.setattr(plotting, "save_pictures", disk_full_on_one)
     rc = cli.main(["run", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"])
