@@ -13,6 +13,7 @@ import torch
 
 from .fileio import atomic_write
 from .geometry import ROI, BlockGrid
+from .intervals import HELPS, HURTS, NO_EFFECT, UNDECIDED, decide, t975
 from .jsonsafe import json_bytes
 
 # Colour-scale bounds of the METHOD.md picture, dB.
@@ -60,6 +61,10 @@ class CEMResult:
         psnr_origin: Y(I), the ROI PSNR of the unintervened input, dB.
         gt, degraded, output: (3, H, W) / (3, h, w) / (3, H, W) uint8 images for pictures, on the CPU (degraded
             and output may be given as :class:`Deferred`: a GPU run copies them to the host on first read).
+        effect_se: (rows, cols) standard error of each block's effect, dB: the sample standard deviation of the
+            draws that made it (the fine draws where gated, else the coarse ones) over the square root of their
+            number; 0 where the block cannot reach the ROI (its effect is exactly 0); NaN with one draw.
+        effect_draws: (rows, cols) int, the number of those draws (0 where the block cannot reach the ROI).
     """
 
     cem: np.ndarray
@@ -87,10 +92,41 @@ class CEMResult:
     output: torch.Tensor
     reachable: Optional[np.ndarray] = None
     extra: dict = field(default_factory=dict)
+    effect_se: Optional[np.ndarray] = None
+    effect_draws: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if self.reachable is None:
             self.reachable = np.ones(self.cem.shape, dtype=bool)
+
+    def interval(self) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) (rows, cols): the 95 % confidence interval of each block's effect, ``effect +- t * se``
+        with Student's t for the number of draws (NaN with a single draw or no uncertainty recorded)."""
+        if self.effect_se is None:
+            nan = np.full(self.effect.shape, np.nan)
+            return nan, nan
+        half = np.where(self.effect_draws > 0, t975(self.effect_draws - 1) * self.effect_se, 0.0)
+        return self.effect - half, self.effect + half
+
+    def decided(self) -> np.ndarray:
+        """(rows, cols) int8: +1 helps (the interval lies above +tol), -1 hurts (below -tol), 0 no effect (inside
+        (-tol, tol), which includes every block that cannot reach the ROI), 2 undecided."""
+        low, high = self.interval()
+        return decide(low, high, self.tol)
+
+    def uncertainty(self) -> dict[str, Any]:
+        """summary.json's account of the uncertainty, ROI blocks excluded."""
+        rated = ~self.roi_mask
+        d = self.decided()[rated]
+        low, high = self.interval()
+        half = ((high - low) / 2)[rated & (self.effect_draws > 0)] if self.effect_draws is not None else \
+            np.zeros(0)
+        half = half[np.isfinite(half)]
+        return {"interval": "95 % Student-t interval of the mean of the draws that made each effect (the fine "
+                            "draws where gated, else the coarse ones; none where a block cannot reach the ROI)",
+                "helps": int((d == HELPS).sum()), "hurts": int((d == HURTS).sum()),
+                "no_effect": int((d == NO_EFFECT).sum()), "undecided": int((d == UNDECIDED).sum()),
+                "median_half_width_db": float(np.median(half)) if half.size else None}
 
     def draws(self) -> tuple[int, int]:
         """(coarse, fine) draws per block, without building deferred sample arrays."""
@@ -141,7 +177,8 @@ class CEMResult:
             "block": self.block, "tol": self.tol, "seed": self.seed, "mode": self.mode,
             "coarse": self.draws()[0], "fine": self.draws()[1],
             "grid": list(self.cem.shape), "psnr_origin": _finite_or_str(self.psnr_origin),
-            "stats": self.stats(), "num_forwards": self.num_forwards, "wall_time_s": round(self.wall_time, 3),
+            "stats": self.stats(), **({"uncertainty": self.uncertainty()} if self.effect_se is not None else {}),
+            "num_forwards": self.num_forwards, "wall_time_s": round(self.wall_time, 3),
             "backend": self.backend, "device": self.device, "patch_bank": self.patch_bank,
             "versions": {"cem_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": platform.python_version()},
@@ -196,8 +233,11 @@ class CEMResult:
         vector = plotting.vector_formats(vector)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        low, high = self.interval()
+        spread = {} if self.effect_se is None else dict(effect_se=self.effect_se, effect_draws=self.effect_draws,
+                                                         ci_low=low, ci_high=high, decided=self.decided())
         atomic_write(out / "result.npz", lambda f: np.savez_compressed(
-            f, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
+            f, **spread, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
             samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable, psnr_origin=np.float64(self.psnr_origin),
             roi=np.array(self.roi.as_tuple()), block=np.int64(self.block), scale=np.int64(self.scale)))
         summary = {**self.summary(), "display_scale": colours.as_dict()}
@@ -226,9 +266,12 @@ class CEMResults(list):
         """The run's summary (that of the first map) with one entry per ROI instead of the per-ROI fields."""
         if not self:
             return {"rois": []}
-        common = {k: v for k, v in self[0].summary().items() if k not in ("roi", "psnr_origin", "stats")}
+        per_roi = ("roi", "psnr_origin", "stats", "uncertainty")
+        common = {k: v for k, v in self[0].summary().items() if k not in per_roi}
         common["rois"] = [{"roi": r.summary()["roi"], "psnr_origin": _finite_or_str(r.psnr_origin),
-                           "stats": r.stats(), "folder": roi_folder(i, r.roi)} for i, r in enumerate(self)]
+                           "stats": r.stats(), "folder": roi_folder(i, r.roi),
+                           **({"uncertainty": r.uncertainty()} if r.effect_se is not None else {})}
+                          for i, r in enumerate(self)]
         return common
 
     def save(self, out_dir: "str | os.PathLike", scale: "str | float" = "auto", vector: "str | tuple" = ()) -> Path:

@@ -83,6 +83,7 @@ def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, effects: list,
     results = CEMResults()
     for j, roi in enumerate(plan.rois):
         effect = effects[j]
+        se, used = sampled.spread(j)
         results.append(CEMResult(
             cem=np.where(np.abs(effect) >= o.tol, effect, 0.0), effect=effect,
             samples_coarse=Deferred((grid.rows, grid.cols, coarse), partial(dense, sampled.dense_coarse, j, grid)),
@@ -95,5 +96,6 @@ def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, effects: list,
             patch_bank={"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
                         "digest": plan.bank_digest},
             gt=pics["gt"], degraded=pics["degraded"], output=pics["output"],
-            reachable=plan.locality.reach[j], extra=dict(extra)))
+            reachable=plan.locality.reach[j], extra=dict(extra),
+            effect_se=se.reshape(grid.rows, grid.cols), effect_draws=used.reshape(grid.rows, grid.cols)))
     return results

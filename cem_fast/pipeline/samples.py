@@ -50,6 +50,24 @@ class Samples:
             out[self.fine_run[keep]] = effects(o, self.fine[j][keep]).mean(axis=-1)
         return out
 
+    def spread(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(blocks,) standard error of ROI j's effect (the sample standard deviation of the draws that made it,
+        over the square root of their number: fine draws where gated, else coarse) and (blocks,) that number;
+        0 and 0 for blocks that cannot reach the ROI (their effect is exactly 0); NaN with a single draw."""
+        nb = self.gated.shape[1]
+        se, n = np.zeros(nb), np.zeros(nb, dtype=np.int64)
+        reach, gated, o = self.reach[j], self.gated[j], self.origin[j]
+        for blocks, vals, keep in ((self.run, self.coarse[j], reach[self.run]),
+                                   (self.fine_run, self.fine[j], reach[self.fine_run] & gated[self.fine_run])):
+            k = vals.shape[-1]
+            if not k or not len(blocks):
+                continue
+            d = effects(o, vals[keep])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                se[blocks[keep]] = d.std(axis=-1, ddof=1) / np.sqrt(k) if k > 1 else np.nan
+            n[blocks[keep]] = k
+        return se, n
+
     def dense_coarse(self, j: int) -> np.ndarray:
         """(blocks, coarse): the samples, Y(I) for blocks that cannot reach ROI j."""
         o = self.origin[j]

@@ -1,0 +1,70 @@
+"""Every map carries its uncertainty (issue 17, item 1): the standard error and a 95 % Student-t interval of
+each block's effect, from the draws that made it, and how many blocks the draws decide."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cem_fast
+from cem_fast.intervals import HELPS, HURTS, NO_EFFECT, UNDECIDED, decide, t975
+from cem_fast.patches import PatchBank
+from helpers import ConvStack
+
+
+@pytest.fixture(scope="module")
+def result():
+    rng = np.random.RandomState(7)
+    image = rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)
+    bank = PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
+    return cem_fast.causal_effect_map(ConvStack(3), image, task="DN", sigma=25, roi=(24, 24, 16), coarse=3, fine=6,
+                                      tol=0.05, patches=bank, seed=2)
+
+
+def test_the_standard_error_is_that_of_the_draws_behind_each_effect(result):
+    y0 = result.psnr_origin
+    fine_d = y0 - result.samples_fine  # NaN where not gated
+    coarse_d = y0 - result.samples_coarse
+    want_se = np.where(result.gated, fine_d.std(axis=2, ddof=1) / np.sqrt(6), coarse_d.std(axis=2, ddof=1) / np.sqrt(3))
+    want_se = np.where(result.reachable, want_se, 0.0)
+    np.testing.assert_allclose(result.effect_se, want_se, rtol=1e-12, atol=1e-12)
+    want_n = np.where(result.reachable, np.where(result.gated, 6, 3), 0)
+    np.testing.assert_array_equal(result.effect_draws, want_n)
+    assert result.gated.any() and (~result.gated & result.reachable).any()  # both kinds of block are checked
+
+
+def test_the_interval_uses_students_t_for_the_number_of_draws(result):
+    low, high = result.interval()
+    coarse_only = result.reachable & ~result.gated
+    half = (high - low) / 2
+    np.testing.assert_allclose(half[coarse_only], 4.303 * result.effect_se[coarse_only], rtol=1e-12)
+    np.testing.assert_allclose(half[result.gated], 2.571 * result.effect_se[result.gated], rtol=1e-12)
+    assert (half[~result.reachable] == 0).all()
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    df = np.array([1, 2, 3, 4, 9, 19, 29, 35, 49, 99, 150, 1000])
+    np.testing.assert_allclose(t975(df), stats.t.ppf(0.975, df), atol=2e-3)
+    assert np.isnan(t975(np.array([0]))).all()
+
+
+def test_decisions_follow_the_interval_and_tol():
+    low = np.array([0.2, -0.5, -0.01, -0.3, 0.05])
+    high = np.array([0.4, -0.2, 0.02, 0.1, 0.3])
+    assert decide(low, high, 0.05).tolist() == [HELPS, HURTS, NO_EFFECT, UNDECIDED, HELPS]
+
+
+def test_summary_and_npz_carry_the_uncertainty(result, tmp_path):
+    result.save(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())["uncertainty"]
+    rated = int((~result.roi_mask).sum())
+    assert summary["helps"] + summary["hurts"] + summary["no_effect"] + summary["undecided"] == rated
+    d = result.decided()[~result.roi_mask]
+    assert summary["undecided"] == int((d == UNDECIDED).sum()) and summary["helps"] == int((d == HELPS).sum())
+    with np.load(tmp_path / "result.npz") as z:
+        low, high = result.interval()
+        np.testing.assert_array_equal(z["ci_low"], low)
+        np.testing.assert_array_equal(z["ci_high"], high)
+        np.testing.assert_array_equal(z["decided"], result.decided())
+        np.testing.assert_array_equal(z["effect_se"], result.effect_se)
