@@ -101,6 +101,7 @@ def causal_effect_maps(
     compile: Union[bool, str] = False,
     mode: str = "coarse-to-fine",
     samples: Optional[int] = None,
+    budget: Optional[int] = None,
     backend: Optional[str] = None,
     progress: Optional[bool] = None,
     image_name: Optional[str] = None,
@@ -138,8 +139,12 @@ def causal_effect_maps(
         device: where to run (default: the model's CUDA device, else CUDA when available, else CPU).
         batch_size: interventions per forward; "auto" (default): the largest that fits (CUDA) or about 64k input
             pixels (CPU), remembered per model and input shape; out-of-memory errors back off and continue.
-        mode: "coarse-to-fine" (the paper's) or "exhaustive" (``samples`` draws for every block).
+        mode: "coarse-to-fine" (the paper's), "exhaustive" (``samples`` draws for every block) or
+            "adaptive": after the coarse stage (at least 2 draws), rounds of 8 more draws for every block whose 95 %
+            interval does not yet lie above +tol, below -tol or inside (-tol, tol), up to ``fine`` more per
+            block; a block's effect is the mean of all its draws.
         samples: draws per block in exhaustive mode (default ``fine``).
+        budget: adaptive mode: at most this many extra forwards in all (the widest intervals are drawn first).
         backend: "auto", "torch", "triton", "cuda" or "cpp" for the intervention and reduction ops.
         progress: show a progress bar (default: when stderr is a terminal).
         cache: folder of the crash-safe sample cache; a re-run with the same inputs resumes where it stopped
@@ -151,7 +156,7 @@ def causal_effect_maps(
     Returns:
         :class:`CEMResults`, one :class:`CEMResult` per ROI, in order.
     """
-    run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, mode=mode, samples=samples,
+    run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, mode=mode, samples=samples, budget=budget,
                      locality=locality, roi_plan=roi_plan, windows=windows, precision=precision, batch_size=batch_size, device=device, backend=backend,
                      compile=compile, progress=progress, cache=cache, fresh=fresh, max_pixels=max_pixels,
                      trust_model_code=trust_model_code)

@@ -122,8 +122,9 @@ class CEMResult:
         half = ((high - low) / 2)[rated & (self.effect_draws > 0)] if self.effect_draws is not None else \
             np.zeros(0)
         half = half[np.isfinite(half)]
-        return {"interval": "95 % Student-t interval of the mean of the draws that made each effect (the fine "
-                            "draws where gated, else the coarse ones; none where a block cannot reach the ROI)",
+        return {"interval": "95 % Student-t interval of the mean of the draws that made each effect (adaptive: "
+                            "all its draws; else the fine draws where gated, the coarse ones elsewhere; none "
+                            "where a block cannot reach the ROI)",
                 "helps": int((d == HELPS).sum()), "hurts": int((d == HURTS).sum()),
                 "no_effect": int((d == NO_EFFECT).sum()), "undecided": int((d == UNDECIDED).sum()),
                 "median_half_width_db": float(np.median(half)) if half.size else None}

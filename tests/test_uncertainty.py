@@ -68,3 +68,51 @@ def test_summary_and_npz_carry_the_uncertainty(result, tmp_path):
         np.testing.assert_array_equal(z["ci_high"], high)
         np.testing.assert_array_equal(z["decided"], result.decided())
         np.testing.assert_array_equal(z["effect_se"], result.effect_se)
+
+
+@pytest.fixture(scope="module")
+def adaptive_case():
+    rng = np.random.RandomState(11)
+    image = rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)
+    bank = PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
+    return dict(model=ConvStack(3), image=image, task="DN", sigma=25, roi=(24, 24, 16), patches=bank, seed=1,
+                tol=0.05, coarse=3, fine=24)
+
+
+def test_adaptive_draws_until_every_block_is_decided_or_capped(adaptive_case):
+    res = cem_fast.causal_effect_map(mode="adaptive", **adaptive_case)
+    capped = res.effect_draws >= 3 + 24
+    assert not ((res.decided() == UNDECIDED) & ~capped & res.reachable).any()
+    assert (res.effect_draws[res.reachable] >= 3).all() and res.gated.any()
+    # the effect is the mean of all the block's draws, coarse ones included
+    r, c = np.argwhere(res.gated)[0]
+    k = int(res.effect_draws[r, c]) - 3
+    draws = np.concatenate([res.samples_coarse[r, c], res.samples_fine[r, c, :k]])
+    assert np.isnan(res.samples_fine[r, c, k:]).all()
+    np.testing.assert_allclose(res.effect[r, c], res.psnr_origin - draws.mean(), rtol=0, atol=1e-12)
+
+
+def test_adaptive_draws_are_those_of_coarse_to_fine(adaptive_case):
+    """Draws are keyed by (seed, block, draw index): the first 8 extra draws are coarse-to-fine's first 8."""
+    a = cem_fast.causal_effect_map(mode="adaptive", **adaptive_case)
+    c = cem_fast.causal_effect_map(**adaptive_case)
+    both = a.gated & c.gated
+    assert both.any()
+    np.testing.assert_array_equal(a.samples_fine[both][:, :8], c.samples_fine[both][:, :8])
+    np.testing.assert_array_equal(a.samples_coarse, c.samples_coarse)
+
+
+def test_adaptive_keeps_to_its_budget_and_resumes(adaptive_case, tmp_path):
+    res = cem_fast.causal_effect_map(mode="adaptive", budget=20, cache=tmp_path, **adaptive_case)
+    extra = int((res.effect_draws[res.reachable] - 3).sum())
+    assert 0 < extra <= 20
+    again = cem_fast.causal_effect_map(mode="adaptive", budget=20, cache=tmp_path, **adaptive_case)
+    assert again.extra["reused_from_cache"] == int(res.effect_draws[res.reachable].sum())
+    np.testing.assert_array_equal(again.effect, res.effect)
+
+
+def test_adaptive_needs_two_coarse_draws_and_budget_needs_adaptive(adaptive_case):
+    with pytest.raises(ValueError, match="coarse must be an integer >= 2, got 1"):
+        cem_fast.causal_effect_map(mode="adaptive", **{**adaptive_case, "coarse": 1})
+    with pytest.raises(ValueError, match="budget applies to mode: adaptive"):
+        cem_fast.causal_effect_map(budget=10, **adaptive_case)

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union, get_args
 
 from .. import checks
 
-Mode = Literal["coarse-to-fine", "exhaustive"]
+Mode = Literal["coarse-to-fine", "exhaustive", "adaptive"]
 Locality = Literal["auto", "off"]
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 Backend = Literal["torch", "triton", "cuda", "cpp"]
@@ -87,6 +87,7 @@ class RunOptions:
     seed: int = 0
     mode: Mode = "coarse-to-fine"
     samples: Optional[int] = None
+    budget: Optional[int] = None
     locality: Locality = "auto"
     roi_plan: RoiPlan = "auto"
     windows: Windows = "auto"
@@ -111,11 +112,18 @@ class RunOptions:
         checks.choice("precision", self.precision, PRECISIONS)
         if self.mode == "exhaustive":
             checks.integer("samples", self.fine if self.samples is None else self.samples, 1)
+        elif self.mode == "adaptive":  # an interval needs two draws
+            checks.integer("coarse", self.coarse, 2)
+            checks.integer("fine", self.fine, 0)
         else:
             checks.integer("coarse", self.coarse, 1)
             checks.integer("fine", self.fine, 0)
-            if self.samples is not None:
-                raise ValueError(f"samples applies to mode: exhaustive (draws per block), got mode {self.mode!r}")
+        if self.samples is not None and self.mode != "exhaustive":
+            raise ValueError(f"samples applies to mode: exhaustive (draws per block), got mode {self.mode!r}")
+        if self.budget is not None:
+            checks.integer("budget", self.budget, 0)
+            if self.mode != "adaptive":
+                raise ValueError(f"budget applies to mode: adaptive (extra forwards in all), got mode {self.mode!r}")
         if not (isinstance(self.tol, (int, float)) and not isinstance(self.tol, bool) and math.isfinite(self.tol)
                 and self.tol >= 0):
             raise ValueError(f"tol must be a non-negative number of dB, got {self.tol!r}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops, reference, rng
+from .. import distributed, ops, reference, rng
 from ..cache import RunCache, digest_bytes, run_key
 from ..geometry import ROI, BlockGrid, RoiLike
 from ..images import ImageLike, load_image
@@ -231,7 +231,7 @@ def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any
         "input": digest_bytes(prep.base.cpu().numpy().tobytes(), str(tuple(prep.base.shape)).encode()),
         "task": plan.task.describe(), "rois": [r.as_tuple() for r in plan.rois], "block": o.block,
         "bank": plan.bank_digest, "seed": plan.seed, "coarse": coarse, "fine": fine, "tol": float(o.tol),
-        "mode": o.mode, "locality": o.locality, "window": window.as_list() if window else None,
+        "mode": o.mode, **({"budget": o.budget} if o.mode == "adaptive" else {}), "locality": o.locality, "window": window.as_list() if window else None,
         "precision": o.precision, "draws": DRAWS_VERSION, **({"compile": str(o.compile)} if o.compile else {}),
         **({"windows": "intervention-centred"} if plan.windows is not None else {}),
         "model_name": plan.name, "image": plan.image_name,
@@ -245,6 +245,10 @@ def _open_cache(plan: RunPlan) -> None:
     components = cache_components(plan, code_digest)
     key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
     if code_unknown:  # a model whose code may have changed unseen: its samples are never reused
-        key_parts["never_reused"] = os.urandom(16).hex()
+        token = distributed.rank0_value(int.from_bytes(os.urandom(7), "little"), "cache token")  # one for all ranks
+        key_parts["never_reused"] = f"{token:014x}"
         plan.cache_note = f"samples not reused across runs: {code_unknown}"
-    plan.cache = RunCache(plan.options.cache, run_key(key_parts), components, fresh=plan.options.fresh)
+    key = distributed.same_on_all("cache key", run_key(key_parts))  # ranks that planned other runs stop here
+    # rank 0 first: it alone clears the entry (fresh) and writes meta.json, so ranks never race on them
+    plan.cache = distributed.rank0_first(
+        lambda first: RunCache(plan.options.cache, key, components, fresh=plan.options.fresh and first), "cache")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..geometry import RoiLike
 from ..images import ImageLike
 from ..patches import PatchBank
@@ -21,7 +22,7 @@ from .options import RunOptions, TaskOptions
 from .plan import RunPlan, budget_line, forward_budget, per_roi_pixels, plan_sampling, prepare
 from .precision import check_precision
 from .runner import Runner
-from .samples import Samples, refuse_infinite_effects, refuse_nan_samples, sample_stages
+from .samples import Samples, refuse_infinite_effects, refuse_nan_samples, sample_adaptive, sample_stages
 
 
 def run_cem(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Task],
@@ -29,11 +30,19 @@ def run_cem(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Tas
             patches: Union[None, str, os.PathLike, PatchBank] = None, options: RunOptions = RunOptions(),
             task_options: TaskOptions = TaskOptions(), model_name: Optional[str] = None,
             image_name: Optional[str] = None) -> CEMResults:
-    """The maps of ``model`` for ``rois`` (or every ``roi_grid`` tile) of its output on ``image``."""
+    """The maps of ``model`` for ``rois`` (or every ``roi_grid`` tile) of its output on ``image``. Under a
+    ``torch.distributed`` process group each rank computes a share of the interventions, and every rank returns
+    the whole result (:mod:`cem_fast.distributed`)."""
+    with distributed.agreed_step("run"):  # an error on one rank fails the run on all, and they go on together
+        return _run_cem(model, image, task, rois, roi_grid, patches, options, task_options, model_name, image_name)
+
+
+def _run_cem(model, image, task, rois, roi_grid, patches, options, task_options, model_name, image_name):
     t0 = time.perf_counter()
     options.check()
     plan = prepare(model, image, task, rois, roi_grid, patches, options, task_options, model_name, image_name)
     plan.progress = sys.stderr.isatty() if options.progress is None else bool(options.progress)
+    plan.progress = plan.progress and distributed.is_lead()  # one progress bar for the study
     plan.marks["prepare"] = time.perf_counter()
     with torch.inference_mode():
         plan_sampling(plan)
@@ -57,12 +66,16 @@ def run_cem(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Tas
         for j, e in enumerate(effects):
             refuse_infinite_effects(e, float(psnr_origin[j]), plan.rois[j], plan.name)
         precision_check = None
-        if options.precision != "fp32":
+        if options.precision != "fp32" and options.mode == "adaptive":
+            precision_check = {"skipped": "adaptive mode (its draws depend on the decisions; not re-run in fp32)"}
+        elif options.precision != "fp32":
             precision_check = check_precision(plan, effects, psnr_origin, sampled.gated)
         pics = pictures(plan, runner)
     wall = time.perf_counter() - t0
     extra = run_extra(plan, runner, timings(t0, plan.marks, wall), precision_check)
     extra["plan"] = {**budget, **({"rois": roi_plan} if len(plan.rois) > 1 else {})}
+    if runner.by_rank is not None:
+        extra["distributed"] = {"world_size": len(runner.by_rank), "interventions_per_rank": runner.by_rank.tolist()}
     return assemble(plan, runner, sampled, effects, psnr_origin, pics, extra, wall)
 
 
@@ -101,6 +114,10 @@ def _sample(plan: RunPlan, runner: Runner) -> tuple[np.ndarray, Samples]:
         psnr_origin = runner.score(plan.full_output)[0].cpu().numpy()
     else:
         psnr_origin = runner.origin()
+    psnr_origin = distributed.from_rank0(psnr_origin, "Y(I)")  # every rank gates the fine stage alike
     coarse, fine = plan.options.stages
+    if plan.options.mode == "adaptive":
+        return psnr_origin, sample_adaptive(runner, plan.grid, plan.locality.reach, psnr_origin, coarse, fine,
+                                            plan.options.tol, plan.options.budget)
     return psnr_origin, sample_stages(runner, plan.grid, plan.locality.reach, psnr_origin, coarse, fine,
                                       plan.options.tol)

@@ -26,7 +26,10 @@ class Samples:
     which about a hundred reach the ROI: dense (blocks, 50) arrays per ROI would cost 400 MB and most of a run).
 
     ``coarse``: (n_rois, len(run), coarse) ROI PSNRs of the blocks in ``run``; ``fine``: (n_rois, len(fine_run),
-    fine) of those in ``fine_run``; ``gated``: (n_rois, blocks); ``reach``: (n_rois, blocks)."""
+    fine) of those in ``fine_run``; ``gated``: (n_rois, blocks); ``reach``: (n_rois, blocks).
+
+    Adaptive mode (``pooled``): a block's effect is the mean of all its draws, coarse and later ones, and
+    ``fine_drawn`` (len(fine_run),) says how many of the ``fine`` columns each block drew (the rest are padding)."""
 
     run: np.ndarray
     coarse: np.ndarray
@@ -35,6 +38,25 @@ class Samples:
     gated: np.ndarray
     reach: np.ndarray
     origin: np.ndarray
+    fine_drawn: Optional[np.ndarray] = None
+    pooled: bool = False
+
+    def _pooled(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Adaptive mode, ROI j: (blocks, mean, standard error, draws) of the blocks that drew more than the
+        coarse stage, over all their draws."""
+        keep = self.reach[j][self.fine_run] & self.gated[j][self.fine_run]
+        blocks = self.fine_run[keep]
+        row = np.full(self.gated.shape[1], -1)
+        row[self.run] = np.arange(len(self.run))
+        o = self.origin[j]
+        d = np.concatenate([effects(o, self.coarse[j][row[blocks]]), effects(o, self.fine[j][keep])], axis=1)
+        c = self.coarse.shape[2]
+        mask = np.arange(d.shape[1])[None, :] < (c + self.fine_drawn[keep])[:, None]
+        n = mask.sum(1)
+        mean = np.where(mask, d, 0.0).sum(1) / n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            se = np.sqrt(np.where(mask, (d - mean[:, None]) ** 2, 0.0).sum(1) / (n - 1) / n)
+        return blocks, mean, se, n
 
     def effect(self, j: int) -> np.ndarray:
         """(blocks,) ROI j's Y(I) - mean Y_k: the fine mean where gated (and fine > 0), else the coarse mean; 0 for
@@ -46,6 +68,10 @@ class Samples:
             keep = reach[self.run]
             out[self.run[keep]] = effects(o, self.coarse[j][keep]).mean(axis=-1)
         if self.fine.shape[2] and len(self.fine_run):
+            if self.pooled:
+                blocks, mean, _, _ = self._pooled(j)
+                out[blocks] = mean
+                return out
             keep = reach[self.fine_run] & gated[self.fine_run]
             out[self.fine_run[keep]] = effects(o, self.fine[j][keep]).mean(axis=-1)
         return out
@@ -66,6 +92,9 @@ class Samples:
             with np.errstate(invalid="ignore", divide="ignore"):
                 se[blocks[keep]] = d.std(axis=-1, ddof=1) / np.sqrt(k) if k > 1 else np.nan
             n[blocks[keep]] = k
+        if self.pooled and self.fine.shape[2] and len(self.fine_run):
+            blocks, _, pooled_se, pooled_n = self._pooled(j)
+            se[blocks], n[blocks] = pooled_se, pooled_n
         return se, n
 
     def dense_coarse(self, j: int) -> np.ndarray:
@@ -95,6 +124,8 @@ class Samples:
                                           ("fine", self.fine_run, self.fine[j],
                                            reach[self.fine_run] & gated[self.fine_run])):
             bad = np.isnan(vals) & used[:, None] if vals.size else np.zeros(vals.shape, bool)
+            if stage == "fine" and self.fine_drawn is not None and vals.size:  # adaptive: padding is not a sample
+                bad &= np.arange(vals.shape[-1])[None, :] < self.fine_drawn[:, None]
             if bad.any():
                 i, k = np.argwhere(bad)[0]
                 return stage, int(bad.sum()), int(blocks[i]), int(k)
@@ -194,3 +225,64 @@ def refuse_nan_samples(sampled: Samples, grid, name: str) -> None:
             r, c = divmod(b, grid.cols)
             raise ValueError(f"model {name} produced NaN/Inf outputs in the ROI for {count} {stage} "
                              f"interventions (first: block ({r}, {c}), draw {k}); refusing to average them")
+
+
+ADAPTIVE_STEP = 8  # draws added per round to every undecided block
+
+
+def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, cap: int,
+                    tol: float, budget: Optional[int] = None) -> Samples:
+    """The coarse stage, then rounds of ``ADAPTIVE_STEP`` more draws for every block still undecided for some ROI
+    (its 95 % interval neither above +tol, below -tol, nor inside (-tol, tol)), until every block is decided, has
+    ``cap`` extra draws, or ``budget`` extra forwards are spent (the widest intervals first). A block's effect is
+    the mean of all its draws. Draws stay keyed by (seed, block, draw index): the first extra draws of a block are
+    those coarse-to-fine would make."""
+    from ..intervals import UNDECIDED, decide, t975
+    n, nb = len(psnr_origin), grid.num_blocks
+    flat_reach = reach.reshape(n, nb)
+    run = runner.order(np.flatnonzero(flat_reach.any(0)))
+    runner.expect(len(run) * (coarse + cap) if budget is None else len(run) * coarse + budget)
+    got_coarse = np.zeros((n, len(run), coarse))
+    if len(run):
+        b = torch.from_numpy(run).repeat_interleave(coarse)
+        got_coarse = runner.run("coarse", b, torch.arange(coarse).repeat(len(run))).reshape(
+            len(run), coarse, n).transpose(2, 0, 1)
+    fine = np.full((n, len(run), cap), np.nan)
+    drawn = np.zeros(len(run), dtype=np.int64)
+    gated = np.zeros((n, nb), dtype=bool)
+    samples = Samples(run, got_coarse, run, fine, gated, flat_reach, np.asarray(psnr_origin, np.float64), drawn,
+                      pooled=True)
+    spent, rounds = 0, 0
+    while True:
+        gated[:, run] = flat_reach[:, run]  # _pooled reads every reachable block, with its draws so far
+        undecided = np.zeros(len(run), dtype=bool)
+        width = np.zeros(len(run))
+        for j in range(n):
+            _, mean, se, k = samples._pooled(j)  # the reachable blocks of ROI j, in the order of run
+            idx = np.flatnonzero(flat_reach[j][run])
+            half = t975(k - 1) * se
+            lost = decide(mean - half, mean + half, tol) == UNDECIDED
+            undecided[idx] |= lost
+            width[idx] = np.maximum(width[idx], np.where(lost, half, 0))
+        active = np.flatnonzero(undecided & (drawn < cap))
+        left = None if budget is None else budget - spent
+        if not len(active) or left == 0:
+            break
+        step = min(ADAPTIVE_STEP, cap - int(drawn[active].min()))
+        if left is not None and len(active) * step > left:  # the widest intervals first
+            active = active[np.argsort(-width[active], kind="stable")][:max(1, left // step)]
+            step = min(step, left // len(active)) or 1
+        rounds += 1
+        blocks = np.repeat(run[active], step)
+        draws = coarse + np.repeat(drawn[active], step) + np.tile(np.arange(step), len(active))
+        got = runner.run(f"adaptive{rounds}", torch.from_numpy(blocks), torch.from_numpy(draws))
+        got = got.reshape(len(active), step, n).transpose(2, 0, 1)
+        for i, a in enumerate(active):
+            fine[:, a, drawn[a]:drawn[a] + step] = got[:, i]
+        drawn[active] += step
+        spent += len(active) * step
+    extra = drawn > 0
+    gated[:] = False
+    gated[:, run[extra]] = flat_reach[:, run[extra]]
+    return Samples(run, got_coarse, run[extra], fine[:, extra], gated, flat_reach,
+                   np.asarray(psnr_origin, np.float64), drawn[extra], pooled=True)
