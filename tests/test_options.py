@@ -36,11 +36,11 @@ def test_vocabularies_are_the_ones_the_code_uses():
     from cem_fast import ops, rain
     assert tuple(rain.PRESETS) == RAIN_PRESETS
     assert tuple(ops.BACKENDS) == BACKENDS
-    assert MODES == ("coarse-to-fine", "exhaustive") and PRECISIONS[0] == "fp32"
+    assert MODES == ("coarse-to-fine", "exhaustive", "adaptive") and PRECISIONS[0] == "fp32"
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["mode=fast"], "mode must be one of coarse-to-fine, exhaustive, got 'fast'"),
+    (["mode=fast"], "mode must be one of coarse-to-fine, exhaustive, adaptive, got 'fast'"),
     (["precision=fp8"], "precision must be one of fp32, tf32, bf16, fp16, got 'fp8'"),
     (["samples=5"], "samples applies to mode: exhaustive"),
     (["compile=1.5"], None),
