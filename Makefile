@@ -25,9 +25,20 @@ $(VENV)/.ready: pyproject.toml setup.py Makefile
 
 venv: $(VENV)/.ready
 
-# the C++ extension (cem_fast._C); ninja rebuilds only what changed. Optional: without it the torch backend runs.
+# the C++ extension (cem_fast._C); ninja rebuilds only what changed. Optional: without it the torch backend runs
+# (CEM_FAST_BUILD_EXT=1 or CEM_FAST_CUDA=1 make a failed build fail make; see setup.py). The build's output is
+# kept in build/ext-build.log; its configuration lines are printed, and on failure the log's last lines.
 ext: $(VENV)/.ready
-	$(PY) setup.py -q build_ext --inplace > /dev/null 2>&1 || echo "note: cem_fast._C not built; using the torch backend"
+	@mkdir -p build; \
+	if $(PY) setup.py -q build_ext --inplace > build/ext-build.log 2>&1 \
+	    && ! grep -aq "^cem_fast build: FAILED" build/ext-build.log; then \
+	  grep -a "^cem_fast build:" build/ext-build.log; \
+	else \
+	  grep -a "^cem_fast build:" build/ext-build.log; \
+	  echo "note: cem_fast._C not built (without it the torch backend runs); build/ext-build.log ends:"; \
+	  tail -n 20 build/ext-build.log | sed 's/^/  | /'; \
+	  [ "$$CEM_FAST_BUILD_EXT" != 1 ] && [ "$$CEM_FAST_CUDA" != 1 ]; \
+	fi
 
 demo: ext
 	$(VENV)/bin/cem-fast demo --out $(OUT)

@@ -1,12 +1,19 @@
-"""Public ops with backend dispatch: ``intervene`` and ``roi_psnr``.
+"""Public ops with backend dispatch: ``intervene``, ``roi_sq_err``, ``roi_sq_err_multi`` and ``roi_psnr``.
 
 ``backend="auto"`` (or the ``CEM_FAST_BACKEND`` environment variable) picks, for CUDA tensors,
 cuda -> triton -> torch and, for CPU tensors, cpp -> torch. Every backend explains why it cannot run; when none
 can, the error lists all the reasons. The torch backend (:mod:`cem_fast.reference`) always runs.
+
+Every backend has every op. The compiled backends are torch.library operators with fake kernels: cpp and cuda are
+``torch.ops.cem_fast.intervene`` / ``intervene_into`` / ``roi_sq_err`` / ``roi_sq_err_multi`` (cem_fast._C, one
+operator per op, CPU and CUDA kernels: :mod:`cem_fast._extension`), triton is ``torch.ops.cem_fast.*_triton``
+(:mod:`cem_fast.triton_ops`). So ``torch.compile(fullgraph=True)`` traces through these functions on every backend
+(the torch backend is plain PyTorch, traced op by op).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -16,39 +23,41 @@ from .geometry import ROI
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+OPS = ("intervene", "roi_sq_err", "roi_sq_err_multi")
+
+
+@dataclass(frozen=True)
+class Backend:
+    reasons: Callable[[torch.device], list[str]]  # why it cannot run on a device; empty: it can
+    intervene: Callable
+    roi_sq_err: Callable
+    roi_sq_err_multi: Callable
 
 
 def _torch_reasons(device: torch.device) -> list[str]:
     return []
 
 
-# name -> (function returning why the backend cannot run on a device, op table)
-_REGISTRY: dict[str, tuple[Callable[[torch.device], list[str]], dict[str, Callable]]] = {
-    "torch": (_torch_reasons, {"intervene": reference.intervene_ref, "roi_sq_err": reference.roi_sq_err_ref,
-                               "roi_sq_err_multi": reference.roi_sq_err_multi_ref}),
-    "triton": (triton_ops.triton_reasons, {"intervene": triton_ops.intervene_triton,
-                                           "roi_sq_err": triton_ops.roi_sq_err_triton,
-                                           "roi_sq_err_multi": triton_ops.roi_sq_err_multi_triton}),
-    "cuda": (cuda_ops.cuda_reasons, {"intervene": cuda_ops.intervene_cuda, "roi_sq_err": cuda_ops.roi_sq_err_cuda,
-                                     "roi_sq_err_multi": cuda_ops.roi_sq_err_multi_cuda}),
-    "cpp": (cpp_ops.cpp_reasons, {"intervene": cpp_ops.intervene_cpp, "roi_sq_err": cpp_ops.roi_sq_err_cpp,
-                                  "roi_sq_err_multi": cpp_ops.roi_sq_err_multi_cpp}),
+_REGISTRY: dict[str, Backend] = {
+    "torch": Backend(_torch_reasons, reference.intervene_ref, reference.roi_sq_err_ref,
+                     reference.roi_sq_err_multi_ref),
+    "triton": Backend(triton_ops.triton_reasons, triton_ops.intervene_triton, triton_ops.roi_sq_err_triton,
+                      triton_ops.roi_sq_err_multi_triton),
+    "cuda": Backend(cuda_ops.cuda_reasons, cuda_ops.intervene_cuda, cuda_ops.roi_sq_err_cuda,
+                    cuda_ops.roi_sq_err_multi_cuda),
+    "cpp": Backend(cpp_ops.cpp_reasons, cpp_ops.intervene_cpp, cpp_ops.roi_sq_err_cpp, cpp_ops.roi_sq_err_multi_cpp),
 }
 
 
-def backend_reasons(name: str, device: torch.device, op: Optional[str] = None) -> list[str]:
-    """Why backend ``name`` cannot run on ``device`` (op ``op``, if given); empty list: it can."""
+def backend_reasons(name: str, device: torch.device) -> list[str]:
+    """Why backend ``name`` cannot run on ``device``; empty list: it can (with every op of OPS)."""
     if name not in _REGISTRY:
         return [f"unknown backend {name!r}; expected one of {', '.join(('auto',) + BACKENDS)}"]
-    reasons = _REGISTRY[name][0](torch.device(device))
-    if op is not None and op not in _REGISTRY[name][1]:
-        reasons = reasons + [f"the {name} backend has no {op} kernel yet"]
-    return reasons
+    return _REGISTRY[name].reasons(torch.device(device))
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[str] = None) -> str:
-    """The backend that will run on ``device`` for the request ``backend`` (None/"auto": env var, then auto);
-    with ``op``, only backends that implement it (``auto`` then falls back to torch)."""
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend that will run on ``device`` for the request ``backend`` (None/"auto": env var, then auto)."""
     device = torch.device(device)
     requested = backend or os.environ.get("CEM_FAST_BACKEND") or "auto"
     requested = requested.lower()
@@ -60,7 +69,7 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[s
         raise ValueError(f"backend must be one of {', '.join(('auto',) + BACKENDS)}, got {requested!r}")
     why: list[str] = []
     for name in candidates:
-        reasons = backend_reasons(name, device, op)
+        reasons = backend_reasons(name, device)
         if not reasons:
             return name
         why.append(f"{name}: " + "; ".join(reasons))
@@ -77,12 +86,17 @@ def check_devices(op: str, anchor: str, tensors: dict) -> None:
 
 
 def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor, origins: torch.Tensor,
-              sizes: torch.Tensor, *, backend: Optional[str] = None, **kwargs) -> torch.Tensor:
+              sizes: torch.Tensor, *, backend: Optional[str] = None, ids: Optional[torch.Tensor] = None, seed: int = 0,
+              noise_sigma: float = 0.0, rain: Optional[torch.Tensor] = None,
+              window_origins: Optional[torch.Tensor] = None, window_size: Optional[tuple[int, int]] = None,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """K intervened inputs (K, C, h', w'); see :func:`cem_fast.reference.intervene_ref` for the arguments."""
+    kwargs = dict(ids=ids, seed=seed, noise_sigma=noise_sigma, rain=rain, window_origins=window_origins,
+                  window_size=window_size, out=out)
     check_devices("intervene", "base", {"base": base, "patches": patches, "patch_idx": patch_idx,
                                         "origins": origins, "sizes": sizes, **kwargs})
     name = resolve_backend(backend, base.device)
-    return _REGISTRY[name][1]["intervene"](base, patches, patch_idx, origins, sizes, **kwargs)
+    return _REGISTRY[name].intervene(base, patches, patch_idx, origins, sizes, **kwargs)
 
 
 def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
@@ -90,7 +104,7 @@ def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
     """(K,) float64 ROI sum of squared errors, uint8 convention; see :func:`cem_fast.reference.roi_sq_err_ref`."""
     check_devices("roi_sq_err", "outputs", {"outputs": outputs, "target": target})
     name = resolve_backend(backend, outputs.device)
-    return _REGISTRY[name][1]["roi_sq_err"](outputs, target, roi)
+    return _REGISTRY[name].roi_sq_err(outputs, target, roi)
 
 
 def roi_sq_err_multi(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]", *,
@@ -98,8 +112,8 @@ def roi_sq_err_multi(outputs: torch.Tensor, target: torch.Tensor, rois: "list[RO
     """(K, n_rois) float64 squared errors for many ROIs from one pass; ``target`` (C, H, W) is the ground truth or,
     GT-free, the quantised unintervened output. See :func:`cem_fast.reference.roi_sq_err_multi_ref`."""
     check_devices("roi_sq_err_multi", "outputs", {"outputs": outputs, "target": target})
-    name = resolve_backend(backend, outputs.device, "roi_sq_err_multi")
-    return _REGISTRY[name][1]["roi_sq_err_multi"](outputs, target, rois)
+    name = resolve_backend(backend, outputs.device)
+    return _REGISTRY[name].roi_sq_err_multi(outputs, target, rois)
 
 
 def roi_psnr(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,

@@ -11,51 +11,14 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 
 from . import rng
 from .geometry import ROI
+from .op_args import intervene_buffers, noise_sigma_units, unit_table
 
 PEAK = 255.0
 NOISE_ONE = 1 << 24  # one grey level in the integer noise arithmetic: 2^16 (gaussian12 scale) * 2^8 (sigma)
-
-
-# v / 255 for v = 0..255 as float32, each the correctly rounded IEEE quotient (numpy's float32 division): one
-# table for every backend. torch on CUDA divides by a Python float as x * (1 / 255), which differs in the last bit
-# for 126 of the 256 values, so no backend divides on the device: the reference and Triton look values up here,
-# the C++ and CUDA kernels divide with IEEE rounding (__fdiv_rn), which gives these same numbers.
-_UNIT_TABLE = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0))
-_UNIT_TABLES: dict = {}
-
-
-def unit_table(device: "torch.device | str" = "cpu") -> torch.Tensor:
-    """(256,) float32 ``v / 255`` on ``device`` (built on the host and copied: never divided on the device)."""
-    device = torch.device(device)
-    if device not in _UNIT_TABLES:
-        _UNIT_TABLES[device] = _UNIT_TABLE.to(device)
-    return _UNIT_TABLES[device]
-
-
-def noise_sigma_units(sigma: float) -> int:
-    """sigma (0..255 units) in 1/256 steps, the resolution at which the intervention noise applies it."""
-    return int(round(float(sigma) * 256))
-
-
-def intervene_buffers(base: torch.Tensor, K: int, window_origins: Optional[torch.Tensor],
-                      window_size: Optional[tuple[int, int]], out: Optional[torch.Tensor],
-                      ids: Optional[torch.Tensor] = None, noise_sigma: float = 0.0):
-    """Checks and defaults shared by every backend: noise needs ids; window origins (zeros: the whole input),
-    window size and the output buffer (K, C, wh, ww) in the base's dtype. Returns ``(window_origins, wh, ww, out)``."""
-    if noise_sigma > 0 and ids is None:
-        raise ValueError("ids are required when noise_sigma > 0 (they key the noise RNG)")
-    C, h, w = base.shape
-    wh, ww = window_size if window_size is not None else (h, w)
-    if window_origins is None:
-        window_origins = torch.zeros(K, 2, dtype=torch.int64, device=base.device)
-    if out is None:
-        out = torch.empty(K, C, wh, ww, dtype=base.dtype, device=base.device)
-    return window_origins, wh, ww, out
 
 
 def intervene_ref(

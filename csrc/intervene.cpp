@@ -55,24 +55,47 @@ void intervene_kernel(const at::Tensor& base, const at::Tensor& patches, const a
     }
   });
 }
+
+// Index values the kernel trusts: the patch of each intervention, block sizes within a patch, windows within the
+// base. Read on the host (CPU tensors), so a bad index is an error instead of a read outside the buffers.
+void check_indices(const at::Tensor& patches, const at::Tensor& patch_idx, const at::Tensor& sizes,
+                   const cem::InterveneArgs& a) {
+  const auto idx = patch_idx.accessor<int64_t, 1>();
+  const auto sz = sizes.accessor<int64_t, 2>();
+  const auto win = a.windows.accessor<int64_t, 2>();
+  const int64_t P = patches.size(0);
+  for (int64_t k = 0; k < a.K; ++k) {
+    TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < P, "patch_idx[", k, "] = ", idx[k], " is not a patch of the ", P,
+                      "-patch bank");
+    TORCH_CHECK_VALUE(sz[k][0] >= 0 && sz[k][0] <= a.pb && sz[k][1] >= 0 && sz[k][1] <= a.pb, "sizes[", k, "] = (",
+                      sz[k][0], ", ", sz[k][1], ") must lie within the ", a.pb, "x", a.pb, " patches");
+    TORCH_CHECK_VALUE(win[k][0] >= 0 && win[k][1] >= 0 && win[k][0] + a.wh <= a.h && win[k][1] + a.ww <= a.w,
+                      "window_origins[", k, "] = (", win[k][0], ", ", win[k][1], ") with window ", a.wh, "x", a.ww,
+                      " must lie inside the ", a.h, "x", a.w, " base");
+  }
+}
 }  // namespace
 
-at::Tensor intervene_cpu(const at::Tensor& base, const at::Tensor& patches, const at::Tensor& patch_idx,
-                         const at::Tensor& origins, const at::Tensor& sizes, const at::Tensor& ids, int64_t seed,
-                         int64_t sigma_q, const at::Tensor& rain, const at::Tensor& windows, at::Tensor out) {
-  for (const auto* t : {&base, &patches, &patch_idx, &origins, &sizes, &windows}) CEM_CHECK_CPU(*t);
-  CEM_CHECK_DIM(base, 3);
-  CEM_CHECK_DIM(patches, 4);
-  CEM_CHECK_DIM(out, 4);
-  CEM_CHECK_DTYPE(base, at::kFloat);
-  CEM_CHECK_DTYPE(patches, at::kByte);
-  CEM_CHECK_DTYPE(patch_idx, at::kLong);
-  TORCH_CHECK(out.size(0) == patch_idx.size(0), "out has ", out.size(0), " interventions, patch_idx ",
-              patch_idx.size(0));
-  TORCH_CHECK(sigma_q <= 0 || ids.numel() == patch_idx.numel(), "ids must give one id per intervention, got ",
-              ids.numel(), " for ", patch_idx.numel());
+namespace cem {
+
+at::Tensor& intervene_out_cpu(const at::Tensor& base, const at::Tensor& patches, const at::Tensor& patch_idx,
+                              const at::Tensor& origins, const at::Tensor& sizes, const std::optional<at::Tensor>& ids,
+                              int64_t seed, double noise_sigma, const std::optional<at::Tensor>& rain,
+                              const std::optional<at::Tensor>& window_origins, at::OptionalIntArrayRef window_size,
+                              at::Tensor& out) {
+  const InterveneArgs a =
+      intervene_args(base, patches, patch_idx, origins, sizes, ids, noise_sigma, rain, window_origins, window_size);
+  check_intervene_out(out, a);
+  for (const at::Tensor* t : {&base, &patches, &patch_idx, &origins, &sizes, &a.windows}) CEM_CHECK_CPU(*t);
+  CEM_CHECK_CPU(out);
+  if (a.noisy()) CEM_CHECK_CPU(a.ids);
+  if (a.rainy()) CEM_CHECK_CPU(a.rain);
+  check_indices(patches, patch_idx, sizes, a);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "intervene_cpu", [&] {
-    intervene_kernel<scalar_t>(base, patches, patch_idx, origins, sizes, ids, seed, sigma_q, rain, windows, out);
+    intervene_kernel<scalar_t>(base, patches, patch_idx, origins, sizes, a.ids, seed, a.sigma_q, a.rain, a.windows,
+                               out);
   });
   return out;
 }
+
+}  // namespace cem

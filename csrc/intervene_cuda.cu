@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include "checks.h"
+#include "ops.h"
 #include "rng.h"
 
 namespace {
@@ -63,26 +65,31 @@ __global__ void intervene_kernel(scalar_t* __restrict__ out, const float* __rest
 
 }  // namespace
 
-at::Tensor intervene_cuda(const at::Tensor& base, const at::Tensor& patches, const at::Tensor& patch_idx,
-                          const at::Tensor& origins, const at::Tensor& sizes, const at::Tensor& ids, int64_t seed,
-                          int64_t sigma_q, const at::Tensor& rain, const at::Tensor& windows, at::Tensor out) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&base, &patches, &patch_idx, &origins,
-                                                                      &sizes, &windows, &out})
-    TORCH_CHECK(t->is_cuda(), "intervene_cuda: every tensor must be on a CUDA device, got ", t->device());
-  TORCH_CHECK(base.scalar_type() == at::kFloat && base.is_contiguous(), "base must be contiguous float32");
-  TORCH_CHECK(patches.scalar_type() == at::kByte && patches.is_contiguous(), "patches must be contiguous uint8");
-  const bool noisy = sigma_q > 0, rainy = rain.defined() && rain.numel() > 0;
-  TORCH_CHECK(!noisy || ids.numel() == patch_idx.numel(), "ids must give one id per intervention, got ",
-              ids.numel(), " for ", patch_idx.numel());
+namespace cem {
+
+at::Tensor& intervene_out_cuda(const at::Tensor& base_in, const at::Tensor& patches_in, const at::Tensor& patch_idx_in,
+                               const at::Tensor& origins_in, const at::Tensor& sizes_in,
+                               const std::optional<at::Tensor>& ids_in, int64_t seed, double noise_sigma,
+                               const std::optional<at::Tensor>& rain_in,
+                               const std::optional<at::Tensor>& window_origins,
+                               at::OptionalIntArrayRef window_size, at::Tensor& out) {
+  const InterveneArgs a = intervene_args(base_in, patches_in, patch_idx_in, origins_in, sizes_in, ids_in, noise_sigma,
+                                         rain_in, window_origins, window_size);
+  check_intervene_out(out, a);
+  CEM_CHECK_CUDA(out);
   // ids and rain are read only when used, but a host pointer read on the device is an illegal memory access
-  TORCH_CHECK(!noisy || ids.device() == out.device(), "intervene_cuda: ids must be on ", out.device(), ", got ",
-              ids.device());
-  TORCH_CHECK(!rainy || rain.device() == out.device(), "intervene_cuda: rain must be on ", out.device(), ", got ",
-              rain.device());
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&base, &patches, &patch_idx, &origins,
-                                                                      &sizes, &windows})
-    TORCH_CHECK(t->device() == out.device(), "intervene_cuda: every tensor must be on ", out.device(), ", got ",
-                t->device());
+  for (const at::Tensor* t : {&base_in, &patches_in, &patch_idx_in, &origins_in, &sizes_in, &a.windows})
+    CEM_CHECK_SAME_DEVICE(*t, out);
+  if (a.noisy()) CEM_CHECK_SAME_DEVICE(a.ids, out);
+  if (a.rainy()) CEM_CHECK_SAME_DEVICE(a.rain, out);
+  // the kernel indexes its inputs as dense arrays; out keeps its layout (strides are passed)
+  const at::Tensor base = base_in.contiguous(), patches = patches_in.contiguous();
+  const at::Tensor patch_idx = patch_idx_in.contiguous(), origins = origins_in.contiguous();
+  const at::Tensor sizes = sizes_in.contiguous(), windows = a.windows.contiguous();
+  const at::Tensor ids = a.noisy() ? a.ids.contiguous() : at::Tensor();
+  const at::Tensor rain = a.rainy() ? a.rain.contiguous() : at::Tensor();
+  const bool noisy = a.noisy(), rainy = a.rainy();
+  const int64_t sigma_q = a.sigma_q;
   const at::cuda::CUDAGuard guard(out.device());
   const int64_t K = out.size(0), C = out.size(1), wh = out.size(2), ww = out.size(3);
   if (out.numel() == 0) return out;
@@ -114,3 +121,5 @@ at::Tensor intervene_cuda(const at::Tensor& base, const at::Tensor& patches, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
+
+}  // namespace cem

@@ -50,11 +50,13 @@ void roi_sq_err_kernel(const at::Tensor& outputs, const at::Tensor& target, cons
   });
 }
 
+// res: (K,) for one ROI or (K, n) for n ROIs, allocated here (not a view: the ops return it as it is).
 at::Tensor run(const at::Tensor& outputs, const at::Tensor& target, const at::Tensor& rois, bool target_full) {
   const at::Tensor t = target.to(at::kFloat).contiguous();
-  const at::Tensor r = rois.to(at::kLong).contiguous();
+  const at::Tensor r = rois.contiguous();
   const int64_t n = r.size(0);
-  at::Tensor res = at::empty({outputs.size(0), n}, outputs.options().dtype(at::kDouble));
+  at::Tensor res = target_full ? at::empty({outputs.size(0), n}, outputs.options().dtype(at::kDouble))
+                               : at::empty({outputs.size(0)}, outputs.options().dtype(at::kDouble));
   if (n == 0 || outputs.size(0) == 0) return res;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, outputs.scalar_type(), "roi_sq_err_cpu", [&] {
     roi_sq_err_kernel<scalar_t>(outputs, t, r.data_ptr<int64_t>(), n, target_full, res);
@@ -63,29 +65,26 @@ at::Tensor run(const at::Tensor& outputs, const at::Tensor& target, const at::Te
 }
 }  // namespace
 
+namespace cem {
+
 at::Tensor roi_sq_err_cpu(const at::Tensor& outputs, const at::Tensor& target, int64_t y, int64_t x) {
+  check_one_roi(outputs, target, y, x);
   CEM_CHECK_CPU(outputs);
-  CEM_CHECK_DIM(outputs, 4);
-  CEM_CHECK_DIM(target, 3);
-  TORCH_CHECK(y >= 0 && x >= 0 && y + target.size(1) <= outputs.size(2) && x + target.size(2) <= outputs.size(3),
-              "roi (", y, ", ", x, ", ", target.size(1), "x", target.size(2), ") must lie inside the ",
-              outputs.size(2), "x", outputs.size(3), " outputs");
+  CEM_CHECK_CPU(target);
   const at::Tensor rois = at::tensor({y, x, target.size(1), target.size(2)}, at::kLong).view({1, 4});
-  return run(outputs, target, rois, false).view({outputs.size(0)});
+  return run(outputs, target, rois, false);
 }
 
 at::Tensor roi_sq_err_multi_cpu(const at::Tensor& outputs, const at::Tensor& target, const at::Tensor& rois) {
-  CEM_CHECK_CPU(outputs);
-  CEM_CHECK_DIM(outputs, 4);
-  CEM_CHECK_DIM(target, 3);
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 4, "rois must be (n, 4) (y, x, h, w), got ", rois.sizes());
-  TORCH_CHECK(target.size(1) == outputs.size(2) && target.size(2) == outputs.size(3),
-              "target must be (C, H, W) of the outputs' size, got ", target.sizes(), " for ", outputs.sizes());
-  const at::Tensor r = rois.to(at::kLong).contiguous();
-  const int64_t* p = r.data_ptr<int64_t>();
-  for (int64_t i = 0; i < r.size(0); ++i)
-    TORCH_CHECK(p[4 * i] >= 0 && p[4 * i + 1] >= 0 && p[4 * i + 2] > 0 && p[4 * i + 3] > 0 &&
-                    p[4 * i] + p[4 * i + 2] <= outputs.size(2) && p[4 * i + 1] + p[4 * i + 3] <= outputs.size(3),
-                "roi ", i, " must lie inside the ", outputs.size(2), "x", outputs.size(3), " outputs");
-  return run(outputs, target, r, true);
+  check_many_rois(outputs, target, rois);
+  for (const at::Tensor* t : {&outputs, &target, &rois}) CEM_CHECK_CPU(*t);
+  const auto r = rois.accessor<int64_t, 2>();
+  for (int64_t i = 0; i < rois.size(0); ++i)
+    TORCH_CHECK_VALUE(r[i][0] >= 0 && r[i][1] >= 0 && r[i][2] > 0 && r[i][3] > 0 &&
+                          r[i][0] + r[i][2] <= outputs.size(2) && r[i][1] + r[i][3] <= outputs.size(3),
+                      "roi ", i, " (", r[i][0], ", ", r[i][1], ", ", r[i][2], "x", r[i][3], ") must lie inside the ",
+                      outputs.size(2), "x", outputs.size(3), " outputs");
+  return run(outputs, target, rois, true);
 }
+
+}  // namespace cem

@@ -8,6 +8,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <limits>
+
+#include "checks.h"
+#include "ops.h"
+
 namespace {
 
 struct Roi {
@@ -60,50 +65,56 @@ __global__ void roi_sq_err_kernel(double* __restrict__ res, const scalar_t* __re
   if (threadIdx.x == 0) res[k * n_rois + r] = s_nan[0] ? nan("") : static_cast<double>(s_acc[0]);
 }
 
-// rois: (n, 4) int64 on the outputs' device, or undefined for the single ROI ``one``.
+constexpr int64_t kMaxRoisPerLaunch = 65535;  // grid.y
+
+// rois: (n, 4) int64 on the outputs' device, or undefined for the single ROI ``one``. res: (K,) or (K, n), made here
+// (not a view: the ops return it as it is). More than 65,535 ROIs take one launch per 65,535: launch j reads the
+// table from ROI r0 on and writes res[k, r0 + r] (the kernel's row stride stays n).
 at::Tensor launch(const at::Tensor& outputs, const at::Tensor& target, const at::Tensor& rois, Roi one,
                   bool target_full) {
   const at::cuda::CUDAGuard guard(outputs.device());
   const at::Tensor t = target.to(at::kInt).contiguous();
-  const int64_t n = rois.defined() ? rois.size(0) : 1;
-  at::Tensor res = at::empty({outputs.size(0), n}, outputs.options().dtype(at::kDouble));
-  if (outputs.size(0) == 0 || n == 0) return res;
-  TORCH_CHECK(n <= 65535, "at most 65,535 ROIs per launch, got ", n);
+  const int64_t K = outputs.size(0), n = rois.defined() ? rois.size(0) : 1;
+  at::Tensor res = rois.defined() ? at::empty({K, n}, outputs.options().dtype(at::kDouble))
+                                  : at::empty({K}, outputs.options().dtype(at::kDouble));
+  if (K == 0 || n == 0) return res;
+  TORCH_CHECK(K <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 outputs per launch (grid.x), got ", K);
   // channels-last outputs (not also planar, as one channel is) are read in that memory order
   const bool channels_last = outputs.size(1) > 1 && !outputs.is_contiguous() &&
                              outputs.is_contiguous(at::MemoryFormat::ChannelsLast);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(outputs.size(0)), static_cast<unsigned>(n));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, outputs.scalar_type(), "roi_sq_err_cuda", [&] {
-    roi_sq_err_kernel<scalar_t><<<grid, 256, 0, stream>>>(
-        res.data_ptr<double>(), outputs.data_ptr<scalar_t>(), t.data_ptr<int32_t>(),
-        rois.defined() ? rois.data_ptr<int64_t>() : nullptr, one, n, target_full, t.size(0), t.size(1), t.size(2),
-        outputs.stride(0), outputs.stride(1), outputs.stride(2), outputs.stride(3), channels_last);
+    for (int64_t r0 = 0; r0 < n; r0 += kMaxRoisPerLaunch) {
+      const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>(std::min(kMaxRoisPerLaunch, n - r0)));
+      roi_sq_err_kernel<scalar_t><<<grid, 256, 0, stream>>>(
+          res.data_ptr<double>() + r0, outputs.data_ptr<scalar_t>(), t.data_ptr<int32_t>(),
+          rois.defined() ? rois.data_ptr<int64_t>() + 4 * r0 : nullptr, one, n, target_full, t.size(0), t.size(1),
+          t.size(2), outputs.stride(0), outputs.stride(1), outputs.stride(2), outputs.stride(3), channels_last);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return res;
 }
 
 }  // namespace
 
+namespace cem {
+
 at::Tensor roi_sq_err_cuda(const at::Tensor& outputs, const at::Tensor& target, int64_t y, int64_t x) {
-  TORCH_CHECK(outputs.is_cuda() && target.is_cuda(), "roi_sq_err_cuda: tensors must be on a CUDA device");
-  TORCH_CHECK(outputs.dim() == 4 && target.dim() == 3, "outputs must be (K, C, H, W) and target (C, h, w)");
-  TORCH_CHECK(y >= 0 && x >= 0 && y + target.size(1) <= outputs.size(2) && x + target.size(2) <= outputs.size(3),
-              "roi (", y, ", ", x, ", ", target.size(1), "x", target.size(2), ") must lie inside the ",
-              outputs.size(2), "x", outputs.size(3), " outputs");
-  return launch(outputs, target, at::Tensor(), Roi{y, x, target.size(1), target.size(2)}, false)
-      .view({outputs.size(0)});
+  check_one_roi(outputs, target, y, x);
+  CEM_CHECK_CUDA(outputs);
+  CEM_CHECK_SAME_DEVICE(target, outputs);
+  return launch(outputs, target, at::Tensor(), Roi{y, x, target.size(1), target.size(2)}, false);
 }
 
+// The ROIs' bounds are checked where the table is made (cem_fast.geometry.rois_table, on the host): reading a
+// device table here would make the host wait for the device.
 at::Tensor roi_sq_err_multi_cuda(const at::Tensor& outputs, const at::Tensor& target, const at::Tensor& rois) {
-  TORCH_CHECK(outputs.is_cuda() && target.is_cuda(), "roi_sq_err_multi_cuda: tensors must be on a CUDA device");
-  TORCH_CHECK(outputs.dim() == 4 && target.dim() == 3, "outputs must be (K, C, H, W) and target (C, H, W)");
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 4, "rois must be (n, 4) (y, x, h, w), got ", rois.sizes());
-  TORCH_CHECK(target.size(1) == outputs.size(2) && target.size(2) == outputs.size(3),
-              "target must be (C, H, W) of the outputs' size, got ", target.sizes(), " for ", outputs.sizes());
-  // The ROIs' bounds are checked by the caller (cem_fast/cuda_ops.py), which keeps them on the device.
-  TORCH_CHECK(rois.is_cuda() && rois.scalar_type() == at::kLong && rois.is_contiguous(),
-              "rois must be a contiguous int64 CUDA tensor");
-  return launch(outputs, target, rois, Roi{0, 0, 0, 0}, true);
+  check_many_rois(outputs, target, rois);
+  CEM_CHECK_CUDA(outputs);
+  CEM_CHECK_SAME_DEVICE(target, outputs);
+  CEM_CHECK_SAME_DEVICE(rois, outputs);
+  return launch(outputs, target, rois.contiguous(), Roi{0, 0, 0, 0}, true);
 }
+
+}  // namespace cem

@@ -6,11 +6,29 @@ the ROI itself; many (MULTI=True): ROI r is rois_ptr[4r:4r+4] and the target is 
 The ROI is read a row at a time in memory order: for channels-last outputs (CL, what convolutional models give)
 a row is out[k, :, y0 + i, x0:x0 + rw] with lanes t = j * C + c (contiguous loads), otherwise out[k, c, y0 + i,
 x0:x0 + rw]; the per-element index arithmetic is a division by the constant C at most.
-Launched with enable_fp_fusion=False so x * 255 is rounded before the round-half-even (a fused multiply-add would
-round once, unlike the torch reference).
+x * 255 is rounded to float32 first and then rounded half to even from its bits, in integer arithmetic: no fused
+multiply-add can skip the first rounding (as one did with the 2^23 trick), whatever the launch options, so the
+kernel needs no enable_fp_fusion=False, which torch.compile's path for user kernels (torch.library.triton_op) does
+not pass on.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _round_half_even(s):
+    """Round half to even of float32 0 <= s < 2^23, as int32, from the bits of s: s = m * 2^(e - 23) with the
+    24-bit mantissa m; the integer part is m >> (23 - e) and the dropped bits decide the rounding (e <= -2, s < 0.5,
+    and s = 0 give 0 through the shift capped at 25)."""
+    bits = s.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = (bits & 0x7FFFFF) | 0x800000
+    shift = tl.minimum(23 - e, 25)
+    whole = m >> shift
+    rest = m & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    up = (rest > half) | ((rest == half) & ((whole & 1) == 1))
+    return whole + up.to(tl.int32)
 
 
 @triton.jit
@@ -54,8 +72,7 @@ def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C: tl.constexpr, s
             nan = nan | (v != v).to(tl.int32)
             v = tl.where(v != v, 0.0, v)  # recorded above; keep the integer conversion below well defined
             v = tl.where(v > 1.0, 1.0, tl.where(v < 0.0, 0.0, v))
-            s = v * 255.0
-            q = ((s + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even via the FPU's default rounding
+            q = _round_half_even(v * 255.0)
             t = tl.load(t_ptr + (c * TH + ty + i) * TW + tx + j, mask=m, other=0).to(tl.int32)
             d = tl.where(m, q - t, 0)
             acc += (d * d).to(tl.int64)

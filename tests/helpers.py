@@ -1,12 +1,14 @@
 """Helpers shared by several test files (one module: no test file imports another).
 
-Cases for the ops (random inputs, a naive one-pixel-at-a-time intervention), the DN counter noise by hand, a
-local model with a known receptive field and the locality expectations, and the golden-reference agreement.
+Cases for the ops (random inputs, a naive one-pixel-at-a-time intervention, the backends to compare with the
+reference and cases sized for them), the DN counter noise by hand, a local model with a known receptive field and
+the locality expectations, and the golden-reference agreement.
 """
 import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from cem_fast import rng as crng
@@ -49,6 +51,71 @@ def naive_intervene(base, patches, idx, origins, sizes, noise=None, rain=None, w
                     full[c, y, x] = v / 255.0
         outs.append(full[:, wy:wy + wh, wx:wx + ww])
     return torch.stack(outs)
+
+
+# Backends that run on CPU tensors (triton through the interpreter, TRITON_INTERPRET=1 set by conftest.py where there is
+# no GPU), and those that need one; each skipped with its own reasons where it cannot run (the conftest hook).
+CPU_BACKENDS = [pytest.param("cpp", marks=pytest.mark.needs_backend("cpp")),
+                pytest.param("triton", marks=pytest.mark.needs_backend("triton"))]
+GPU_BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.needs_backend(b, device="cuda")])
+                for b in ("triton", "cuda")]
+
+
+def backend_case(seed, C=3, h=21, w=19, pb=8, K=37, P=11):
+    """random_case as keyword arguments of the ops, plus intervention ids beyond 32 bits and a rain layer."""
+    base, patches, idx, origins, sizes = random_case(seed, C=C, h=h, w=w, pb=pb, K=K, P=P)
+    g = torch.Generator().manual_seed(seed + 1000)
+    ids = torch.randint(0, 2 ** 40, (K,), generator=g)
+    rain = torch.rand(C, h, w, generator=g) * 180
+    return dict(base=base, patches=patches, patch_idx=idx, origins=origins, sizes=sizes), ids, rain
+
+
+def interpreted(backend) -> bool:
+    """The Triton kernels run in Python, one program at a time: cases must be interpreter-sized."""
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+def sized_case(backend, seed):
+    """backend_case, interpreter-sized for Triton on the CPU (all of them on a GPU)."""
+    return backend_case(seed, h=11, w=9, pb=4, K=6, P=5) if interpreted(backend) else backend_case(seed)
+
+
+def assert_same(got, want):
+    """Bit-identical, same shape and dtype; the message says how many elements differ and where."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    bad = (got != want)
+    assert not bad.any(), f"{int(bad.sum())} elements differ, first at {bad.nonzero()[0].tolist()}, " \
+                          f"max diff {(got.float() - want.float()).abs().max():.3g}"
+
+
+def random_gt(seed=0, size=(3, 6, 5)):
+    return torch.randint(20, 230, size, generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+
+
+def in_layout(t, layout):
+    """``t`` as "contiguous", "channels_last" or "strided" (every other column of a twice-as-wide tensor)."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    return t
+
+
+def multi_roi_case(dtype, layout, small):
+    """Outputs with a NaN in the bottom row (only the ROIs holding it become NaN), a full-size target, a ROI grid
+    plus an odd ROI, the whole output and the last pixel."""
+    from cem_fast.reference import roi_grid
+    g = torch.Generator().manual_seed(7)
+    K, H, W = (3, 12, 10) if small else (7, 30, 26)
+    out = (torch.rand(K, 3, H, W, generator=g) * 1.4 - 0.2).to(dtype)
+    out[1, 2, H - 1, 3] = float("nan")
+    out = in_layout(out, layout)
+    target = torch.randint(0, 256, (3, H, W), generator=g, dtype=torch.uint8)
+    tile = 4 if small else 8
+    rois = roi_grid(H, W, tile) + [ROI(1, 2, H - 3, 5), ROI(0, 0, H, W), ROI(H - 1, W - 1, 1, 1)]
+    return out, target, rois
 
 
 def counter_noise_by_hand(gt: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:

@@ -28,3 +28,17 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
 
 def test_there_are_cuda_sources():
     assert {p.name for p in CSRC.glob("*.cu")} >= {"intervene_cuda.cu", "roi_reduce_cuda.cu"}
+
+
+def test_the_cuda_registrations_compile(tmp_path):
+    """csrc/bindings.cpp as a CUDA build compiles it (WITH_CUDA: the CUDA kernels registered for the cem_fast
+    operators), with the host compiler: it holds no device code."""
+    cxx = shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler here")
+    std = "c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) else "c++17"
+    cmd = [cxx, "-fsyntax-only", f"-std={std}", "-DWITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", *[f"-I{p}" for p in include_paths()],
+           f"-I{sysconfig.get_paths()['include']}", str(CSRC / "bindings.cpp")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
