@@ -228,6 +228,9 @@ def refuse_nan_samples(sampled: Samples, grid, name: str) -> None:
 
 
 ADAPTIVE_STEP = 8  # draws added per round to every undecided block
+# None: a block stops once decided (the rule: fewest forwards); a fraction: it also needs its 95 %
+# half-width within that fraction of |effect| (or tol) - measured in benchmarks/results/*convergence*
+ADAPTIVE_PRECISION: Optional[float] = None
 
 
 def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, cap: int,
@@ -262,6 +265,8 @@ def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.n
             idx = np.flatnonzero(flat_reach[j][run])
             half = t975(k - 1) * se
             lost = decide(mean - half, mean + half, tol) == UNDECIDED
+            if ADAPTIVE_PRECISION is not None:
+                lost |= half > np.maximum(tol, ADAPTIVE_PRECISION * np.abs(mean))
             undecided[idx] |= lost
             width[idx] = np.maximum(width[idx], np.where(lost, half, 0))
         active = np.flatnonzero(undecided & (drawn < cap))
