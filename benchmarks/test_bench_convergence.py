@@ -6,6 +6,7 @@ the bicubic and default denoiser models), so it runs on a clone alone.
 written to benchmarks/results/ when ``CEM_FAST_CONVERGENCE_OUT`` names a folder.
 """
 import os
+import time
 from importlib import resources
 
 import pytest
@@ -27,6 +28,6 @@ def test_convergence(benchmark, case):
     benchmark.extra_info.update(truth=result["truth"], summary=result["summary"])
     out = os.environ.get("CEM_FAST_CONVERGENCE_OUT")
     if out:
-        convergence.save(result, out, stem=f"convergence-{case}")
+        convergence.save(result, out, stem=f"{time.strftime('%Y-%m-%d')}-convergence-{case}")  # counts: any device
     by_plan = {s["plan"]: s for s in result["summary"]}
     assert by_plan["coarse-to-fine 3/50"]["pearson_r"] > 0.9  # the study itself is sane: the paper's plan converges
