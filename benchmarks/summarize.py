@@ -5,7 +5,8 @@ import sys
 
 RATIOS = ("exact_over_floor", "exact_over_speed", "pearson_vs_golden", "max_abs_delta_ce_db", "over_demo_speed",
           "over_one_roi", "plain_over_pipeline", "pearson_vs_plain", "cold_s", "interventions_per_s",
-          "effective_GBps")
+          "effective_GBps", "speedup_sampling", "speedup_run", "speedup_command", "crop_over_windows",
+          "loop_over_this")
 STAGES = ("prepare", "probe", "sampling", "finish")
 
 
