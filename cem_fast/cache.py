@@ -4,7 +4,9 @@ An entry's key hashes everything that determines its samples: the model (class, 
 image and the degraded input, the task, ROI, block, patch bank, seed and sampling plan, and ``CACHE_FORMAT``;
 not the backend or the batch size. Scores are written after every batch as a chunk file
 ``<stage>/<start:09d>-<count:06d>.npz`` (temporary file, flush, fsync, rename), so a kill at any moment leaves
-only whole chunks.
+only whole chunks. The ranks of a distributed study (:mod:`cem_fast.distributed`) write disjoint row ranges of a
+stage into one entry, so their chunk names never collide, and a run with another number of ranks reads them as
+any other chunks (rows, not ranks).
 
 A chunk is an uncompressed ``.npz`` (no pickles) that says what it holds: ``scores`` (count, width) float64,
 ``ids`` (count,) int64, the intervention ids of its rows, and ``sha256``, the hex digest of the stage, start,

@@ -2,6 +2,7 @@
 
     cem-fast run CONFIG.yml --out DIR [--set key=value ...] [--exact] [--fresh]
     cem-fast demo [--out DIR]
+    cem-fast convergence CONFIG.yml --out DIR [--truth 1000] [--seeds 3]
     cem-fast info
 
 Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
@@ -85,7 +86,8 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     """Run every model on every image of ``cfg``; returns the report path and the number of failed runs. One run
     failing (a model that does not load, any error, a full disk) does not stop the others; the report is always
     written. With ``keep``, (model name, image label, image folder, CEMResult) of each successful run are appended
-    to it."""
+    to it. Under a process group (torchrun) every rank computes its share of each run and rank 0 alone writes."""
+    from . import distributed
     from .fileio import clean_stale_temporaries
     from .report import write_report
 
@@ -94,7 +96,8 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} is a file, expected a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out_dir, OUR_TEMPORARY)  # ours only, left by a killed run or a full disk
+    # ours only, left by a killed run or a full disk; by rank 0 before any rank writes
+    distributed.rank0_first(lambda first: first and clean_stale_temporaries(out_dir, OUR_TEMPORARY), "clean")
     entries = [] if entries is None else entries
     folders, labels = image_labels(cfg.images)
     failed = 0
@@ -103,7 +106,7 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
         for spec in cfg.models:
             failed += _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries)
     finally:
-        report = write_report(out_dir, entries, title=title)
+        report = write_report(out_dir, entries, title=title) if distributed.is_lead() else out_dir / "report.html"
     return report, failed
 
 
@@ -125,36 +128,47 @@ def _take(name: str, taken: set) -> str:
 def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries) -> int:
     from dataclasses import replace
 
+    from .distributed import GroupLost, agreed_step, is_lead
     from .models import apply_model_options, load_model
     from .pipeline.options import split_options
     run, task_opts, rest = split_options(cfg.options)
     run = replace(run, progress=progress, cache=out_dir / CACHE_DIR, fresh=fresh)
-    name = None
+    name, lead = None, is_lead()  # under torchrun, rank 0 alone writes and speaks
     try:
-        model, loaded_name = load_model(spec, scale=task_opts.scale, trust_model_code=run.trust_model_code)
-        name = _take(_safe_name(loaded_name, "model"), taken)
-        scale = task_opts.scale if str(rest["task"]).upper() == "SR" else 1
-        model = apply_model_options(model, rest.get("model_options"), scale)
+        with agreed_step("load model"):  # a model that does not load on one rank fails on all
+            model, loaded_name = load_model(spec, scale=task_opts.scale, trust_model_code=run.trust_model_code)
+            name = _take(_safe_name(loaded_name, "model"), taken)
+            scale = task_opts.scale if str(rest["task"]).upper() == "SR" else 1
+            model = apply_model_options(model, rest.get("model_options"), scale)
+    except GroupLost:
+        raise  # a rank of the study is gone: no further run can go on
     except (Exception, SystemExit) as e:  # every image of this model gets its row; the other models run
         name = name or _take(_spec_name(spec), taken)
         msg = first_line(e)
-        print(f"cem-fast: error: {msg if msg.startswith('model') else f'model {name}: {msg}'}", file=sys.stderr)
         for image, folder, label in zip(cfg.images, folders, labels):
-            _mark_failed(out_dir / name / folder, msg)
+            if lead:
+                _mark_failed(out_dir / name / folder, msg)
             entries.append({"model": name, "image": label, "dir": f"{name}/{folder}", "error": msg})
+        if lead:
+            print(f"cem-fast: error: {msg if msg.startswith('model') else f'model {name}: {msg}'}", file=sys.stderr)
         return len(cfg.images)
     failed = 0
     for image, folder, label in zip(cfg.images, folders, labels):
         rel = f"{name}/{folder}"
-        print(f"[cem-fast] {name} on {label} ...", file=sys.stderr, flush=True)
+        if lead:
+            print(f"[cem-fast] {name} on {label} ...", file=sys.stderr, flush=True)
         try:
-            entry = _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts, rest)
+            with agreed_step("run"):  # one rank failing (a missing image file) fails the run on all
+                entry = _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts, rest)
+        except GroupLost:
+            raise
         except (Exception, SystemExit) as e:  # SystemExit: a model's own sys.exit / argparse ends this run only
             failed += 1
             msg = first_line(e)
-            print(f"cem-fast: error: {name} on {label}: {msg}", file=sys.stderr)
-            _mark_failed(out_dir / rel, msg)
             entries.append({"model": name, "image": label, "dir": rel, "error": msg})
+            if lead:
+                print(f"cem-fast: error: {name} on {label}: {msg}", file=sys.stderr)
+                _mark_failed(out_dir / rel, msg)
             continue
         result = entry.pop("_result")  # _run_one cleared the folder's earlier outputs, error.json included
         entries.append(entry)
@@ -165,11 +179,14 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
 
 def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts, rest) -> dict:
     """One model on one image: compute, save, and the report entry (with the result under ``_result``)."""
+    from .distributed import is_lead
     from .pipeline.run import run_cem
     source = _load_cropped(image, rest["crop"], run.max_pixels) if rest.get("crop") else image
     results = run_cem(model, source, rest["task"], None if cfg.roi_grid else cfg.rois, cfg.roi_grid,
                       rest["patches"], run, task_opts, model_name=name, image_name=Path(image).name)
     res = results[0]
+    if not is_lead():  # another rank of a torchrun study: it computed its share, rank 0 writes
+        return {"model": name, "image": label, "dir": rel, "_result": res}
     if "cropped_from" in res.extra:
         h, w = res.extra["cropped_from"]
         print(f"[cem-fast]   note: {label} ({h}x{w}) was cropped to {res.gt.shape[-2]}x"
@@ -239,8 +256,14 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, _with_exact(args))
     report, failed = run_config(cfg, Path(args.out), progress=False if args.no_progress else None,
                                 fresh=args.fresh)
-    print(f"report: {report}")
+    if _lead():
+        print(f"report: {report}")
     return EXIT_FAILED if failed else 0
+
+
+def _lead() -> bool:
+    from .distributed import is_lead
+    return is_lead()
 
 
 def cmd_compare(args) -> int:
@@ -255,6 +278,8 @@ def cmd_compare(args) -> int:
     out = Path(args.out)
     kept: list = []
     report, failed = run_config(cfg, out, progress=False if args.no_progress else None, fresh=args.fresh, keep=kept)
+    if not _lead():  # the other ranks of a torchrun study computed their shares; rank 0 compares and writes
+        return EXIT_FAILED if failed else 0
     by_image: dict[str, list] = {}
     for name, label, folder, res in kept:
         by_image.setdefault((label, folder), []).append((name, res))
@@ -299,12 +324,38 @@ def cmd_demo(args) -> int:
                              "roi": list(DEMO_ROI), "block": 8, "coarse": 3, "fine": args.fine})
             _, n_failed = run_config(cfg, out, progress=False if args.no_progress else None, entries=entries)
             failed += n_failed
-    report = write_report(out, entries, title="cem_fast demo: the shipped denoiser, x4 SR and deraining models")
-    print(f"demo report written in {time.perf_counter() - t0:.1f} s: {report.resolve()}")
+    if _lead():  # under torchrun the ranks shared the runs; rank 0 writes
+        report = write_report(out, entries, title="cem_fast demo: the shipped denoiser, x4 SR and deraining models")
+        print(f"demo report written in {time.perf_counter() - t0:.1f} s: {report.resolve()}")
     return EXIT_FAILED if failed else 0
 
 
 DEMO_ROI = (48, 56, 24)  # on the cat's eye in demo.png (128x128)
+
+
+def cmd_convergence(args) -> int:
+    """The map error of each sampling plan against a high-sample truth (the config's first model, image, ROI)."""
+    from . import convergence
+    from .config import load_config
+    from .models import load_model
+    from .pipeline.options import split_options
+    cfg = load_config(args.config, _with_exact(args))
+    if cfg.multi_roi:
+        raise ValueError("convergence takes one roi, got rois / roi_grid")
+    for name, value in (("--truth", args.truth), ("--seeds", args.seeds)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    run, task_opts, rest = split_options(cfg.options)
+    model, name = load_model(cfg.models[0], scale=task_opts.scale, trust_model_code=run.trust_model_code)
+    opts = {k: getattr(run, k) for k in ("block", "tol", "locality", "precision", "batch_size", "device", "backend",
+                                         "max_pixels")}
+    print(f"[cem-fast] convergence of {name} on {Path(cfg.images[0]).name}: truth with {args.truth} draws per "
+          f"block, then {len(convergence.PLANS)} plans x {args.seeds} seeds ...", file=sys.stderr, flush=True)
+    result = convergence.study(model, cfg.images[0], rest["task"], cfg.roi.as_tuple(), truth_draws=args.truth,
+                               seeds=range(args.seeds), patches=rest["patches"], **opts, **task_opts.as_kwargs())
+    out = convergence.save(result, Path(args.out))
+    print(convergence.table(result) + f"written: {out}")
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -357,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine interventions per gated block (default 20 to keep the demo short; the paper uses 50)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+    v = sub.add_parser("convergence", help="map error of each sampling plan against a high-sample truth")
+    v.add_argument("config", help="YAML config (its first model, image and roi)")
+    v.add_argument("--out", required=True, help="output folder (convergence.json, .md, .png)")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    v.add_argument("--truth", type=int, default=1000, help="draws per block of the truth (default 1000)")
+    v.add_argument("--seeds", type=int, default=3, help="runs of each plan, seeds 0, 1, ... (default 3)")
+    v.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
+    v.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
+    v.set_defaults(func=cmd_convergence)
     i = sub.add_parser("info", help="versions, device, available backends and why others are not")
     i.set_defaults(func=cmd_info)
     return p
@@ -369,6 +429,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.command in ("run", "compare", "demo"):
+            from .distributed import init_from_env
+            init_from_env()  # under torchrun: join the group, each rank takes its share of every run
         return args.func(args)
     except KeyboardInterrupt:
         print("cem-fast: interrupted", file=sys.stderr)
@@ -381,6 +444,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             msg = f"{type(e).__name__}: {msg} (an unexpected error: --debug shows where)"
         print(f"cem-fast: error: {msg}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, ValueError) else EXIT_FAILED
+    finally:
+        if "torch.distributed" in sys.modules:
+            from .distributed import shutdown
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -116,3 +116,20 @@ def test_adaptive_needs_two_coarse_draws_and_budget_needs_adaptive(adaptive_case
         cem_fast.causal_effect_map(mode="adaptive", **{**adaptive_case, "coarse": 1})
     with pytest.raises(ValueError, match="budget applies to mode: adaptive"):
         cem_fast.causal_effect_map(budget=10, **adaptive_case)
+
+
+def test_the_convergence_command_writes_its_table_and_plot(tmp_path, capsys):
+    from importlib import resources
+
+    from cem_fast.cli import main
+    cfg = tmp_path / "c.yml"
+    image = resources.files("cem_fast") / "data" / "demo.png"
+    cfg.write_text(f"model: bicubic\nimages: [{image}]\ntask: SR\nscale: 4\nroi: [48, 56, 16]\n")
+    assert main(["convergence", str(cfg), "--out", str(tmp_path / "out"), "--truth", "30", "--seeds", "1"]) == 0
+    result = json.loads((tmp_path / "out" / "convergence.json").read_text())
+    assert [s["plan"] for s in result["summary"]] == ["coarse-to-fine 3/50", "exhaustive 5", "exhaustive 20",
+                                                      "adaptive 3 + up to 50"]
+    assert result["truth"]["draws"] == 30 and all(s["forwards"] > 0 for s in result["summary"])
+    assert (tmp_path / "out" / "convergence.png").stat().st_size > 1000
+    assert "| coarse-to-fine 3/50 | 1 |" in capsys.readouterr().out
+    assert main(["convergence", str(cfg), "--out", str(tmp_path / "o2"), "--truth", "0"]) == 2  # one line, no run

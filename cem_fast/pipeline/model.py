@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checks import first_line
+from ..distributed import local_device
 from ..models import eval_mode
 from ..tasks import Prepared, Task
 from .precision import precision_mode
@@ -27,17 +28,18 @@ from .runner import is_oom
 
 
 def pick_device(model: nn.Module, device: Optional[Union[str, torch.device]]) -> torch.device:
-    """The requested device; else the model's CUDA device; else CUDA when available; else the CPU."""
+    """The requested device; else the model's CUDA device; else CUDA when available; else the CPU. Under a
+    process group, ``cuda`` without an index is the rank's own GPU (``cuda:LOCAL_RANK``)."""
     if device is not None:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} was requested but this torch has no CUDA device")
-        return dev
+        return local_device(dev)
     for p in model.parameters():
         if p.device.type == "cuda":
             return p.device
         break
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @dataclasses.dataclass(frozen=True)

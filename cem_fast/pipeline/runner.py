@@ -4,7 +4,9 @@ Every batch is written by the fused intervene op into one reused input buffer (t
 the model's memory format) and reduced to ROI squared errors on the device; only the (K, n_rois) scores reach the
 host, by an asynchronous copy into pinned memory read one batch later (:class:`HostCopies`), so the device never
 waits for the host. With a cache every finished batch is stored at once, and a re-run computes only what is
-missing. A batch that runs out of memory is split in halves (and the batch size lowered) until it fits.
+missing. A batch that runs out of memory is split in halves (and the batch size lowered) until it fits. Under a
+``torch.distributed`` process group each rank computes an equal, contiguous slice of what is missing and the
+scores are gathered, so every rank holds them all (:mod:`cem_fast.distributed`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from .. import ops, reference, rng
+from .. import distributed, ops, reference, rng
 from ..cache import RunCache, missing_ranges
 from ..geometry import ROI, rois_finite
 from ..locality import Window
@@ -75,6 +77,7 @@ class Runner:
         target = plan.prep.gt[:, oy:oy + self.win.h * s, ox:ox + self.win.w * s]
         self.score = RoiScorer(target, local_rois, plan.backend)
         self.forwards = self.reused = self.oom_backoffs = 0
+        self.by_rank: Optional[np.ndarray] = None  # interventions each rank computed, under a process group
         self._buffer: Optional[torch.Tensor] = None
         self._window_buffers: dict = {}  # per window shape (intervention-centred windows)
         self._changed: Optional[object] = None  # their scorer, made from the unintervened output on first use
@@ -165,12 +168,33 @@ class Runner:
             scores, done = self.cache.load(stage, n, width, ids)
         else:
             scores, done = np.full((n, width), np.nan), np.zeros(n, dtype=bool)
+        done = distributed.agree_done(stage, done, ids)  # what every rank has: the same on all
         self.reused += int(done.sum())
         if self.bar is not None:
             self.bar.total = max(self.bar.total, self.bar.n + n)  # an unplanned stage (the fp32 re-check)
             self.bar.update(int(done.sum()))
-        _Batches(self, stage, blocks, draws, ids, scores).run(list(missing_ranges(done, self.batch_size))[::-1])
+        todo = np.flatnonzero(~done)
+        start, end = distributed.shard(len(todo))  # this rank's slice of what is missing (all of it alone)
+        skip = np.ones(n, dtype=bool)
+        skip[todo[start:end]] = False
+        _Batches(self, stage, blocks, draws, ids, scores).run(list(missing_ranges(skip, self.batch_size))[::-1])
+        if distributed.world()[1] > 1 and len(todo):
+            self._share(stage, scores, todo)
         return scores
+
+    def _share(self, stage: str, scores: np.ndarray, todo: np.ndarray) -> None:
+        """Under a process group: the other ranks' slices of ``todo`` into ``scores``, and their forwards counted,
+        so that the run's totals are the study's (as in one process)."""
+        rank, size = distributed.world()
+        slices = [distributed.shard(len(todo), r, size) for r in range(size)]
+        start, end = slices[rank]
+        scores[todo] = distributed.gather_scores(scores[todo[start:end]], len(todo), scores.shape[1], stage)
+        counts = np.array([e - s for s, e in slices])
+        self.by_rank = counts if self.by_rank is None else self.by_rank + counts
+        others = len(todo) - (end - start)
+        self.forwards += others
+        if self.bar is not None:
+            self.bar.update(others)
 
     def expect(self, total: int) -> None:
         """The interventions this run will compute in all (the bar's total): never below what is done, so the bar
