@@ -55,8 +55,8 @@ def image_labels(images: list[str]) -> tuple[list[str], list[str]]:
 OUR_TEMPORARY = re.compile(r"^\.(result\.npz|summary\.json|rois\.json|error\.json|meta\.json|report\.html|"
                            r"compare\.html|diff\.(npz|json|png)|[a-z_]+\.png|[A-Za-z0-9._-]+_cem\.png|"
                            r"\d{9}-\d{6}\.npz)\.tmp\d+$")
-RESULT_FILES = ("result.npz", "summary.json", "rois.json", "maps.png", "cem.png", "overlay.png", "pie.png",
-                "gt.png", "input.png", "output.png")
+RESULT_FILES = ("result.npz", "summary.json", "rois.json", "report.html", "maps.png", "cem.png", "overlay.png",
+                "pie.png", "gt.png", "input.png", "output.png")
 
 
 def _clear_outputs(run_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """The result of a CEM run: the map, every sample, statistics, and saving to npz / JSON / PNG."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -246,6 +247,9 @@ class CEMResult:
             summary.update(summary_extra)
         atomic_write(out / "summary.json", lambda f: f.write(json_bytes(summary)))
         plotting.save_pictures(self, out, scale=colours, vector=vector)
+        from .report import write_report  # the page to look at, beside the files (as the CLI's report)
+        write_report(out, [{"model": self.model_name, "image": self.image_name, "dir": ".",
+                            "summary": json.loads(json_bytes(summary))}], title=f"CEM of {self.model_name}")
         return out
 
 
@@ -288,6 +292,9 @@ class CEMResults(list):
         atomic_write(out / "rois.json", lambda f: f.write(json_bytes(summary)))
         if self:
             plotting.save_overlay_grid(self, out / "maps.png", scale=scale)
+            from .report import write_report
+            write_report(out, [{"model": self[0].model_name, "image": self[0].image_name, "dir": ".",
+                                "rois": json.loads(json_bytes(summary))}], title=f"CEMs of {self[0].model_name}")
         return out
 
 

@@ -251,3 +251,22 @@ def test_models_of_one_class_get_distinct_names(rng):
         cem_fast.compare_models([Upsample(0.95), Upsample(0.9)], img, names=["one"], **args)
     same = difference(make_result([[0.0, 0.1]], name="Net"), make_result([[0.0, 0.1]], name="Net"))
     assert (same.name_a, same.name_b) == ("Net", "Net_2")
+
+
+def test_res_save_writes_a_report_page_with_its_pictures(tmp_path):
+    """res.save (one ROI and many) writes report.html beside the files, and every picture it shows exists."""
+    import re
+
+    import cem_fast
+    rng = np.random.RandomState(3)
+    image = rng.randint(0, 256, (48, 48, 3)).astype(np.uint8)
+    one = cem_fast.causal_effect_map("bicubic", image, task="SR", scale=4, roi=(16, 16, 16), coarse=2, fine=2)
+    many = cem_fast.causal_effect_maps("bicubic", image, task="SR", scale=4, rois=[(0, 0, 16), (24, 24, 16)],
+                                       coarse=2, fine=2)
+    for res, folder in ((one, tmp_path / "one"), (many, tmp_path / "many")):
+        res.save(folder)
+        page = (folder / "report.html").read_text()
+        pictures = re.findall(r'<img[^>]+src="([^"]+)"', page)
+        assert pictures, page[:500]
+        for src in pictures:
+            assert (folder / src).is_file(), src
