@@ -304,18 +304,14 @@ def roi_grid_case():
     return demo2()[48:208, 48:208], 32, 1
 
 
-def _grid_maps(benchmark, roi_plan):
-    image, tile, samples = roi_grid_case()
-    return run_cem(benchmark, "ROI grid plan", model="default", image=image, task="DN", roi_grid=tile,
-                   mode="exhaustive", samples=samples, roi_plan=roi_plan)
-
-
 def test_roi_grid_loop_of_single_runs(benchmark):
     image, tile, samples = roi_grid_case()
     benchmark.group = "ROI grid plan"
     rois = cem_fast.reference.roi_grid(image.shape[0], image.shape[1], tile)
-    loop = lambda: [cem_fast.causal_effect_map("default", image, task="DN", roi=r.as_tuple(), mode="exhaustive",  # noqa: E731
-                                               samples=samples, device=DEV, progress=False) for r in rois]
+
+    def loop():
+        return [cem_fast.causal_effect_map("default", image, task="DN", roi=r.as_tuple(), mode="exhaustive",
+                                           samples=samples, device=DEV, progress=False) for r in rois]
     maps = benchmark.pedantic(loop, rounds=1, iterations=1)
     ROWS["grid_loop"] = dict(seconds=benchmark.stats.stats.median if benchmark.stats else None,
                              effects=[m.effect for m in maps])

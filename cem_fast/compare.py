@@ -15,11 +15,11 @@ import numpy as np
 
 from .pipeline.samples import effects
 from .fileio import atomic_write
+from .intervals import Z975
 from .jsonsafe import json_bytes
 from .cli import unique_names
 from .result import CEMResult
 
-Z95 = 1.959963984540054
 
 
 @dataclass
@@ -90,7 +90,7 @@ def difference(a: CEMResult, b: CEMResult) -> MapDifference:
             diff[r, c] = dk.mean() if dk.size else 0.0
             draws[r, c] = dk.size
             if dk.size > 1:
-                half[r, c] = Z95 * dk.std(ddof=1) / np.sqrt(dk.size)
+                half[r, c] = Z975 * dk.std(ddof=1) / np.sqrt(dk.size)
     name_a, name_b = unique_names([a.model_name, b.model_name])  # two maps of one class: "Net - Net_2"
     return MapDifference(name_a, name_b, diff, half, draws, roi_mask=a.roi_mask, tol=float(a.tol))
 

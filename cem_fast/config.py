@@ -4,7 +4,8 @@ Reference keys (mapped): task (SR|DN|DR), sr (scale), TextImg_path + Imagelist (
 ROI_size (roi = (h, w, ROI_size)), mask_block_size (block), coarse_num, fine_num, tol, Modellist (models).
 Reference keys accepted and ignored: prefix, batch_size_dict, load_previous.
 Ours beyond the reference: rois (a list) or roi_grid (a tile size) for many ROIs from one set of forwards,
-locality (auto | off), precision (fp32 | tf32 | bf16 | fp16), input_noise (DN: numpy | counter), batch_size (auto or a number), crop, model_options,
+locality (auto | off), precision (fp32 | tf32 | bf16 | fp16), input_noise (DN: numpy | counter), batch_size (auto or
+a number), crop, model_options,
 plot_scale (auto | paper | a bound in dB: the colour scale of the pictures).
 """
 from __future__ import annotations

@@ -83,9 +83,10 @@ def table(result: dict) -> str:
              f"(outside the ROI, reachable); sign errors where the truth's |CE| >= {BIG_DB} dB.", "",
              "| plan | runs | forwards (mean) | Pearson r | sign errors | MAE (dB) | 95 % CI coverage |",
              "|---|---|---|---|---|---|---|"]
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
     for s in result["summary"]:
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
         lines.append(f"| {s['plan']} | {s['runs']} | {s['forwards']:,.0f} | {f(s['pearson_r'], '.4f')} | "
                      f"{f(s['sign_errors'], '.2f')} of {s['big_blocks']} | {f(s['mae_db'], '.4f')} | "
                      f"{f(s['coverage'], '.3f')} |")

@@ -156,9 +156,9 @@ def causal_effect_maps(
     Returns:
         :class:`CEMResults`, one :class:`CEMResult` per ROI, in order.
     """
-    run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, mode=mode, samples=samples, budget=budget,
-                     locality=locality, roi_plan=roi_plan, windows=windows, precision=precision, batch_size=batch_size, device=device, backend=backend,
-                     compile=compile, progress=progress, cache=cache, fresh=fresh, max_pixels=max_pixels,
-                     trust_model_code=trust_model_code)
+    run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, mode=mode, samples=samples,
+                     budget=budget, locality=locality, roi_plan=roi_plan, windows=windows, precision=precision,
+                     batch_size=batch_size, device=device, backend=backend, compile=compile, progress=progress,
+                     cache=cache, fresh=fresh, max_pixels=max_pixels, trust_model_code=trust_model_code)
     return run_cem(model, image, task, rois, roi_grid, patches, run, TaskOptions.of(**task_options),
                    model_name=model_name, image_name=image_name)

@@ -240,7 +240,8 @@ class CEMResult:
                                                          ci_low=low, ci_high=high, decided=self.decided())
         atomic_write(out / "result.npz", lambda f: np.savez_compressed(
             f, **spread, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
-            samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable, psnr_origin=np.float64(self.psnr_origin),
+            samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable,
+            psnr_origin=np.float64(self.psnr_origin),
             roi=np.array(self.roi.as_tuple()), block=np.int64(self.block), scale=np.int64(self.scale)))
         summary = {**self.summary(), "display_scale": colours.as_dict()}
         if summary_extra:

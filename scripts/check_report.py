@@ -127,7 +127,8 @@ def build_demo(out: Path) -> list[Path]:
 
 
 def _cli(*args: str) -> None:
-    p = subprocess.run([sys.executable, "-m", "cem_fast.cli", *args], capture_output=True, text=True, timeout=900, check=False)
+    p = subprocess.run([sys.executable, "-m", "cem_fast.cli", *args], capture_output=True, text=True, timeout=900,
+                       check=False)
     if p.returncode != 0:
         raise RuntimeError(f"cem-fast {' '.join(args)} failed: {p.stderr.strip()[-800:]}")
 

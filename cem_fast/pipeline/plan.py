@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed, ops, reference, rng
+from .. import checks, distributed, ops, reference
 from ..cache import RunCache, digest_bytes, run_key
 from ..geometry import ROI, BlockGrid, RoiLike
 from ..images import ImageLike, load_image
@@ -27,7 +27,8 @@ from ..models import load_model, model_code_digest, model_digest
 from ..patches import PatchBank, load_patch_bank
 from ..tasks import Prepared, Task, make_task
 from .model import ModelForward, auto_batch_size, pick_device, place_model, unintervened_output
-from .options import DRAW_STRIDE, RunOptions, TaskOptions
+from .options import RunOptions, TaskOptions
+from .runner import draw_patches
 from .samples import check_sample_memory
 
 DRAWS_VERSION = "hash-v1"  # how (seed, block, draw) map to patches and noise; part of the cache key
@@ -89,8 +90,7 @@ def parse_rois(rois, roi_grid: Optional[int], out_h: int, out_w: int) -> list[RO
     if rois is None and roi_grid is None:
         raise ValueError(NO_ROIS)
     if roi_grid is not None:
-        if not isinstance(roi_grid, (int, np.integer)) or isinstance(roi_grid, bool) or roi_grid < 1:
-            raise ValueError(f"roi_grid must be a positive integer, got {roi_grid!r}")
+        checks.integer("roi_grid", roi_grid, 1)
         parsed = reference.roi_grid(out_h, out_w, int(roi_grid))
         if not parsed:
             raise ValueError(f"roi_grid {roi_grid} px must fit inside the {out_h}x{out_w} output")
@@ -134,8 +134,7 @@ def prepare(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Tas
 def verification_inputs(plan: RunPlan, block_ids: np.ndarray, window: Window) -> torch.Tensor:
     """Draw 0 of each block in ``block_ids``, written into crops of ``window``: what locality verifies with."""
     b = torch.from_numpy(block_ids).to(plan.device)
-    ids = b * DRAW_STRIDE
-    pidx = rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
+    ids, pidx = draw_patches(plan, b, torch.zeros_like(b))
     return plan.task.intervene(plan.prep, plan.bank_in, pidx, b, ids, plan.seed, plan.backend, window=window)
 
 
@@ -231,7 +230,8 @@ def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any
         "input": digest_bytes(prep.base.cpu().numpy().tobytes(), str(tuple(prep.base.shape)).encode()),
         "task": plan.task.describe(), "rois": [r.as_tuple() for r in plan.rois], "block": o.block,
         "bank": plan.bank_digest, "seed": plan.seed, "coarse": coarse, "fine": fine, "tol": float(o.tol),
-        "mode": o.mode, **({"budget": o.budget} if o.mode == "adaptive" else {}), "locality": o.locality, "window": window.as_list() if window else None,
+        "mode": o.mode, **({"budget": o.budget} if o.mode == "adaptive" else {}), "locality": o.locality,
+        "window": window.as_list() if window else None,
         "precision": o.precision, "draws": DRAWS_VERSION, **({"compile": str(o.compile)} if o.compile else {}),
         **({"windows": "intervention-centred"} if plan.windows is not None else {}),
         "model_name": plan.name, "image": plan.image_name,

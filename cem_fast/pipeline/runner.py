@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from .plan import RunPlan
 
 
+def draw_patches(plan: "RunPlan", blocks: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intervention ids, patch indices) of interventions (blocks[k], draws[k]): keyed by (seed, block, draw)."""
+    ids = blocks * DRAW_STRIDE + draws
+    return ids, rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
+
+
 def is_oom(e: BaseException) -> bool:
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
@@ -113,8 +119,7 @@ class Runner:
         p = self.plan
         if p.windows is not None:
             return self._window_scores(blocks, draws)
-        ids = blocks * DRAW_STRIDE + draws
-        patch_idx = rng.patch_draws(p.options.seed, ids, p.bank_in.shape[0])
+        ids, patch_idx = draw_patches(p, blocks, draws)
         out_buf = self._input_buffer(len(blocks)) if p.task.supports_windows else None
         inputs = p.task.intervene(p.prep, p.bank_in, patch_idx, blocks, ids, p.options.seed, p.backend,
                                   window=p.locality.window, out=out_buf)

@@ -256,8 +256,8 @@ def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.n
     samples = Samples(run, got_coarse, run, fine, gated, flat_reach, np.asarray(psnr_origin, np.float64), drawn,
                       pooled=True)
     spent, rounds = 0, 0
+    gated[:, run] = flat_reach[:, run]  # while drawing, _pooled reads every reachable block with its draws so far
     while True:
-        gated[:, run] = flat_reach[:, run]  # _pooled reads every reachable block, with its draws so far
         undecided = np.zeros(len(run), dtype=bool)
         width = np.zeros(len(run))
         for j in range(n):

@@ -24,7 +24,6 @@ import torch
 
 from ..locality import VERIFY_TOL, Window
 from ..reference import psnr_from_sq_err, quantize_output
-from .options import DRAW_STRIDE
 
 if TYPE_CHECKING:
     from .plan import RunPlan
@@ -52,11 +51,9 @@ class BlockWindows:
     changed: np.ndarray
     spread: Spread
 
-    def __post_init__(self):
-        self._row = {int(b): i for i, b in enumerate(self.blocks)}
-
     def rows(self, blocks: np.ndarray) -> np.ndarray:
-        return np.array([self._row[int(b)] for b in blocks], dtype=np.int64)
+        """Rows of ``blocks`` in the tables (``self.blocks`` is sorted: it comes from flatnonzero)."""
+        return np.searchsorted(self.blocks, blocks)
 
     def shape_key(self, blocks: np.ndarray) -> np.ndarray:
         """(n,) an integer per window shape: blocks with equal keys batch together."""
@@ -173,9 +170,8 @@ class ChangedRegionScorer:
 def windows_inputs(plan: "RunPlan", windows: BlockWindows, blocks: torch.Tensor, draws: torch.Tensor,
                    rows: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The interventions (blocks[k], draws[k]) written into their own windows (one shape for all of ``rows``)."""
-    from .. import rng
-    ids = blocks * DRAW_STRIDE + draws
-    patch_idx = rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
+    from .runner import draw_patches
+    ids, patch_idx = draw_patches(plan, blocks, draws)
     v = windows.inputs[rows]
     origins = torch.from_numpy(v[:, :2].copy()).to(plan.device)
     return plan.task.intervene(plan.prep, plan.bank_in, patch_idx, blocks, ids, plan.seed, plan.backend,
@@ -221,6 +217,7 @@ def verify_windows(plan: "RunPlan", windows: BlockWindows, region: Window) -> fl
     """Largest |output on C_b from V_b - output on C_b from the crop| over a few blocks (the reach's corners and
     one inside a ROI), draw 0 of each."""
     from ..locality import _verification_blocks
+    from .plan import verification_inputs
     s = plan.task.scale
     reach_any = plan.locality.reach.any(0)
     picks = _verification_blocks(reach_any, VERIFY_WINDOW_BLOCKS, plan.grid.cols)
@@ -230,11 +227,7 @@ def verify_windows(plan: "RunPlan", windows: BlockWindows, region: Window) -> fl
         blocks = torch.tensor([int(b)], device=plan.device)
         draws = torch.zeros(1, dtype=torch.int64, device=plan.device)
         own = plan.forward(windows_inputs(plan, windows, blocks, draws, row))
-        ids = blocks * DRAW_STRIDE
-        from .. import rng
-        pidx = rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
-        crop = plan.forward(plan.task.intervene(plan.prep, plan.bank_in, pidx, blocks, ids, plan.seed, plan.backend,
-                                                window=region))
+        crop = plan.forward(verification_inputs(plan, np.array([int(b)], dtype=np.int64), region))
         vy, vx = int(windows.inputs[row[0], 0]) * s, int(windows.inputs[row[0], 1]) * s
         for y0, x0, y1, x1 in windows.changed[row[0]]:
             if y0 >= y1 or x0 >= x1:
