@@ -292,42 +292,52 @@ def test_pipeline(benchmark, case):
         benchmark.extra_info["pearson_vs_plain"] = float(np.corrcoef(res.cem.ravel(), plain["cem"].ravel())[0, 1])
 
 
-# ---- a ROI grid whose union is the whole image: one shared pass, one run per ROI, the loop of single runs --------
+# ---- a ROI grid whose union is the whole image: one shared pass against the loop of single runs -----------------
+
+GRID_MODES = {"exhaustive": dict(mode="exhaustive", samples=1), "coarse-to-fine": dict(coarse=1, fine=2)}
+
 
 def roi_grid_case():
-    """(image, tile, samples) with the shipped DnCNN (receptive field 12 px): ROIs far apart, their union the whole
-    image, so the shared pass runs every block on the whole input while each single run has a small crop."""
+    """(image, tile, model): issue 14's case, demo_2 (256x256) in 64 ROIs of 32 px with the shipped DnCNN (receptive
+    field 20 px), whose union is the whole image: the shared pass runs every block, each single run a 72x72 crop.
+    One draw per block (two more where gated): the loop of 64 single runs is minutes on 2 cores."""
     if SIZE == "ci":
-        return demo2()[96:160, 64:128], 32, 1
-    if DEV == "cuda":
-        return demo2(), 32, 3
-    return demo2()[48:208, 48:208], 32, 1
+        return demo2()[96:160, 64:128], 32, "default"
+    return demo2(), 32, DNCNN
 
 
-def test_roi_grid_loop_of_single_runs(benchmark):
-    image, tile, samples = roi_grid_case()
-    benchmark.group = "ROI grid plan"
+@pytest.mark.parametrize("mode", list(GRID_MODES))
+def test_roi_grid_loop_of_single_runs(benchmark, mode):
+    image, tile, model = roi_grid_case()
+    benchmark.group = f"ROI grid plan: {mode}"
     rois = cem_fast.reference.roi_grid(image.shape[0], image.shape[1], tile)
 
     def loop():
-        return [cem_fast.causal_effect_map("default", image, task="DN", roi=r.as_tuple(), mode="exhaustive",
-                                           samples=samples, device=DEV, progress=False) for r in rois]
+        return [cem_fast.causal_effect_map(model, image, task="DN", roi=r.as_tuple(), patches=BANK, device=DEV,
+                                           progress=False, **GRID_MODES[mode]) for r in rois]
     maps = benchmark.pedantic(loop, rounds=1, iterations=1)
-    ROWS["grid_loop"] = dict(seconds=benchmark.stats.stats.median if benchmark.stats else None,
-                             effects=[m.effect for m in maps])
-    benchmark.extra_info.update(rois=len(rois), forwards=sum(m.num_forwards for m in maps))
+    ROWS[f"grid_loop_{mode}"] = dict(seconds=benchmark.stats.stats.median if benchmark.stats else None,
+                                     effects=[m.effect for m in maps])
+    benchmark.extra_info.update(rois=len(rois), forwards=sum(m.num_forwards for m in maps),
+                                probe_forwards=sum(m.extra["locality"]["probe_forwards"] for m in maps))
 
 
-@pytest.mark.parametrize("plan", ["shared-crop", "per-roi-crop", "auto"])
-def test_roi_grid_plans(benchmark, plan):
-    """shared-crop: every intervention on the union's crop (the whole image here); per-roi-crop: one run per ROI
-    on its crop; auto (the default): one shared pass with windows of their own."""
+def grid_plans():
+    """shared-crop: every intervention on the union's crop (the whole image); per-roi-crop: one run per ROI on its
+    crop (the loop, inside one call); auto (the default): one shared pass with windows of their own. The first two
+    only at the CI size: on the full case shared-crop alone is minutes."""
+    plans = ["shared-crop", "per-roi-crop", "auto"] if SIZE == "ci" else ["auto"]
+    return [(mode, plan) for mode in GRID_MODES for plan in plans]
+
+
+@pytest.mark.parametrize("mode,plan", grid_plans())
+def test_roi_grid_plans(benchmark, mode, plan):
     opts = {"shared-crop": dict(roi_plan="shared", windows="crop"),
             "per-roi-crop": dict(roi_plan="per-roi", windows="crop"), "auto": {}}[plan]
-    image, tile, samples = roi_grid_case()
-    maps = run_cem(benchmark, "ROI grid plan", model="default", image=image, task="DN", roi_grid=tile,
-                   mode="exhaustive", samples=samples, **opts)
-    loop = ROWS.get("grid_loop") or {}
+    image, tile, model = roi_grid_case()
+    maps = run_cem(benchmark, f"ROI grid plan: {mode}", model=model, image=image, task="DN", roi_grid=tile,
+                   patches=BANK, **GRID_MODES[mode], **opts)
+    loop = ROWS.get(f"grid_loop_{mode}") or {}
     per_roi = maps[0].extra["plan"]["rois"]["chosen"] == "per-roi"
     benchmark.extra_info.update(plan=maps[0].extra["plan"]["rois"], windows=maps[0].extra["plan"]["windows"],
                                 forwards=sum(m.num_forwards for m in maps) if per_roi else maps[0].num_forwards)

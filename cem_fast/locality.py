@@ -19,6 +19,13 @@ model with a bounded receptive field both sets are small and found by *structura
    to 4 px. A model that needs its input grid kept (windowed attention, downsampling) fails verification (b)
    on that crop and gets the block-aligned one (summary.json: tight_crop_refused).
 
+Many ROIs (a grid, say) probe one block instead: NaN in the block nearest the union's centre shows how far a
+block's change reaches (its spread); every ROI's reach follows (the blocks whose footprint grown by the spread
+meets it), and each is verified as in 2(a) in a window of its own (its reach and a ring of blocks at least as
+wide as the spread). That costs a few small forwards and one window per ROI instead of a forward of the whole
+union per block row and column, and one per ROI for 2(a); a model that does not treat every block alike fails
+the verification and gets the union's probe (summary.json: block_spread_refused).
+
 Models with global paths (global pooling, channel attention, full attention) reach the window's edge every time;
 the window grows to the whole image and nothing is skipped or cropped. A model that hides NaN, fails on crops
 or changes the output size is run without locality, and the reason is reported.
@@ -172,6 +179,22 @@ def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: S
 
 def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
                       full_output: Optional[torch.Tensor]) -> LocalityPlan:
+    refused = None
+    if len(rois) > 1:
+        try:
+            return _plan_from_block_spread(prober, grid, rois, precision, interventions, verify_blocks,
+                                           full_output)
+        except _NoLocality as e:  # not translation-invariant, or reaching the image's edge: probe the union
+            refused = str(e)
+    plan = _plan_from_union_probe(prober, grid, rois, precision, interventions, verify_blocks, full_output)
+    if len(rois) > 1:
+        plan.info["reach_from"] = "the union's row and column probe"
+        plan.info["block_spread_refused"] = refused
+    return plan
+
+
+def _plan_from_union_probe(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
+                           full_output: Optional[torch.Tensor]) -> LocalityPlan:
     b = grid.block
     ra, rb = min(r.y // b for r in rois), max((r.y + r.height - 1) // b for r in rois)
     ca, cb = min(r.x // b for r in rois), max((r.x + r.width - 1) // b for r in rois)
@@ -200,18 +223,144 @@ def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, interve
     reach = np.zeros((len(rois), grid.rows, grid.cols), bool)
     for j in range(len(rois)):
         reach[j, r0:r1, c0:c1] = np.outer(rows[j], cols[j])
-    any_r, any_c = rows.any(0), cols.any(0)
-    rr = np.flatnonzero(any_r) + r0
-    cc = np.flatnonzero(any_c) + c0
-    block_crop = prober.window_of_blocks(int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1)
-    tight = _tight_crop(prober, grid, block_crop)
     whole = Window(0, 0, grid.in_h, grid.in_w)
     reference = whole if full_output is not None else win
     info = {"mode": "auto", "windows_are": "[y, x, height, width] in input pixels", "probe_rounds": rounds,
             "probe_window": win.as_list(),
             "verified_against": "full input" if reference == whole else f"probe window {win.as_list()}"}
-    reference_output = full_output if reference == whole else None
     _verify_reach(prober, grid, rois, reach, reference)
+    return _crop_and_verify(prober, grid, rois, reach, reference, info, precision, interventions, verify_blocks,
+                            full_output, tighten_whole=True)
+
+
+def _plan_from_block_spread(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
+                            full_output: Optional[torch.Tensor]) -> LocalityPlan:
+    """Many ROIs: how far a change of one block reaches (NaN in it) gives every ROI's reach at once, for a model
+    that treats every block alike; each ROI's reach is then verified in a window of its own (NaN in a ring of
+    blocks around it must not reach it). A few small forwards plus one window per ROI, where the union's probe
+    costs one forward of the whole union per block row and column, and its verification one per ROI."""
+    spread, rounds, probe_window = _block_spread(prober, grid, rois)
+    reach = _reach_from_spread(grid, rois, spread)
+    ring = max(1, -(-max(spread) // grid.block))  # at least as wide as the spread itself
+    windows = _verify_reach_locally(prober, grid, rois, reach, ring)
+    whole = Window(0, 0, grid.in_h, grid.in_w)
+    if full_output is not None:
+        reference = whole
+    else:  # the union of the ROIs' verification windows
+        ys, xs = windows[:, 0], windows[:, 1]
+        y1, x1 = (windows[:, 0] + windows[:, 2]).max(), (windows[:, 1] + windows[:, 3]).max()
+        reference = Window(int(ys.min()), int(xs.min()), int(y1 - ys.min()), int(x1 - xs.min()))
+    info = {"mode": "auto", "windows_are": "[y, x, height, width] in input pixels",
+            "reach_from": "one block's spread, verified per ROI", "block_spread_px": list(spread),
+            "probe_rounds": rounds, "probe_window": probe_window.as_list(), "verify_ring_blocks": ring,
+            "verified_against": "full input" if reference == whole else f"the ROIs' windows {reference.as_list()}"}
+    return _crop_and_verify(prober, grid, rois, reach, reference, info, precision, interventions, verify_blocks,
+                            full_output, tighten_whole=False)
+
+
+def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, int, int, int], int, Window]:
+    """NaN in the block nearest the centre of the ROIs' union: how far the NaN outputs reach beyond the block's
+    output footprint (up, down, left, right, output px), the probe rounds and the last probe window. The window
+    grows (margin doubled) while the NaN reaches its edge."""
+    g, s, ib = grid, grid.scale, grid.in_block
+    cy = (min(r.y for r in rois) + max(r.y + r.height for r in rois)) // 2
+    cx = (min(r.x for r in rois) + max(r.x + r.width for r in rois)) // 2
+    rc, cc = min(cy // g.block, g.rows - 1), min(cx // g.block, g.cols - 1)
+    margin, rounds = INITIAL_MARGIN_BLOCKS, 0
+    while True:
+        r0, r1, c0, c1 = max(0, rc - margin), min(g.rows, rc + margin + 1), max(0, cc - margin), \
+            min(g.cols, cc + margin + 1)
+        win = prober.window_of_blocks(r0, r1, c0, c1)
+        if win.h * win.w > PROBE_MAX_INPUT_PX:
+            raise _NoLocality(f"one block's change reaches beyond a {win.h}x{win.w} input window")
+        by0, by1 = _block_span(rc, ib, g.in_h)
+        bx0, bx1 = _block_span(cc, ib, g.in_w)
+        inp = win.crop(prober.base).unsqueeze(0).clone()
+        inp[:, :, by0 - win.y:by1 - win.y, bx0 - win.x:bx1 - win.x] = float("nan")
+        out = prober.forward(inp)
+        prober.forwards += 1
+        rounds += 1
+        want = (1, inp.shape[1], win.h * s, win.w * s)
+        if tuple(out.shape) != want:
+            raise _NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, expected {want}")
+        bad = (~torch.isfinite(out)).any(1)[0]
+        ys, xs = torch.nonzero(bad.any(1)).flatten(), torch.nonzero(bad.any(0)).flatten()
+        if not len(ys):
+            raise _NoLocality("NaN put into a block reaches no output: the model hides NaN")
+        y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+        H, W = bad.shape
+        sides = [(y0 == 0, r0 > 0), (y1 == H, r1 < g.rows), (x0 == 0, c0 > 0), (x1 == W, c1 < g.cols)]
+        if any(at and inside for at, inside in sides):
+            margin *= 2
+            continue
+        if any(at for at, _ in sides):
+            raise _NoLocality("one block's change reaches the image's edge")
+        break
+    oy, ox = win.y * s, win.x * s
+    spread = (by0 * s - (oy + y0), (oy + y1) - by1 * s, bx0 * s - (ox + x0), (ox + x1) - bx1 * s)
+    return tuple(max(0, int(v)) for v in spread), rounds, win
+
+
+def _reach_from_spread(grid: BlockGrid, rois, spread) -> np.ndarray:
+    """(n_rois, rows, cols): the blocks whose output footprint grown by ``spread`` meets each ROI."""
+    up, down, left, right = spread
+    g, s, ib = grid, grid.scale, grid.in_block
+    r, c = np.arange(g.rows), np.arange(g.cols)
+    oy0, oy1 = r * ib * s - up, np.minimum((r + 1) * ib, g.in_h) * s + down
+    ox0, ox1 = c * ib * s - left, np.minimum((c + 1) * ib, g.in_w) * s + right
+    q = np.array([[x.y, x.x, x.y + x.height, x.x + x.width] for x in rois])
+    rows = (oy0[None] < q[:, 2:3]) & (oy1[None] > q[:, 0:1])
+    cols = (ox0[None] < q[:, 3:4]) & (ox1[None] > q[:, 1:2])
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def _verify_reach_locally(prober: _Prober, grid: BlockGrid, rois, reach: np.ndarray, ring: int) -> np.ndarray:
+    """Each ROI on its reach grown by ``ring`` blocks, with NaN in every block of that window outside its reach:
+    the ROI must stay finite. ROIs whose windows have one shape run as one batch. Returns the windows (n, 4)."""
+    g, s, ib = grid, grid.scale, grid.in_block
+    spans, windows = [], []
+    for j in range(len(rois)):
+        rr, cc = np.flatnonzero(reach[j].any(1)), np.flatnonzero(reach[j].any(0))
+        span = (max(0, int(rr[0]) - ring), min(g.rows, int(rr[-1]) + 1 + ring),
+                max(0, int(cc[0]) - ring), min(g.cols, int(cc[-1]) + 1 + ring))
+        spans.append(span)
+        windows.append(prober.window_of_blocks(*span).as_list())
+    windows = np.array(windows, dtype=np.int64)
+    shapes = windows[:, 2] * 1_000_003 + windows[:, 3]
+    for key in np.unique(shapes):
+        group = np.flatnonzero(shapes == key)
+        for i in range(0, len(group), prober.batch_size):
+            part = group[i:i + prober.batch_size]
+            inputs = []
+            for j in part:
+                r0, r1, c0, c1 = spans[j]
+                y, x, h, w = (int(v) for v in windows[j])
+                outside = torch.from_numpy(~reach[j, r0:r1, c0:c1])
+                mask = outside.repeat_interleave(ib, 0).repeat_interleave(ib, 1)[:h, :w].to(prober.base.device)
+                inputs.append(prober.base[:, y:y + h, x:x + w].masked_fill(mask, float("nan")))
+            out = prober.forward(torch.stack(inputs))
+            prober.forwards += len(part)
+            h, w = (int(v) for v in windows[part[0], 2:])
+            if tuple(out.shape[-2:]) != (h * s, w * s):
+                raise _NoLocality(f"the model's output on a {h}x{w} crop is {tuple(out.shape)}")
+            for k, j in enumerate(part):
+                q, oy, ox = rois[j], int(windows[j, 0]) * s, int(windows[j, 1]) * s
+                roi_out = out[k, :, q.y - oy:q.y - oy + q.height, q.x - ox:q.x - ox + q.width]
+                if not bool(torch.isfinite(roi_out).all()):
+                    raise _NoLocality(f"NaN from outside the reach that one block's spread predicts reached ROI "
+                                      f"{int(j)}: the model does not treat every block alike")
+    return windows
+
+
+def _crop_and_verify(prober: _Prober, grid: BlockGrid, rois, reach: np.ndarray, reference: Window, info: dict,
+                     precision, interventions, verify_blocks, full_output, tighten_whole: bool) -> LocalityPlan:
+    """The crop of the verified reach (pixel-tight, unless it is the whole input and not ``tighten_whole``),
+    checked against ``reference``."""
+    rr, cc = np.flatnonzero(reach.any((0, 2))), np.flatnonzero(reach.any((0, 1)))
+    block_crop = prober.window_of_blocks(int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1)
+    whole = Window(0, 0, grid.in_h, grid.in_w)
+    tight = _tight_crop(prober, grid, block_crop) if tighten_whole or block_crop != whole else block_crop
+    reference_output = full_output if reference == whole else None
     # the pixel-tight crop first; a model that needs its input grid kept (windowed attention, downsampling) gets
     # the block-aligned one
     for crop in ([tight] if tight == block_crop else [tight, block_crop]):

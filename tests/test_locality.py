@@ -103,6 +103,69 @@ def test_a_far_dependency_is_found_and_kept():
     assert plan.window.as_list() == [0, 0, 24, 48]
 
 
+class Lopsided(torch.nn.Module):
+    """Reads 3 px up and left, 1 px down and right of each output pixel: a spread that differs per side."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 5)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x):
+        return x + 0.1 * self.conv(torch.nn.functional.pad(x, (3, 1, 3, 1)))
+
+
+class Upscale2(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = ConvStack(3)
+
+    def forward(self, x):
+        return self.body(torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic"))
+
+
+GRID_16 = [(y, x, 16) for y in range(0, 80, 16) for x in range(0, 96, 16)]
+
+
+@pytest.mark.parametrize("model,scale,rois", [
+    (ConvStack(2), 1, GRID_16),
+    (ConvStack(3, 3), 1, GRID_16),                             # radius 9: reaches a block further
+    (Lopsided(), 1, [(0, 0, 8), (40, 44, 8, 16), (72, 88, 8)]),  # corners and a ROI off the block grid
+    (Upscale2(), 2, [(16, 24, 16), (100, 140, 24, 16), (144, 176, 16)]),
+])
+def test_many_rois_take_their_reach_from_one_block_and_equal_their_single_probes(model, scale, rois):
+    shape = (80, 96)
+    many, grid = probe(model, shape, 8, rois, scale=scale)
+    assert many.info["reach_from"] == "one block's spread, verified per ROI", many.info
+    for j, roi in enumerate(rois):
+        single, _ = probe(model, shape, 8, [roi], scale=scale)
+        assert np.array_equal(many.reach[j], single.reach[0]), (j, roi)
+
+
+def test_the_block_spread_costs_a_window_per_roi_not_the_union_per_block_row(monkeypatch):
+    import cem_fast.locality as locality
+    fast, _ = probe(ConvStack(2), (160, 160), 8, [(y, x, 16) for y in range(0, 160, 16) for x in range(0, 160, 16)])
+
+    def refuse(*args, **kwargs):
+        raise locality._NoLocality("refused by the test")
+    monkeypatch.setattr(locality, "_plan_from_block_spread", refuse)
+    union, _ = probe(ConvStack(2), (160, 160), 8, [(y, x, 16) for y in range(0, 160, 16) for x in range(0, 160, 16)])
+    assert union.info["block_spread_refused"] == "refused by the test"
+    assert np.array_equal(fast.reach, union.reach) and fast.window == union.window
+    # 100 ROIs: a window of 8x8 blocks at most each, against 40 probe rows/columns and 100 verifications of 160x160
+    assert fast.info["probe_forwards"] <= 100 + 4 and union.info["probe_forwards"] >= 140
+
+
+def test_a_model_that_treats_blocks_differently_gets_the_union_probe():
+    """FarCorner reads the top-left corner of whatever input it is given: NaN in a ROI's verification window
+    (its corner) reaches the ROI, so the union is probed and finds the corner block."""
+    plan, grid = probe(FarCorner(), (40, 96), 8, [(16, 40, 8), (24, 72, 8)])
+    assert "does not treat every block alike" in plan.info["block_spread_refused"]
+    assert plan.info["reach_from"] == "the union's row and column probe"
+    assert plan.reach[0, 0, 0] and plan.reach[1, 0, 0] and plan.reach[0, 2, 5] and plan.reach[1, 3, 9]
+
+
 @pytest.fixture
 def bank(rng):
     return PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
