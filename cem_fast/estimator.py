@@ -97,6 +97,7 @@ def causal_effect_maps(
     locality: str = "auto",
     roi_plan: str = "auto",
     windows: str = "auto",
+    incremental: str = "auto",
     precision: str = "fp32",
     compile: Union[bool, str] = False,
     mode: str = "coarse-to-fine",
@@ -131,6 +132,11 @@ def causal_effect_maps(
             window that determines the part of the ROIs it can change, its ROI error composed exactly from the
             unintervened one (:mod:`cem_fast.pipeline.windows`; verified per run, else the crop, and
             ``summary.json: locality.windows`` says why); "crop": every intervention on the ROIs' crop.
+        incremental: "auto" (default): where locality is verified and the model is made of supported ops (same-
+            padded stride-1 convolutions, pointwise activations and batch norm, residual sums; scale 1), each
+            intervention recomputes layer by layer only what it changes, from the unintervened activations
+            (:mod:`cem_fast.pipeline.incremental`; checked per run against the crop, else the windows, and
+            ``summary.json: locality.incremental`` says why); "off": the windows or the crop.
         precision: "fp32" (default; TF32 off), "tf32", "bf16" or "fp16" (autocast); reduced precision is checked
             against fp32 on a sample of blocks and reported (``summary.json: precision_check``).
         compile: run the model through ``torch.compile`` (True: mode "reduce-overhead", i.e. CUDA graphs, on CUDA
@@ -157,7 +163,8 @@ def causal_effect_maps(
         :class:`CEMResults`, one :class:`CEMResult` per ROI, in order.
     """
     run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, mode=mode, samples=samples,
-                     budget=budget, locality=locality, roi_plan=roi_plan, windows=windows, precision=precision,
+                     budget=budget, locality=locality, roi_plan=roi_plan, windows=windows, incremental=incremental,
+                     precision=precision,
                      batch_size=batch_size, device=device, backend=backend, compile=compile, progress=progress,
                      cache=cache, fresh=fresh, max_pixels=max_pixels, trust_model_code=trust_model_code)
     return run_cem(model, image, task, rois, roi_grid, patches, run, TaskOptions.of(**task_options),

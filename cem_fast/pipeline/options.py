@@ -22,6 +22,7 @@ InputNoise = Literal["numpy", "counter"]
 RainPreset = Literal["small", "medium", "large", "random"]
 RoiPlan = Literal["auto", "shared", "per-roi"]
 Windows = Literal["auto", "crop"]
+Incremental = Literal["auto", "off"]
 
 MODES: tuple = get_args(Mode)
 LOCALITY: tuple = get_args(Locality)
@@ -33,6 +34,7 @@ INPUT_NOISES: tuple = get_args(InputNoise)
 RAIN_PRESETS: tuple = get_args(RainPreset)
 ROI_PLANS: tuple = get_args(RoiPlan)
 WINDOWS: tuple = get_args(Windows)
+INCREMENTAL: tuple = get_args(Incremental)
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger inputs are refused unless max_pixels is raised (memory grows with it)
 DRAW_STRIDE = checks.MAX_DRAWS  # intervention id = block * DRAW_STRIDE + draw index
@@ -91,6 +93,7 @@ class RunOptions:
     locality: Locality = "auto"
     roi_plan: RoiPlan = "auto"
     windows: Windows = "auto"
+    incremental: Incremental = "auto"
     precision: Precision = "fp32"
     batch_size: Union[int, str, None] = "auto"
     device: Optional[str] = None
@@ -109,6 +112,7 @@ class RunOptions:
         checks.choice("locality", self.locality, LOCALITY)
         checks.choice("roi_plan", self.roi_plan, ROI_PLANS)
         checks.choice("windows", self.windows, WINDOWS)
+        checks.choice("incremental", self.incremental, INCREMENTAL)
         checks.choice("precision", self.precision, PRECISIONS)
         if self.mode == "exhaustive":
             checks.integer("samples", self.fine if self.samples is None else self.samples, 1)

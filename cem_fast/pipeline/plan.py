@@ -69,6 +69,7 @@ class RunPlan:
     marks: dict = field(default_factory=dict)
     progress: bool = False  # progress bar and one-line messages on stderr
     windows: Optional[Any] = None  # BlockWindows when interventions run on windows of their own
+    incremental: Optional[Any] = None  # IncrementalPlan when interventions are recomputed layer by layer
 
     def say(self, message: str) -> None:
         """A line on stderr while the run goes on (only with progress: scripts and tests stay quiet)."""
@@ -163,6 +164,11 @@ def plan_sampling(plan: RunPlan) -> RunPlan:
     if use_locality:
         from .windows import plan_windows
         plan.locality.info["windows"] = plan_windows(plan)
+        from .incremental import plan_incremental
+        plan.locality.info["incremental"] = plan_incremental(plan)
+    else:
+        plan.locality.info["incremental"] = {"used": False, "reason": "locality was not verified: "
+                                             + plan.locality.info["reason"]}
     _open_cache(plan)
     coarse, fine = o.stages
     n = len(plan.rois)
@@ -182,7 +188,8 @@ def forward_budget(plan: RunPlan) -> dict[str, Any]:
     return {"blocks": blocks, "of_blocks": grid.num_blocks, "coarse_forwards": blocks * coarse,
             "fine_forwards_at_most": blocks * fine, "input_px_per_forward": int(per_forward),
             "input_shape": [int(h), int(w)], "batch_size": plan.batch_size,
-            "windows": "intervention-centred" if plan.windows is not None else "crop"}
+            "windows": "intervention-centred" if plan.windows is not None else "crop",
+            "incremental": plan.incremental is not None}
 
 
 def budget_line(b: dict, n_rois: int) -> str:
@@ -190,6 +197,8 @@ def budget_line(b: dict, n_rois: int) -> str:
     h, w = b["input_shape"]
     on = f"{h}x{w} input px" if b["windows"] == "crop" else \
         f"windows of their own ({b['input_px_per_forward']:,} input px on average, the crop {h}x{w})"
+    if b.get("incremental"):
+        on = "their changed rectangles, layer by layer"
     return (f"plan: {b['blocks']:,} of {b['of_blocks']:,} blocks can reach the {n_rois} ROI"
             f"{'s' if n_rois > 1 else ''}: {b['coarse_forwards']:,} coarse{fine} forwards on {on}, "
             f"batch {b['batch_size']}")
@@ -234,6 +243,7 @@ def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any
         "window": window.as_list() if window else None,
         "precision": o.precision, "draws": DRAWS_VERSION, **({"compile": str(o.compile)} if o.compile else {}),
         **({"windows": "intervention-centred"} if plan.windows is not None else {}),
+        **({"incremental": "layer by layer"} if plan.incremental is not None else {}),
         "model_name": plan.name, "image": plan.image_name,
     }
 

@@ -111,12 +111,18 @@ class Runner:
     def order(self, blocks: np.ndarray) -> np.ndarray:
         """Blocks in the order they run: grouped by window shape when interventions run on windows of their own
         (a batch then holds one shape, or few), else as given."""
-        if self.plan.windows is None or not len(blocks):
+        if not len(blocks):
+            return blocks
+        if self.plan.incremental is not None:
+            return blocks[np.argsort(self.plan.incremental.sort_key(blocks), kind="stable")]
+        if self.plan.windows is None:
             return blocks
         return blocks[np.argsort(self.plan.windows.shape_key(blocks), kind="stable")]
 
     def _scores(self, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         p = self.plan
+        if p.incremental is not None:
+            return p.incremental.scores(p, self.forward, self._changed_scorer(), blocks, draws)
         if p.windows is not None:
             return self._window_scores(blocks, draws)
         ids, patch_idx = draw_patches(p, blocks, draws)
@@ -159,7 +165,8 @@ class Runner:
                 if self.origin_output is None:
                     self.origin()
                 base, origin = self.origin_output, (self.win.y * s, self.win.x * s)
-            self._changed = ChangedRegionScorer(self.plan, self.plan.windows, base, origin)
+            tables = self.plan.windows if self.plan.incremental is None else self.plan.incremental.windows
+            self._changed = ChangedRegionScorer(self.plan, tables, base, origin)
         return self._changed
 
     def run(self, stage: str, blocks: torch.Tensor, draws: torch.Tensor) -> np.ndarray:

@@ -141,14 +141,19 @@ class ChangedRegionScorer:
         sat = self.base_sat
         return sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
 
-    def __call__(self, out: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """(K, n_rois) PSNRs of outputs ``out`` (K, C, vh * s, vw * s) of the windows of ``rows``."""
+    def __call__(self, out: torch.Tensor, rows: np.ndarray, origins: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(K, n_rois) PSNRs of outputs ``out`` (K, C, vh * s, vw * s) of the windows of ``rows``; ``origins``
+        (K, 2): the outputs' own origins in output px (incremental boxes, which may reach past the image: only
+        their changed rectangles are read), else the windows'."""
         s, gt, dev = self.plan.task.scale, self.plan.prep.gt, out.device
         K, C, oh, ow = out.shape
-        v = torch.from_numpy(self.windows.inputs[rows]).to(dev)  # (K, 4) input px
-        wy, wx = v[:, 0] * s, v[:, 1] * s  # output origin of each window
-        ys = wy.view(K, 1, 1) + torch.arange(oh, device=dev).view(1, oh, 1)
-        xs = wx.view(K, 1, 1) + torch.arange(ow, device=dev).view(1, 1, ow)
+        if origins is None:
+            v = torch.from_numpy(self.windows.inputs[rows]).to(dev)  # (K, 4) input px
+            wy, wx = v[:, 0] * s, v[:, 1] * s  # output origin of each window
+        else:
+            wy, wx = origins[:, 0].to(dev), origins[:, 1].to(dev)
+        ys = (wy.view(K, 1, 1) + torch.arange(oh, device=dev).view(1, oh, 1)).clamp(0, gt.shape[1] - 1)
+        xs = (wx.view(K, 1, 1) + torch.arange(ow, device=dev).view(1, 1, ow)).clamp(0, gt.shape[2] - 1)
         target = gt[:, ys, xs].permute(1, 0, 2, 3)  # (K, C, oh, ow)
         sq = ((quantize_output(out).double() - target.double()) ** 2).sum(1)  # (K, oh, ow)
         nan = torch.isnan(sq)

@@ -1,0 +1,233 @@
+"""Incremental recomputation (issue 15): each intervention recomputed layer by layer on its box equals the model run
+on the whole (intervened) input, the pipeline's samples equal the window path's, and everything it cannot compute
+exactly falls back with the reason in summary.json."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cem_fast
+from cem_fast.patches import PatchBank
+from cem_fast.pipeline.incremental import IncrementalEngine, Unsupported
+from helpers import ConvStack
+
+
+class RandomNet(torch.nn.Module):
+    """Same-padded convolutions (kernel, dilation, groups drawn), eval batch norm with drawn statistics, mixed
+    activations, a residual every other layer and a global residual: what the engine claims to support."""
+
+    def __init__(self, layers, width, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.convs, self.norms, self.acts = torch.nn.ModuleList(), torch.nn.ModuleList(), torch.nn.ModuleList()
+        cin, self.residual = 3, []
+        for i, (k, d, groups) in enumerate(layers):
+            cout = 3 if i == len(layers) - 1 else width
+            groups = groups if cin % groups == 0 and cout % groups == 0 else 1
+            self.convs.append(torch.nn.Conv2d(cin, cout, k, padding=d * (k - 1) // 2, dilation=d, groups=groups))
+            bn = torch.nn.BatchNorm2d(cout)
+            bn.running_mean.copy_(torch.randn(cout, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(cout, generator=g) + 0.5)
+            self.norms.append(bn)
+            self.acts.append([torch.nn.ReLU(inplace=True), torch.nn.LeakyReLU(0.2), torch.nn.PReLU(cout),
+                              torch.nn.Tanh()][i % 4])
+            self.residual.append(i % 2 == 1 and cin == cout)
+            cin = cout
+        with torch.no_grad():
+            for p in self.convs.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.eval()
+
+    def forward(self, x):
+        y = x
+        for c, n, a, res in zip(self.convs, self.norms, self.acts, self.residual):
+            z = a(n(c(y)))
+            y = z + y if res else z
+        return x - 0.1 * torch.tanh(y)
+
+
+def full_outputs(model, base, blocks, origins, fp):
+    outs = []
+    for k in range(blocks.shape[0]):
+        x = base.clone()
+        y, x0 = origins[k].tolist()
+        x[0, :, y:y + fp[0], x0:x0 + fp[1]] = blocks[k]
+        outs.append(model(x)[0])
+    return torch.stack(outs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layers=st.lists(st.tuples(st.sampled_from([1, 3, 5]), st.sampled_from([1, 2]), st.sampled_from([1, 3])),
+                       min_size=1, max_size=5),
+       width=st.sampled_from([3, 6]), h=st.integers(12, 40), w=st.integers(12, 40), fb=st.sampled_from([4, 8]),
+       seed=st.integers(0, 1000))
+def test_the_rectangles_equal_the_model_on_the_whole_intervened_input(layers, width, h, w, fb, seed):
+    """Footprints anywhere (also cut by the image's edge), each with an output rectangle it must get right: on
+    that rectangle the engine's outputs equal the model run on the whole intervened image."""
+    model = RandomNet(layers, width, seed)
+    g = np.random.RandomState(seed)
+    base = torch.from_numpy(g.rand(1, 3, h, w).astype(np.float32))
+    engine = IncrementalEngine(model)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.materialise(base, fb), model(base), atol=1e-5, rtol=0)
+        n = 4
+        origins = np.stack([g.randint(-fb + 1, h, n), g.randint(-fb + 1, w, n)], 1)
+        y0, x0 = g.randint(0, h - 1, n), g.randint(0, w - 1, n)
+        need = np.stack([y0, x0, y0 + 1 + g.randint(0, h - y0), x0 + 1 + g.randint(0, w - x0)], 1)
+        need[:, 2], need[:, 3] = np.minimum(need[:, 2], h), np.minimum(need[:, 3], w)
+        patches = torch.from_numpy(g.rand(n, 3, fb, fb).astype(np.float32))
+        out, lo = engine.run(patches, origins, need)
+        big = torch.nn.functional.pad(base, (fb, fb, fb, fb))
+        for k in range(n):
+            y, x = (int(v) for v in origins[k])
+            inp = big.clone()
+            inp[0, :, y + fb:y + 2 * fb, x + fb:x + 2 * fb] = patches[k]
+            truth = model(inp[:, :, fb:fb + h, fb:fb + w])[0]
+            # the part of the need the intervention can change must lie in the returned rectangle
+            ry, rx = engine.output_radius()
+            cy0, cx0 = max(need[k, 0], y - ry), max(need[k, 1], x - rx)
+            cy1, cx1 = min(need[k, 2], y + fb + ry), min(need[k, 3], x + fb + rx)
+            if cy0 < cy1 and cx0 < cx1:
+                ly, lx = (int(v) for v in lo[k])
+                assert ly <= cy0 and lx <= cx0 and cy1 <= ly + out.shape[-2] and cx1 <= lx + out.shape[-1]
+                torch.testing.assert_close(out[k, :, cy0 - ly:cy1 - ly, cx0 - lx:cx1 - lx],
+                                           truth[:, cy0:cy1, cx0:cx1], atol=2e-5, rtol=0)
+            # and outside what it can change, the truth is the unintervened output
+            outside = torch.ones((h, w), dtype=torch.bool)
+            outside[max(0, y - ry):max(0, y + fb + ry), max(0, x - rx):max(0, x + fb + rx)] = False
+            torch.testing.assert_close(truth[:, outside], model(base)[0][:, outside], atol=2e-5, rtol=0)
+
+
+def test_a_rectangle_cut_to_the_region_reads_zero_padding_where_its_reader_starts():
+    """A footprint at the image's corner whose needed output is the corner: the last convolution's input
+    rectangle equals its producer's, both reaching past the image, where the convolution must read its zero
+    padding, not the values computed there (found by the pipeline's check, missed by random rectangles)."""
+    from cem_fast.models.dncnn import DnCNN
+    torch.manual_seed(0)
+    model = DnCNN(3, 8, 12).eval()
+    g = np.random.RandomState(0)
+    base = torch.from_numpy(g.rand(1, 3, 64, 72).astype(np.float32))
+    patch = torch.from_numpy(g.rand(1, 3, 8, 8).astype(np.float32))
+    engine = IncrementalEngine(model)
+    with torch.no_grad():
+        engine.materialise(base, 8)
+        out, lo = engine.run(patch, np.array([[0, 0]]), np.array([[0, 0, 16, 16]]))
+        inp = base.clone()
+        inp[0, :, :8, :8] = patch[0]
+        assert lo.tolist() == [[0, 0]]
+        torch.testing.assert_close(out[0, :, :16, :16], model(inp)[0, :, :16, :16], atol=2e-5, rtol=0)
+
+
+class StridedDown(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = torch.nn.Conv2d(3, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.down(x), scale_factor=2)
+
+
+class Reflect(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+
+    def forward(self, x):
+        return x + 0.1 * self.conv(x)
+
+
+class Branches(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return x * 0.9
+        return x
+
+
+@pytest.mark.parametrize("model,reason", [
+    (StridedDown(), "stride (2, 2)"),
+    (Reflect(), "reflect padding"),
+    (Branches(), "torch.fx cannot trace"),
+])
+def test_unsupported_models_are_named_with_the_reason(model, reason):
+    with pytest.raises(Unsupported, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        IncrementalEngine(model)
+
+
+@pytest.fixture
+def bank(rng):
+    return PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
+
+
+@pytest.fixture
+def image(rng):
+    return rng.randint(0, 256, (64, 72, 3)).astype(np.uint8)
+
+
+ARGS = dict(task="DN", sigma=30, coarse=2, fine=3, tol=0.0, seed=5, progress=False)
+
+
+@pytest.mark.parametrize("model", [ConvStack(4, 2), RandomNet([(3, 1, 1), (5, 2, 3), (3, 1, 1), (3, 2, 1)], 6, 1),
+                                   "default"], ids=["dilated", "random", "default-DnCNN"])
+@pytest.mark.parametrize("rois", [[(24, 32, 16)], [(0, 0, 16), (40, 48, 24, 16)]], ids=["one", "two"])
+def test_the_pipeline_gives_the_window_paths_samples(model, rois, image, bank):
+    inc = cem_fast.causal_effect_maps(model, image, rois=rois, patches=bank, **ARGS)
+    off = cem_fast.causal_effect_maps(model, image, rois=rois, patches=bank, incremental="off", **ARGS)
+    info = inc[0].extra["locality"]["incremental"]
+    assert info["used"], info
+    assert info["verify_max_abs_err"] <= 1e-4 and info["fewer_conv_px"] >= 1.2
+    assert off[0].extra["locality"]["incremental"] == {"used": False, "reason": "asked (incremental: off)"}
+    for a, b in zip(inc, off):
+        np.testing.assert_allclose(a.samples_coarse, b.samples_coarse, atol=1e-3)
+        np.testing.assert_allclose(a.cem, b.cem, atol=1e-3)
+        assert np.array_equal(a.gated, b.gated) and a.num_forwards == b.num_forwards
+
+
+@pytest.mark.parametrize("task,opts", [("DR", dict(rain_seed=3)), ("identity", {})])
+def test_other_tasks_give_the_crops_samples(task, opts, image, bank):
+    args = dict(ARGS, task=task, **opts)
+    inc = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(8, 40, 24, 16), patches=bank, **args)
+    crop = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(8, 40, 24, 16), patches=bank, windows="crop",
+                                      incremental="off", **args)
+    assert inc.extra["locality"]["incremental"]["used"]
+    np.testing.assert_allclose(inc.samples_coarse, crop.samples_coarse, atol=1e-3)
+    np.testing.assert_allclose(inc.samples_fine, crop.samples_fine, atol=1e-3)
+
+
+def test_too_small_a_gain_keeps_the_windows(image, bank, monkeypatch):
+    """The engine runs only where it computes clearly fewer convolution pixels (here: demanding 1000x)."""
+    import cem_fast.pipeline.incremental as incremental
+    monkeypatch.setattr(incremental, "MIN_GAIN", 1000)
+    res = cem_fast.causal_effect_map(ConvStack(1), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and "saves too little" in info["reason"]
+
+
+def test_a_difference_from_the_crop_falls_back_and_says_so(image, bank, monkeypatch):
+    real = IncrementalEngine.run
+
+    def off_by_a_little(self, *args, **kwargs):
+        out, lo = real(self, *args, **kwargs)
+        return out + 1e-3, lo
+    monkeypatch.setattr(IncrementalEngine, "run", off_by_a_little)
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and "differ from the crop's by 0.001" in info["reason"]
+
+
+@pytest.mark.parametrize("model,opts,reason", [
+    (ConvStack(4, 2), dict(locality="off"), "locality was not verified"),
+    (Reflect(), {}, "reflect padding"),
+])
+def test_the_summary_says_why_it_did_not_run(model, opts, reason, image, bank):
+    res = cem_fast.causal_effect_map(model, image, roi=(24, 32, 16), patches=bank, **ARGS, **opts)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and reason in info["reason"], info
+
+
+def test_sr_keeps_the_windows_and_says_why(rng, bank):
+    img = rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)
+    res = cem_fast.causal_effect_map("bicubic", img, task="SR", scale=2, roi=(24, 24, 16), coarse=1, fine=0,
+                                     patches=bank, progress=False)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and "scale x2" in info["reason"], info
