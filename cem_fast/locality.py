@@ -179,17 +179,13 @@ def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: S
 
 def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
                       full_output: Optional[torch.Tensor]) -> LocalityPlan:
-    refused = None
-    if len(rois) > 1:
-        try:
-            return _plan_from_block_spread(prober, grid, rois, precision, interventions, verify_blocks,
-                                           full_output)
-        except _NoLocality as e:  # not translation-invariant, or reaching the image's edge: probe the union
-            refused = str(e)
+    try:
+        return _plan_from_block_spread(prober, grid, rois, precision, interventions, verify_blocks, full_output)
+    except _NoLocality as e:  # not translation-invariant, or reaching the image's edge: probe the union
+        refused = str(e)
     plan = _plan_from_union_probe(prober, grid, rois, precision, interventions, verify_blocks, full_output)
-    if len(rois) > 1:
-        plan.info["reach_from"] = "the union's row and column probe"
-        plan.info["block_spread_refused"] = refused
+    plan.info["reach_from"] = "the union's row and column probe"
+    plan.info["block_spread_refused"] = refused
     return plan
 
 
@@ -230,7 +226,7 @@ def _plan_from_union_probe(prober: _Prober, grid: BlockGrid, rois, precision, in
             "verified_against": "full input" if reference == whole else f"probe window {win.as_list()}"}
     _verify_reach(prober, grid, rois, reach, reference)
     return _crop_and_verify(prober, grid, rois, reach, reference, info, precision, interventions, verify_blocks,
-                            full_output, tighten_whole=True)
+                            full_output, tight=None)
 
 
 def _plan_from_block_spread(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
@@ -239,7 +235,7 @@ def _plan_from_block_spread(prober: _Prober, grid: BlockGrid, rois, precision, i
     that treats every block alike; each ROI's reach is then verified in a window of its own (NaN in a ring of
     blocks around it must not reach it). A few small forwards plus one window per ROI, where the union's probe
     costs one forward of the whole union per block row and column, and its verification one per ROI."""
-    spread, rounds, probe_window = _block_spread(prober, grid, rois)
+    spread, pixel_spread, rounds, probe_window = _block_spread(prober, grid, rois)
     reach = _reach_from_spread(grid, rois, spread)
     ring = max(1, -(-max(spread) // grid.block))  # at least as wide as the spread itself
     windows = _verify_reach_locally(prober, grid, rois, reach, ring)
@@ -253,9 +249,10 @@ def _plan_from_block_spread(prober: _Prober, grid: BlockGrid, rois, precision, i
     info = {"mode": "auto", "windows_are": "[y, x, height, width] in input pixels",
             "reach_from": "one block's spread, verified per ROI", "block_spread_px": list(spread),
             "probe_rounds": rounds, "probe_window": probe_window.as_list(), "verify_ring_blocks": ring,
+            "pixel_spread_px": list(pixel_spread),
             "verified_against": "full input" if reference == whole else f"the ROIs' windows {reference.as_list()}"}
     return _crop_and_verify(prober, grid, rois, reach, reference, info, precision, interventions, verify_blocks,
-                            full_output, tighten_whole=False)
+                            full_output, tight=_crop_from_spread(grid, rois, pixel_spread))
 
 
 def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, int, int, int], int, Window]:
@@ -275,20 +272,24 @@ def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, in
             raise _NoLocality(f"one block's change reaches beyond a {win.h}x{win.w} input window")
         by0, by1 = _block_span(rc, ib, g.in_h)
         bx0, bx1 = _block_span(cc, ib, g.in_w)
-        inp = win.crop(prober.base).unsqueeze(0).clone()
-        inp[:, :, by0 - win.y:by1 - win.y, bx0 - win.x:bx1 - win.x] = float("nan")
+        py, px = (by0 + by1) // 2, (bx0 + bx1) // 2
+        inp = win.crop(prober.base).unsqueeze(0).repeat(2, 1, 1, 1)
+        inp[0, :, by0 - win.y:by1 - win.y, bx0 - win.x:bx1 - win.x] = float("nan")
+        inp[1, :, py - win.y, px - win.x] = float("nan")
         out = prober.forward(inp)
-        prober.forwards += 1
+        prober.forwards += 2
         rounds += 1
-        want = (1, inp.shape[1], win.h * s, win.w * s)
+        want = (2, inp.shape[1], win.h * s, win.w * s)
         if tuple(out.shape) != want:
             raise _NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, expected {want}")
-        bad = (~torch.isfinite(out)).any(1)[0]
-        ys, xs = torch.nonzero(bad.any(1)).flatten(), torch.nonzero(bad.any(0)).flatten()
-        if not len(ys):
-            raise _NoLocality("NaN put into a block reaches no output: the model hides NaN")
-        y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
-        H, W = bad.shape
+        boxes = []
+        for bad in (~torch.isfinite(out)).any(1):
+            ys, xs = torch.nonzero(bad.any(1)).flatten(), torch.nonzero(bad.any(0)).flatten()
+            if not len(ys):
+                raise _NoLocality("NaN put into a block reaches no output: the model hides NaN")
+            boxes.append((int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1))
+        y0, y1, x0, x1 = boxes[0]
+        H, W = out.shape[-2:]
         sides = [(y0 == 0, r0 > 0), (y1 == H, r1 < g.rows), (x0 == 0, c0 > 0), (x1 == W, c1 < g.cols)]
         if any(at and inside for at, inside in sides):
             margin *= 2
@@ -297,8 +298,26 @@ def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, in
             raise _NoLocality("one block's change reaches the image's edge")
         break
     oy, ox = win.y * s, win.x * s
-    spread = (by0 * s - (oy + y0), (oy + y1) - by1 * s, bx0 * s - (ox + x0), (ox + x1) - bx1 * s)
-    return tuple(max(0, int(v)) for v in spread), rounds, win
+
+    def beyond(box, a0, a1, b0, b1):  # the NaN box beyond the footprint [a0, a1) x [b0, b1) (input px)
+        y0, y1, x0, x1 = box
+        return tuple(max(0, int(v)) for v in (a0 * s - (oy + y0), (oy + y1) - a1 * s,
+                                               b0 * s - (ox + x0), (ox + x1) - b1 * s))
+    return (beyond(boxes[0], by0, by1, bx0, bx1), beyond(boxes[1], py, py + 1, px, px + 1), rounds, win)
+
+
+def _crop_from_spread(grid: BlockGrid, rois, pixel_spread) -> Window:
+    """The input pixels whose change (one pixel's spread) meets some ROI: the pixel-tight crop, its size rounded
+    up to TIGHT_ALIGN. DnCNN-20's 32-px ROI needs 72 px."""
+    up, down, left, right = pixel_spread
+    s = grid.scale
+    y0 = min(max(0, -(-(r.y - down - s + 1) // s)) for r in rois)
+    y1 = max(min(grid.in_h, -(-(r.y + r.height + up) // s)) for r in rois)
+    x0 = min(max(0, -(-(r.x - right - s + 1) // s)) for r in rois)
+    x1 = max(min(grid.in_w, -(-(r.x + r.width + left) // s)) for r in rois)
+    y0, y1 = _aligned(y0, y1, grid.in_h)
+    x0, x1 = _aligned(x0, x1, grid.in_w)
+    return Window(y0, x0, y1 - y0, x1 - x0)
 
 
 def _reach_from_spread(grid: BlockGrid, rois, spread) -> np.ndarray:
@@ -353,13 +372,13 @@ def _verify_reach_locally(prober: _Prober, grid: BlockGrid, rois, reach: np.ndar
 
 
 def _crop_and_verify(prober: _Prober, grid: BlockGrid, rois, reach: np.ndarray, reference: Window, info: dict,
-                     precision, interventions, verify_blocks, full_output, tighten_whole: bool) -> LocalityPlan:
-    """The crop of the verified reach (pixel-tight, unless it is the whole input and not ``tighten_whole``),
-    checked against ``reference``."""
+                     precision, interventions, verify_blocks, full_output, tight: Optional[Window]) -> LocalityPlan:
+    """The crop of the verified reach, checked against ``reference``: ``tight`` (pixel-tight, None: probed
+    inside the block-aligned crop) first, the block-aligned one where the model refuses it."""
     rr, cc = np.flatnonzero(reach.any((0, 2))), np.flatnonzero(reach.any((0, 1)))
     block_crop = prober.window_of_blocks(int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1)
     whole = Window(0, 0, grid.in_h, grid.in_w)
-    tight = _tight_crop(prober, grid, block_crop) if tighten_whole or block_crop != whole else block_crop
+    tight = _tight_crop(prober, grid, block_crop) if tight is None else tight
     reference_output = full_output if reference == whole else None
     # the pixel-tight crop first; a model that needs its input grid kept (windowed attention, downsampling) gets
     # the block-aligned one

@@ -241,7 +241,7 @@ def test_multi_roi_results_save_folders_index_and_sheet(image, bank, tmp_path):
 
 
 def test_large_input_runs_without_a_full_size_forward(bank):
-    """1088x1088 (above the full-forward limit): probe, crop and verification on the probe window; the samples
+    """1088x1088 (above the full-forward limit): probe, crop and verification on the ROI's window; the samples
     of a block equal a direct full-image computation."""
     rng = np.random.RandomState(7)
     img = rng.randint(0, 256, (1088, 1088, 3)).astype(np.uint8)
@@ -256,7 +256,7 @@ def test_large_input_runs_without_a_full_size_forward(bank):
     roi = (520, 560, 16)
     res = cem_fast.causal_effect_map(model, img, task="identity", roi=roi, coarse=2, fine=0, patches=bank, seed=1)
     loc = res.extra["locality"]
-    assert loc["active"] and loc["verified_against"].startswith("probe window")
+    assert loc["active"] and loc["verified_against"].startswith("the ROIs' windows")
     assert max(h * w for h, w in calls) < 200 * 200  # never the full 1088x1088 input
     assert res.reachable.sum() == 16 and res.output.shape == (3, 1088, 1088)
     # one block, recomputed by hand on the whole image
