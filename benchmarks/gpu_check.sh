@@ -39,10 +39,11 @@ echo "install exit $? at ${SECONDS}s"
 "$PY" -c "import torch, cem_fast._C, cem_fast._kernels; print('installed: cem_fast._C and cem_fast._kernels import')" \
   || echo "WARNING: cem_fast._C or cem_fast._kernels does not import (see build.log)"
 "$PY" -m cem_fast.info
-echo "== tests (ops on every backend, custom ops: opcheck and torch.compile, GPU defects, compile checks, windows,"
+echo "== tests (ops on every backend, custom ops: opcheck and torch.compile, GPU defects, compile checks, windows, layers,"
 echo "   golden incl. the GPU golden)"
 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_op_intervene.py tests/test_op_roi_sq_err.py \
   tests/test_dispatch.py tests/test_custom_ops.py tests/test_gpu_ready.py tests/test_golden.py tests/test_windows.py \
+  tests/test_incremental.py \
   tests/test_triton_compile.py tests/test_cuda_compile.py 2>&1 \
   | grep -E "^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed)|^E  " | tail -40
 echo "== ops benchmarks (each backend beside a copy-bandwidth row)"

@@ -4,7 +4,12 @@ Groups (``SIZE``: ``full`` by default; ``CEM_FAST_BENCH_SIZE=ci`` shrinks every 
 about a minute; on a GPU the full sizes are those of PRODUCT.md):
 
 * ``DN demo``: the model-forward floor (the model alone on as many inputs as the exact run used, same batch),
-  the exact mode (locality off, fp32) and the speed mode (locality auto, fp32; Pearson r against the golden map).
+  the exact mode (locality off, fp32), the speed mode (locality auto, fp32, recomputed layer by layer: the
+  default; Pearson r against the golden map) and its earlier paths (each intervention on its own window; on the
+  crop), with the largest per-block difference of their maps.
+* ``SR default demo``: the shipped x4 SR model on the shipped image, layer by layer against the crop.
+* ``ROI grid plan``: every 32-px ROI of demo_2 (64) with the shipped DnCNN, one shared pass against the loop of
+  64 single runs, exhaustive and coarse-to-fine, every map checked against its single run.
 * ``DN speed vs image size``: the speed-mode CEM of the same ROI on the demo image and on the demo tiled to
   2048x2048 (and 8192x8192 on a GPU), with the reference's numpy input noise and with the counter-based one.
 * On a GPU the speed rows are warm (a first, timed call, then the median of 3) and the demo also runs in tf32 and
@@ -148,18 +153,47 @@ def test_dn_demo_speed(benchmark, precision):
         benchmark.extra_info["exact_over_speed"] = ROWS["dn_exact"]["seconds"] / benchmark.stats.stats.median
     if precision == "fp32":
         ROWS["dn_speed"] = benchmark.stats.stats.median if benchmark.stats else None
-        benchmark.extra_info["windows"] = res.extra["locality"].get("windows")
+        ROWS["dn_speed_cem"] = res.cem
+        benchmark.extra_info.update(windows=res.extra["locality"].get("windows"),
+                                    incremental=res.extra["locality"].get("incremental"))
 
 
-def test_dn_demo_speed_crop_only(benchmark):
-    """Today's speed mode before intervention-centred windows: every intervention on the ROI's crop (the baseline
-    row of the windows; the fp32 row above runs with them, the default)."""
+@pytest.mark.parametrize("path", ["windows", "crop"])
+def test_dn_demo_speed_without_incremental(benchmark, path):
+    """The speed mode's earlier paths, each the baseline of the next: every intervention on the ROI's crop, then
+    on windows of their own (issue 14), then (the fp32 row above, the default) recomputed layer by layer (issue
+    15). Ratios against the default row; the map's largest difference from it, per block."""
     image, roi, coarse, fine, _ = dn_case()
     res = run_cem(benchmark, "DN demo", warm=True, model=DNCNN, image=image, task="DN", rois=[roi], coarse=coarse,
-                  fine=fine, patches=BANK, windows="crop")[0]
+                  fine=fine, patches=BANK, windows="auto" if path == "windows" else "crop", incremental="off")[0]
     benchmark.extra_info["windows"] = res.extra["locality"].get("windows")
     if benchmark.stats and ROWS.get("dn_speed"):
-        benchmark.extra_info["crop_over_windows"] = benchmark.stats.stats.median / ROWS["dn_speed"]
+        benchmark.extra_info[f"{path}_over_incremental"] = benchmark.stats.stats.median / ROWS["dn_speed"]
+        benchmark.extra_info["max_abs_delta_cem_db"] = float(np.abs(res.cem - ROWS["dn_speed_cem"]).max())
+    ROWS[f"dn_{path}"] = benchmark.stats.stats.median if benchmark.stats else None
+    if path == "crop" and ROWS.get("dn_windows") and benchmark.stats:
+        benchmark.extra_info["crop_over_windows"] = benchmark.stats.stats.median / ROWS["dn_windows"]
+
+
+# ---- the shipped SR default on the shipped demo image: layer by layer against the crop --------------------------
+
+@pytest.mark.parametrize("incremental", ["auto", "off"])
+def test_sr_default_demo(benchmark, incremental):
+    """``cem-fast demo``'s SR run (the shipped MSRResNet-type x4 model, the cat's eye, 3 + 20 draws; 3 + 2 at the
+    CI size): recomputed layer by layer (the default) against incremental off, which for this model is the crop
+    (its windows save too little)."""
+    from importlib.resources import files
+    from cem_fast.cli import DEMO_ROI
+    fine = 2 if SIZE == "ci" else 20
+    res = run_cem(benchmark, "SR default demo", warm=True, model="default:sr", image=str(files("cem_fast") / "data" /
+                  "demo.png"), task="SR", scale=4, rois=[DEMO_ROI], coarse=3, fine=fine, incremental=incremental)[0]
+    benchmark.extra_info.update(incremental=res.extra["locality"]["incremental"],
+                                windows=res.extra["locality"]["windows"])
+    if incremental == "auto":
+        ROWS["sr_default"] = dict(seconds=benchmark.stats.stats.median if benchmark.stats else None, cem=res.cem)
+    elif ROWS.get("sr_default", {}).get("seconds") and benchmark.stats:
+        benchmark.extra_info["crop_over_incremental"] = benchmark.stats.stats.median / ROWS["sr_default"]["seconds"]
+        benchmark.extra_info["max_abs_delta_cem_db"] = float(np.abs(res.cem - ROWS["sr_default"]["cem"]).max())
 
 
 # ---- the same ROI on larger images ------------------------------------------------------------------------------
@@ -325,23 +359,32 @@ def test_roi_grid_loop_of_single_runs(benchmark, mode):
 def grid_plans():
     """shared-crop: every intervention on the union's crop (the whole image); per-roi-crop: one run per ROI on its
     crop (the loop, inside one call); auto (the default): one shared pass with windows of their own. The first two
-    only at the CI size: on the full case shared-crop alone is minutes."""
-    plans = ["shared-crop", "per-roi-crop", "auto"] if SIZE == "ci" else ["auto"]
+    only at the CI size: on the full case shared-crop alone is minutes. windows-only: the shared pass with windows,
+    each intervention's window run whole (incremental off)."""
+    plans = ["shared-crop", "per-roi-crop", "windows-only", "auto"] if SIZE == "ci" else ["windows-only", "auto"]
     return [(mode, plan) for mode in GRID_MODES for plan in plans]
 
 
 @pytest.mark.parametrize("mode,plan", grid_plans())
 def test_roi_grid_plans(benchmark, mode, plan):
     opts = {"shared-crop": dict(roi_plan="shared", windows="crop"),
-            "per-roi-crop": dict(roi_plan="per-roi", windows="crop"), "auto": {}}[plan]
+            "per-roi-crop": dict(roi_plan="per-roi", windows="crop"), "windows-only": dict(incremental="off"),
+            "auto": {}}[plan]
     image, tile, model = roi_grid_case()
     maps = run_cem(benchmark, f"ROI grid plan: {mode}", model=model, image=image, task="DN", roi_grid=tile,
                    patches=BANK, **GRID_MODES[mode], **opts)
     loop = ROWS.get(f"grid_loop_{mode}") or {}
     per_roi = maps[0].extra["plan"]["rois"]["chosen"] == "per-roi"
     benchmark.extra_info.update(plan=maps[0].extra["plan"]["rois"], windows=maps[0].extra["plan"]["windows"],
+                                incremental=maps[0].extra["locality"].get("incremental"),
                                 forwards=sum(m.num_forwards for m in maps) if per_roi else maps[0].num_forwards)
     if loop.get("seconds") and benchmark.stats:
         benchmark.extra_info["loop_over_this"] = loop["seconds"] / benchmark.stats.stats.median
-    if loop.get("effects"):  # the same draws: every map equals its single run's
-        assert all(np.array_equal(m.effect, e) for m, e in zip(maps, loop["effects"]))
+    if loop.get("effects"):  # the same draws: every map equals its single run's (both recomputed layer by layer,
+        # or the windows against the layers: to the round-off of convolutions of other sizes)
+        same = all(np.array_equal(m.effect, e) for m, e in zip(maps, loop["effects"]))
+        benchmark.extra_info["maps_equal_single_runs"] = same
+        benchmark.extra_info["max_abs_delta_effect_db"] = float(max(np.abs(m.effect - e).max()
+                                                                    for m, e in zip(maps, loop["effects"])))
+        if plan == "auto":
+            assert same

@@ -4,27 +4,27 @@ A CEM intervention on a block that cannot reach the ROI changes nothing: its cau
 needs no forward pass. A block that can reach it only needs the input window that the ROI depends on. For a
 model with a bounded receptive field both sets are small and found by *structural probing*:
 
-1. Probe: inside a window around the ROI, put NaN into one whole block-row (or block-column) per probe input and
-   see whether NaN reaches the ROI (NaN survives every multiply, add, ReLU and clamp, and no weight can cancel
-   it). A side of the window that the dependency reaches is grown (margin doubled) and the probe repeated, so
-   the probe's cost follows the receptive field, not the image. Reachable blocks are (reached rows) x (reached
-   columns) per ROI.
-2. Verify: (a) with NaN in *every* block outside a ROI's reachable set at once, that ROI must stay finite;
-   (b) the ROI computed from the crop must equal the one computed from the full input (or, for large images,
-   from the probe window, which holds a ring of unreached blocks) for the unintervened input and a few
-   interventions, to the round-off of the precision in use (convolution algorithms differ by input size; TF32
-   and bf16 more so).
-3. The crop: the input pixels that reach some ROI, found with NaN in each pixel row and column of the outermost
-   reached blocks (DnCNN-20's 32-px ROI needs 72 px per side of its 80-px block-aligned crop), its size rounded up
-   to 4 px. A model that needs its input grid kept (windowed attention, downsampling) fails verification (b)
-   on that crop and gets the block-aligned one (summary.json: tight_crop_refused).
+1. Probe: NaN in the block nearest the centre of the ROIs (and, in the same batch, in one pixel of it) shows how
+   far a change reaches in the output (its *spread*; NaN survives every multiply, add, ReLU and clamp, and no
+   weight can cancel it). The probe window grows (margin doubled) while the NaN reaches its edge, so the cost
+   follows the receptive field, not the image. Every ROI's reach follows: the blocks whose footprint grown by
+   the block's spread meets it.
+2. Verify: (a) in a window of each ROI's own (its reach and a ring of blocks at least as wide as the spread),
+   with NaN in *every* block outside its reach at once, the ROI must stay finite; (b) the ROI computed from the
+   crop must equal the one computed from the full input (or, for large images, from the ROIs' windows) for the
+   unintervened input and a few interventions, to the round-off of the precision in use (convolution algorithms
+   differ by input size; TF32 and bf16 more so).
+3. The crop: the input pixels whose spread (one pixel's) meets some ROI (DnCNN-20's 32-px ROI needs 72 px per
+   side of its 80-px block-aligned crop), its size rounded up to 4 px. A model that needs its input grid kept
+   (windowed attention, downsampling) fails verification (b) on that crop and gets the block-aligned one
+   (summary.json: tight_crop_refused).
 
-Many ROIs (a grid, say) probe one block instead: NaN in the block nearest the union's centre shows how far a
-block's change reaches (its spread); every ROI's reach follows (the blocks whose footprint grown by the spread
-meets it), and each is verified as in 2(a) in a window of its own (its reach and a ring of blocks at least as
-wide as the spread). That costs a few small forwards and one window per ROI instead of a forward of the whole
-union per block row and column, and one per ROI for 2(a); a model that does not treat every block alike fails
-the verification and gets the union's probe (summary.json: block_spread_refused).
+A model that does not treat every block alike (it reads a fixed place of whatever input it is given, say) fails
+2(a) and gets the older probe (summary.json: reach_from, block_spread_refused): inside a window around the ROIs,
+NaN in one whole block-row (or block-column) per probe input, reachable blocks = (reached rows) x (reached
+columns) per ROI, verified as in 2 against the whole input or the probe window, and the crop found with NaN in
+each pixel row and column of the outermost reached blocks. That costs a forward of the union per block row and
+column, and one per ROI (62 forwards for the DN demo, against 8 from the spread).
 
 Models with global paths (global pooling, channel attention, full attention) reach the window's edge every time;
 the window grows to the whole image and nothing is skipped or cropped. A model that hides NaN, fails on crops

@@ -215,6 +215,15 @@ def test_a_difference_from_the_crop_falls_back_and_says_so(image, bank, monkeypa
     assert not info["used"] and "differ from the crop's by 0.001" in info["reason"]
 
 
+def test_activations_that_would_not_fit_keep_the_windows(image, bank, monkeypatch):
+    import cem_fast.pipeline.samples as samples
+    monkeypatch.setattr(samples, "available_memory", lambda: 1 << 18)  # the samples fit, the activations do not
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and "more than a quarter of the 0.0 GiB available" in info["reason"], info
+    assert res.extra["locality"]["windows"]["used"]
+
+
 @pytest.mark.parametrize("model,opts,reason", [
     (ConvStack(4, 2), dict(locality="off"), "locality was not verified"),
     (Reflect(), {}, "reflect padding"),
@@ -225,9 +234,135 @@ def test_the_summary_says_why_it_did_not_run(model, opts, reason, image, bank):
     assert not info["used"] and reason in info["reason"], info
 
 
-def test_sr_keeps_the_windows_and_says_why(rng, bank):
+class TinySR(torch.nn.Module):
+    """MSRResNet's shape at a small size: convolutions, a residual block, pixel shuffles up to x``scale``, and the
+    input upsampled by interpolation (``mode``) added to the output."""
+
+    def __init__(self, scale=2, mode="bilinear", width=8, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.scale, self.mode = scale, mode
+        self.first = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.body = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.ups = torch.nn.ModuleList(torch.nn.Conv2d(width, width * 4, 3, padding=1) for _ in range(scale // 2))
+        self.last = torch.nn.Conv2d(width, 3, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x):
+        f = torch.nn.functional.leaky_relu(self.first(x), 0.1)
+        f = f + torch.relu(self.body(f))
+        for up in self.ups:
+            f = torch.nn.functional.leaky_relu(torch.nn.functional.pixel_shuffle(up(f), 2), 0.1)
+        base = torch.nn.functional.interpolate(x, scale_factor=self.scale, mode=self.mode,
+                                               align_corners=None if self.mode == "nearest" else False)
+        return self.last(f) + base
+
+
+@settings(max_examples=20, deadline=None)
+@given(scale=st.sampled_from([2, 4]), mode=st.sampled_from(["nearest", "bilinear", "bicubic"]),
+       h=st.integers(6, 20), w=st.integers(6, 20), fb=st.sampled_from([2, 4]), seed=st.integers(0, 1000))
+def test_upscaling_rectangles_equal_the_model_on_the_whole_intervened_input(scale, mode, h, w, fb, seed):
+    """Pixel shuffles and interpolations (whose reads clamp at the image's edge) on rectangles, footprints also at
+    the edge: the needed output rectangle equals the whole-image model's."""
+    model = TinySR(scale, mode, seed=seed).eval()
+    g = np.random.RandomState(seed)
+    base = torch.from_numpy(g.rand(1, 3, h, w).astype(np.float32))
+    engine = IncrementalEngine(model)
+    H, W = h * scale, w * scale
+    with torch.no_grad():
+        full = model(base)[0]
+        torch.testing.assert_close(engine.materialise(base, fb), full[None], atol=1e-5, rtol=0)
+        n = 4
+        origins = np.stack([g.randint(0, h - fb + 1, n), g.randint(0, w - fb + 1, n)], 1)
+        origins[0] = 0  # the corner: every read clamps there
+        y0, x0 = g.randint(0, H - 1, n), g.randint(0, W - 1, n)
+        need = np.stack([y0, x0, np.minimum(H, y0 + 1 + g.randint(0, H - y0)),
+                         np.minimum(W, x0 + 1 + g.randint(0, W - x0))], 1)
+        need[0] = [0, 0, min(H, 6), min(W, 6)]
+        patches = torch.from_numpy(g.rand(n, 3, fb, fb).astype(np.float32))
+        out, lo = engine.run(patches, origins, need)
+        ry, rx = engine.output_radius()
+        for k in range(n):
+            y, x = (int(v) for v in origins[k])
+            inp = base.clone()
+            inp[0, :, y:y + fb, x:x + fb] = patches[k]
+            truth = model(inp)[0]
+            cy0, cx0 = max(need[k, 0], y * scale - ry), max(need[k, 1], x * scale - rx)
+            cy1, cx1 = min(need[k, 2], (y + fb) * scale + ry), min(need[k, 3], (x + fb) * scale + rx)
+            if cy0 < cy1 and cx0 < cx1:
+                ly, lx = (int(v) for v in lo[k])
+                assert ly <= cy0 and lx <= cx0 and cy1 <= ly + out.shape[-2] and cx1 <= lx + out.shape[-1]
+                torch.testing.assert_close(out[k, :, cy0 - ly:cy1 - ly, cx0 - lx:cx1 - lx],
+                                           truth[:, cy0:cy1, cx0:cx1], atol=2e-5, rtol=0)
+            outside = torch.ones((H, W), dtype=torch.bool)
+            outside[max(0, y * scale - ry):max(0, (y + fb) * scale + ry),
+                    max(0, x * scale - rx):max(0, (x + fb) * scale + rx)] = False
+            torch.testing.assert_close(truth[:, outside], full[:, outside], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model,scale", [(TinySR(2, "bicubic"), 2), (TinySR(4, "bilinear"), 4), ("default:sr", 4)],
+                         ids=["x2-bicubic", "x4-bilinear", "default-MSRResNet"])
+def test_sr_gives_the_window_paths_samples(model, scale, rng, bank):
+    img = rng.randint(0, 256, (96, 96, 3) if scale == 2 else (192, 192, 3)).astype(np.uint8)
+    args = dict(task="SR", scale=scale, coarse=2, fine=2, tol=0.0, seed=5, progress=False, patches=bank)
+    rois = [(32, 40, 16)] if scale == 2 else [(80, 88, 16), (8, 120, 16, 24)]
+    inc = cem_fast.causal_effect_maps(model, img, rois=rois, **args)
+    crop = cem_fast.causal_effect_maps(model, img, rois=rois, windows="crop", incremental="off", **args)
+    info = inc[0].extra["locality"]["incremental"]
+    assert info["used"] and info["verify_max_abs_err"] <= 1e-4, info
+    for a, b in zip(inc, crop):
+        np.testing.assert_allclose(a.samples_coarse, b.samples_coarse, atol=1e-3)
+        np.testing.assert_allclose(a.cem, b.cem, atol=1e-3)
+
+
+def test_a_model_without_convolutions_keeps_the_windows(rng, bank):
     img = rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)
     res = cem_fast.causal_effect_map("bicubic", img, task="SR", scale=2, roi=(24, 24, 16), coarse=1, fine=0,
                                      patches=bank, progress=False)
     info = res.extra["locality"]["incremental"]
-    assert not info["used"] and "scale x2" in info["reason"], info
+    assert not info["used"] and "saves too little" in info["reason"], info
+
+
+def _archs():
+    from cem_fast.models.dncnn import DnCNN, FDnCNN
+    from cem_fast.models.sr_archs import EDSR, RCAN, MSRResNet
+    from cem_fast.models.swinir import SwinIR
+    from cem_fast.models.wrappers import WithNoiseMap
+    return [
+        ("DnCNN", lambda: DnCNN(3, 8, 4), 1, None),
+        ("MSRResNet", lambda: MSRResNet(num_feat=8, num_block=2, upscale=4), 4, None),
+        ("EDSR", lambda: EDSR(num_feat=8, num_block=2, upscale=2), 2, None),
+        ("FDnCNN", lambda: WithNoiseMap(FDnCNN(width=8, depth=3), 25), 1, None),
+        ("RCAN", lambda: RCAN(num_feat=16, num_group=1, num_block=1, squeeze_factor=4, upscale=2), 2,
+         "unsupported layer AdaptiveAvgPool2d"),
+        ("SwinIR", lambda: SwinIR(img_size=16, embed_dim=12, depths=(1,), num_heads=(2,), window_size=4,
+                                  upscale=2, upsampler="pixelshuffle", num_feat=8), 2, "torch.fx cannot trace"),
+    ]
+
+
+@pytest.mark.parametrize("name,make,scale,refused", _archs(), ids=[a[0] for a in _archs()])
+def test_public_architectures_are_computed_exactly_or_refused_with_the_reason(name, make, scale, refused):
+    torch.manual_seed(0)
+    model = make().eval()
+    if refused is not None:
+        with pytest.raises(Unsupported, match=refused) as e:
+            IncrementalEngine(model)
+        assert "\n" not in str(e.value)
+        return
+    engine = IncrementalEngine(model)
+    g = np.random.RandomState(1)
+    base = torch.from_numpy(g.rand(1, 3, 24, 28).astype(np.float32))
+    patch = torch.from_numpy(g.rand(1, 3, 4, 4).astype(np.float32))
+    with torch.no_grad():
+        engine.materialise(base, 4)
+        out, lo = engine.run(patch, np.array([[10, 12]]), np.array([[0, 0, 24 * scale, 28 * scale]]))
+        inp = base.clone()
+        inp[0, :, 10:14, 12:16] = patch[0]
+        truth = model(inp)[0]
+        ly, lx = (int(v) for v in lo[0])
+        h, w = out.shape[-2:]
+        y1, x1 = min(truth.shape[-2], ly + h), min(truth.shape[-1], lx + w)
+        torch.testing.assert_close(out[0, :, max(0, -ly):y1 - ly, max(0, -lx):x1 - lx],
+                                   truth[:, max(0, ly):y1, max(0, lx):x1], atol=1e-4, rtol=1e-5)

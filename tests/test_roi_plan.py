@@ -110,3 +110,17 @@ def test_the_plan_is_said_and_the_progress_bar_only_moves_forward(image, bank, c
     n_done, total = RecordingBar.seen[-1]
     assert n_done == total == 2 * blocks + 6 * int(res.gated.sum())  # every intervention, counted once
     assert res.extra["plan"]["blocks"] == blocks and res.extra["plan"]["fine_forwards_at_most"] == 6 * blocks
+
+
+def test_a_grid_too_large_for_one_pass_runs_one_roi_at_a_time(image, bank, monkeypatch):
+    """The shared pass holds (blocks x ROIs) samples: where that would not fit in memory the ROIs run one at a time
+    (each bounded by its own reach), said in the plan, instead of failing or swapping."""
+    import cem_fast.pipeline.plan as plan_module
+    monkeypatch.setattr(plan_module, "available_memory", lambda: 1 << 16)  # 64 KiB
+    maps = cem_fast.causal_effect_maps(BoxBlur(), image, roi_grid=64, patches=bank, **ARGS)
+    plan = maps[0].extra["plan"]["rois"]
+    assert plan["chosen"] == "per-roi" and "more than half of the 0.0 GiB available" in plan["why"], plan
+    monkeypatch.undo()
+    for j in (0, 3):
+        single = cem_fast.causal_effect_map(BoxBlur(), image, roi=maps[j].roi.as_tuple(), patches=bank, **ARGS)
+        np.testing.assert_array_equal(maps[j].effect, single.effect)

@@ -77,7 +77,7 @@ def test_the_composition_is_checked_against_the_crop(image, bank, monkeypatch):
     """A spread measured too small (a model whose reach the one-pixel probe underestimates) must be caught by the
     verification and the run must keep the crop, with the reason."""
     from cem_fast.pipeline import windows
-    monkeypatch.setattr(windows, "measure_spread", lambda plan, region: Spread(1, 1, 1, 1))
+    monkeypatch.setattr(windows, "spread_of", lambda plan, region: Spread(1, 1, 1, 1))
     res = cem_fast.causal_effect_map(ConvStack(4), image, task="DN", roi=(40, 36, 16), coarse=1, fine=0,
                                      patches=bank)
     info = res.extra["locality"]["windows"]

@@ -29,7 +29,7 @@ from ..tasks import Prepared, Task, make_task
 from .model import ModelForward, auto_batch_size, pick_device, place_model, unintervened_output
 from .options import RunOptions, TaskOptions
 from .runner import draw_patches
-from .samples import check_sample_memory
+from .samples import available_memory, check_sample_memory, shared_pass_bytes
 
 DRAWS_VERSION = "hash-v1"  # how (seed, block, draw) map to patches and noise; part of the cache key
 FULL_FORWARD_MAX_PX = 1024 * 1024  # larger inputs with locality: no full-image forward (verify on the window)
@@ -70,6 +70,7 @@ class RunPlan:
     progress: bool = False  # progress bar and one-line messages on stderr
     windows: Optional[Any] = None  # BlockWindows when interventions run on windows of their own
     incremental: Optional[Any] = None  # IncrementalPlan when interventions are recomputed layer by layer
+    shared_too_big: str = ""  # many ROIs whose shared pass would not fit in host memory: why (then one run each)
 
     def say(self, message: str) -> None:
         """A line on stderr while the run goes on (only with progress: scripts and tests stay quiet)."""
@@ -161,6 +162,17 @@ def plan_sampling(plan: RunPlan) -> RunPlan:
         out0 = whole()  # locality found nothing to crop: the whole image runs after all
     plan.full_output = out0
     _size_batches(plan)
+    coarse, fine = o.stages
+    n = len(plan.rois)
+    blocks = int(plan.locality.reach.reshape(n, -1).any(0).sum())
+    need, avail = shared_pass_bytes(blocks, coarse, fine, n), available_memory()
+    if n > 1 and o.roi_plan == "auto" and avail is not None and need > avail // 2:
+        plan.shared_too_big = (f"one shared pass would hold about {need / 2**30:.1f} GiB for {blocks:,} blocks x "
+                               f"{n:,} ROIs, more than half of the {avail / 2**30:.1f} GiB available")
+    if plan.shared_too_big:
+        plan.locality.info["windows"] = plan.locality.info["incremental"] = {
+            "used": False, "reason": "one run per ROI: " + plan.shared_too_big}
+        return plan
     if use_locality:
         from .windows import plan_windows
         plan.locality.info["windows"] = plan_windows(plan)
@@ -170,9 +182,7 @@ def plan_sampling(plan: RunPlan) -> RunPlan:
         plan.locality.info["incremental"] = {"used": False, "reason": "locality was not verified: "
                                              + plan.locality.info["reason"]}
     _open_cache(plan)
-    coarse, fine = o.stages
-    n = len(plan.rois)
-    check_sample_memory(int(plan.locality.reach.reshape(n, -1).any(0).sum()), coarse, fine, n)
+    check_sample_memory(blocks, coarse, fine, n)
     return plan
 
 

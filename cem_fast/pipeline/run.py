@@ -93,6 +93,8 @@ def choose_roi_plan(plan: RunPlan, budget: dict) -> dict:
     chosen = asked if asked != "auto" else ("per-roi" if per_roi * PER_ROI_MARGIN < shared else "shared")
     why = "asked (roi_plan)" if asked != "auto" else \
         f"counted input pixels per draw: shared pass {shared:,}, one run per ROI {per_roi:,}"
+    if plan.shared_too_big:
+        chosen, why = "per-roi", plan.shared_too_big
     return {"chosen": chosen, "why": why, "shared_px_per_draw": int(shared), "per_roi_px_per_draw": int(per_roi)}
 
 

@@ -184,6 +184,14 @@ def available_memory() -> Optional[int]:
         return None
 
 
+WINDOW_TABLE_BYTES = 48  # host bytes per reachable block and ROI of the windows' tables (changed rectangles)
+
+
+def shared_pass_bytes(blocks: int, coarse: int, fine: int, n_rois: int) -> int:
+    """Host bytes that one pass serving ``n_rois`` ROIs holds per (block, ROI): samples and the windows' tables."""
+    return blocks * n_rois * (max(coarse, fine, 1) * SAMPLE_BYTES + WINDOW_TABLE_BYTES)
+
+
 def check_sample_memory(blocks: int, coarse: int, fine: int, n_rois: int) -> None:
     """Refuse, before allocating, a sampling plan whose per-intervention arrays would not fit in host memory."""
     need = blocks * max(coarse, fine, 1) * n_rois * SAMPLE_BYTES

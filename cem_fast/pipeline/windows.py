@@ -84,6 +84,13 @@ def measure_spread(plan: "RunPlan", region: Window) -> Optional[Spread]:
     return Spread(*(max(0, v) for v in (py * s - y0, y1 - (py + 1) * s, px * s - x0, x1 - (px + 1) * s)))
 
 
+def spread_of(plan: "RunPlan", region: Window) -> Optional[Spread]:
+    """One pixel's spread: the locality probe's (its window grew until the spread fitted in it), else measured on
+    the crop."""
+    probed = plan.locality.info.get("pixel_spread_px")
+    return Spread(*probed) if probed is not None else measure_spread(plan, region)
+
+
 def block_windows(plan: "RunPlan", spread: Spread) -> BlockWindows:
     """V_b and C_bj of every block that reaches some ROI (vectorised over blocks)."""
     g, s = plan.grid, plan.task.scale
@@ -195,7 +202,7 @@ def plan_windows(plan: "RunPlan") -> dict:
         return {"used": False, "reason": "the model needs its input grid kept (the pixel-tight crop failed)"}
     whole = Window(0, 0, plan.grid.in_h, plan.grid.in_w)
     region = plan.locality.window or whole
-    spread = measure_spread(plan, region)
+    spread = spread_of(plan, region)
     if spread is None:
         return {"used": False, "reason": "one pixel's change reaches the edge of the crop"}
     windows = block_windows(plan, spread)
