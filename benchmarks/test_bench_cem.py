@@ -329,6 +329,8 @@ def test_pipeline(benchmark, case):
 # ---- a ROI grid whose union is the whole image: one shared pass against the loop of single runs -----------------
 
 GRID_MODES = {"exhaustive": dict(mode="exhaustive", samples=1), "coarse-to-fine": dict(coarse=1, fine=2)}
+# the GPU check has minutes for every row: there the loop of 64 single runs runs once (exhaustive)
+GRID_RUN = ["exhaustive"] if DEV == "cuda" and SIZE != "ci" else list(GRID_MODES)
 
 
 def roi_grid_case():
@@ -340,7 +342,7 @@ def roi_grid_case():
     return demo2(), 32, DNCNN
 
 
-@pytest.mark.parametrize("mode", list(GRID_MODES))
+@pytest.mark.parametrize("mode", GRID_RUN)
 def test_roi_grid_loop_of_single_runs(benchmark, mode):
     image, tile, model = roi_grid_case()
     benchmark.group = f"ROI grid plan: {mode}"
@@ -362,7 +364,7 @@ def grid_plans():
     only at the CI size: on the full case shared-crop alone is minutes. windows-only: the shared pass with windows,
     each intervention's window run whole (incremental off)."""
     plans = ["shared-crop", "per-roi-crop", "windows-only", "auto"] if SIZE == "ci" else ["windows-only", "auto"]
-    return [(mode, plan) for mode in GRID_MODES for plan in plans]
+    return [(mode, plan) for mode in GRID_RUN for plan in plans]
 
 
 @pytest.mark.parametrize("mode,plan", grid_plans())
@@ -380,11 +382,10 @@ def test_roi_grid_plans(benchmark, mode, plan):
                                 forwards=sum(m.num_forwards for m in maps) if per_roi else maps[0].num_forwards)
     if loop.get("seconds") and benchmark.stats:
         benchmark.extra_info["loop_over_this"] = loop["seconds"] / benchmark.stats.stats.median
-    if loop.get("effects"):  # the same draws: every map equals its single run's (both recomputed layer by layer,
-        # or the windows against the layers: to the round-off of convolutions of other sizes)
-        same = all(np.array_equal(m.effect, e) for m, e in zip(maps, loop["effects"]))
-        benchmark.extra_info["maps_equal_single_runs"] = same
-        benchmark.extra_info["max_abs_delta_effect_db"] = float(max(np.abs(m.effect - e).max()
-                                                                    for m, e in zip(maps, loop["effects"])))
-        if plan == "auto":
-            assert same
+    if loop.get("effects"):  # the same draws: every map is its single run's, to round-off (the shared pass computes
+        # on the whole image what each single run computes on its crop: convolutions of other sizes round
+        # differently, and now and then an output lands on the other side of a uint8 step)
+        delta = float(max(np.abs(m.effect - e).max() for m, e in zip(maps, loop["effects"])))
+        benchmark.extra_info["maps_equal_single_runs"] = delta == 0
+        benchmark.extra_info["max_abs_delta_effect_db"] = delta
+        assert delta <= 1e-3

@@ -375,20 +375,24 @@ class IncrementalEngine:
         b = torch.arange(hwc.shape[0], device=dev).view(-1, 1, 1)
         return hwc[b, torch.from_numpy(ys).to(dev)[:, :, None], torch.from_numpy(xs).to(dev)[:, None, :]]
 
-    def _geometry(self, node: _Node, origins: np.ndarray, fp, need: np.ndarray) -> tuple[np.ndarray, tuple]:
-        """``node``'s rectangle per intervention, in its own pixels: its box (the footprint grown by its radius)
-        cut to the part the output still needs (the needed output rectangle at the node's scale, grown by
-        ``rem``), one size for the batch (the largest), kept inside the box: (starts (B, 2), (sy, sx))."""
+    def _cut(self, node: _Node, origins: np.ndarray, fp, need: np.ndarray, a: int):
+        """Along axis ``a``: each intervention's box (the footprint grown by the node's radius) and the part of it
+        the output still needs (the needed output rectangle at the node's scale, grown by ``rem``)."""
         s, so = node.scale, self.out.scale
+        r, m = node.radius[a], node.rem[a]
+        box_lo, box_hi = origins[:, a] * s - r, (origins[:, a] + fp[a]) * s + r
+        need_lo = np.floor_divide(need[:, a] * s, so) - m
+        need_hi = -np.floor_divide(-need[:, a + 2] * s, so) + m
+        return box_lo, box_hi, np.maximum(box_lo, need_lo), np.minimum(box_hi, need_hi)
+
+    def _geometry(self, node: _Node, origins: np.ndarray, fp, need: np.ndarray) -> tuple[np.ndarray, tuple]:
+        """``node``'s rectangle per intervention, in its own pixels: the needed part of its box, one size for the
+        batch (the largest), kept inside the box: (starts (B, 2), (sy, sx))."""
         if node.kind == "input":
             return origins, tuple(fp)
         lo, size = np.empty_like(origins), []
         for a in (0, 1):
-            r, m = node.radius[a], node.rem[a]
-            box_lo, box_hi = origins[:, a] * s - r, (origins[:, a] + fp[a]) * s + r
-            need_lo = np.floor_divide(need[:, a] * s, so) - m
-            need_hi = -np.floor_divide(-need[:, a + 2] * s, so) + m
-            first, last = np.maximum(box_lo, need_lo), np.minimum(box_hi, need_hi)
+            box_lo, box_hi, first, last = self._cut(node, origins, fp, need, a)
             n = int(max(1, (last - first).max()))
             lo[:, a] = np.clip(first, box_lo, box_hi - n)
             size.append(n)
@@ -481,14 +485,14 @@ class IncrementalEngine:
         raise Unsupported("the model's graph has no output")
 
     def conv_pixels(self, origins: np.ndarray, fp, need: np.ndarray) -> int:
-        """Output pixels of every convolution over interventions at ``origins`` (each alone), against which the
-        window path's (every convolution on the whole window) is counted."""
+        """Output pixels of every convolution over interventions at ``origins`` (each on its own rectangle, as if
+        alone in its batch), against which the window path's (every convolution on the whole window) is counted."""
         total = 0
         for x in self.order:
             if x.kind == "conv":
-                for k in range(len(origins)):
-                    _, (sy, sx) = self._geometry(x, origins[k:k + 1], fp, need[k:k + 1])
-                    total += sy * sx
+                sides = [np.maximum(1, last - first) for _, _, first, last in
+                         (self._cut(x, origins, fp, need, a) for a in (0, 1))]
+                total += int((sides[0] * sides[1]).sum())
         return total
 
     def window_conv_pixels(self, window_px: int) -> int:
@@ -629,8 +633,9 @@ def plan_incremental(plan: "RunPlan") -> dict:
     # the crop), each block's own rectangles
     blocks = windows.blocks
     shift = np.array([region.y, region.x])
-    mine = sum(engine.conv_pixels(inc.origins[blocks[k:k + 1]] - shift, tuple(inc.sizes[blocks[k]]),
-                                  inc.local_need(blocks[k:k + 1])) for k in range(len(blocks)))
+    keys = inc.shape_key(blocks)
+    mine = sum(engine.conv_pixels(inc.origins[blocks[keys == k]] - shift, tuple(inc.sizes[blocks[keys == k][0]]),
+                                  inc.local_need(blocks[keys == k])) for k in np.unique(keys))
     other = windows.pixels() if plan.windows is not None else len(blocks) * region.h * region.w
     facts = {"conv_px_per_intervention": int(mine) // max(1, len(blocks)),
              "instead_of": "windows" if plan.windows is not None else "crop",
