@@ -57,6 +57,24 @@ def full_outputs(model, base, blocks, origins, fp):
     return torch.stack(outs)
 
 
+def check_rectangle(out, lo, truth, full, need, footprint, scale, radius):
+    """One intervention (footprint ``(y, x, side)`` in input px): the part of its ``need`` it can change lies in
+    its returned rectangle (``out`` from output px ``lo``) and equals the whole-image ``truth`` there; outside what
+    it can change, the truth is the unintervened output ``full``."""
+    y, x, fb = footprint
+    ry, rx = radius
+    y0, x0, y1, x1 = y * scale - ry, x * scale - rx, (y + fb) * scale + ry, (x + fb) * scale + rx
+    cy0, cx0, cy1, cx1 = max(need[0], y0), max(need[1], x0), min(need[2], y1), min(need[3], x1)
+    if cy0 < cy1 and cx0 < cx1:
+        ly, lx = (int(v) for v in lo)
+        assert ly <= cy0 and lx <= cx0 and cy1 <= ly + out.shape[-2] and cx1 <= lx + out.shape[-1]
+        torch.testing.assert_close(out[:, cy0 - ly:cy1 - ly, cx0 - lx:cx1 - lx], truth[:, cy0:cy1, cx0:cx1],
+                                   atol=2e-5, rtol=0)
+    outside = torch.ones(truth.shape[-2:], dtype=torch.bool)
+    outside[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = False
+    torch.testing.assert_close(truth[:, outside], full[:, outside], atol=2e-5, rtol=0)
+
+
 @settings(max_examples=30, deadline=None)
 @given(layers=st.lists(st.tuples(st.sampled_from([1, 3, 5]), st.sampled_from([1, 2]), st.sampled_from([1, 3])),
                        min_size=1, max_size=5),
@@ -84,19 +102,7 @@ def test_the_rectangles_equal_the_model_on_the_whole_intervened_input(layers, wi
             inp = big.clone()
             inp[0, :, y + fb:y + 2 * fb, x + fb:x + 2 * fb] = patches[k]
             truth = model(inp[:, :, fb:fb + h, fb:fb + w])[0]
-            # the part of the need the intervention can change must lie in the returned rectangle
-            ry, rx = engine.output_radius()
-            cy0, cx0 = max(need[k, 0], y - ry), max(need[k, 1], x - rx)
-            cy1, cx1 = min(need[k, 2], y + fb + ry), min(need[k, 3], x + fb + rx)
-            if cy0 < cy1 and cx0 < cx1:
-                ly, lx = (int(v) for v in lo[k])
-                assert ly <= cy0 and lx <= cx0 and cy1 <= ly + out.shape[-2] and cx1 <= lx + out.shape[-1]
-                torch.testing.assert_close(out[k, :, cy0 - ly:cy1 - ly, cx0 - lx:cx1 - lx],
-                                           truth[:, cy0:cy1, cx0:cx1], atol=2e-5, rtol=0)
-            # and outside what it can change, the truth is the unintervened output
-            outside = torch.ones((h, w), dtype=torch.bool)
-            outside[max(0, y - ry):max(0, y + fb + ry), max(0, x - rx):max(0, x + fb + rx)] = False
-            torch.testing.assert_close(truth[:, outside], model(base)[0][:, outside], atol=2e-5, rtol=0)
+            check_rectangle(out[k], lo[k], truth, model(base)[0], need[k], (y, x, fb), 1, engine.output_radius())
 
 
 def test_a_rectangle_cut_to_the_region_reads_zero_padding_where_its_reader_starts():
@@ -289,17 +295,7 @@ def test_upscaling_rectangles_equal_the_model_on_the_whole_intervened_input(scal
             inp = base.clone()
             inp[0, :, y:y + fb, x:x + fb] = patches[k]
             truth = model(inp)[0]
-            cy0, cx0 = max(need[k, 0], y * scale - ry), max(need[k, 1], x * scale - rx)
-            cy1, cx1 = min(need[k, 2], (y + fb) * scale + ry), min(need[k, 3], (x + fb) * scale + rx)
-            if cy0 < cy1 and cx0 < cx1:
-                ly, lx = (int(v) for v in lo[k])
-                assert ly <= cy0 and lx <= cx0 and cy1 <= ly + out.shape[-2] and cx1 <= lx + out.shape[-1]
-                torch.testing.assert_close(out[k, :, cy0 - ly:cy1 - ly, cx0 - lx:cx1 - lx],
-                                           truth[:, cy0:cy1, cx0:cx1], atol=2e-5, rtol=0)
-            outside = torch.ones((H, W), dtype=torch.bool)
-            outside[max(0, y * scale - ry):max(0, (y + fb) * scale + ry),
-                    max(0, x * scale - rx):max(0, (x + fb) * scale + rx)] = False
-            torch.testing.assert_close(truth[:, outside], full[:, outside], atol=2e-5, rtol=0)
+            check_rectangle(out[k], lo[k], truth, full, need[k], (y, x, fb), scale, (ry, rx))
 
 
 @pytest.mark.parametrize("model,scale", [(TinySR(2, "bicubic"), 2), (TinySR(4, "bilinear"), 4), ("default:sr", 4)],
