@@ -230,6 +230,40 @@ def test_activations_that_would_not_fit_keep_the_windows(image, bank, monkeypatc
     assert res.extra["locality"]["windows"]["used"]
 
 
+def test_the_fp32_recheck_of_a_reduced_precision_run_does_not_use_its_activations(image, bank, monkeypatch):
+    """bf16: the unintervened activations are bf16; the fp32 re-check of a sample of blocks must not read them
+    (it ran the engine on them and failed, found by review). The probe runs in fp32 here, as on a GPU, so that the
+    engine is used (on the CPU oneDNN's bf16 NaN spread is wider than the receptive field, and it is refused)."""
+    import cem_fast.pipeline.plan as plan_module
+    real = plan_module.plan_locality
+    monkeypatch.setattr(plan_module, "plan_locality", lambda forward, *a, **k: real(forward.at_precision("fp32"),
+                                                                                     *a, **k))
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, precision="bf16",
+                                     **dict(ARGS, fine=0))
+    assert res.extra["locality"]["incremental"]["used"], res.extra["locality"]["incremental"]
+    check = res.extra["precision_check"]
+    assert check["max_abs_delta_ce_db"] < 0.5, check
+
+
+def test_a_failure_of_the_activations_keeps_the_windows(image, bank, monkeypatch):
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(IncrementalEngine, "materialise", fail)
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and "RuntimeError: CUDA out of memory (simulated)" in info["reason"], info
+
+
+class PicksTheBatch(torch.nn.Module):
+    def forward(self, x):
+        return x[:1] * 0.5 + x * 0.5
+
+
+def test_an_op_across_the_batch_is_refused():
+    with pytest.raises(Unsupported, match="unsupported function getitem"):
+        IncrementalEngine(PicksTheBatch())
+
+
 @pytest.mark.parametrize("model,opts,reason", [
     (ConvStack(4, 2), dict(locality="off"), "locality was not verified"),
     (Reflect(), {}, "reflect padding"),

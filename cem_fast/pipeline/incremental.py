@@ -80,7 +80,7 @@ def _channel_only(n) -> bool:
     if n.target is operator.getitem:
         index = n.args[1]
         index = index if isinstance(index, tuple) else (index,)
-        return all(isinstance(i, slice) for i in index) and \
+        return all(isinstance(i, slice) for i in index) and index[0] == slice(None) and \
             all(i == slice(None) for i in index[2:]) and len(index) <= 4
     return True
 
@@ -510,6 +510,8 @@ class IncrementalEngine:
                 ch[x.fx] = x.conv.out_channels
             elif x.kind == "shuffle":
                 ch[x.fx] = ch[self._tensor_args(x)[0].fx] // (x.factor * x.factor)
+            elif x.kind == "pointwise" and x.fx.target in (torch.cat, torch.concat):
+                ch[x.fx] = sum(ch[a.fx] for a in self._tensor_args(x))
             elif x.kind in ("pointwise", "upsample"):
                 ch[x.fx] = max(ch[a.fx] for a in self._tensor_args(x))
             if x.keep:
@@ -543,6 +545,7 @@ class IncrementalPlan:
     region: Any  # locality.Window
     origins: np.ndarray  # (num_blocks, 2) input px of every footprint (host)
     sizes: np.ndarray  # (num_blocks, 2)
+    precision: str = "fp32"  # of the unintervened activations: a forward at another precision cannot use them
     need: np.ndarray = None
 
     def __post_init__(self):
@@ -551,7 +554,8 @@ class IncrementalPlan:
         big = np.iinfo(np.int64).max
         lo = [np.where(empty, big, c[..., i]).min(1) for i in (0, 1)]
         hi = [np.where(empty, -1, c[..., i]).max(1) for i in (2, 3)]
-        self.need = np.stack([lo[0], lo[1], hi[0], hi[1]], 1)
+        need = np.stack([lo[0], lo[1], hi[0], hi[1]], 1)
+        self.need = np.where(empty.all(1)[:, None], 0, need)  # a block that changes no ROI needs nothing
 
     def shape_key(self, blocks: np.ndarray) -> np.ndarray:
         """(n,) one integer per footprint shape: a batch holds one."""
@@ -625,10 +629,17 @@ def plan_incremental(plan: "RunPlan") -> dict:
     if R[0] < max(spread.up, spread.down) or R[1] < max(spread.left, spread.right):
         return {"used": False, "reason": f"the graph's reach {list(R)} px is smaller than the measured spread "
                                          f"{list(spread_px)}"}
+    windows_info = info.get("windows") or {}
+    if "differ" in str(windows_info.get("reason", "")):  # the changed rectangles themselves are in doubt
+        return {"used": False, "reason": "the windows' check failed: " + windows_info["reason"]}
     windows = plan.windows if plan.windows is not None else block_windows(plan, spread)
     region = plan.locality.window or Window(0, 0, plan.grid.in_h, plan.grid.in_w)
     inc = IncrementalPlan(engine, windows, region, plan.prep.extra["origins"].cpu().numpy(),
-                          plan.prep.extra["sizes"].cpu().numpy())
+                          plan.prep.extra["sizes"].cpu().numpy(), plan.forward.precision)
+    rel = inc.origins[windows.blocks] - np.array([region.y, region.x])
+    fp = inc.sizes[windows.blocks]
+    if ((rel + fp <= 0) | (rel >= np.array([region.h, region.w]))).any():
+        return {"used": False, "reason": "a block that reaches the ROIs lies outside the crop"}
     # counted first: against what the run would do otherwise (every convolution on each block's window, or on
     # the crop), each block's own rectangles
     blocks = windows.blocks
@@ -660,6 +671,10 @@ def plan_incremental(plan: "RunPlan") -> dict:
                                           plan.grid.in_block)
     except Unsupported as e:
         return {"used": False, "reason": str(e), **facts}
+    except RuntimeError as e:  # out of memory, or an op that does not run on this device: the windows do
+        engine.release()
+        return {"used": False, "reason": f"the unintervened activations failed: {type(e).__name__}: "
+                                         f"{e}".splitlines()[0], **facts}
     # the check: a few blocks (the reach's corners, one inside), draw 0, against the model on the crop
     err = float((base_out.float() - plan.forward(crop_in).float()).abs().max())
     picks = _verification_blocks(plan.locality.reach.any(0), VERIFY_BLOCKS, plan.grid.cols)

@@ -113,7 +113,7 @@ class Runner:
         (a batch then holds one shape, or few), else as given."""
         if not len(blocks):
             return blocks
-        if self.plan.incremental is not None:
+        if self._incremental() is not None:
             return blocks[np.argsort(self.plan.incremental.sort_key(blocks), kind="stable")]
         if self.plan.windows is None:
             return blocks
@@ -121,7 +121,7 @@ class Runner:
 
     def _scores(self, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         p = self.plan
-        if p.incremental is not None:
+        if self._incremental() is not None:
             return p.incremental.scores(p, self.forward, self._changed_scorer(), blocks, draws)
         if p.windows is not None:
             return self._window_scores(blocks, draws)
@@ -155,11 +155,18 @@ class Runner:
             self._window_buffers[(vh, vw)] = buf
         return buf[:k]
 
+    def _incremental(self):
+        """The layer-by-layer engine when this runner may use it: its unintervened activations were computed at
+        this runner's precision (the fp32 re-check of a reduced-precision run uses the windows or the crop)."""
+        inc = self.plan.incremental
+        return inc if inc is not None and inc.precision == self.forward.precision else None
+
     def _changed_scorer(self):
         if self._changed is None:
             from .windows import ChangedRegionScorer
             s = self.plan.task.scale
-            if self.plan.locality.window is None and self.plan.full_output is not None:
+            same = self.forward.precision == self.plan.forward.precision  # else the base must be recomputed
+            if self.plan.locality.window is None and self.plan.full_output is not None and same:
                 base, origin = self.plan.full_output[0], (0, 0)
             else:
                 if self.origin_output is None:
