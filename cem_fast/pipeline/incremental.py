@@ -599,7 +599,6 @@ class IncrementalPlan:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-VERIFY_BLOCKS = 4
 MIN_GAIN = 1.2  # fewer convolution pixels than the windows (or the crop) needed to be worth it
 
 
@@ -607,11 +606,10 @@ def plan_incremental(plan: "RunPlan") -> dict:
     """Decide whether interventions are recomputed incrementally: the engine (or the reason it does not apply),
     the unintervened activations, and a check against the crop on a few blocks. Sets ``plan.incremental``; returns
     what summary.json says."""
-    from ..locality import VERIFY_TOL, Window, _verification_blocks
-    from .plan import verification_inputs
+    from ..locality import VERIFY_TOL, Window
     from .precision import precision_mode
     from .samples import available_memory
-    from .windows import Spread, block_windows
+    from .windows import Spread, block_windows, largest_difference_from_crop
     info = plan.locality.info
     if plan.options.incremental == "off":
         return {"used": False, "reason": "asked (incremental: off)"}
@@ -675,21 +673,14 @@ def plan_incremental(plan: "RunPlan") -> dict:
         engine.release()
         return {"used": False, "reason": f"the unintervened activations failed: {type(e).__name__}: "
                                          f"{e}".splitlines()[0], **facts}
-    # the check: a few blocks (the reach's corners, one inside), draw 0, against the model on the crop
+    # the check: the unintervened output, then a few blocks against the model on the crop (as the windows')
     err = float((base_out.float() - plan.forward(crop_in).float()).abs().max())
-    picks = _verification_blocks(plan.locality.reach.any(0), VERIFY_BLOCKS, plan.grid.cols)
-    s = plan.task.scale
-    for b in picks:
-        bt = torch.tensor([int(b)], device=plan.device)
-        (_, _, box, lo), = inc.outputs(plan, plan.forward, bt, torch.zeros_like(bt))
-        crop = plan.forward(verification_inputs(plan, np.array([int(b)], dtype=np.int64), region))[0]
-        by, bx = (int(v) for v in lo[0])
-        for y0, x0, y1, x1 in windows.changed[windows.rows(np.array([b]))[0]]:
-            if y0 >= y1 or x0 >= x1:
-                continue
-            a = box[0, :, y0 - by:y1 - by, x0 - bx:x1 - bx].float()
-            c = crop[:, y0 - region.y * s:y1 - region.y * s, x0 - region.x * s:x1 - region.x * s].float()
-            err = max(err, float((a - c).abs().max()))
+
+    def own(b: int):
+        bt = torch.tensor([b], device=plan.device)
+        (_, _, out, lo), = inc.outputs(plan, plan.forward, bt, torch.zeros_like(bt))
+        return out[0], tuple(int(v) for v in lo[0])
+    err = max(err, largest_difference_from_crop(plan, windows, region, own))
     tol = VERIFY_TOL[plan.options.precision]
     if not err <= tol:
         engine.release()

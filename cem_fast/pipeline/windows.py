@@ -225,26 +225,34 @@ def plan_windows(plan: "RunPlan") -> dict:
 VERIFY_WINDOW_BLOCKS = 4
 
 
-def verify_windows(plan: "RunPlan", windows: BlockWindows, region: Window) -> float:
-    """Largest |output on C_b from V_b - output on C_b from the crop| over a few blocks (the reach's corners and
-    one inside a ROI), draw 0 of each."""
+def largest_difference_from_crop(plan: "RunPlan", windows: BlockWindows, region: Window, own) -> float:
+    """Largest |an intervention's own output on C_b - the crop's| over a few blocks (the reach's corners and one
+    inside a ROI), draw 0 of each: what the windows and the layer-by-layer engine are checked by. ``own(b)``: block
+    ``b``'s output (C, h, w) and its origin (output px)."""
     from ..locality import _verification_blocks
     from .plan import verification_inputs
     s = plan.task.scale
-    reach_any = plan.locality.reach.any(0)
-    picks = _verification_blocks(reach_any, VERIFY_WINDOW_BLOCKS, plan.grid.cols)
+    picks = _verification_blocks(plan.locality.reach.any(0), VERIFY_WINDOW_BLOCKS, plan.grid.cols)
     err = 0.0
     for b in picks:
-        row = windows.rows(np.array([b]))
-        blocks = torch.tensor([int(b)], device=plan.device)
-        draws = torch.zeros(1, dtype=torch.int64, device=plan.device)
-        own = plan.forward(windows_inputs(plan, windows, blocks, draws, row))
-        crop = plan.forward(verification_inputs(plan, np.array([int(b)], dtype=np.int64), region))
-        vy, vx = int(windows.inputs[row[0], 0]) * s, int(windows.inputs[row[0], 1]) * s
-        for y0, x0, y1, x1 in windows.changed[row[0]]:
+        out, (oy, ox) = own(int(b))
+        crop = plan.forward(verification_inputs(plan, np.array([int(b)], dtype=np.int64), region))[0]
+        for y0, x0, y1, x1 in windows.changed[windows.rows(np.array([b]))[0]]:
             if y0 >= y1 or x0 >= x1:
                 continue
-            a = own[0, :, y0 - vy:y1 - vy, x0 - vx:x1 - vx].float()
-            c = crop[0, :, y0 - region.y * s:y1 - region.y * s, x0 - region.x * s:x1 - region.x * s].float()
+            a = out[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox].float()
+            c = crop[:, y0 - region.y * s:y1 - region.y * s, x0 - region.x * s:x1 - region.x * s].float()
             err = max(err, float((a - c).abs().max()))
     return err
+
+
+def verify_windows(plan: "RunPlan", windows: BlockWindows, region: Window) -> float:
+    """The windows' check: each block's output on C_b from V_b against the crop's (see above)."""
+    s = plan.task.scale
+
+    def own(b: int):
+        row = windows.rows(np.array([b]))
+        blocks = torch.tensor([b], device=plan.device)
+        out = plan.forward(windows_inputs(plan, windows, blocks, torch.zeros_like(blocks), row))[0]
+        return out, (int(windows.inputs[row[0], 0]) * s, int(windows.inputs[row[0], 1]) * s)
+    return largest_difference_from_crop(plan, windows, region, own)
