@@ -22,11 +22,15 @@ from .jsonsafe import json_bytes
 
 TRUTH_SEED = 1_000_003  # draws no plan makes (plans use seeds 0, 1, 2, ...)
 BIG_DB = 0.1  # sign errors are counted where the truth's |CE| reaches this
+PAPER = "coarse-to-fine 3/50, mean (the paper's)"
 PLANS: dict[str, dict] = {
+    PAPER: dict(mode="coarse-to-fine", coarse=3, fine=50, estimator="mean"),
     "coarse-to-fine 3/50": dict(mode="coarse-to-fine", coarse=3, fine=50),
     "exhaustive 5": dict(mode="exhaustive", samples=5),
     "exhaustive 20": dict(mode="exhaustive", samples=20),
     "adaptive 3 + up to 50": dict(mode="adaptive", coarse=3, fine=50),
+    # the same seed's forwards as the paper's plan: its fine stage's count is the adaptive budget
+    "adaptive, the paper's forwards": dict(mode="adaptive", coarse=3, fine=50, budget=PAPER),
 }
 
 
@@ -37,12 +41,13 @@ def map_error(res, truth) -> dict[str, Any]:
     big = np.abs(true) >= BIG_DB
     low, high = res.interval()
     inside = (low[rated] <= true) & (true <= high[rated])
-    has_interval = np.isfinite(low[rated])
+    has_interval = np.isfinite(low[rated])  # coarse-to-fine's screened blocks have none
     r = float(np.corrcoef(ours, true)[0, 1]) if ours.size > 1 and ours.std() > 0 and true.std() > 0 else None
     return {"forwards": int(res.num_forwards), "pearson_r": r,
             "sign_errors": int((np.sign(ours[big]) != np.sign(true[big])).sum()), "big_blocks": int(big.sum()),
             "mae_db": float(np.abs(ours - true).mean()) if ours.size else 0.0,
-            "coverage": float(inside[has_interval].mean()) if has_interval.any() else None}
+            "coverage": float(inside[has_interval].mean()) if has_interval.any() else None,
+            "with_interval": float(has_interval.mean()) if has_interval.size else None}
 
 
 def study(model, image, task: str, roi, truth_draws: int = 1000, seeds: Sequence[int] = (0, 1, 2),
@@ -52,10 +57,13 @@ def study(model, image, task: str, roi, truth_draws: int = 1000, seeds: Sequence
     options.setdefault("progress", False)
     truth = causal_effect_map(model, image, task, roi=roi, mode="exhaustive", samples=truth_draws,
                               seed=TRUTH_SEED, **options)
-    rows = []
+    rows, fine_forwards = [], {}
     for name, plan in (plans or PLANS).items():
         for seed in seeds:
+            if isinstance(plan.get("budget"), str):  # another plan's fine-stage forwards, same seed
+                plan = {**plan, "budget": fine_forwards[plan["budget"], seed]}
             res = causal_effect_map(model, image, task, roi=roi, seed=seed, **plan, **options)
+            fine_forwards[name, seed] = int(res.gated.sum()) * res.draws()[1]
             rows.append({"plan": name, "seed": int(seed), **map_error(res, truth)})
     return {"truth": {"draws": truth_draws, "forwards": truth.num_forwards, "seed": TRUTH_SEED,
                       "rated_blocks": int((~truth.roi_mask & truth.reachable).sum()),
@@ -69,7 +77,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["plan"] for r in rows):
         mine = [r for r in rows if r["plan"] == name]
         mean = {}
-        for key in ("forwards", "pearson_r", "sign_errors", "mae_db", "coverage"):
+        for key in ("forwards", "pearson_r", "sign_errors", "mae_db", "coverage", "with_interval"):
             vals = [r[key] for r in mine if r[key] is not None]
             mean[key] = float(np.mean(vals)) if vals else None
         out.append({"plan": name, "runs": len(mine), "big_blocks": mine[0]["big_blocks"], **mean})
@@ -81,15 +89,15 @@ def table(result: dict) -> str:
     t = result["truth"]
     lines = [f"Truth: {t['draws']} draws per block ({t['forwards']:,} forwards), {t['rated_blocks']} rated blocks "
              f"(outside the ROI, reachable); sign errors where the truth's |CE| >= {BIG_DB} dB.", "",
-             "| plan | runs | forwards (mean) | Pearson r | sign errors | MAE (dB) | 95 % CI coverage |",
-             "|---|---|---|---|---|---|---|"]
+             "| plan | runs | forwards (mean) | Pearson r | sign errors | MAE (dB) | 95 % CI coverage | blocks with "
+             "an interval |", "|---|---|---|---|---|---|---|---|"]
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for s in result["summary"]:
         lines.append(f"| {s['plan']} | {s['runs']} | {s['forwards']:,.0f} | {f(s['pearson_r'], '.4f')} | "
                      f"{f(s['sign_errors'], '.2f')} of {s['big_blocks']} | {f(s['mae_db'], '.4f')} | "
-                     f"{f(s['coverage'], '.3f')} |")
+                     f"{f(s['coverage'], '.3f')} | {f(s['with_interval'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -103,6 +103,9 @@ def causal_effect_maps(
     mode: str = "coarse-to-fine",
     samples: Optional[int] = None,
     budget: Optional[int] = None,
+    half_width_rel: Optional[float] = None,
+    half_width_db: Optional[float] = None,
+    estimator: str = "control-variate",
     backend: Optional[str] = None,
     progress: Optional[bool] = None,
     image_name: Optional[str] = None,
@@ -146,11 +149,19 @@ def causal_effect_maps(
         batch_size: interventions per forward; "auto" (default): the largest that fits (CUDA) or about 64k input
             pixels (CPU), remembered per model and input shape; out-of-memory errors back off and continue.
         mode: "coarse-to-fine" (the paper's), "exhaustive" (``samples`` draws for every block) or
-            "adaptive": after the coarse stage (at least 2 draws), rounds of 8 more draws for every block whose 95 %
-            interval does not yet lie above +tol, below -tol or inside (-tol, tol), up to ``fine`` more per
-            block; a block's effect is the mean of all its draws.
+            "adaptive": after the coarse stage (at least 2 draws), rounds of 8 more draws for every block, at least
+            one round each, until its 95 % interval lies above +tol, below -tol or inside (-tol, tol) and is no
+            wider than ``max(tol, half_width_rel * |effect|, half_width_db)``, up to ``fine`` more per block; a
+            block's effect is estimated from all its draws.
         samples: draws per block in exhaustive mode (default ``fine``).
-        budget: adaptive mode: at most this many extra forwards in all (the widest intervals are drawn first).
+        budget: adaptive mode: this many extra forwards in all, spent (the blocks furthest from their target
+            half-width draw first; once every block has stopped, the rest refines them).
+        half_width_rel, half_width_db: adaptive mode: the stopping half-width (defaults 0.2 and 0.05 dB).
+        estimator: "control-variate" (default): where a block has at least 11 draws, its effect is the
+            intercept of the regression of its draws' effects on the drawn patches' channel means (known mean
+            over the bank), with an HC3 standard error: the same expectation as the mean with much less noise
+            (1.6-2.7x less mean absolute error at 50 draws on the shipped defaults); "mean": the plain mean of the
+            draws, as the paper and the reference.
         backend: "auto", "torch", "triton", "cuda" or "cpp" for the intervention and reduction ops.
         progress: show a progress bar (default: when stderr is a terminal).
         cache: folder of the crash-safe sample cache; a re-run with the same inputs resumes where it stopped
@@ -163,8 +174,9 @@ def causal_effect_maps(
         :class:`CEMResults`, one :class:`CEMResult` per ROI, in order.
     """
     run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, mode=mode, samples=samples,
-                     budget=budget, locality=locality, roi_plan=roi_plan, windows=windows, incremental=incremental,
-                     precision=precision,
+                     budget=budget, half_width_rel=half_width_rel, half_width_db=half_width_db,
+                     estimator=estimator, locality=locality, roi_plan=roi_plan, windows=windows,
+                     incremental=incremental, precision=precision,
                      batch_size=batch_size, device=device, backend=backend, compile=compile, progress=progress,
                      cache=cache, fresh=fresh, max_pixels=max_pixels, trust_model_code=trust_model_code)
     return run_cem(model, image, task, rois, roi_grid, patches, run, TaskOptions.of(**task_options),

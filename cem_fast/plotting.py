@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from .fileio import atomic_write  # noqa: E402
@@ -201,13 +201,32 @@ def cem_figure(res, title: Optional[str] = None, scale: ScaleLike = "auto", lege
     ax.set_title(title or f"{res.model_name} / {res.image_name}", fontsize=14)
     ax.set_xlabel(extremes_text(res.stats()), fontsize=11)
     colour_bar(fig, ax, cs, res.cem[~res.roi_mask])
+    hatched = _hatch_undecided(ax, res)
     if legend:
-        _box_legend(fig, crop=_crop_box(res) is not None, scale=cs)
+        _box_legend(fig, crop=_crop_box(res) is not None, scale=cs, hatched=hatched)
     return fig
 
 
-def _box_legend(fig, crop: bool, scale: ColourScale) -> None:
+def _hatch_undecided(ax, res) -> int:
+    """Hatch the blocks outside the ROI whose 95 % interval does not decide them (it straddles +tol or -tol):
+    more draws could still change their sign or zero them. Returns how many."""
+    from .intervals import UNDECIDED
+    if res.effect_se is None:
+        return 0
+    undecided = (res.decided() == UNDECIDED) & ~res.roi_mask
+    H, W = res.gt.shape[-2:]
+    for r, c in np.argwhere(undecided):
+        y, x = r * res.block, c * res.block
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), min(res.block, W - x), min(res.block, H - y), fill=False,
+                               hatch="////", edgecolor=(0.2, 0.2, 0.2, 0.7), linewidth=0))
+    return int(undecided.sum())
+
+
+def _box_legend(fig, crop: bool, scale: ColourScale, hatched: int = 0) -> None:
     handles = [Patch(facecolor="none", edgecolor=(0, 1, 0), linewidth=2, label=ROI_LEGEND)]
+    if hatched:
+        handles.append(Patch(facecolor="none", edgecolor=(0.2, 0.2, 0.2), hatch="////",
+                             label=f"hatched: {hatched} undecided (95% CI straddles \u00b1tol)"))
     if crop:
         handles.append(Patch(facecolor="none", edgecolor=np.array(GREY) / 255, linewidth=2, label=CROP_LEGEND))
     handles.append(Patch(visible=False, label=f"colour scale {scale.describe()}"))

@@ -62,10 +62,14 @@ class CEMResult:
         psnr_origin: Y(I), the ROI PSNR of the unintervened input, dB.
         gt, degraded, output: (3, H, W) / (3, h, w) / (3, H, W) uint8 images for pictures, on the CPU (degraded
             and output may be given as :class:`Deferred`: a GPU run copies them to the host on first read).
-        effect_se: (rows, cols) standard error of each block's effect, dB: the sample standard deviation of the
-            draws that made it (the fine draws where gated, else the coarse ones) over the square root of their
-            number; 0 where the block cannot reach the ROI (its effect is exactly 0); NaN with one draw.
+        effect_se: (rows, cols) standard error of each block's effect, dB, from the draws that made it (the fine
+            draws where gated, else the coarse ones; adaptive: all its draws): the control-variate estimate's
+            HC3 error where ``estimator`` is "control-variate" and the block has enough draws, else the sample
+            standard deviation over the square root of their number; 0 where the block cannot reach the ROI (its
+            effect is exactly 0); NaN with one draw and for coarse-to-fine's screened blocks (:attr:`screened`).
         effect_draws: (rows, cols) int, the number of those draws (0 where the block cannot reach the ROI).
+        effect_df: (rows, cols) degrees of freedom of each interval's Student t (None: ``effect_draws - 1``).
+        estimator: how effects were estimated from the draws: "control-variate" or "mean".
     """
 
     cem: np.ndarray
@@ -95,6 +99,8 @@ class CEMResult:
     extra: dict = field(default_factory=dict)
     effect_se: Optional[np.ndarray] = None
     effect_draws: Optional[np.ndarray] = None
+    effect_df: Optional[np.ndarray] = None
+    estimator: str = "mean"
 
     def __post_init__(self) -> None:
         if self.reachable is None:
@@ -102,32 +108,53 @@ class CEMResult:
 
     def interval(self) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) (rows, cols): the 95 % confidence interval of each block's effect, ``effect +- t * se``
-        with Student's t for the number of draws (NaN with a single draw or no uncertainty recorded)."""
+        with Student's t for its degrees of freedom (NaN with a single draw, for screened blocks or with no
+        uncertainty recorded)."""
         if self.effect_se is None:
             nan = np.full(self.effect.shape, np.nan)
             return nan, nan
-        half = np.where(self.effect_draws > 0, t975(self.effect_draws - 1) * self.effect_se, 0.0)
+        df = self.effect_draws - 1 if self.effect_df is None else self.effect_df
+        half = np.where(self.effect_draws > 0, t975(df) * self.effect_se, 0.0)
         return self.effect - half, self.effect + half
+
+    @property
+    def screened(self) -> np.ndarray:
+        """(rows, cols) bool: coarse-to-fine's blocks that the coarse gate kept out of the fine stage (every
+        coarse draw under tol). Their effect is the coarse mean, set to 0 in ``cem``; they carry no interval:
+        three draws chosen for their small spread under-cover (measured: benchmarks/results/*convergence*)."""
+        if self.effect_se is None:
+            return np.zeros(self.effect.shape, dtype=bool)
+        return self.reachable & ~self.gated & (self.effect_draws > 0) & np.isnan(self.effect_se) & \
+            (self.mode == "coarse-to-fine")
 
     def decided(self) -> np.ndarray:
         """(rows, cols) int8: +1 helps (the interval lies above +tol), -1 hurts (below -tol), 0 no effect (inside
-        (-tol, tol), which includes every block that cannot reach the ROI), 2 undecided."""
+        (-tol, tol), which includes every block that cannot reach the ROI and, by the gate's rule, every
+        screened block), 2 undecided."""
         low, high = self.interval()
-        return decide(low, high, self.tol)
+        out = decide(low, high, self.tol)
+        out[self.screened] = NO_EFFECT
+        return out
 
     def uncertainty(self) -> dict[str, Any]:
         """summary.json's account of the uncertainty, ROI blocks excluded."""
         rated = ~self.roi_mask
+        screened = self.screened[rated]
         d = self.decided()[rated]
         low, high = self.interval()
         half = ((high - low) / 2)[rated & (self.effect_draws > 0)] if self.effect_draws is not None else \
             np.zeros(0)
         half = half[np.isfinite(half)]
-        return {"interval": "95 % Student-t interval of the mean of the draws that made each effect (adaptive: "
-                            "all its draws; else the fine draws where gated, the coarse ones elsewhere; none "
-                            "where a block cannot reach the ROI)",
+        how = ("the control-variate estimate (regression on the drawn patches' channel means) with its HC3 "
+               "standard error where a block has 11 or more draws, else the mean"
+               if self.estimator == "control-variate" else "the mean of the draws")
+        return {"interval": f"95 % Student-t interval of {how}, from the draws that made each effect (adaptive: "
+                            "all its draws; else the fine draws where gated; none where a block cannot reach "
+                            "the ROI or was screened by the coarse gate)",
+                "estimator": self.estimator,
                 "helps": int((d == HELPS).sum()), "hurts": int((d == HURTS).sum()),
-                "no_effect": int((d == NO_EFFECT).sum()), "undecided": int((d == UNDECIDED).sum()),
+                "no_effect": int(((d == NO_EFFECT) & ~screened).sum()), "screened": int(screened.sum()),
+                "undecided": int((d == UNDECIDED).sum()),
                 "median_half_width_db": float(np.median(half)) if half.size else None}
 
     def draws(self) -> tuple[int, int]:
@@ -237,7 +264,8 @@ class CEMResult:
         out.mkdir(parents=True, exist_ok=True)
         low, high = self.interval()
         spread = {} if self.effect_se is None else dict(effect_se=self.effect_se, effect_draws=self.effect_draws,
-                                                         ci_low=low, ci_high=high, decided=self.decided())
+                                                         ci_low=low, ci_high=high, decided=self.decided(),
+                                                         screened=self.screened)
         atomic_write(out / "result.npz", lambda f: np.savez_compressed(
             f, **spread, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
             samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable,

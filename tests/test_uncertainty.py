@@ -22,10 +22,10 @@ def result():
 
 
 def test_the_standard_error_is_that_of_the_draws_behind_each_effect(result):
-    y0 = result.psnr_origin
-    fine_d = y0 - result.samples_fine  # NaN where not gated
-    coarse_d = y0 - result.samples_coarse
-    want_se = np.where(result.gated, fine_d.std(axis=2, ddof=1) / np.sqrt(6), coarse_d.std(axis=2, ddof=1) / np.sqrt(3))
+    """Six fine draws are too few for the control variate: the mean's standard error, from the fine draws where
+    gated; blocks the coarse gate screened out carry none (NaN), unreachable ones an exact 0."""
+    fine_d = result.psnr_origin - result.samples_fine  # NaN where not gated
+    want_se = np.where(result.gated, fine_d.std(axis=2, ddof=1) / np.sqrt(6), np.nan)
     want_se = np.where(result.reachable, want_se, 0.0)
     np.testing.assert_allclose(result.effect_se, want_se, rtol=1e-12, atol=1e-12)
     want_n = np.where(result.reachable, np.where(result.gated, 6, 3), 0)
@@ -33,13 +33,17 @@ def test_the_standard_error_is_that_of_the_draws_behind_each_effect(result):
     assert result.gated.any() and (~result.gated & result.reachable).any()  # both kinds of block are checked
 
 
-def test_the_interval_uses_students_t_for_the_number_of_draws(result):
+def test_screened_blocks_have_no_interval_and_count_as_no_effect(result):
     low, high = result.interval()
-    coarse_only = result.reachable & ~result.gated
+    screened = result.reachable & ~result.gated
+    np.testing.assert_array_equal(result.screened, screened)
+    assert np.isnan(low[screened]).all() and np.isnan(high[screened]).all()
+    assert (result.decided()[screened] == NO_EFFECT).all()
     half = (high - low) / 2
-    np.testing.assert_allclose(half[coarse_only], 4.303 * result.effect_se[coarse_only], rtol=1e-12)
     np.testing.assert_allclose(half[result.gated], 2.571 * result.effect_se[result.gated], rtol=1e-12)
     assert (half[~result.reachable] == 0).all()
+    summary = result.uncertainty()
+    assert summary["screened"] == int((screened & ~result.roi_mask).sum()) > 0
 
 
 def test_t_quantiles_match_scipy():
@@ -59,7 +63,8 @@ def test_summary_and_npz_carry_the_uncertainty(result, tmp_path):
     result.save(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())["uncertainty"]
     rated = int((~result.roi_mask).sum())
-    assert summary["helps"] + summary["hurts"] + summary["no_effect"] + summary["undecided"] == rated
+    assert summary["helps"] + summary["hurts"] + summary["no_effect"] + summary["screened"] + \
+        summary["undecided"] == rated
     d = result.decided()[~result.roi_mask]
     assert summary["undecided"] == int((d == UNDECIDED).sum()) and summary["helps"] == int((d == HELPS).sum())
     with np.load(tmp_path / "result.npz") as z:
@@ -68,6 +73,7 @@ def test_summary_and_npz_carry_the_uncertainty(result, tmp_path):
         np.testing.assert_array_equal(z["ci_high"], high)
         np.testing.assert_array_equal(z["decided"], result.decided())
         np.testing.assert_array_equal(z["effect_se"], result.effect_se)
+        np.testing.assert_array_equal(z["screened"], result.screened)
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +85,34 @@ def adaptive_case():
                 tol=0.05, coarse=3, fine=24)
 
 
-def test_adaptive_draws_until_every_block_is_decided_or_capped(adaptive_case):
-    res = cem_fast.causal_effect_map(mode="adaptive", **adaptive_case)
+def test_adaptive_draws_until_every_block_is_decided_and_precise_or_capped(adaptive_case):
+    res = cem_fast.causal_effect_map(mode="adaptive", estimator="mean", **adaptive_case)
+    low, high = res.interval()
+    half = (high - low) / 2
+    target = np.maximum(np.maximum(0.05, 0.2 * np.abs(res.effect)), 0.05)
     capped = res.effect_draws >= 3 + 24
-    assert not ((res.decided() == UNDECIDED) & ~capped & res.reachable).any()
-    assert (res.effect_draws[res.reachable] >= 3).all() and res.gated.any()
-    # the effect is the mean of all the block's draws, coarse ones included
+    going = ((res.decided() == UNDECIDED) | (half > target)) & res.reachable
+    assert not (going & ~capped).any() and (~going & res.reachable).any()
+    # every reachable block drew at least one round beyond the coarse stage (three draws give no honest interval)
+    assert (res.effect_draws[res.reachable] >= 3 + 8).all() and res.gated[res.reachable].all()
+    # with the mean estimator, the effect is the mean of all the block's draws, coarse ones included
     r, c = np.argwhere(res.gated)[0]
     k = int(res.effect_draws[r, c]) - 3
     draws = np.concatenate([res.samples_coarse[r, c], res.samples_fine[r, c, :k]])
     assert np.isnan(res.samples_fine[r, c, k:]).all()
     np.testing.assert_allclose(res.effect[r, c], res.psnr_origin - draws.mean(), rtol=0, atol=1e-12)
+
+
+def test_a_looser_half_width_stops_sooner(adaptive_case):
+    tight = cem_fast.causal_effect_map(mode="adaptive", half_width_rel=0.01, half_width_db=0.0, **adaptive_case)
+    loose = cem_fast.causal_effect_map(mode="adaptive", **adaptive_case)
+    assert loose.num_forwards < tight.num_forwards
+    low, high = tight.interval()
+    assert ((high - low) / 2 > 0.05)[tight.effect_draws < 3 + 24].sum() == 0  # the tighter target was kept
+    with pytest.raises(ValueError, match="half_width_rel applies to mode: adaptive"):
+        cem_fast.causal_effect_map(half_width_rel=0.3, **adaptive_case)
+    with pytest.raises(ValueError, match=r"half_width_db must be a finite number in \[0, inf\], got -1"):
+        cem_fast.causal_effect_map(mode="adaptive", half_width_db=-1, **adaptive_case)
 
 
 def test_adaptive_draws_are_those_of_coarse_to_fine(adaptive_case):
@@ -105,7 +128,7 @@ def test_adaptive_draws_are_those_of_coarse_to_fine(adaptive_case):
 def test_adaptive_keeps_to_its_budget_and_resumes(adaptive_case, tmp_path):
     res = cem_fast.causal_effect_map(mode="adaptive", budget=20, cache=tmp_path, **adaptive_case)
     extra = int((res.effect_draws[res.reachable] - 3).sum())
-    assert 0 < extra <= 20
+    assert extra == 20  # spent, not more
     again = cem_fast.causal_effect_map(mode="adaptive", budget=20, cache=tmp_path, **adaptive_case)
     assert again.extra["reused_from_cache"] == int(res.effect_draws[res.reachable].sum())
     np.testing.assert_array_equal(again.effect, res.effect)
@@ -127,9 +150,31 @@ def test_the_convergence_command_writes_its_table_and_plot(tmp_path, capsys):
     cfg.write_text(f"model: bicubic\nimages: [{image}]\ntask: SR\nscale: 4\nroi: [48, 56, 16]\n")
     assert main(["convergence", str(cfg), "--out", str(tmp_path / "out"), "--truth", "30", "--seeds", "1"]) == 0
     result = json.loads((tmp_path / "out" / "convergence.json").read_text())
-    assert [s["plan"] for s in result["summary"]] == ["coarse-to-fine 3/50", "exhaustive 5", "exhaustive 20",
-                                                      "adaptive 3 + up to 50"]
+    assert [s["plan"] for s in result["summary"]] == [
+        "coarse-to-fine 3/50, mean (the paper's)", "coarse-to-fine 3/50", "exhaustive 5", "exhaustive 20",
+        "adaptive 3 + up to 50", "adaptive, the paper's forwards"]
+    by_plan = {s["plan"]: s for s in result["summary"]}
+    assert by_plan["adaptive, the paper's forwards"]["forwards"] == by_plan["coarse-to-fine 3/50, mean (the paper's)"][
+        "forwards"]
     assert result["truth"]["draws"] == 30 and all(s["forwards"] > 0 for s in result["summary"])
     assert (tmp_path / "out" / "convergence.png").stat().st_size > 1000
     assert "| coarse-to-fine 3/50 | 1 |" in capsys.readouterr().out
     assert main(["convergence", str(cfg), "--out", str(tmp_path / "o2"), "--truth", "0"]) == 2  # one line, no run
+
+
+def test_the_map_figure_hatches_undecided_blocks():
+    from importlib import resources
+
+    from matplotlib.patches import Rectangle
+
+    from cem_fast.plotting import cem_figure, plt
+    image = str(resources.files("cem_fast") / "data" / "demo.png")
+    res = cem_fast.causal_effect_map("bicubic", image, task="SR", scale=4, roi=(48, 56, 16), mode="exhaustive",
+                                     samples=4, progress=False)
+    undecided = int(((res.decided() == UNDECIDED) & ~res.roi_mask).sum())
+    assert undecided > 0
+    fig = cem_figure(res)
+    hatched = [p for p in fig.axes[0].patches if isinstance(p, Rectangle) and p.get_hatch()]
+    assert len(hatched) == undecided
+    assert any(f"{undecided} undecided" in t.get_text() for t in fig.legends[0].get_texts())
+    plt.close(fig)

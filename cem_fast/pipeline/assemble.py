@@ -83,7 +83,7 @@ def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, effects: list,
     results = CEMResults()
     for j, roi in enumerate(plan.rois):
         effect = effects[j]
-        se, used = sampled.spread(j)
+        se, used, df = sampled.spread(j)
         results.append(CEMResult(
             cem=np.where(np.abs(effect) >= o.tol, effect, 0.0), effect=effect,
             samples_coarse=Deferred((grid.rows, grid.cols, coarse), partial(dense, sampled.dense_coarse, j, grid)),
@@ -97,5 +97,7 @@ def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, effects: list,
                         "digest": plan.bank_digest},
             gt=pics["gt"], degraded=pics["degraded"], output=pics["output"],
             reachable=plan.locality.reach[j], extra=dict(extra),
-            effect_se=se.reshape(grid.rows, grid.cols), effect_draws=used.reshape(grid.rows, grid.cols)))
+            effect_se=se.reshape(grid.rows, grid.cols), effect_draws=used.reshape(grid.rows, grid.cols),
+            effect_df=df.reshape(grid.rows, grid.cols),
+            estimator="control-variate" if sampled.covariates is not None else "mean"))
     return results

@@ -23,6 +23,7 @@ RainPreset = Literal["small", "medium", "large", "random"]
 RoiPlan = Literal["auto", "shared", "per-roi"]
 Windows = Literal["auto", "crop"]
 Incremental = Literal["auto", "off"]
+Estimator = Literal["control-variate", "mean"]
 
 MODES: tuple = get_args(Mode)
 LOCALITY: tuple = get_args(Locality)
@@ -35,9 +36,12 @@ RAIN_PRESETS: tuple = get_args(RainPreset)
 ROI_PLANS: tuple = get_args(RoiPlan)
 WINDOWS: tuple = get_args(Windows)
 INCREMENTAL: tuple = get_args(Incremental)
+ESTIMATORS: tuple = get_args(Estimator)
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger inputs are refused unless max_pixels is raised (memory grows with it)
 DRAW_STRIDE = checks.MAX_DRAWS  # intervention id = block * DRAW_STRIDE + draw index
+HALF_WIDTH_REL = 0.2  # adaptive defaults: a block stops once its 95 % half-width is within 20 % of |effect| ...
+HALF_WIDTH_DB = 0.05  # ... or 0.05 dB (measured in benchmarks/results/*convergence*)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ class RunOptions:
     mode: Mode = "coarse-to-fine"
     samples: Optional[int] = None
     budget: Optional[int] = None
+    half_width_rel: Optional[float] = None
+    half_width_db: Optional[float] = None
+    estimator: Estimator = "control-variate"
     locality: Locality = "auto"
     roi_plan: RoiPlan = "auto"
     windows: Windows = "auto"
@@ -114,6 +121,7 @@ class RunOptions:
         checks.choice("windows", self.windows, WINDOWS)
         checks.choice("incremental", self.incremental, INCREMENTAL)
         checks.choice("precision", self.precision, PRECISIONS)
+        checks.choice("estimator", self.estimator, ESTIMATORS)
         if self.mode == "exhaustive":
             checks.integer("samples", self.fine if self.samples is None else self.samples, 1)
         elif self.mode == "adaptive":  # an interval needs two draws
@@ -128,6 +136,14 @@ class RunOptions:
             checks.integer("budget", self.budget, 0)
             if self.mode != "adaptive":
                 raise ValueError(f"budget applies to mode: adaptive (extra forwards in all), got mode {self.mode!r}")
+        for name in ("half_width_rel", "half_width_db"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            checks.number(name, value, 0, None)
+            if self.mode != "adaptive":
+                raise ValueError(f"{name} applies to mode: adaptive (when a block stops drawing), got mode "
+                                 f"{self.mode!r}")
         if not (isinstance(self.tol, (int, float)) and not isinstance(self.tol, bool) and math.isfinite(self.tol)
                 and self.tol >= 0):
             raise ValueError(f"tol must be a non-negative number of dB, got {self.tol!r}")
@@ -154,6 +170,14 @@ class RunOptions:
         if self.mode == "exhaustive":
             return 0, int(self.fine if self.samples is None else self.samples)
         return int(self.coarse), int(self.fine)
+
+    @property
+    def half_width_rel_or_default(self) -> float:
+        return HALF_WIDTH_REL if self.half_width_rel is None else float(self.half_width_rel)
+
+    @property
+    def half_width_db_or_default(self) -> float:
+        return HALF_WIDTH_DB if self.half_width_db is None else float(self.half_width_db)
 
     @property
     def auto_batch(self) -> bool:

@@ -46,7 +46,7 @@ def check_precision(plan: "RunPlan", effects: list, psnr_origin: np.ndarray, gat
     """Recompute a sample of blocks in fp32 (same draws, same crop). Reports the largest |CE(precision) -
     CE(fp32)| and the shift of Y(I)."""
     from .runner import Runner
-    from .samples import Samples
+    from .samples import Samples, patch_covariates
     blocks = blocks_to_check(plan, effects)
     runner = Runner(plan, forward=plan.forward.at_precision("fp32"))
     origin32 = runner.origin()
@@ -59,8 +59,9 @@ def check_precision(plan: "RunPlan", effects: list, psnr_origin: np.ndarray, gat
     got = runner.run("precision", b, d).reshape(len(blocks), draws_per_block, n).transpose(2, 0, 1)
     # the checked blocks' fp32 samples, read the way the run's were
     fine_run = blocks if draws_per_block > coarse else blocks[:0]
+    cv = patch_covariates(plan) if plan.options.estimator == "control-variate" else None
     fp32 = Samples(blocks, got[:, :, :coarse], fine_run, got[:, :len(fine_run), coarse:], gated,
-                   plan.locality.reach.reshape(n, -1), origin32)
+                   plan.locality.reach.reshape(n, -1), origin32, covariates=cv)
     worst = 0.0
     for j in range(n):
         ce32 = fp32.effect(j)[blocks]

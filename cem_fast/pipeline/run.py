@@ -22,7 +22,8 @@ from .options import RunOptions, TaskOptions
 from .plan import RunPlan, budget_line, forward_budget, per_roi_pixels, plan_sampling, prepare
 from .precision import check_precision
 from .runner import Runner
-from .samples import Samples, refuse_infinite_effects, refuse_nan_samples, sample_adaptive, sample_stages
+from .samples import (Samples, patch_covariates, refuse_infinite_effects, refuse_nan_samples, sample_adaptive,
+                      sample_stages)
 
 
 def run_cem(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Task],
@@ -117,9 +118,12 @@ def _sample(plan: RunPlan, runner: Runner) -> tuple[np.ndarray, Samples]:
     else:
         psnr_origin = runner.origin()
     psnr_origin = distributed.from_rank0(psnr_origin, "Y(I)")  # every rank gates the fine stage alike
-    coarse, fine = plan.options.stages
-    if plan.options.mode == "adaptive":
+    o = plan.options
+    coarse, fine = o.stages
+    cv = patch_covariates(plan) if o.estimator == "control-variate" else None
+    if o.mode == "adaptive":
         return psnr_origin, sample_adaptive(runner, plan.grid, plan.locality.reach, psnr_origin, coarse, fine,
-                                            plan.options.tol, plan.options.budget)
-    return psnr_origin, sample_stages(runner, plan.grid, plan.locality.reach, psnr_origin, coarse, fine,
-                                      plan.options.tol)
+                                            o.tol, o.budget, o.half_width_rel_or_default,
+                                            o.half_width_db_or_default, covariates=cv)
+    return psnr_origin, sample_stages(runner, plan.grid, plan.locality.reach, psnr_origin, coarse, fine, o.tol,
+                                      covariates=cv)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..geometry import ROI
+from .options import DRAW_STRIDE, HALF_WIDTH_DB, HALF_WIDTH_REL
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -28,8 +29,11 @@ class Samples:
     ``coarse``: (n_rois, len(run), coarse) ROI PSNRs of the blocks in ``run``; ``fine``: (n_rois, len(fine_run),
     fine) of those in ``fine_run``; ``gated``: (n_rois, blocks); ``reach``: (n_rois, blocks).
 
-    Adaptive mode (``pooled``): a block's effect is the mean of all its draws, coarse and later ones, and
-    ``fine_drawn`` (len(fine_run),) says how many of the ``fine`` columns each block drew (the rest are padding)."""
+    Adaptive mode (``pooled``): a block's effect is estimated from all its draws, coarse and later ones, and
+    ``fine_drawn`` (len(fine_run),) says how many of the ``fine`` columns each block drew (the rest are padding).
+
+    ``covariates(blocks (B,), draws (B, K)) -> (B, K, q)``: each draw's control variates (:func:`patch_covariates`),
+    or None for plain means."""
 
     run: np.ndarray
     coarse: np.ndarray
@@ -40,62 +44,66 @@ class Samples:
     origin: np.ndarray
     fine_drawn: Optional[np.ndarray] = None
     pooled: bool = False
+    covariates: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
 
-    def _pooled(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Adaptive mode, ROI j: (blocks, mean, standard error, draws) of the blocks that drew more than the
-        coarse stage, over all their draws."""
-        keep = self.reach[j][self.fine_run] & self.gated[j][self.fine_run]
-        blocks = self.fine_run[keep]
-        row = np.full(self.gated.shape[1], -1)
-        row[self.run] = np.arange(len(self.run))
-        o = self.origin[j]
-        d = np.concatenate([effects(o, self.coarse[j][row[blocks]]), effects(o, self.fine[j][keep])], axis=1)
-        c = self.coarse.shape[2]
-        mask = np.arange(d.shape[1])[None, :] < (c + self.fine_drawn[keep])[:, None]
-        n = mask.sum(1)
-        mean = np.where(mask, d, 0.0).sum(1) / n
-        with np.errstate(invalid="ignore", divide="ignore"):
-            se = np.sqrt(np.where(mask, (d - mean[:, None]) ** 2, 0.0).sum(1) / (n - 1) / n)
-        return blocks, mean, se, n
+    def _groups(self, j: int):
+        """ROI j's reachable blocks by the draws that make their effect: (blocks, ROI PSNRs (B, K), which are real
+        (B, K), draw indices (B, K), screened). Coarse-to-fine: the fine draws where gated, else the coarse ones
+        (screened: the gate chose them for their small spread); exhaustive: its draws; adaptive: all a block's
+        draws, coarse ones included."""
+        reach, gated, c = self.reach[j], self.gated[j], self.coarse.shape[2]
+        kf = self.fine.shape[2]
+        in_fine = np.zeros(len(reach), dtype=bool)
+        groups = []
+        if kf and len(self.fine_run):
+            keep = reach[self.fine_run] & gated[self.fine_run]
+            blocks = self.fine_run[keep]
+            in_fine[blocks] = True
+            vals = self.fine[j][keep]
+            draws = np.broadcast_to(c + np.arange(kf), vals.shape)
+            mask = np.ones(vals.shape, dtype=bool)
+            if self.pooled:  # all the block's draws: its coarse ones, then those it drew of the padded ``fine``
+                row = np.full(len(reach), -1)
+                row[self.run] = np.arange(len(self.run))
+                vals = np.concatenate([self.coarse[j][row[blocks]], vals], axis=1)
+                draws = np.broadcast_to(np.arange(c + kf), vals.shape)
+                mask = np.arange(c + kf)[None, :] < (c + self.fine_drawn[keep])[:, None]
+            groups.append((blocks, vals, mask, draws, False))
+        if c and len(self.run):
+            keep = reach[self.run] & ~in_fine[self.run]
+            vals = self.coarse[j][keep]
+            screened = bool(kf) and not self.pooled
+            groups.append((self.run[keep], vals, np.ones(vals.shape, dtype=bool),
+                           np.broadcast_to(np.arange(c), vals.shape), screened))
+        return groups
+
+    def estimate(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(blocks,) ROI j's effect Y(I) - E[Y_k], its standard error, the number of draws behind it and the
+        degrees of freedom of its interval (:func:`cem_fast.intervals.block_estimates`: the control-variate
+        estimate where ``covariates`` is given and a block has enough draws, else the mean). Blocks that cannot
+        reach the ROI: 0, 0, 0 (their samples are Y(I) exactly). Coarse-to-fine's screened blocks (not gated):
+        the coarse mean with standard error NaN: three draws chosen for their small spread give no interval we
+        could defend."""
+        from ..intervals import block_estimates
+        nb = self.gated.shape[1]
+        effect, se, n, df = np.zeros(nb), np.zeros(nb), np.zeros(nb, dtype=np.int64), np.zeros(nb)
+        for blocks, vals, mask, draws, screened in self._groups(j):
+            if not len(blocks) or not vals.shape[1]:
+                continue
+            x = self.covariates(blocks, draws) if self.covariates is not None and not screened else None
+            m, s, f = block_estimates(effects(self.origin[j], vals), mask, x)
+            effect[blocks], se[blocks], df[blocks] = m, (np.nan if screened else s), f
+            n[blocks] = mask.sum(1)
+        return effect, se, n, df
 
     def effect(self, j: int) -> np.ndarray:
-        """(blocks,) ROI j's Y(I) - mean Y_k: the fine mean where gated (and fine > 0), else the coarse mean; 0 for
-        blocks that cannot reach the ROI (their samples are Y(I) exactly)."""
-        nb = self.gated.shape[1]
-        out = np.zeros(nb)
-        reach, gated, o = self.reach[j], self.gated[j], self.origin[j]
-        if self.coarse.shape[2] and len(self.run):
-            keep = reach[self.run]
-            out[self.run[keep]] = effects(o, self.coarse[j][keep]).mean(axis=-1)
-        if self.fine.shape[2] and len(self.fine_run):
-            if self.pooled:
-                blocks, mean, _, _ = self._pooled(j)
-                out[blocks] = mean
-                return out
-            keep = reach[self.fine_run] & gated[self.fine_run]
-            out[self.fine_run[keep]] = effects(o, self.fine[j][keep]).mean(axis=-1)
-        return out
+        """(blocks,) ROI j's effect (see :meth:`estimate`)."""
+        return self.estimate(j)[0]
 
-    def spread(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """(blocks,) standard error of ROI j's effect (the sample standard deviation of the draws that made it,
-        over the square root of their number: fine draws where gated, else coarse) and (blocks,) that number;
-        0 and 0 for blocks that cannot reach the ROI (their effect is exactly 0); NaN with a single draw."""
-        nb = self.gated.shape[1]
-        se, n = np.zeros(nb), np.zeros(nb, dtype=np.int64)
-        reach, gated, o = self.reach[j], self.gated[j], self.origin[j]
-        for blocks, vals, keep in ((self.run, self.coarse[j], reach[self.run]),
-                                   (self.fine_run, self.fine[j], reach[self.fine_run] & gated[self.fine_run])):
-            k = vals.shape[-1]
-            if not k or not len(blocks):
-                continue
-            d = effects(o, vals[keep])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                se[blocks[keep]] = d.std(axis=-1, ddof=1) / np.sqrt(k) if k > 1 else np.nan
-            n[blocks[keep]] = k
-        if self.pooled and self.fine.shape[2] and len(self.fine_run):
-            blocks, _, pooled_se, pooled_n = self._pooled(j)
-            se[blocks], n[blocks] = pooled_se, pooled_n
-        return se, n
+    def spread(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(blocks,) standard error of ROI j's effect, the number of draws behind it and the degrees of freedom
+        of its interval (see :meth:`estimate`)."""
+        return self.estimate(j)[1:]
 
     def dense_coarse(self, j: int) -> np.ndarray:
         """(blocks, coarse): the samples, Y(I) for blocks that cannot reach ROI j."""
@@ -133,7 +141,7 @@ class Samples:
 
 
 def sample_stages(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, fine: int,
-            tol: float) -> Samples:
+                  tol: float, covariates=None) -> Samples:
     """Run the coarse stage on every block that reaches some ROI and the fine stage on every block gated for some
     ROI. A block outside a ROI's reach gets Y_k = Y(I) exactly for that ROI (it cannot change it)."""
     n = len(psnr_origin)
@@ -160,7 +168,8 @@ def sample_stages(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.nda
         b = torch.from_numpy(fine_run).repeat_interleave(fine)
         d = coarse + torch.arange(fine).repeat(len(fine_run))
         got_fine = runner.run("fine", b, d).reshape(len(fine_run), fine, n).transpose(2, 0, 1)
-    return Samples(run, got_coarse, fine_run, got_fine, gated, flat_reach, np.asarray(psnr_origin, np.float64))
+    return Samples(run, got_coarse, fine_run, got_fine, gated, flat_reach, np.asarray(psnr_origin, np.float64),
+                   covariates=covariates)
 
 
 def dense(build: Callable[[int], np.ndarray], j: int, grid) -> np.ndarray:
@@ -235,19 +244,25 @@ def refuse_nan_samples(sampled: Samples, grid, name: str) -> None:
                              f"interventions (first: block ({r}, {c}), draw {k}); refusing to average them")
 
 
-ADAPTIVE_STEP = 8  # draws added per round to every undecided block
-# None: a block stops once decided (the issue's rule: fewest forwards); a fraction: it also needs its 95 %
-# half-width within that fraction of |effect| (or tol) - measured in benchmarks/results/*convergence*
-ADAPTIVE_PRECISION: Optional[float] = None
+ADAPTIVE_STEP = 8  # draws added per round to every block still drawing
+
+
+def stop_targets(mean: np.ndarray, tol: float, rel: float, floor_db: float) -> np.ndarray:
+    """The 95 % half-width a block's interval must reach to stop: ``max(tol, rel * |effect|, floor_db)``."""
+    return np.maximum(np.maximum(tol, rel * np.abs(mean)), floor_db)
 
 
 def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, cap: int,
-                    tol: float, budget: Optional[int] = None) -> Samples:
-    """The coarse stage, then rounds of ``ADAPTIVE_STEP`` more draws for every block still undecided for some ROI
-    (its 95 % interval neither above +tol, below -tol, nor inside (-tol, tol)), until every block is decided, has
-    ``cap`` extra draws, or ``budget`` extra forwards are spent (the widest intervals first). A block's effect is
-    the mean of all its draws. Draws stay keyed by (seed, block, draw index): the first extra draws of a block are
-    those coarse-to-fine would make."""
+                    tol: float, budget: Optional[int] = None, rel: float = HALF_WIDTH_REL,
+                    floor_db: float = HALF_WIDTH_DB, covariates=None) -> Samples:
+    """The coarse stage, then rounds of ``ADAPTIVE_STEP`` more draws for every block that has not stopped, until
+    all have stopped or drawn ``cap`` extra draws. A block stops after at least one round (three draws give no
+    interval to trust, measured) once its 95 % interval decides it (above +tol, below -tol or inside (-tol, tol))
+    and is no wider than :func:`stop_targets` (a decided sign is not yet a precise value). With ``budget``, the
+    extra forwards in all: the blocks furthest from their target draw first, and what is left once every block
+    has stopped refines those furthest from it, so that the budget is spent. Each block's effect is estimated
+    from all its draws. Draws stay keyed by (seed, block, draw index): the first extra draws of a block are those
+    coarse-to-fine would make, and a rerun with the same cache reuses them."""
     from ..intervals import UNDECIDED, decide, t975
     n, nb = len(psnr_origin), grid.num_blocks
     flat_reach = reach.reshape(n, nb)
@@ -261,41 +276,65 @@ def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.n
     fine = np.full((n, len(run), cap), np.nan)
     drawn = np.zeros(len(run), dtype=np.int64)
     gated = np.zeros((n, nb), dtype=bool)
-    samples = Samples(run, got_coarse, run, fine, gated, flat_reach, np.asarray(psnr_origin, np.float64), drawn,
-                      pooled=True)
+    origin = np.asarray(psnr_origin, np.float64)
+    samples = Samples(run, got_coarse, run, fine, gated, flat_reach, origin, drawn, pooled=True,
+                      covariates=covariates)
+    gated[:, run] = flat_reach[:, run]  # while drawing, every reachable block is read with its draws so far
     spent, rounds = 0, 0
-    gated[:, run] = flat_reach[:, run]  # while drawing, _pooled reads every reachable block with its draws so far
+    min_extra = min(ADAPTIVE_STEP, cap)
     while True:
-        undecided = np.zeros(len(run), dtype=bool)
-        width = np.zeros(len(run))
+        behind = np.zeros(len(run))  # per block, the largest half-width / target over the ROIs it reaches
+        going = drawn < min_extra
         for j in range(n):
-            _, mean, se, k = samples._pooled(j)  # the reachable blocks of ROI j, in the order of run
-            idx = np.flatnonzero(flat_reach[j][run])
-            half = t975(k - 1) * se
-            lost = decide(mean - half, mean + half, tol) == UNDECIDED
-            if ADAPTIVE_PRECISION is not None:
-                lost |= half > np.maximum(tol, ADAPTIVE_PRECISION * np.abs(mean))
-            undecided[idx] |= lost
-            width[idx] = np.maximum(width[idx], np.where(lost, half, 0))
-        active = np.flatnonzero(undecided & (drawn < cap))
+            mean, se, _, df = (a[run] for a in samples.estimate(j))
+            on = flat_reach[j][run]
+            half = np.where(on, t975(df) * se, 0.0)
+            ratio = half / stop_targets(mean, tol, rel, floor_db)
+            going |= on & ((decide(mean - half, mean + half, tol) == UNDECIDED) | (ratio > 1) | np.isnan(ratio))
+            behind = np.maximum(behind, np.nan_to_num(ratio, nan=np.inf))
         left = None if budget is None else budget - spent
+        active = np.flatnonzero(going & (drawn < cap))
+        if left is not None and not len(active):  # every block stopped: the rest of the budget refines
+            active = np.flatnonzero((drawn < cap) & (behind > 0))
         if not len(active) or left == 0:
             break
-        step = min(ADAPTIVE_STEP, cap - int(drawn[active].min()))
-        if left is not None and len(active) * step > left:  # the widest intervals first
-            active = active[np.argsort(-width[active], kind="stable")][:max(1, left // step)]
-            step = min(step, left // len(active)) or 1
+        if left is not None:  # the furthest from their target first, as many as the budget pays a round for
+            active = active[np.argsort(-behind[active], kind="stable")]
+            cost = np.cumsum(np.minimum(ADAPTIVE_STEP, cap - drawn[active]))
+            active = active[:max(1, int(np.searchsorted(cost, left, side="right")))]
+        steps = np.minimum(ADAPTIVE_STEP, cap - drawn[active])
+        if left is not None and steps.sum() > left:  # one block left, a partial round
+            steps = np.minimum(steps, left)
         rounds += 1
-        blocks = np.repeat(run[active], step)
-        draws = coarse + np.repeat(drawn[active], step) + np.tile(np.arange(step), len(active))
+        blocks = np.repeat(run[active], steps)
+        first = np.repeat(np.cumsum(steps) - steps, steps)
+        draws = coarse + np.repeat(drawn[active], steps) + np.arange(int(steps.sum())) - first
         got = runner.run(f"adaptive{rounds}", torch.from_numpy(blocks), torch.from_numpy(draws))
-        got = got.reshape(len(active), step, n).transpose(2, 0, 1)
-        for i, a in enumerate(active):
-            fine[:, a, drawn[a]:drawn[a] + step] = got[:, i]
-        drawn[active] += step
-        spent += len(active) * step
+        at = 0
+        for a, k in zip(active, steps):
+            fine[:, a, drawn[a]:drawn[a] + k] = got[at:at + k].T
+            at += k
+        drawn[active] += steps
+        spent += int(steps.sum())
     extra = drawn > 0
     gated[:] = False
     gated[:, run[extra]] = flat_reach[:, run[extra]]
-    return Samples(run, got_coarse, run[extra], fine[:, extra], gated, flat_reach,
-                   np.asarray(psnr_origin, np.float64), drawn[extra], pooled=True)
+    return Samples(run, got_coarse, run[extra], fine[:, extra], gated, flat_reach, origin, drawn[extra],
+                   pooled=True, covariates=covariates)
+
+
+def patch_covariates(plan) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The control variates of a run's draws: each drawn patch's mean per channel (as pasted into the input),
+    centred on the mean over the bank. Draws are uniform over the bank, so the centred covariates have mean 0
+    exactly, and a patch's brightness and colour explain much of a block's effect (R^2 0.5-0.9 outside the ROI
+    on the shipped SR and DN defaults): the regression on them removes that part of the noise."""
+    from ..rng import patch_draws
+    bank = plan.bank_in.detach().to("cpu", torch.float64)
+    means = bank.mean(dim=tuple(range(2, bank.dim()))).numpy()
+    means = means - means.mean(axis=0)
+
+    def covariates(blocks: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        ids = np.asarray(blocks, np.int64)[:, None] * DRAW_STRIDE + np.asarray(draws, np.int64)
+        pidx = patch_draws(plan.seed, torch.from_numpy(ids.reshape(-1)), len(means)).numpy()
+        return means[pidx].reshape(ids.shape + (means.shape[1],))
+    return covariates
