@@ -2,8 +2,14 @@
 forwards (not timed: the numbers mean the same on any machine). Uses only what the package ships (the demo image,
 the bicubic and default denoiser models), so it runs on a clone alone.
 
-``CEM_FAST_BENCH_SIZE=ci``: a 100-draw truth, 2 seeds (a few seconds); full: a 1,000-draw truth, 5 seeds, results
-written to benchmarks/results/ when ``CEM_FAST_CONVERGENCE_OUT`` names a folder.
+``CEM_FAST_BENCH_SIZE=ci``: a 100-draw truth, 2 seeds (a few seconds); full: a 1,000-draw truth, 20 seeds (the
+coverage of 12-32 rated blocks needs that many runs to be read to +-0.01-0.015), results written to
+benchmarks/results/ when ``CEM_FAST_CONVERGENCE_OUT`` names a folder.
+
+The issue's targets are asserted on the full study: adaptive at the paper's plan's forwards has a higher Pearson r
+and at most half its sign errors; adaptive with its default rule at most the paper's mean absolute error with
+under 60 % of its forwards; the intervals of our estimator from at least 11 draws cover the truth in 93-97 % of
+blocks (the paper's plain means are reported, not held to it).
 """
 import os
 import time
@@ -14,7 +20,7 @@ import pytest
 from cem_fast import convergence
 
 SIZE = os.environ.get("CEM_FAST_BENCH_SIZE", "full")
-TRUTH, SEEDS = (100, 2) if SIZE == "ci" else (1000, 5)
+TRUTH, SEEDS = (100, 2) if SIZE == "ci" else (1000, 20)
 CASES = {"bicubic-SR": ("bicubic", "SR", dict(scale=4)), "default-DN": ("default", "DN", dict(sigma=50))}
 
 
@@ -30,4 +36,14 @@ def test_convergence(benchmark, case):
     if out:
         convergence.save(result, out, stem=f"{time.strftime('%Y-%m-%d')}-convergence-{case}")  # counts: any device
     by_plan = {s["plan"]: s for s in result["summary"]}
-    assert by_plan["coarse-to-fine 3/50"]["pearson_r"] > 0.9  # the study itself is sane: the paper's plan converges
+    paper = by_plan[convergence.PAPER]
+    assert paper["pearson_r"] > 0.9  # the study itself is sane: the paper's plan converges
+    if SIZE == "ci":
+        return
+    same = by_plan["adaptive, the paper's forwards"]
+    assert abs(same["forwards"] - paper["forwards"]) <= 0.01 * paper["forwards"]
+    assert same["pearson_r"] > paper["pearson_r"] and same["sign_errors"] <= paper["sign_errors"] / 2
+    adaptive = by_plan["adaptive 3 + up to 50"]
+    assert adaptive["forwards"] < 0.6 * paper["forwards"] and adaptive["mae_db"] <= paper["mae_db"]
+    for name in ("coarse-to-fine 3/50", "exhaustive 20", "adaptive 3 + up to 50", "adaptive, the paper's forwards"):
+        assert 0.93 <= by_plan[name]["coverage"] <= 0.97, name

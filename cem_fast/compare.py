@@ -15,7 +15,7 @@ import numpy as np
 
 from .pipeline.samples import effects
 from .fileio import atomic_write
-from .intervals import Z975
+from .intervals import t975
 from .jsonsafe import json_bytes
 from .cli import unique_names
 from .result import CEMResult
@@ -25,7 +25,8 @@ from .result import CEMResult
 @dataclass
 class MapDifference:
     """``diff`` (rows, cols) dB: CE of model a minus CE of model b, from paired draws; ``half_width`` the 95 %
-    confidence half-width (normal approximation; inf with a single draw); ``draws`` the paired draws used;
+    confidence half-width (Student's t for the number of paired draws; inf with a single draw); ``draws`` the
+    paired draws used (the plain mean of the paired differences: the maps' control variate is not applied here);
     ``roi_mask`` the ROI blocks (not rated: left out of the maximum, the significant blocks and the picture's
     scale, as the maps' statistics leave them out); ``tol`` the smallest difference that counts, dB."""
 
@@ -90,7 +91,7 @@ def difference(a: CEMResult, b: CEMResult) -> MapDifference:
             diff[r, c] = dk.mean() if dk.size else 0.0
             draws[r, c] = dk.size
             if dk.size > 1:
-                half[r, c] = Z975 * dk.std(ddof=1) / np.sqrt(dk.size)
+                half[r, c] = float(t975(dk.size - 1)) * dk.std(ddof=1) / np.sqrt(dk.size)  # 3 draws: t 4.30
     name_a, name_b = unique_names([a.model_name, b.model_name])  # two maps of one class: "Net - Net_2"
     return MapDifference(name_a, name_b, diff, half, draws, roi_mask=a.roi_mask, tol=float(a.tol))
 

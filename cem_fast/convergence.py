@@ -1,11 +1,13 @@
 """How close is a map to the truth, for how many forwards? A convergence study (issue 17).
 
 The truth is a high-sample map (``truth_draws`` draws for every block, exhaustive, with a seed none of the plans
-uses). Each sampling plan (coarse-to-fine 3/50, exhaustive K, adaptive) runs with a few seeds; its map error
-against the truth is measured outside the ROI, on the blocks that can reach it: Pearson r of the effects, sign
-errors where the truth's |CE| >= 0.1 dB, mean absolute error, and the coverage of the 95 % intervals (the
-fraction of blocks whose interval holds the true effect). Forwards are counted, not timed: the study means the
-same on any machine.
+uses). Each sampling plan runs with a few seeds: the paper's (coarse-to-fine 3/50 with plain means), the same
+with our default control-variate estimate, exhaustive K, adaptive with its default stopping rule, and adaptive
+given the paper's plan's forwards (same seed) as its budget. Its map error against the truth is measured outside
+the ROI, on the blocks that can reach it: Pearson r of the effects, sign errors where the truth's |CE| >= 0.1 dB,
+mean absolute error, and the coverage of the 95 % intervals (the fraction of blocks with an interval whose
+interval holds the true effect; coarse-to-fine's screened blocks have none, and the share of blocks that have
+one is reported beside it). Forwards are counted, not timed: the study means the same on any machine.
 
     cem-fast convergence CONFIG.yml --out DIR [--truth 1000] [--seeds 3]
 """
@@ -102,14 +104,17 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: "str | os.PathLike") -> None:
-    """Map error (1 - r and MAE) against forwards, one point per run, one colour per plan."""
+    """Map error (1 - r and MAE) against forwards: a faint point per run and a large one at the plan's means, one
+    colour per plan (plans with the same forwards overlap: the large points keep them apart)."""
     from .plotting import plt, save_figure
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in dict.fromkeys(r["plan"] for r in result["rows"]):
+    for i, name in enumerate(dict.fromkeys(r["plan"] for r in result["rows"])):
         mine = [r for r in result["rows"] if r["plan"] == name]
+        colour = f"C{i}"
         fw = [r["forwards"] for r in mine]
-        axes[0].scatter(fw, [1 - (r["pearson_r"] or 0) for r in mine], label=name)
-        axes[1].scatter(fw, [r["mae_db"] for r in mine], label=name)
+        for ax, ys in ((axes[0], [1 - (r["pearson_r"] or 0) for r in mine]), (axes[1], [r["mae_db"] for r in mine])):
+            ax.scatter(fw, ys, color=colour, alpha=0.3, s=14)
+            ax.scatter([np.mean(fw)], [np.mean(ys)], color=colour, s=90, edgecolor="black", label=name, zorder=3)
     for ax, what in zip(axes, ("1 - Pearson r against the truth", "mean |CE - truth| (dB)")):
         ax.set_xlabel("forwards")
         ax.set_ylabel(what)
@@ -122,10 +127,16 @@ def plot(result: dict, path: "str | os.PathLike") -> None:
 
 
 def save(result: dict, out_dir: "str | os.PathLike", stem: str = "convergence") -> Path:
+    """Write ``stem``.json, .md and .png into ``out_dir``; a study already there is kept: this one takes
+    ``stem_2``, ``stem_3``, ... Returns the .json path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / f"{stem}.json", lambda f: f.write(json_bytes(result)))
+    name, i = stem, 1
+    while any((out / f"{name}{ext}").exists() for ext in (".json", ".md", ".png")):
+        i += 1
+        name = f"{stem}_{i}"
+    atomic_write(out / f"{name}.json", lambda f: f.write(json_bytes(result)))
     text = table(result)
-    atomic_write(out / f"{stem}.md", lambda f: f.write(text.encode()))
-    plot(result, out / f"{stem}.png")
-    return out
+    atomic_write(out / f"{name}.md", lambda f: f.write(text.encode()))
+    plot(result, out / f"{name}.png")
+    return out / f"{name}.json"

@@ -223,7 +223,7 @@ def test_the_roi_is_left_out_of_the_largest_difference_and_the_scale():
 
 def test_significant_needs_tol_and_an_interval_that_excludes_zero():
     diffs = [[2.0, 0.005, 0.05, 0.05]]
-    noise = [[0.001, 0.0001, 0.1, 0.001]]  # 95% half-width = 1.96 * noise / sqrt(3)
+    noise = [[0.001, 0.0001, 0.1, 0.001]]  # 95% half-width = t(2) 4.30 * noise / sqrt(3)
     d, _ = paired(diffs, noise)
     assert d.half_width[0, 1] < 0.005 and d.half_width[0, 2] > 0.05  # (0, 1) certain but tiny, (0, 2) noise
     assert d.significant.tolist() == [[False, False, False, True]]  # ROI, below tol, CI has 0, significant

@@ -160,6 +160,10 @@ def test_the_convergence_command_writes_its_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "out" / "convergence.png").stat().st_size > 1000
     assert "| coarse-to-fine 3/50 | 1 |" in capsys.readouterr().out
     assert main(["convergence", str(cfg), "--out", str(tmp_path / "o2"), "--truth", "0"]) == 2  # one line, no run
+    first = (tmp_path / "out" / "convergence.json").read_bytes()
+    assert main(["convergence", str(cfg), "--out", str(tmp_path / "out"), "--truth", "20", "--seeds", "1"]) == 0
+    assert (tmp_path / "out" / "convergence.json").read_bytes() == first  # a second study is kept beside it
+    assert json.loads((tmp_path / "out" / "convergence_2.json").read_text())["truth"]["draws"] == 20
 
 
 def test_the_map_figure_hatches_undecided_blocks():
