@@ -62,9 +62,10 @@ def study(model, image, task: str, roi, truth_draws: int = 1000, seeds: Sequence
     rows, fine_forwards = [], {}
     for name, plan in (plans or PLANS).items():
         for seed in seeds:
-            if isinstance(plan.get("budget"), str):  # another plan's fine-stage forwards, same seed
-                plan = {**plan, "budget": fine_forwards[plan["budget"], seed]}
-            res = causal_effect_map(model, image, task, roi=roi, seed=seed, **plan, **options)
+            this = dict(plan)
+            if isinstance(plan.get("budget"), str):  # another plan's fine-stage forwards, this seed's
+                this["budget"] = fine_forwards[plan["budget"], seed]
+            res = causal_effect_map(model, image, task, roi=roi, seed=seed, **this, **options)
             fine_forwards[name, seed] = int(res.gated.sum()) * res.draws()[1]
             rows.append({"plan": name, "seed": int(seed), **map_error(res, truth)})
     return {"truth": {"draws": truth_draws, "forwards": truth.num_forwards, "seed": TRUTH_SEED,

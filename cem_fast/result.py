@@ -122,10 +122,9 @@ class CEMResult:
         """(rows, cols) bool: coarse-to-fine's blocks that the coarse gate kept out of the fine stage (every
         coarse draw under tol). Their effect is the coarse mean, set to 0 in ``cem``; they carry no interval:
         three draws chosen for their small spread under-cover (measured: benchmarks/results/*convergence*)."""
-        if self.effect_se is None:
-            return np.zeros(self.effect.shape, dtype=bool)
-        return self.reachable & ~self.gated & (self.effect_draws > 0) & np.isnan(self.effect_se) & \
-            (self.mode == "coarse-to-fine")
+        if self.effect_se is None or self.mode != "coarse-to-fine" or not self.draws()[1]:
+            return np.zeros(self.effect.shape, dtype=bool)  # no fine stage: no gate (coarse = 1 has NaN errors)
+        return self.reachable & ~self.gated & (self.effect_draws > 0) & np.isnan(self.effect_se)
 
     def decided(self) -> np.ndarray:
         """(rows, cols) int8: +1 helps (the interval lies above +tol), -1 hurts (below -tol), 0 no effect (inside
@@ -152,6 +151,8 @@ class CEMResult:
                             "all its draws; else the fine draws where gated; none where a block cannot reach "
                             "the ROI or was screened by the coarse gate)",
                 "estimator": self.estimator,
+                "control_variate_blocks": int((self.effect_df < self.effect_draws - 1)[rated].sum())
+                if self.effect_df is not None else 0,
                 "helps": int((d == HELPS).sum()), "hurts": int((d == HURTS).sum()),
                 "no_effect": int(((d == NO_EFFECT) & ~screened).sum()), "screened": int(screened.sum()),
                 "undecided": int((d == UNDECIDED).sum()),
@@ -266,6 +267,8 @@ class CEMResult:
         spread = {} if self.effect_se is None else dict(effect_se=self.effect_se, effect_draws=self.effect_draws,
                                                          ci_low=low, ci_high=high, decided=self.decided(),
                                                          screened=self.screened)
+        if self.effect_df is not None:
+            spread["effect_df"] = self.effect_df
         atomic_write(out / "result.npz", lambda f: np.savez_compressed(
             f, **spread, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
             samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable,

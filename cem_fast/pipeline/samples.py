@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
@@ -45,6 +45,7 @@ class Samples:
     fine_drawn: Optional[np.ndarray] = None
     pooled: bool = False
     covariates: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
+    _tables: dict = field(default_factory=dict, repr=False)  # (first draw, draws) -> (blocks, covariates)
 
     def _groups(self, j: int):
         """ROI j's reachable blocks by the draws that make their effect: (blocks, ROI PSNRs (B, K), which are real
@@ -90,11 +91,23 @@ class Samples:
         for blocks, vals, mask, draws, screened in self._groups(j):
             if not len(blocks) or not vals.shape[1]:
                 continue
-            x = self.covariates(blocks, draws) if self.covariates is not None and not screened else None
+            x = self._covariates_of(blocks, int(draws[0, 0]), draws.shape[1]) \
+                if self.covariates is not None and not screened else None
             m, s, f = block_estimates(effects(self.origin[j], vals), mask, x)
             effect[blocks], se[blocks], df[blocks] = m, (np.nan if screened else s), f
             n[blocks] = mask.sum(1)
         return effect, se, n, df
+
+    def _covariates_of(self, blocks: np.ndarray, first: int, width: int) -> np.ndarray:
+        """(len(blocks), width, q) covariates of draws first..first+width-1 of ``blocks``: computed once for every
+        block that ran, shared by every ROI and every adaptive round (the draws of a block never change)."""
+        key = (first, width)
+        if key not in self._tables:
+            ran = np.union1d(self.run, self.fine_run).astype(np.int64)
+            draws = np.broadcast_to(first + np.arange(width), (len(ran), width))
+            self._tables[key] = (ran, self.covariates(ran, draws))
+        ran, table = self._tables[key]
+        return table[np.searchsorted(ran, blocks)]
 
     def effect(self, j: int) -> np.ndarray:
         """(blocks,) ROI j's effect (see :meth:`estimate`)."""
@@ -289,7 +302,8 @@ def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.n
             mean, se, _, df = (a[run] for a in samples.estimate(j))
             on = flat_reach[j][run]
             half = np.where(on, t975(df) * se, 0.0)
-            ratio = half / stop_targets(mean, tol, rel, floor_db)
+            with np.errstate(divide="ignore", invalid="ignore"):  # a zero target asks for the cap
+                ratio = np.where(half == 0, 0.0, half / stop_targets(mean, tol, rel, floor_db))
             going |= on & ((decide(mean - half, mean + half, tol) == UNDECIDED) | (ratio > 1) | np.isnan(ratio))
             behind = np.maximum(behind, np.nan_to_num(ratio, nan=np.inf))
         left = None if budget is None else budget - spent
@@ -332,6 +346,10 @@ def patch_covariates(plan) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     bank = plan.bank_in.detach().to("cpu", torch.float64)
     means = bank.mean(dim=tuple(range(2, bank.dim()))).numpy()
     means = means - means.mean(axis=0)
+    # independent columns only: a grey bank's three equal channel means are one covariate, not a singular fit
+    # (a rotation onto the principal directions leaves the intercept and its HC3 error unchanged)
+    _, sv, vt = np.linalg.svd(means, full_matrices=False)
+    means = means @ vt[:int((sv > 1e-9 * max(sv.max(initial=0.0), 1e-300)).sum())].T
 
     def covariates(blocks: np.ndarray, draws: np.ndarray) -> np.ndarray:
         ids = np.asarray(blocks, np.int64)[:, None] * DRAW_STRIDE + np.asarray(draws, np.int64)
