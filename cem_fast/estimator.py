@@ -154,8 +154,8 @@ def causal_effect_maps(
             wider than ``max(tol, half_width_rel * |effect|, half_width_db)``, up to ``fine`` more per block; a
             block's effect is estimated from all its draws.
         samples: draws per block in exhaustive mode (default ``fine``).
-        budget: adaptive mode: this many extra forwards in all, spent (the blocks furthest from their target
-            half-width draw first; once every block has stopped, the rest refines them).
+        budget: adaptive mode: at most this many extra forwards in all (the widest intervals draw first; once
+            every block has stopped, the rest refines the widest outside the ROI, up to ``fine`` per block).
         half_width_rel, half_width_db: adaptive mode: the stopping half-width (defaults 0.2 and 0.05 dB).
         estimator: "control-variate" (default): where a block has at least 11 draws, its effect is the
             intercept of the regression of its draws' effects on the drawn patches' channel means (known mean

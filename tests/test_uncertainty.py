@@ -128,10 +128,21 @@ def test_adaptive_draws_are_those_of_coarse_to_fine(adaptive_case):
 def test_adaptive_keeps_to_its_budget_and_resumes(adaptive_case, tmp_path):
     res = cem_fast.causal_effect_map(mode="adaptive", budget=20, cache=tmp_path, **adaptive_case)
     extra = int((res.effect_draws[res.reachable] - 3).sum())
-    assert extra == 20  # spent, not more
+    assert extra == 20  # spent, never more
     again = cem_fast.causal_effect_map(mode="adaptive", budget=20, cache=tmp_path, **adaptive_case)
     assert again.extra["reused_from_cache"] == int(res.effect_draws[res.reachable].sum())
     np.testing.assert_array_equal(again.effect, res.effect)
+
+
+def test_a_budget_left_over_refines_the_rated_blocks_not_the_roi(adaptive_case):
+    free = cem_fast.causal_effect_map(mode="adaptive", **adaptive_case)
+    rich = cem_fast.causal_effect_map(mode="adaptive", budget=200, **adaptive_case)
+    rated = rich.reachable & ~rich.roi_mask
+    extra = [int((r.effect_draws[r.reachable] - 3).sum()) for r in (rich, free)]
+    assert extra[0] == 200 > extra[1]
+    np.testing.assert_array_equal(rich.effect_draws[rich.roi_mask], free.effect_draws[free.roi_mask])  # stopped
+    assert (rich.effect_draws[rated] >= free.effect_draws[rated]).all()
+    assert rich.effect_draws[rated].sum() > free.effect_draws[rated].sum()
 
 
 def test_adaptive_needs_two_coarse_draws_and_budget_needs_adaptive(adaptive_case):

@@ -124,6 +124,8 @@ def _sample(plan: RunPlan, runner: Runner) -> tuple[np.ndarray, Samples]:
     if o.mode == "adaptive":
         return psnr_origin, sample_adaptive(runner, plan.grid, plan.locality.reach, psnr_origin, coarse, fine,
                                             o.tol, o.budget, o.half_width_rel_or_default,
-                                            o.half_width_db_or_default, covariates=cv)
+                                            o.half_width_db_or_default, covariates=cv,
+                                            roi_blocks=np.stack([plan.grid.roi_blocks(r).numpy().reshape(-1)
+                                                                 for r in plan.rois]))
     return psnr_origin, sample_stages(runner, plan.grid, plan.locality.reach, psnr_origin, coarse, fine, o.tol,
                                       covariates=cv)

@@ -267,15 +267,17 @@ def stop_targets(mean: np.ndarray, tol: float, rel: float, floor_db: float) -> n
 
 def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, cap: int,
                     tol: float, budget: Optional[int] = None, rel: float = HALF_WIDTH_REL,
-                    floor_db: float = HALF_WIDTH_DB, covariates=None) -> Samples:
+                    floor_db: float = HALF_WIDTH_DB, covariates=None,
+                    roi_blocks: Optional[np.ndarray] = None) -> Samples:
     """The coarse stage, then rounds of ``ADAPTIVE_STEP`` more draws for every block that has not stopped, until
     all have stopped or drawn ``cap`` extra draws. A block stops after at least one round (three draws give no
     interval to trust, measured) once its 95 % interval decides it (above +tol, below -tol or inside (-tol, tol))
-    and is no wider than :func:`stop_targets` (a decided sign is not yet a precise value). With ``budget``, the
-    extra forwards in all: the blocks furthest from their target draw first, and what is left once every block
-    has stopped refines those furthest from it, so that the budget is spent. Each block's effect is estimated
-    from all its draws. Draws stay keyed by (seed, block, draw index): the first extra draws of a block are those
-    coarse-to-fine would make, and a rerun with the same cache reuses them."""
+    and is no wider than :func:`stop_targets` (a decided sign is not yet a precise value). With ``budget``, at
+    most that many extra forwards: the widest intervals draw first, and what is left once every block has
+    stopped refines the widest ones further, up to ``cap``. A ROI's own blocks (``roi_blocks``, (n_rois,
+    blocks): not rated, painted green) draw until they stop but are never refined for it. Each block's effect is
+    estimated from all its draws. Draws stay keyed by (seed, block, draw index): the first extra draws of a block
+    are those coarse-to-fine would make, and a rerun with the same cache reuses them."""
     from ..intervals import UNDECIDED, decide, t975
     n, nb = len(psnr_origin), grid.num_blocks
     flat_reach = reach.reshape(n, nb)
@@ -296,7 +298,7 @@ def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.n
     spent, rounds = 0, 0
     min_extra = min(ADAPTIVE_STEP, cap)
     while True:
-        behind = np.zeros(len(run))  # per block, the largest half-width / target over the ROIs it reaches
+        widest = np.zeros(len(run))  # per block, its widest 95 % half-width over the ROIs that rate it
         going = drawn < min_extra
         for j in range(n):
             mean, se, _, df = (a[run] for a in samples.estimate(j))
@@ -305,15 +307,16 @@ def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.n
             with np.errstate(divide="ignore", invalid="ignore"):  # a zero target asks for the cap
                 ratio = np.where(half == 0, 0.0, half / stop_targets(mean, tol, rel, floor_db))
             going |= on & ((decide(mean - half, mean + half, tol) == UNDECIDED) | (ratio > 1) | np.isnan(ratio))
-            behind = np.maximum(behind, np.nan_to_num(ratio, nan=np.inf))
+            own = roi_blocks[j][run] if roi_blocks is not None else False
+            widest = np.maximum(widest, np.where(own, 0.0, np.nan_to_num(half, nan=np.inf)))
         left = None if budget is None else budget - spent
         active = np.flatnonzero(going & (drawn < cap))
         if left is not None and not len(active):  # every block stopped: the rest of the budget refines
-            active = np.flatnonzero((drawn < cap) & (behind > 0))
+            active = np.flatnonzero((drawn < cap) & (widest > 0))
         if not len(active) or left == 0:
             break
-        if left is not None:  # the furthest from their target first, as many as the budget pays a round for
-            active = active[np.argsort(-behind[active], kind="stable")]
+        if left is not None:  # the widest intervals first, as many as the budget pays a round for
+            active = active[np.argsort(-widest[active], kind="stable")]
             cost = np.cumsum(np.minimum(ADAPTIVE_STEP, cap - drawn[active]))
             active = active[:max(1, int(np.searchsorted(cost, left, side="right")))]
         steps = np.minimum(ADAPTIVE_STEP, cap - drawn[active])
