@@ -233,6 +233,10 @@ def _locality_note(info: dict) -> str:
         return f" (whole image: {info['reason']})" if info.get("mode") == "auto" and info.get("reason") else ""
     crop = info.get("crop")
     what = [f"{info['skipped_blocks']} blocks skipped"] + ([f"crop {crop[2]}x{crop[3]} input px"] if crop else [])
+    if (info.get("incremental") or {}).get("used"):
+        what.append("recomputed layer by layer")
+    elif (info.get("windows") or {}).get("used"):
+        what.append("each intervention on its own window")
     return f" (locality: {', '.join(what)}, verified)"
 
 

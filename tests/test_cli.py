@@ -264,3 +264,13 @@ def test_version_and_bare_command_show_what_it_is():
     assert p.returncode == 0 and p.stdout.strip() == f"cem-fast {cem_fast.__version__}"
     p = run()
     assert p.returncode == 0 and "usage: cem-fast" in p.stdout and "run" in p.stdout and not p.stderr
+
+
+def test_the_run_line_names_how_interventions_ran():
+    from cem_fast.cli import _locality_note
+    base = {"active": True, "skipped_blocks": 12, "crop": [0, 0, 40, 40]}
+    assert _locality_note(base) == " (locality: 12 blocks skipped, crop 40x40 input px, verified)"
+    assert "recomputed layer by layer" in _locality_note({**base, "incremental": {"used": True},
+                                                          "windows": {"used": True}})
+    assert "each intervention on its own window" in _locality_note({**base, "incremental": {"used": False},
+                                                                    "windows": {"used": True}})

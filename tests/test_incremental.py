@@ -221,6 +221,16 @@ def test_a_difference_from_the_crop_falls_back_and_says_so(image, bank, monkeypa
     assert not info["used"] and "differ from the crop's by 0.001" in info["reason"]
 
 
+def test_a_failed_windows_check_refuses_the_engine_too(image, bank, monkeypatch):
+    """The engine reads the same changed rectangles as the windows: where their check failed, it does not run."""
+    import cem_fast.pipeline.windows as windows
+    monkeypatch.setattr(windows, "verify_windows", lambda *a, **k: 1.0)
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    loc = res.extra["locality"]
+    assert loc["windows"]["check_failed"] and not loc["windows"]["used"]
+    assert not loc["incremental"]["used"] and loc["incremental"]["reason"].startswith("the windows' check failed")
+
+
 def test_activations_that_would_not_fit_keep_the_windows(image, bank, monkeypatch):
     import cem_fast.pipeline.samples as samples
     monkeypatch.setattr(samples, "available_memory", lambda: 1 << 18)  # the samples fit, the activations do not

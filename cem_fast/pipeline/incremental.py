@@ -628,7 +628,7 @@ def plan_incremental(plan: "RunPlan") -> dict:
         return {"used": False, "reason": f"the graph's reach {list(R)} px is smaller than the measured spread "
                                          f"{list(spread_px)}"}
     windows_info = info.get("windows") or {}
-    if "differ" in str(windows_info.get("reason", "")):  # the changed rectangles themselves are in doubt
+    if windows_info.get("check_failed"):  # the changed rectangles themselves are in doubt
         return {"used": False, "reason": "the windows' check failed: " + windows_info["reason"]}
     windows = plan.windows if plan.windows is not None else block_windows(plan, spread)
     region = plan.locality.window or Window(0, 0, plan.grid.in_h, plan.grid.in_w)

@@ -216,8 +216,9 @@ def plan_windows(plan: "RunPlan") -> dict:
     err = verify_windows(plan, windows, region)
     tol = VERIFY_TOL[plan.options.precision]
     if not err <= tol:
-        return {"used": False, "reason": f"outputs on the changed region differ from the crop's by {err:.3g} "
-                                         f"(tolerance {tol:g})", **facts}
+        return {"used": False, "check_failed": True,
+                "reason": f"outputs on the changed region differ from the crop's by {err:.3g} (tolerance {tol:g})",
+                **facts}
     plan.windows = windows
     return {"used": True, "verify_max_abs_err": err, **facts}
 
