@@ -25,8 +25,7 @@ from .result import CEMResult
 @dataclass
 class MapDifference:
     """``diff`` (rows, cols) dB: CE of model a minus CE of model b, from paired draws; ``half_width`` the 95 %
-    confidence half-width (Student's t for the number of paired draws; inf with a single draw); ``draws`` the
-    paired draws used (the plain mean of the paired differences: the maps' control variate is not applied here);
+    confidence half-width (Student's t; inf with a single draw); ``draws`` the paired draws used;
     ``roi_mask`` the ROI blocks (not rated: left out of the maximum, the significant blocks and the picture's
     scale, as the maps' statistics leave them out); ``tol`` the smallest difference that counts, dB."""
 
@@ -75,25 +74,48 @@ def _check_paired(a: CEMResult, b: CEMResult) -> None:
 
 
 def difference(a: CEMResult, b: CEMResult) -> MapDifference:
-    """Paired difference of two maps computed with the same seed, task, ROI, grid and patch bank."""
+    """Paired difference of two maps computed with the same seed, task, ROI, grid and patch bank.
+
+    Per block, the paired draws: the fine ones where both models gated the block, else the coarse ones (adaptive:
+    every draw both made). Where both maps used the control variate, so does the difference, on the same
+    covariates: as the fit is linear in the draws, a block both estimated from the same draws differs by exactly
+    ``a.effect - b.effect``. Otherwise the mean of the paired differences."""
+    from .intervals import block_estimates
+    from .pipeline.samples import draw_covariates
     _check_paired(a, b)
-    ea_c, eb_c = effects(a.psnr_origin, a.samples_coarse), effects(b.psnr_origin, b.samples_coarse)
-    both_fine = a.gated & b.gated & (a.samples_fine.shape[2] > 0)
-    with np.errstate(invalid="ignore"):
-        d_fine = effects(a.psnr_origin, a.samples_fine) - effects(b.psnr_origin, b.samples_fine)
     rows, cols = a.cem.shape
-    diff = np.zeros((rows, cols))
-    half = np.full((rows, cols), np.inf)
-    draws = np.zeros((rows, cols), dtype=np.int64)
-    for r in range(rows):  # blocks both models sent to the fine stage pair their fine draws, others the coarse ones
-        for c in range(cols):
-            dk = d_fine[r, c] if both_fine[r, c] else ea_c[r, c] - eb_c[r, c]
-            diff[r, c] = dk.mean() if dk.size else 0.0
-            draws[r, c] = dk.size
-            if dk.size > 1:
-                half[r, c] = float(t975(dk.size - 1)) * dk.std(ddof=1) / np.sqrt(dk.size)  # 3 draws: t 4.30
+    c, f = a.samples_coarse.shape[2], a.samples_fine.shape[2]
+    d_coarse = (effects(a.psnr_origin, a.samples_coarse) - effects(b.psnr_origin, b.samples_coarse)).reshape(
+        rows * cols, c)
+    with np.errstate(invalid="ignore"):
+        d_fine = (effects(a.psnr_origin, a.samples_fine) - effects(b.psnr_origin, b.samples_fine)).reshape(
+            rows * cols, f)
+    if a.mode == "adaptive":  # pooled: the coarse draws and the extra draws both made (NaN past a block's own)
+        vals = np.concatenate([d_coarse, d_fine], axis=1)
+        first = np.zeros(rows * cols, dtype=np.int64)
+    else:
+        both_fine = (a.gated & b.gated).reshape(-1) & (f > 0)
+        width = max(c, f)
+        vals = np.full((rows * cols, width), np.nan)
+        vals[both_fine, :f] = d_fine[both_fine]
+        vals[~both_fine, :c] = d_coarse[~both_fine]
+        first = np.where(both_fine, c, 0)
+    mask = np.isfinite(vals)
+    table = a.covariate_table
+    same_table = table is not None and b.covariate_table is not None and table.shape == b.covariate_table.shape \
+        and np.array_equal(table, b.covariate_table)
+    x = None
+    if same_table and vals.shape[1]:
+        draws = first[:, None] + np.arange(vals.shape[1])[None, :]
+        x = draw_covariates(table, a.seed, np.arange(rows * cols), draws)
+    diff, se, df = block_estimates(np.nan_to_num(vals), mask, x)
+    draws_used = mask.sum(1)
+    with np.errstate(invalid="ignore"):
+        half = np.where(draws_used > 1, t975(df) * se, np.inf)
+    diff = np.where(draws_used > 0, diff, 0.0)
     name_a, name_b = unique_names([a.model_name, b.model_name])  # two maps of one class: "Net - Net_2"
-    return MapDifference(name_a, name_b, diff, half, draws, roi_mask=a.roi_mask, tol=float(a.tol))
+    return MapDifference(name_a, name_b, diff.reshape(rows, cols), half.reshape(rows, cols),
+                         draws_used.reshape(rows, cols), roi_mask=a.roi_mask, tol=float(a.tol))
 
 
 def save_difference(d: MapDifference, res: CEMResult, out_dir: "str | os.PathLike") -> dict[str, str]:

@@ -70,6 +70,8 @@ class CEMResult:
         effect_draws: (rows, cols) int, the number of those draws (0 where the block cannot reach the ROI).
         effect_df: (rows, cols) degrees of freedom of each interval's Student t (None: ``effect_draws - 1``).
         estimator: how effects were estimated from the draws: "control-variate" or "mean".
+        covariate_table: (P, q) the control variates of each patch of the bank (control-variate runs; with the
+            seed, they give every draw's covariates, so that :func:`cem_fast.compare.difference` pairs them too).
     """
 
     cem: np.ndarray
@@ -101,6 +103,7 @@ class CEMResult:
     effect_draws: Optional[np.ndarray] = None
     effect_df: Optional[np.ndarray] = None
     estimator: str = "mean"
+    covariate_table: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if self.reachable is None:

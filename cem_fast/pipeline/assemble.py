@@ -99,5 +99,6 @@ def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, effects: list,
             reachable=plan.locality.reach[j], extra=dict(extra),
             effect_se=se.reshape(grid.rows, grid.cols), effect_draws=used.reshape(grid.rows, grid.cols),
             effect_df=df.reshape(grid.rows, grid.cols),
-            estimator="control-variate" if sampled.covariates is not None else "mean"))
+            estimator="control-variate" if sampled.covariates is not None else "mean",
+            covariate_table=getattr(sampled.covariates, "table", None)))
     return results
