@@ -102,10 +102,8 @@ def difference(a: CEMResult, b: CEMResult) -> MapDifference:
         first = np.where(both_fine, c, 0)
     mask = np.isfinite(vals)
     table = a.covariate_table
-    same_table = table is not None and b.covariate_table is not None and table.shape == b.covariate_table.shape \
-        and np.array_equal(table, b.covariate_table)
     x = None
-    if same_table and vals.shape[1]:
+    if table is not None and np.array_equal(table, b.covariate_table) and vals.shape[1]:
         draws = first[:, None] + np.arange(vals.shape[1])[None, :]
         x = draw_covariates(table, a.seed, np.arange(rows * cols), draws)
     diff, se, df = block_estimates(np.nan_to_num(vals), mask, x)

@@ -73,7 +73,7 @@ def run_extra(plan: "RunPlan", runner: "Runner", times: dict, precision_check: O
     }
 
 
-def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, effects: list, psnr_origin: np.ndarray,
+def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, estimates: list, psnr_origin: np.ndarray,
              pics: dict, extra: dict, wall: float) -> CEMResults:
     """One :class:`CEMResult` per ROI, in order; samples built on first read."""
     o, grid = plan.options, plan.grid
@@ -82,8 +82,7 @@ def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, effects: list,
     bank = plan.bank
     results = CEMResults()
     for j, roi in enumerate(plan.rois):
-        effect = effects[j]
-        se, used, df = sampled.spread(j)
+        effect, se, used, df = (a.reshape(grid.rows, grid.cols) for a in estimates[j])
         results.append(CEMResult(
             cem=np.where(np.abs(effect) >= o.tol, effect, 0.0), effect=effect,
             samples_coarse=Deferred((grid.rows, grid.cols, coarse), partial(dense, sampled.dense_coarse, j, grid)),
@@ -97,8 +96,7 @@ def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, effects: list,
                         "digest": plan.bank_digest},
             gt=pics["gt"], degraded=pics["degraded"], output=pics["output"],
             reachable=plan.locality.reach[j], extra=dict(extra),
-            effect_se=se.reshape(grid.rows, grid.cols), effect_draws=used.reshape(grid.rows, grid.cols),
-            effect_df=df.reshape(grid.rows, grid.cols),
+            effect_se=se, effect_draws=used, effect_df=df,
             estimator="control-variate" if sampled.covariates is not None else "mean",
             covariate_table=getattr(sampled.covariates, "table", None)))
     return results

@@ -40,6 +40,13 @@ ESTIMATORS: tuple = get_args(Estimator)
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger inputs are refused unless max_pixels is raised (memory grows with it)
 DRAW_STRIDE = checks.MAX_DRAWS  # intervention id = block * DRAW_STRIDE + draw index
+
+
+def intervention_ids(blocks: Any, draws: Any) -> Any:
+    """The id of draw ``draws`` of block ``blocks`` (int64 arrays or tensors, broadcast): the key of its patch and
+    its noise, the same for the runner that draws them and for the control variates that read them."""
+    return blocks * DRAW_STRIDE + draws
+
 HALF_WIDTH_REL = 0.2  # adaptive defaults: a block stops once its 95 % half-width is within 20 % of |effect| ...
 HALF_WIDTH_DB = 0.05  # ... or 0.05 dB (measured in benchmarks/results/*convergence*)
 

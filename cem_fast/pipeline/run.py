@@ -63,7 +63,8 @@ def _run_cem(model, image, task, rois, roi_grid, patches, options, task_options,
         refuse_nan_samples(sampled, plan.grid, plan.name)
         plan.marks["sampling"] = time.perf_counter()
         grid = plan.grid
-        effects = [sampled.effect(j).reshape(grid.rows, grid.cols) for j in range(len(plan.rois))]
+        estimates = [sampled.estimate(j) for j in range(len(plan.rois))]  # (effect, se, draws, df) per ROI
+        effects = [e[0].reshape(grid.rows, grid.cols) for e in estimates]
         for j, e in enumerate(effects):
             refuse_infinite_effects(e, float(psnr_origin[j]), plan.rois[j], plan.name)
         precision_check = None
@@ -77,7 +78,7 @@ def _run_cem(model, image, task, rois, roi_grid, patches, options, task_options,
     extra["plan"] = {**budget, **({"rois": roi_plan} if len(plan.rois) > 1 else {})}
     if runner.by_rank is not None:
         extra["distributed"] = {"world_size": len(runner.by_rank), "interventions_per_rank": runner.by_rank.tolist()}
-    return assemble(plan, runner, sampled, effects, psnr_origin, pics, extra, wall)
+    return assemble(plan, runner, sampled, estimates, psnr_origin, pics, extra, wall)
 
 
 PER_ROI_MARGIN = 1.25  # one run per ROI also probes each ROI: chosen only when clearly cheaper

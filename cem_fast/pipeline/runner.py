@@ -20,7 +20,7 @@ from .. import distributed, ops, reference, rng
 from ..cache import RunCache, missing_ranges
 from ..geometry import ROI, rois_finite
 from ..locality import Window
-from .options import DRAW_STRIDE
+from .options import intervention_ids
 
 if TYPE_CHECKING:
     from .model import ModelForward
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 def draw_patches(plan: "RunPlan", blocks: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(intervention ids, patch indices) of interventions (blocks[k], draws[k]): keyed by (seed, block, draw)."""
-    ids = blocks * DRAW_STRIDE + draws
+    ids = intervention_ids(blocks, draws)
     return ids, rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
 
 
@@ -181,7 +181,7 @@ class Runner:
         n, width = blocks.shape[0], len(self.plan.rois)
         dev = self.plan.device
         # the intervention ids of the rows, for the cache's chunks (from the host copies: no device round trip)
-        ids = blocks.cpu().numpy().astype(np.int64) * DRAW_STRIDE + draws.cpu().numpy().astype(np.int64)
+        ids = intervention_ids(blocks.cpu().numpy().astype(np.int64), draws.cpu().numpy().astype(np.int64))
         blocks, draws = blocks.to(dev), draws.to(dev)
         if self.cache is not None:  # chunks carry the ids they hold and a checksum: others are recomputed
             scores, done = self.cache.load(stage, n, width, ids)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..geometry import ROI
-from .options import DRAW_STRIDE, HALF_WIDTH_DB, HALF_WIDTH_REL
+from .options import HALF_WIDTH_DB, HALF_WIDTH_REL, intervention_ids
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -112,11 +112,6 @@ class Samples:
     def effect(self, j: int) -> np.ndarray:
         """(blocks,) ROI j's effect (see :meth:`estimate`)."""
         return self.estimate(j)[0]
-
-    def spread(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(blocks,) standard error of ROI j's effect, the number of draws behind it and the degrees of freedom
-        of its interval (see :meth:`estimate`)."""
-        return self.estimate(j)[1:]
 
     def dense_coarse(self, j: int) -> np.ndarray:
         """(blocks, coarse): the samples, Y(I) for blocks that cannot reach ROI j."""
@@ -356,7 +351,7 @@ def draw_covariates(table: np.ndarray, seed: int, blocks: np.ndarray, draws: np.
     """(B, K, q) the covariates of draws ``draws`` (B, K) of ``blocks`` (B,): the rows of ``table`` of the patches
     those draws use (keyed by (seed, block, draw), as the runner draws them)."""
     from ..rng import patch_draws
-    ids = np.asarray(blocks, np.int64)[:, None] * DRAW_STRIDE + np.asarray(draws, np.int64)
+    ids = intervention_ids(np.asarray(blocks, np.int64)[:, None], np.asarray(draws, np.int64))
     pidx = patch_draws(seed, torch.from_numpy(ids.reshape(-1)), len(table)).numpy()
     return table[pidx].reshape(ids.shape + (table.shape[1],))
 
