@@ -21,12 +21,42 @@ from .geometry import ROI
 from .pipeline.options import TASKS, config_defaults, split_options
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load that refuses a key given twice (YAML would keep the last one silently)."""
+MAX_DEPTH = 32  # a config nests 3 levels (rois: a list of lists); deeper would only exhaust the stack
+
+
+class _Refused(yaml.composer.ComposerError):
+    """YAML that is valid but refused: an alias (``*name``), nesting past MAX_DEPTH, a key that is not a name."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(None, None, problem, mark)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses, while composing and before anything is expanded: aliases (a "billion laughs"
+    under an ignored key would be expanded when the config is written out, and an alias may hold itself),
+    nesting deeper than MAX_DEPTH (the composer recurses), keys that are lists or mappings, and a key given twice
+    (YAML would keep the last one silently)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"YAML aliases are not accepted, got *{event.anchor}", event.start_mark)
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(f"values may nest {MAX_DEPTH} levels deep, got more", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise _Refused(f"keys must be names or numbers, got a {kind}", key_node.start_mark)
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -42,6 +72,15 @@ def _yaml_error(e: yaml.YAMLError) -> str:
     if problem:
         return f"{problem}" + (f" (line {mark.line + 1})" if mark is not None and "line" not in problem else "")
     return str(e).splitlines()[0]
+
+
+def _load_yaml(text: str, what: str) -> Any:
+    """``text`` read with :class:`_ConfigLoader`; ``what`` (the config, a --set key) names it in the errors."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except _Refused as e:
+        hint = ": write the value out" if "alias" in e.problem else ""
+        raise ValueError(f"{what}: {_yaml_error(e)}{hint}") from None
 
 # our keys: what to run on, then every run and task option with its default (defined in pipeline.options)
 OURS = {
@@ -81,10 +120,11 @@ def _closest(key: str) -> str:
     return f" (did you mean {m[0]!r}?)" if m else ""
 
 
-def parse_value(text: str) -> Any:
-    """``--set`` values are YAML scalars or lists: ``8``, ``0.01``, ``[152, 96, 32]``, ``DN``."""
+def parse_value(text: str, key: str = "value") -> Any:
+    """``--set`` values are YAML scalars or lists: ``8``, ``0.01``, ``[152, 96, 32]``, ``DN``; what YAML cannot
+    read is the text itself; what a config refuses (an alias, deep nesting) is refused here too."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text, f"--set {key}")
     except yaml.YAMLError:
         return text
 
@@ -102,7 +142,7 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
             raise ValueError(f"config {path!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})"
                              ) from None
         try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+            raw = _load_yaml(text, f"config {path!r}") or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config {path!r} is not valid YAML: {_yaml_error(e)}") from None
         if not isinstance(raw, dict):
@@ -112,7 +152,7 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        raw[k.strip()] = parse_value(v)
+        raw[k.strip()] = parse_value(v, k.strip())
     for k in raw:
         if not isinstance(k, str):
             raise ValueError(f"config keys must be names (text), got {k!r}")

@@ -131,3 +131,68 @@ def test_cli_bad_inputs(tmp_path, rng, setup, override, match):
     assert "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and match in errors[0], p.stderr
+
+
+# ---- configs that would exhaust memory or the stack: refused while the YAML is composed, in one line ----------
+
+CONFIG = "model: bicubic\nimages: [a.png]\nroi: [0, 0, 8]\n"
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """Under an ignored key: 10 ** levels strings once expanded (5.7 GB written out as JSON)."""
+    lines = ["prefix:", "  l0: &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, match", [
+    (billion_laughs(), r"YAML aliases are not accepted, got \*l0 \(line 6\)"),
+    ("prefix: &a [1, *a]\n", r"YAML aliases are not accepted, got \*a"),  # a value that holds itself
+    ("prefix: " + "[" * 10_000 + "]" * 10_000 + "\n", r"values may nest 32 levels deep, got more \(line 4\)"),
+    ("prefix: {[1, 2]: 3}\n", r"keys must be names or numbers, got a list \(line 4\)"),
+    ("? {a: 1}\n: 2\n", r"keys must be names or numbers, got a mapping \(line 4\)"),
+])
+def test_configs_that_would_explode_are_one_line_errors(tmp_path, text, match):
+    from cem_fast.config import load_config
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(CONFIG + text)
+    with pytest.raises(ValueError, match=match) as e:
+        load_config(str(cfg))
+    assert one_line(e).startswith(f"config {str(cfg)!r}: ")
+
+
+def test_set_values_are_read_with_the_same_limits(tmp_path):
+    from cem_fast.config import load_config
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(CONFIG)
+    with pytest.raises(ValueError, match=r"^--set prefix: YAML aliases are not accepted, got \*a"):
+        load_config(str(cfg), ["prefix=[&a [1, 2], *a]"])
+    with pytest.raises(ValueError, match=r"^--set prefix: values may nest 32 levels deep"):
+        load_config(str(cfg), ["prefix=" + "[" * 5000 + "]" * 5000])
+
+
+def test_the_cli_refuses_an_alias_bomb_in_one_line(tmp_path, capsys):
+    from cem_fast.cli import main
+    cfg = tmp_path / "bomb.yml"
+    cfg.write_text(CONFIG + billion_laughs())  # a.png does not exist: without the check the run fails (exit 1)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cem-fast: error: config {str(cfg)!r}: YAML aliases are not accepted, got *l0 (line 6): " \
+                  "write the value out\n"
+
+
+def test_json_safe_refuses_values_nested_too_deep_or_holding_themselves():
+    from cem_fast.jsonsafe import json_safe
+    deep: list = []
+    inner = deep
+    for _ in range(10_000):
+        inner.append([])
+        inner = inner[0]
+    itself: list = [1]
+    itself.append(itself)
+    for value in (deep, itself, {"a": {"b": itself}}):
+        with pytest.raises(ValueError, match=r"^json_safe: values may nest 100 levels deep, got more \(or a value "
+                                             r"holds itself\)$"):
+            json_safe(value)
+    assert json_safe({"a": [[np.float32(1.5), float("inf")]], 2: np.arange(2)}) == {"a": [[1.5, "inf"]],
+                                                                                     "2": [0, 1]}
