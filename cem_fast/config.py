@@ -93,6 +93,26 @@ REFERENCE_ROI = ("h", "w", "ROI_size")
 REFERENCE_IMAGES = ("TextImg_path", "Imagelist")
 IGNORED = ("prefix", "batch_size_dict", "load_previous")
 VALID_KEYS = sorted(set(OURS) | set(REFERENCE) | set(REFERENCE_ROI) | set(REFERENCE_IMAGES) | set(IGNORED))
+# the names of one option, ours first: given together, one would silently win
+SAME_OPTION = [(ours, (ref,)) for ref, ours in REFERENCE.items()] + [("roi", REFERENCE_ROI)]
+
+
+def _other_names(key: str) -> tuple[str, ...]:
+    """The other names of ``key``'s option (``fine``: fine_num; ``roi``: h, w, ROI_size; ``h``: roi)."""
+    for ours, refs in SAME_OPTION:
+        if key == ours:
+            return refs
+        if key in refs:
+            return (ours,)
+    return ()
+
+
+def _check_one_name_each(raw: dict[str, Any]) -> None:
+    for ours, refs in SAME_OPTION:
+        given = [k for k in refs if k in raw]
+        if ours in raw and given:
+            raise ValueError(f"config gives {ours!r} and {', '.join(map(repr, given))}, two names of one option: "
+                             "keep one")
 
 
 @dataclass
@@ -152,6 +172,8 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
+        for name in _other_names(k.strip()):  # --set fine=2 replaces the config's fine_num, roi its h, w, ROI_size
+            raw.pop(name, None)
         raw[k.strip()] = parse_value(v, k.strip())
     for k in raw:
         if not isinstance(k, str):
@@ -189,6 +211,7 @@ def _expand_folder(spec: str) -> list[str]:
 
 
 def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
+    _check_one_name_each(raw)
     opts = {k: v for k, v in OURS.items()}
     for k, v in raw.items():
         if k in REFERENCE:

@@ -60,3 +60,27 @@ def test_an_unknown_task_option_is_one_line_naming_it(tiny_net):
         cem_fast.causal_effect_map(tiny_net, "x.png", task="DN", roi=(0, 0, 8), sigmaa=25)
     with pytest.raises(ValueError, match="unknown task option 'betta'"):
         cem_fast.make_task("DR", betta=1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("fine_num: 6\nfine: 7\n", "config gives 'fine' and 'fine_num', two names of one option: keep one"),
+    ("sr: 4\nscale: 2\n", "config gives 'scale' and 'sr', two names of one option: keep one"),
+    ("patch_path: p\npatches: q\n", "config gives 'patches' and 'patch_path'"),
+    ("Modellist: [bicubic]\nmodels: [default]\n", "config gives 'models' and 'Modellist'"),
+    ("h: 8\n", "config gives 'roi' and 'h', two names of one option: keep one"),
+    ("h: 8\nw: 8\nROI_size: 8\n", "config gives 'roi' and 'h', 'w', 'ROI_size'"),
+])
+def test_two_names_of_one_option_are_an_error_naming_both(tmp_path, extra, message):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("model: bicubic\nimages: [a.png]\nroi: [0, 0, 8]\n" + extra)
+    with pytest.raises(ValueError, match=f"^{message}"):
+        config.load_config(str(cfg))
+
+
+def test_set_replaces_every_name_of_its_option(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("model: bicubic\nimages: [a.png]\nh: 0\nw: 0\nROI_size: 8\nfine_num: 6\nsr: 2\n")
+    c = config.load_config(str(cfg), ["fine=2", "scale=3", "roi=[8, 8, 16]"])
+    assert (c.options["fine"], c.options["scale"], c.roi.as_tuple()) == (2, 3, (8, 8, 16, 16))
+    c = config.load_config(str(cfg), ["fine_num=4", "h=16"])
+    assert c.options["fine"] == 4 and c.roi.as_tuple() == (16, 0, 8, 8)
