@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Sequence, Union
 
 import torch
@@ -36,6 +37,18 @@ class ROI:
     height: int
     width: int
 
+    def __post_init__(self) -> None:
+        """Integers, a non-negative origin and a positive size, whoever builds it: kernels are given these values."""
+        values = (self.y, self.x, self.height, self.width)
+        if not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"roi must be (y, x, height, width) integers, got {values!r}")
+        for name, v in zip(("y", "x", "height", "width"), values):
+            object.__setattr__(self, name, int(v))  # numpy integers become ints (hashing, JSON)
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError(f"roi size must be positive, got height={self.height}, width={self.width}")
+        if self.y < 0 or self.x < 0:
+            raise ValueError(f"roi origin must be non-negative, got (y={self.y}, x={self.x})")
+
     @classmethod
     def parse(cls, value: RoiLike) -> "ROI":
         """Accept an ROI, ``(y, x, size)``, ``(y, x, height, width)`` or ``{"y", "x", "size"|"height","width"}``."""
@@ -58,15 +71,10 @@ class ROI:
             nums = [nums[0], nums[1], nums[2], nums[2]]
         if len(nums) != 4:
             raise ValueError(f"roi must be (y, x, size) or (y, x, height, width), got {len(nums)} numbers: {nums}")
-        y, x, h, w = nums
-        if h <= 0 or w <= 0:
-            raise ValueError(f"roi size must be positive, got height={h}, width={w}")
-        if y < 0 or x < 0:
-            raise ValueError(f"roi origin must be non-negative, got (y={y}, x={x})")
-        return cls(y, x, h, w)
+        return cls(*nums)
 
     def check_inside(self, out_h: int, out_w: int) -> None:
-        if self.y + self.height > out_h or self.x + self.width > out_w:
+        if self.y > out_h - self.height or self.x > out_w - self.width:
             raise ValueError(
                 f"roi (y={self.y}, x={self.x}, {self.height}x{self.width}) must lie inside the "
                 f"{out_h}x{out_w} output")

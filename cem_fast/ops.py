@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import cpp_ops, cuda_ops, reference, triton_ops
+from . import cpp_ops, cuda_ops, op_checks, reference, triton_ops
 from .geometry import ROI
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
@@ -85,35 +85,74 @@ def check_devices(op: str, anchor: str, tensors: dict) -> None:
             raise ValueError(f"{op}: {name} is on {t.device}, expected {dev} like {anchor}")
 
 
+def _trusted(kernel: Callable, *args, **kwargs):
+    """A backend call whose indices were checked here or built by the pipeline: the operators skip their own value
+    checks (while tracing there are no values to check and no context to enter)."""
+    if torch.compiler.is_compiling():
+        return kernel(*args, **kwargs)
+    with op_checks.trusted_indices():
+        return kernel(*args, **kwargs)
+
+
 def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor, origins: torch.Tensor,
               sizes: torch.Tensor, *, backend: Optional[str] = None, ids: Optional[torch.Tensor] = None, seed: int = 0,
               noise_sigma: float = 0.0, rain: Optional[torch.Tensor] = None,
               window_origins: Optional[torch.Tensor] = None, window_size: Optional[tuple[int, int]] = None,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """K intervened inputs (K, C, h', w'); see :func:`cem_fast.reference.intervene_ref` for the arguments."""
+    """K intervened inputs (K, C, h', w'); see :func:`cem_fast.reference.intervene_ref` for the arguments. Every
+    argument is checked first (:func:`cem_fast.op_checks.check_intervene`), the same for every backend."""
     kwargs = dict(ids=ids, seed=seed, noise_sigma=noise_sigma, rain=rain, window_origins=window_origins,
                   window_size=window_size, out=out)
+    op_checks.check_intervene(base, patches, patch_idx, origins, sizes, **kwargs)
+    return intervene_unchecked(base, patches, patch_idx, origins, sizes, backend=backend, **kwargs)
+
+
+def intervene_unchecked(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor, origins: torch.Tensor,
+                        sizes: torch.Tensor, *, backend: Optional[str] = None, **kwargs) -> torch.Tensor:
+    """:func:`intervene` without its value checks, for the pipeline, which builds the indices itself (devices are
+    still checked; ``CEM_FAST_CHECK_INTERNAL_OPS=1`` checks everything, as the test suite does)."""
+    if op_checks.check_internal_ops():
+        op_checks.check_intervene(base, patches, patch_idx, origins, sizes, **kwargs)
     check_devices("intervene", "base", {"base": base, "patches": patches, "patch_idx": patch_idx,
                                         "origins": origins, "sizes": sizes, **kwargs})
     name = resolve_backend(backend, base.device)
-    return _REGISTRY[name].intervene(base, patches, patch_idx, origins, sizes, **kwargs)
+    return _trusted(_REGISTRY[name].intervene, base, patches, patch_idx, origins, sizes, **kwargs)
 
 
 def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
                backend: Optional[str] = None) -> torch.Tensor:
-    """(K,) float64 ROI sum of squared errors, uint8 convention; see :func:`cem_fast.reference.roi_sq_err_ref`."""
+    """(K,) float64 ROI sum of squared errors, uint8 convention; see :func:`cem_fast.reference.roi_sq_err_ref`.
+    ``target`` is (C, roi.height, roi.width) of integers 0..255; the ROI must lie inside the outputs."""
+    op_checks.check_roi_sq_err(outputs, target, roi)
+    return roi_sq_err_unchecked(outputs, target, roi, backend=backend)
+
+
+def roi_sq_err_unchecked(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
+                         backend: Optional[str] = None) -> torch.Tensor:
+    """:func:`roi_sq_err` without its value checks (the pipeline's fast path; see :func:`intervene_unchecked`)."""
+    if op_checks.check_internal_ops():
+        op_checks.check_roi_sq_err(outputs, target, roi)
     check_devices("roi_sq_err", "outputs", {"outputs": outputs, "target": target})
     name = resolve_backend(backend, outputs.device)
-    return _REGISTRY[name].roi_sq_err(outputs, target, roi)
+    return _trusted(_REGISTRY[name].roi_sq_err, outputs, target, roi)
 
 
 def roi_sq_err_multi(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]", *,
                      backend: Optional[str] = None) -> torch.Tensor:
     """(K, n_rois) float64 squared errors for many ROIs from one pass; ``target`` (C, H, W) is the ground truth or,
     GT-free, the quantised unintervened output. See :func:`cem_fast.reference.roi_sq_err_multi_ref`."""
+    op_checks.check_roi_sq_err_multi(outputs, target, rois)
+    return roi_sq_err_multi_unchecked(outputs, target, rois, backend=backend)
+
+
+def roi_sq_err_multi_unchecked(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]", *,
+                               backend: Optional[str] = None) -> torch.Tensor:
+    """:func:`roi_sq_err_multi` without its value checks (the pipeline's fast path)."""
+    if op_checks.check_internal_ops():
+        op_checks.check_roi_sq_err_multi(outputs, target, rois)
     check_devices("roi_sq_err_multi", "outputs", {"outputs": outputs, "target": target})
     name = resolve_backend(backend, outputs.device)
-    return _REGISTRY[name].roi_sq_err_multi(outputs, target, rois)
+    return _trusted(_REGISTRY[name].roi_sq_err_multi, outputs, target, rois)
 
 
 def roi_psnr(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,

@@ -101,8 +101,8 @@ class Task:
         elif window is not None:
             o = int64_on_device(((window.y, window.x),), prep.base.device)
             crop = {"window_origins": o.expand(len(blocks), 2).contiguous(), "window_size": (window.h, window.w)}
-        return ops.intervene(prep.base, bank_in, patch_idx, origins, sizes, ids=ids, seed=seed,
-                             backend=backend, out=out, **crop, **self.intervene_kwargs(prep))
+        return ops.intervene_unchecked(prep.base, bank_in, patch_idx, origins, sizes, ids=ids, seed=seed,
+                                       backend=backend, out=out, **crop, **self.intervene_kwargs(prep))
 
     def intervene_kwargs(self, prep: Prepared) -> dict:
         return {}
@@ -205,9 +205,9 @@ class Denoise(_GridTask):
         one = torch.zeros(1, dtype=torch.int64, device=dev)
         # the op first copies ``base`` into its output; every pixel is then overwritten, so base is left unset
         base = torch.empty(C, H, W, dtype=torch.float32, device=dev)
-        return ops.intervene(base, image.contiguous(), one, torch.zeros(1, 2, dtype=torch.int64, device=dev),
-                             torch.tensor([[H, W]], dtype=torch.int64, device=dev),
-                             ids=one + INPUT_NOISE_ID, seed=self.noise_seed, noise_sigma=self.sigma)[0]
+        return ops.intervene_unchecked(base, image.contiguous(), one, torch.zeros(1, 2, dtype=torch.int64, device=dev),
+                                       torch.tensor([[H, W]], dtype=torch.int64, device=dev),
+                                       ids=one + INPUT_NOISE_ID, seed=self.noise_seed, noise_sigma=self.sigma)[0]
 
     def intervene_kwargs(self, prep):
         return {"noise_sigma": self.sigma}
@@ -282,8 +282,8 @@ class CustomTask(Task):
         if window is not None:
             raise ValueError("a custom task cannot write crops (window must be None)")
         clean = prep.extra["clean"].to(prep.base.device)
-        intervened = ops.intervene(clean, bank_in, patch_idx, prep.extra["origins"][blocks],
-                                   prep.extra["sizes"][blocks], ids=ids, seed=seed, backend=backend)
+        intervened = ops.intervene_unchecked(clean, bank_in, patch_idx, prep.extra["origins"][blocks],
+                                             prep.extra["sizes"][blocks], ids=ids, seed=seed, backend=backend)
         return self.degrade(intervened)
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import op_args
+from . import op_args, op_checks
 from .geometry import ROI, rois_table
 from .op_args import noise_sigma_units, unit_table
 
@@ -90,7 +90,7 @@ def _launch_intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torc
             out, base_c, patches.contiguous(), patch_idx.contiguous(), origins.contiguous(), sizes.contiguous(),
             windows, ids.contiguous() if noisy else patch_idx, rain.contiguous() if rain is not None else base_c,
             _unit_table_for(base), int(seed), noise_sigma_units(noise_sigma) if noisy else 0,
-            C, h, w, wh, ww, patches.shape[-1], *out.stride(),
+            C, h, w, wh, ww, patches.shape[-1], patches.shape[0], *out.stride(),
             NOISY=noisy, RAINY=rain is not None, BLOCK_W=block_w, CL=cl)
 
 
@@ -102,6 +102,9 @@ def intervene_triton_new(base: torch.Tensor, patches: torch.Tensor, patch_idx: t
     """cem_fast::intervene_triton: (K, C, wh, ww) float32 intervened inputs (arguments: cem_fast::intervene)."""
     out = op_args.intervene_fake(base, patches, patch_idx, origins, sizes, ids, seed, noise_sigma, rain, window_origins,
                                  window_size)
+    op_checks.check_intervene(base, patches, patch_idx, origins, sizes, ids=ids, seed=seed, noise_sigma=noise_sigma,
+                              rain=rain, window_origins=window_origins, window_size=window_size,
+                              op="cem_fast::intervene_triton")
     _launch_intervene(base, patches, patch_idx, origins, sizes, ids, seed, noise_sigma, rain, window_origins, out)
     return out
 
@@ -115,6 +118,9 @@ def intervene_triton_into(base: torch.Tensor, patches: torch.Tensor, patch_idx: 
     layout (arguments: cem_fast::intervene_into)."""
     op_args.intervene_into_fake(base, patches, patch_idx, origins, sizes, buffer, ids, seed, noise_sigma, rain,
                                 window_origins, window_size)
+    op_checks.check_intervene(base, patches, patch_idx, origins, sizes, ids=ids, seed=seed, noise_sigma=noise_sigma,
+                              rain=rain, window_origins=window_origins, window_size=window_size, out=buffer,
+                              op="cem_fast::intervene_triton_into")
     _launch_intervene(base, patches, patch_idx, origins, sizes, ids, seed, noise_sigma, rain, window_origins, buffer)
 
 
@@ -128,12 +134,16 @@ def _launch_roi_sq_err(res: torch.Tensor, row_stride: int, outputs: torch.Tensor
     with on_device(outputs.device):
         wrap_triton(_roi_sq_err_kernel)[(outputs.shape[0], n)](
             res, outputs, target, *roi, C, *outputs.stride(), target if rois is None else rois, row_stride,
-            target.shape[1], target.shape[2], BLOCK=block, MULTI=rois is not None, CL=cl)
+            target.shape[1], target.shape[2], outputs.shape[2], outputs.shape[3], BLOCK=block, MULTI=rois is not None,
+            CL=cl)
 
 
 def roi_sq_err_triton_op(outputs: torch.Tensor, target: torch.Tensor, y: int, x: int) -> torch.Tensor:
     """cem_fast::roi_sq_err_triton: (K,) float64 squared error of the ROI (y, x) of ``target``'s size."""
     res = op_args.roi_sq_err_fake(outputs, target, y, x)
+    op_checks.check_roi_box("cem_fast::roi_sq_err_triton", "roi", (y, x, target.shape[1], target.shape[2]),
+                            outputs.shape[2], outputs.shape[3])
+    op_checks.check_roi_target("cem_fast::roi_sq_err_triton", outputs, target, tuple(target.shape[1:]))
     if res.numel():
         _, rh, rw = target.shape
         _launch_roi_sq_err(res, 1, outputs, target.to(torch.int32).contiguous(), (y, x, rh, rw), None, 1, rw)
@@ -147,6 +157,8 @@ def roi_sq_err_multi_triton_op(outputs: torch.Tensor, target: torch.Tensor, rois
     sizes the kernel's row blocks. Above MAX_ROIS_PER_LAUNCH ROIs, one launch per MAX_ROIS_PER_LAUNCH: launch j
     reads the table from ROI j on and writes from res[0, j] on with the row stride n."""
     res = op_args.roi_sq_err_multi_fake(outputs, target, rois)
+    op_checks.check_rois_table("cem_fast::roi_sq_err_multi_triton", rois, outputs.shape[2], outputs.shape[3])
+    op_checks.check_roi_target("cem_fast::roi_sq_err_multi_triton", outputs, target, None)
     K, n = res.shape
     if K == 0 or n == 0:
         return res

@@ -32,6 +32,14 @@ struct InterveneArgs {
   bool rainy() const { return rain.defined(); }
 };
 
+constexpr double kMaxNoiseSigma = 4096.0;  // cem_fast/op_checks.py: MAX_NOISE_SIGMA
+
+// lo <= v and v + size <= extent without computing v + size (no signed overflow for any int64 v): size and extent
+// are known non-negative, so extent - size cannot overflow
+inline bool span_inside(int64_t v, int64_t size, int64_t extent) {
+  return size >= 0 && size <= extent && v >= 0 && v <= extent - size;
+}
+
 // sigma in 1/256 steps, rounded half to even like Python's round(sigma * 256) (the product is exact in double)
 inline int64_t noise_sigma_units(double sigma) { return static_cast<int64_t>(std::nearbyint(sigma * 256.0)); }
 
@@ -57,6 +65,10 @@ inline InterveneArgs intervene_args(const at::Tensor& base, const at::Tensor& pa
   CEM_CHECK_DTYPE(origins, at::kLong);
   CEM_CHECK_SHAPE(sizes, a.K, 2);
   CEM_CHECK_DTYPE(sizes, at::kLong);
+  // finite and bounded: sigma in 1/256 steps times the noise's range must stay inside int64 (an infinite sigma
+  // would be an undefined cast)
+  TORCH_CHECK_VALUE(std::isfinite(noise_sigma) && noise_sigma >= 0.0 && noise_sigma <= kMaxNoiseSigma,
+                    "noise_sigma must be a finite number in [0, ", kMaxNoiseSigma, "], got ", noise_sigma);
   TORCH_CHECK_VALUE(noise_sigma <= 0 || ids.has_value(), "ids are required when noise_sigma > 0 (they key the noise "
                     "RNG), got noise_sigma ", noise_sigma, " and no ids");
   a.sigma_q = noise_sigma > 0 ? noise_sigma_units(noise_sigma) : 0;
@@ -106,7 +118,8 @@ inline void check_roi_inputs(const at::Tensor& outputs, const at::Tensor& target
 
 inline void check_one_roi(const at::Tensor& outputs, const at::Tensor& target, int64_t y, int64_t x) {
   check_roi_inputs(outputs, target);
-  TORCH_CHECK_VALUE(y >= 0 && x >= 0 && y + target.size(1) <= outputs.size(2) && x + target.size(2) <= outputs.size(3),
+  TORCH_CHECK_VALUE(target.size(1) > 0 && target.size(2) > 0 && span_inside(y, target.size(1), outputs.size(2)) &&
+                        span_inside(x, target.size(2), outputs.size(3)),
                     "roi (", y, ", ", x, ", ", target.size(1), "x", target.size(2), ") must lie inside the ",
                     outputs.size(2), "x", outputs.size(3), " outputs");
 }
@@ -117,6 +130,47 @@ inline void check_many_rois(const at::Tensor& outputs, const at::Tensor& target,
   CEM_CHECK_DTYPE(rois, at::kLong);
   TORCH_CHECK_VALUE(target.size(1) == outputs.size(2) && target.size(2) == outputs.size(3),
                     "target must be (C, H, W) of the outputs' size, got ", target.sizes(), " for ", outputs.sizes());
+}
+
+// Index values the kernels trust, read on the host (CPU tensors: the CUDA operator passes host copies): the patch of
+// each intervention, block sizes within a patch, blocks and windows inside the base. Overflow-proof (span_inside),
+// so an origin near 2^63 is refused instead of wrapping past the check.
+inline void check_intervene_indices(int64_t P, const at::Tensor& patch_idx, const at::Tensor& origins,
+                                    const at::Tensor& sizes, const at::Tensor& windows, const InterveneArgs& a) {
+  const auto idx = patch_idx.accessor<int64_t, 1>();
+  const auto org = origins.accessor<int64_t, 2>();
+  const auto sz = sizes.accessor<int64_t, 2>();
+  const auto win = windows.accessor<int64_t, 2>();
+  for (int64_t k = 0; k < a.K; ++k) {
+    TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < P, "patch_idx[", k, "] = ", idx[k], " is not a patch of the ", P,
+                      "-patch bank");
+    TORCH_CHECK_VALUE(sz[k][0] >= 0 && sz[k][0] <= a.pb && sz[k][1] >= 0 && sz[k][1] <= a.pb, "sizes[", k, "] = (",
+                      sz[k][0], ", ", sz[k][1], ") must lie within the ", a.pb, "x", a.pb, " patches");
+    TORCH_CHECK_VALUE(span_inside(org[k][0], sz[k][0], a.h) && span_inside(org[k][1], sz[k][1], a.w), "origins[", k,
+                      "] = (", org[k][0], ", ", org[k][1], ") with size (", sz[k][0], ", ", sz[k][1],
+                      "): the block must lie inside the ", a.h, "x", a.w, " base");
+    TORCH_CHECK_VALUE(span_inside(win[k][0], a.wh, a.h) && span_inside(win[k][1], a.ww, a.w), "window_origins[", k,
+                      "] = (", win[k][0], ", ", win[k][1], ") with window ", a.wh, "x", a.ww, " must lie inside the ",
+                      a.h, "x", a.w, " base");
+  }
+}
+
+// Rain values the kernels add to patch values and look up as grey levels: finite and non-negative.
+inline void check_rain_values(const at::Tensor& rain) {
+  if (rain.numel() == 0) return;
+  const bool finite = at::isfinite(rain).all().item<bool>();
+  const double lo = rain.min().item<double>();
+  TORCH_CHECK_VALUE(finite && lo >= 0.0, "rain must be finite and non-negative (0..255 units), got a minimum of ", lo,
+                    finite ? "" : " and non-finite values");
+}
+
+// An (n, 4) ROI table (host copy) inside the outputs, overflow-proof.
+inline void check_rois_table(const at::Tensor& rois, int64_t H, int64_t W) {
+  const auto r = rois.accessor<int64_t, 2>();
+  for (int64_t i = 0; i < rois.size(0); ++i)
+    TORCH_CHECK_VALUE(r[i][2] > 0 && r[i][3] > 0 && span_inside(r[i][0], r[i][2], H) && span_inside(r[i][1], r[i][3], W),
+                      "roi ", i, " (", r[i][0], ", ", r[i][1], ", ", r[i][2], "x", r[i][3], ") must lie inside the ", H,
+                      "x", W, " outputs");
 }
 
 }  // namespace cem

@@ -56,24 +56,6 @@ void intervene_kernel(const at::Tensor& base, const at::Tensor& patches, const a
   });
 }
 
-// Index values the kernel trusts: the patch of each intervention, block sizes within a patch, windows within the
-// base. Read on the host (CPU tensors), so a bad index is an error instead of a read outside the buffers.
-void check_indices(const at::Tensor& patches, const at::Tensor& patch_idx, const at::Tensor& sizes,
-                   const cem::InterveneArgs& a) {
-  const auto idx = patch_idx.accessor<int64_t, 1>();
-  const auto sz = sizes.accessor<int64_t, 2>();
-  const auto win = a.windows.accessor<int64_t, 2>();
-  const int64_t P = patches.size(0);
-  for (int64_t k = 0; k < a.K; ++k) {
-    TORCH_CHECK_VALUE(idx[k] >= 0 && idx[k] < P, "patch_idx[", k, "] = ", idx[k], " is not a patch of the ", P,
-                      "-patch bank");
-    TORCH_CHECK_VALUE(sz[k][0] >= 0 && sz[k][0] <= a.pb && sz[k][1] >= 0 && sz[k][1] <= a.pb, "sizes[", k, "] = (",
-                      sz[k][0], ", ", sz[k][1], ") must lie within the ", a.pb, "x", a.pb, " patches");
-    TORCH_CHECK_VALUE(win[k][0] >= 0 && win[k][1] >= 0 && win[k][0] + a.wh <= a.h && win[k][1] + a.ww <= a.w,
-                      "window_origins[", k, "] = (", win[k][0], ", ", win[k][1], ") with window ", a.wh, "x", a.ww,
-                      " must lie inside the ", a.h, "x", a.w, " base");
-  }
-}
 }  // namespace
 
 namespace cem {
@@ -90,7 +72,8 @@ at::Tensor& intervene_out_cpu(const at::Tensor& base, const at::Tensor& patches,
   CEM_CHECK_CPU(out);
   if (a.noisy()) CEM_CHECK_CPU(a.ids);
   if (a.rainy()) CEM_CHECK_CPU(a.rain);
-  check_indices(patches, patch_idx, sizes, a);
+  check_intervene_indices(patches.size(0), patch_idx, origins, sizes, a.windows, a);
+  if (a.rainy()) check_rain_values(a.rain);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "intervene_cpu", [&] {
     intervene_kernel<scalar_t>(base, patches, patch_idx, origins, sizes, a.ids, seed, a.sigma_q, a.rain, a.windows,
                                out);

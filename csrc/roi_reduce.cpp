@@ -78,12 +78,7 @@ at::Tensor roi_sq_err_cpu(const at::Tensor& outputs, const at::Tensor& target, i
 at::Tensor roi_sq_err_multi_cpu(const at::Tensor& outputs, const at::Tensor& target, const at::Tensor& rois) {
   check_many_rois(outputs, target, rois);
   for (const at::Tensor* t : {&outputs, &target, &rois}) CEM_CHECK_CPU(*t);
-  const auto r = rois.accessor<int64_t, 2>();
-  for (int64_t i = 0; i < rois.size(0); ++i)
-    TORCH_CHECK_VALUE(r[i][0] >= 0 && r[i][1] >= 0 && r[i][2] > 0 && r[i][3] > 0 &&
-                          r[i][0] + r[i][2] <= outputs.size(2) && r[i][1] + r[i][3] <= outputs.size(3),
-                      "roi ", i, " (", r[i][0], ", ", r[i][1], ", ", r[i][2], "x", r[i][3], ") must lie inside the ",
-                      outputs.size(2), "x", outputs.size(3), " outputs");
+  check_rois_table(rois, outputs.size(2), outputs.size(3));
   return run(outputs, target, rois, true);
 }
 

@@ -18,11 +18,9 @@ from ._rng import _gaussian12, _stream_key
 
 # seed: the JIT specialises an integer argument equal to 1 into a constant, on which _stream_key's seed.to()
 # fails; the seed changes per run anyway, so a specialisation would only cost compilations.
-# seed: the JIT specialises an integer argument equal to 1 into a constant, on which _stream_key's seed.to()
-# fails; the seed changes per run anyway, so a specialisation would only cost compilations.
 @triton.jit(do_not_specialize=["seed"])
 def _intervene_kernel(out_ptr, base_ptr, patch_ptr, idx_ptr, org_ptr, size_ptr, win_ptr, ids_ptr, rain_ptr,
-                      lut_ptr, seed, sigma_q, C: tl.constexpr, h, w, wh, ww, pb,
+                      lut_ptr, seed, sigma_q, C: tl.constexpr, h, w, wh, ww, pb, P,
                       s_ok, s_oc, s_oh, s_ow,
                       NOISY: tl.constexpr, RAINY: tl.constexpr, BLOCK_W: tl.constexpr, CL: tl.constexpr):
     pid0 = tl.program_id(0).to(tl.int64)
@@ -41,11 +39,16 @@ def _intervene_kernel(out_ptr, base_ptr, patch_ptr, idx_ptr, org_ptr, size_ptr, 
     gy = tl.load(win_ptr + 2 * k) + i + 0 * j   # input row of this output row, as a vector (the interpreter
     #                                           # refuses vector & scalar masks)
     gx = tl.load(win_ptr + 2 * k + 1) + j       # input columns
-    v = tl.load(base_ptr + (c * h + gy) * w + gx, mask=in_row, other=0.0)
+    # The wrappers check every index before a launch; these masks keep a compiled graph's launch (whose values
+    # nothing read) inside the buffers all the same: reads outside the base or the bank are never issued
+    in_base = in_row & (gy >= 0) & (gy < h) & (gx >= 0) & (gx < w)
+    v = tl.load(base_ptr + (c * h + gy) * w + gx, mask=in_base, other=0.0)
     dy = gy - tl.load(org_ptr + 2 * k)
     dx = gx - tl.load(org_ptr + 2 * k + 1)
-    inside = in_row & (dy >= 0) & (dy < tl.load(size_ptr + 2 * k)) & (dx >= 0) & (dx < tl.load(size_ptr + 2 * k + 1))
+    inside = in_base & (dy >= 0) & (dy < tl.load(size_ptr + 2 * k)) & (dx >= 0) & (dx < tl.load(size_ptr + 2 * k + 1))
     p = tl.load(idx_ptr + k)
+    p_lane = p + 0 * j  # as a vector: the interpreter refuses vector & scalar masks
+    inside = inside & (dy < pb) & (dx < pb) & (p_lane >= 0) & (p_lane < P)
     pv = tl.load(patch_ptr + ((p * C + c) * pb + dy) * pb + dx, mask=inside, other=0).to(tl.int64)
     if NOISY:
         key = _stream_key(seed, tl.load(ids_ptr + k))
@@ -55,6 +58,6 @@ def _intervene_kernel(out_ptr, base_ptr, patch_ptr, idx_ptr, org_ptr, size_ptr, 
     if RAINY:
         r = tl.load(rain_ptr + (c * h + gy) * w + gx, mask=inside, other=0.0)
         pv = tl.floor(tl.minimum(pv.to(tl.float32) + r, 255.0)).to(tl.int64)
-    pval = tl.load(lut_ptr + pv, mask=inside, other=0.0)
+    pval = tl.load(lut_ptr + tl.minimum(tl.maximum(pv, 0), 255), mask=inside, other=0.0)
     res = tl.where(inside, pval, v)
     tl.store(out_ptr + k * s_ok + c * s_oc + i * s_oh + j * s_ow, res.to(out_ptr.dtype.element_ty), mask=in_row)

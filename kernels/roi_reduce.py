@@ -33,7 +33,7 @@ def _round_half_even(s):
 
 @triton.jit
 def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C: tl.constexpr, s_k, s_c, s_h, s_w, rois_ptr, n_rois,
-                       TH, TW, BLOCK: tl.constexpr, MULTI: tl.constexpr, CL: tl.constexpr):
+                       TH, TW, H, W, BLOCK: tl.constexpr, MULTI: tl.constexpr, CL: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1).to(tl.int64)
     ty = 0
@@ -67,6 +67,10 @@ def _roi_sq_err_kernel(out_ptr, x_ptr, t_ptr, y0, x0, rh, rw, C: tl.constexpr, s
             else:
                 j = lane
                 c = row // rh + 0 * lane
+            # the wrappers check the ROIs; this keeps an unchecked (compiled) launch inside the (H, W) outputs and
+            # the target (rows as vectors: the interpreter refuses vector & scalar masks)
+            gy = y0 + i + 0 * j
+            m = m & (gy >= 0) & (gy < H) & (x0 + j >= 0) & (x0 + j < W) & (ty + i + 0 * j < TH) & (tx + j < TW)
             v = tl.load(x_ptr + k * s_k + c * s_c + (y0 + i) * s_h + (x0 + j) * s_w, mask=m, other=0.0)
             v = v.to(tl.float32)
             nan = nan | (v != v).to(tl.int32)

@@ -9,6 +9,9 @@ import torch
 # interpreter would take hours on the GPU-sized tests). Set before the kernels are imported; an explicit
 # TRITON_INTERPRET in the environment wins.
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+# The pipeline calls the ops through their unchecked fast paths; here they check every argument anyway, so that
+# every test that runs the pipeline also shows that the indices it builds pass the ops' checks
+os.environ.setdefault("CEM_FAST_CHECK_INTERNAL_OPS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the repo; CEM_FAST_SHARED_DATA elsewhere (the GPU machine gets a copy inside the repo)

@@ -21,11 +21,11 @@ SCRIPT = textwrap.dedent('''
     INTERVENE = {"out_ptr": "*fp32", "base_ptr": "*fp32", "patch_ptr": "*u8", "idx_ptr": "*i64", "org_ptr": "*i64",
                  "size_ptr": "*i64", "win_ptr": "*i64", "ids_ptr": "*i64", "rain_ptr": "*fp32", "lut_ptr": "*fp32",
                  "seed": "i64", "sigma_q": "i64", "C": "constexpr", "h": "i32", "w": "i32", "wh": "i32", "ww": "i32",
-                 "pb": "i32", "s_ok": "i64", "s_oc": "i64", "s_oh": "i64", "s_ow": "i64", "NOISY": "constexpr",
+                 "pb": "i32", "P": "i32", "s_ok": "i64", "s_oc": "i64", "s_oh": "i64", "s_ow": "i64", "NOISY": "constexpr",
                  "RAINY": "constexpr", "BLOCK_W": "constexpr", "CL": "constexpr"}
     ROI = {"out_ptr": "*fp64", "x_ptr": "*fp32", "t_ptr": "*i32", "y0": "i32", "x0": "i32", "rh": "i32",
            "rw": "i32", "C": "constexpr", "s_k": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "rois_ptr": "*i64",
-           "n_rois": "i32", "TH": "i32", "TW": "i32", "BLOCK": "constexpr", "MULTI": "constexpr", "CL": "constexpr"}
+           "n_rois": "i32", "TH": "i32", "TW": "i32", "H": "i32", "W": "i32", "BLOCK": "constexpr", "MULTI": "constexpr", "CL": "constexpr"}
 
     def compile_sm90(fn, sig, constexprs, **options):
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)

@@ -56,8 +56,8 @@ class RoiScorer:
 
     def sq_err(self, out: torch.Tensor) -> torch.Tensor:
         if self._roi_target is not None:
-            return ops.roi_sq_err(out, self._roi_target, self.rois[0], backend=self.backend).unsqueeze(1)
-        return ops.roi_sq_err_multi(out, self.target, self.rois, backend=self.backend)
+            return ops.roi_sq_err_unchecked(out, self._roi_target, self.rois[0], backend=self.backend).unsqueeze(1)
+        return ops.roi_sq_err_multi_unchecked(out, self.target, self.rois, backend=self.backend)
 
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
         scores = reference.psnr_from_sq_err(self.sq_err(out), self.values)
