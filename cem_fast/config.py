@@ -11,6 +11,8 @@ plot_scale (auto | paper | a bound in dB: the colour scale of the pictures).
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from .geometry import ROI
+from .paths import looks_like_file, missing
 from .pipeline.options import TASKS, config_defaults, split_options
 
 
@@ -151,11 +154,12 @@ def parse_value(text: str, key: str = "value") -> Any:
 
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> RunConfig:
     raw: dict[str, Any] = {}
-    base = Path(".")
+    base = Path.cwd()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config {path!r} does not exist")
+        reason = missing(p) or (None if p.is_file() else "is not a file")
+        if reason:
+            raise ValueError(f"config {os.path.abspath(path)!r} {reason}")
         try:
             text = p.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
@@ -167,7 +171,7 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
             raise ValueError(f"config {path!r} is not valid YAML: {_yaml_error(e)}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config {path!r} must be a mapping of keys to values, got {type(raw).__name__}")
-        base = p.parent
+        base = Path(os.path.abspath(path)).parent
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
@@ -180,7 +184,7 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
             raise ValueError(f"config keys must be names (text), got {k!r}")
         if k not in VALID_KEYS:
             raise ValueError(f"unknown config key {k!r}{_closest(k)}")
-    return normalise(raw, base)
+    return normalise(raw, base, {item.split("=", 1)[0].strip() for item in overrides or []})
 
 
 def _as_list(v: Any) -> list:
@@ -190,13 +194,24 @@ def _as_list(v: Any) -> list:
 
 
 def _resolve(path: str, base: Path) -> str:
+    """``path`` made absolute: a relative one against ``base`` alone (the config file's folder, or the current
+    folder for ``--set`` values), whether or not a file of that name is elsewhere."""
     p = Path(str(path)).expanduser()
-    if not p.is_absolute() and not p.exists() and (base / p).exists():
-        return str(base / p)
-    return str(p)
+    return str(p if p.is_absolute() else base.absolute() / p)
 
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".pt2")
+NAMED_MODEL = re.compile(r"\s*(bicubic(:.*)?|default(:\w*)?)\s*", re.IGNORECASE)  # what load_model knows by name
+
+
+def _model_spec(spec: str, base: Path) -> str:
+    """A model spec with its file made absolute against ``base``; a named model, a factory as given."""
+    if NAMED_MODEL.fullmatch(spec):
+        return spec
+    if spec.lower().startswith("spandrel:"):
+        return "spandrel:" + _resolve(spec.split(":", 1)[1], base)
+    path = _resolve(spec, base)
+    return path if os.path.lexists(path) or looks_like_file(spec) else spec  # else load_model says what it takes
 
 
 def _expand_folder(spec: str) -> list[str]:
@@ -210,7 +225,37 @@ def _expand_folder(spec: str) -> list[str]:
     return found
 
 
-def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
+def _bases(base: Path, set_keys: "set[str]"):
+    """key -> the folder its relative paths resolve against: the current one for a key given with --set (under
+    either of its names), else ``base``."""
+    cwd = Path.cwd()
+    return lambda key: cwd if {key, *_other_names(key)} & set_keys else base
+
+
+def _images(opts: dict[str, Any], raw: dict[str, Any], base_of) -> list[str]:
+    """The images of ``images``, ``image`` and the reference's TextImg_path + Imagelist, made absolute."""
+    images = [_resolve(_path_text("images", i), base_of(k)) for k in ("images", "image") for i in _as_list(opts.pop(k))]
+    if "Imagelist" in raw:
+        folder_key = "TextImg_path" if "TextImg_path" in raw else "Imagelist"
+        folder = Path(_resolve(_path_text("TextImg_path", raw.get("TextImg_path", ".")), base_of(folder_key)))
+        images += [str(folder / _path_text("Imagelist", n)) for n in _as_list(raw["Imagelist"])]
+    if not images:
+        raise ValueError("config must name images (key 'images', or the reference's TextImg_path + Imagelist)")
+    return images
+
+
+def _models(opts: dict[str, Any], base_of) -> list[str]:
+    """The model specs of ``models`` and ``model``, files made absolute, a folder standing for its checkpoints."""
+    specs = [(_path_text("model", m), base_of(k)) for k in ("models", "model") for m in _as_list(opts.pop(k))]
+    if not specs:
+        raise ValueError("config must name a model (key 'model' or 'models': a checkpoint, bicubic, default, "
+                         "or pkg.module:factory)")
+    return [x for m, base in specs for x in _expand_folder(_model_spec(m, base))]
+
+
+def normalise(raw: dict[str, Any], base: Path = Path("."), set_keys: "set[str]" = frozenset()) -> RunConfig:
+    """A RunConfig from a config's keys; relative paths resolve against ``base``, those of ``set_keys`` (given with
+    --set) against the current folder."""
     _check_one_name_each(raw)
     opts = {k: v for k, v in OURS.items()}
     for k, v in raw.items():
@@ -218,20 +263,9 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
             opts[REFERENCE[k]] = v
         elif k in OURS:
             opts[k] = v
-    models = _as_list(opts.pop("models")) + _as_list(opts.pop("model"))
-    if not models:
-        raise ValueError("config must name a model (key 'model' or 'models': a checkpoint, bicubic, default, "
-                         "or pkg.module:factory)")
-    images = _as_list(opts.pop("images")) + _as_list(opts.pop("image"))
-    if "Imagelist" in raw:
-        folder = Path(_path_text("TextImg_path", raw.get("TextImg_path", ".")))
-        images += [str(folder / _path_text("Imagelist", n)) for n in _as_list(raw["Imagelist"])]
-    if not images:
-        raise ValueError("config must name images (key 'images', or the reference's TextImg_path + Imagelist)")
-    images = [_resolve(_path_text("images", i), base) for i in images]
-    models = [_path_text("model", m) for m in models]
-    models = [m if not (Path(str(m)).suffix or "/" in str(m)) else _resolve(m, base) for m in models]
-    models = [x for m in models for x in _expand_folder(str(m))]
+    base_of = _bases(base, set(set_keys))
+    models = _models(opts, base_of)
+    images = _images(opts, raw, base_of)
     roi = opts.pop("roi")
     rois, roi_grid = opts.pop("rois"), opts.pop("roi_grid")
     if roi is None and any(k in raw for k in REFERENCE_ROI):
@@ -252,7 +286,7 @@ def normalise(raw: dict[str, Any], base: Path = Path(".")) -> RunConfig:
     if isinstance(opts["locality"], bool):  # YAML reads a bare `off` / `on` as a boolean
         opts["locality"] = "auto" if opts["locality"] else "off"
     if opts.get("patches") is not None and opts["patches"] != "default":
-        opts["patches"] = _resolve(opts["patches"], base)
+        opts["patches"] = _resolve(opts["patches"], base_of("patches"))
     task = str(opts["task"]).strip()
     if task.upper() not in (t.upper() for t in TASKS):
         raise ValueError(f"task must be {', '.join(TASKS[:-1])} or {TASKS[-1]}, got {task!r}")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .checks import first_line
+from .paths import missing
 from .pipeline.options import DEFAULT_MAX_PIXELS
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -26,8 +27,9 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         name = path.name
-        if not path.exists():
-            raise ValueError(f"image {str(path)!r} does not exist")
+        reason = missing(path)  # does not exist, or a symlink loop, a broken link
+        if reason:
+            raise ValueError(f"image {str(path)!r} {reason}")
         if not path.is_file():  # a folder, or a pipe that would never end
             raise ValueError(f"image {str(path)!r} is not a regular file")
         bomb_limit = Image.MAX_IMAGE_PIXELS

@@ -63,8 +63,9 @@ def test_run_writes_results_and_a_report(sr_config, tmp_path):
     reach = z["reachable"]
     assert s["locality"]["active"] and s["stats"]["skipped"] == (~reach).sum() > 0  # bicubic is local
     assert np.all(z["cem"][~reach] == 0)
-    # Y(I) on the whole input and on the crop, 3 coarse draws per reachable block, 6 per gated one
-    assert s["num_forwards"] == 2 + 3 * reach.sum() + 6 * s["stats"]["gated"] and s["config"]["sr"] == 4
+    # Y(I) on the whole input, on the crop and on the crop again at the end, 3 coarse draws per reachable block,
+    # 6 per gated one
+    assert s["num_forwards"] == 3 + 3 * reach.sum() + 6 * s["stats"]["gated"] and s["config"]["sr"] == 4
     for name in ("cem.png", "overlay.png", "pie.png", "input.png", "output.png", "gt.png"):
         Image.open(res_dir / name).verify()
     report = out / "report.html"
@@ -102,7 +103,7 @@ def test_exact_flag_turns_locality_off(sr_config, tmp_path):
     assert p.returncode == 0, p.stderr
     s = json.loads((out / "bicubic_x4" / "img_7" / "summary.json").read_text())
     assert s["locality"]["mode"] == "off" and not s["locality"]["active"] and s["precision"] == "fp32"
-    assert s["num_forwards"] == 1 + 64 * 3 + 2 * s["stats"]["gated"]
+    assert s["num_forwards"] == 2 + 64 * 3 + 2 * s["stats"]["gated"]  # Y(I) at the start and at the end
 
 
 def test_unknown_key_suggests_the_closest(sr_config, tmp_path):
@@ -167,9 +168,9 @@ def test_cli_reproduces_the_sr_golden_configuration(tmp_path, shared):
     from helpers import assert_agrees
     root = Path(__file__).resolve().parents[1]
     if not (root.parent / "shared" / "data").is_dir():
-        pytest.skip("configs/golden_sr_bicubic_demo2.yml names ../shared/data beside the repository")
+        pytest.skip("configs/golden_sr_bicubic_demo2.yml names ../../shared/data: shared/data beside the repository")
     out = tmp_path / "golden"
-    p = run("run", root / "configs" / "golden_sr_bicubic_demo2.yml", "--out", out, "--no-progress", cwd=root)
+    p = run("run", root / "configs" / "golden_sr_bicubic_demo2.yml", "--out", out, "--no-progress", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
 
     class Loaded:  # the parts of a CEMResult that assert_agrees reads, from result.npz
@@ -274,3 +275,70 @@ def test_the_run_line_names_how_interventions_ran():
                                                           "windows": {"used": True}})
     assert "each intervention on its own window" in _locality_note({**base, "incremental": {"used": False},
                                                                     "windows": {"used": True}})
+
+
+# ---- paths in a config: relative to the config's folder; what cannot be opened says why, with the full path ----
+
+def _same_files_in(*folders: Path) -> None:
+    for folder in folders:
+        (folder / "nets").mkdir(parents=True)
+        (folder / "bank").mkdir()
+        (folder / "im.png").write_bytes(b"")
+        (folder / "nets" / "net.pth").write_bytes(b"")
+
+
+def test_relative_paths_resolve_against_the_config_folder_and_set_values_against_the_current(tmp_path,
+                                                                                              monkeypatch):
+    from cem_fast.config import load_config
+    here, there = tmp_path / "cwd", tmp_path / "cfgs"
+    _same_files_in(here, there)  # the same names in both folders: the config's folder wins, not the first found
+    (there / "c.yml").write_text("model: nets/net.pth\nimages: [im.png]\npatches: bank\nroi: [0, 0, 8]\n")
+    (there / "ref.yml").write_text("Modellist: [nets, default, 'torch.nn:Identity', 'spandrel:nets/net.pth']\n"
+                                   "TextImg_path: .\nImagelist: [im.png]\npatch_path: bank\nroi: [0, 0, 8]\n")
+    monkeypatch.chdir(here)
+    c = load_config("../cfgs/c.yml")
+    assert c.images == [str(there / "im.png")] and c.models == [str(there / "nets" / "net.pth")]
+    assert c.options["patches"] == str(there / "bank")
+    c = load_config("../cfgs/ref.yml")
+    assert c.images == [str(there / "im.png")] and c.options["patches"] == str(there / "bank")
+    assert c.models == [str(there / "nets" / "net.pth"), "default", "torch.nn:Identity",
+                        f"spandrel:{there / 'nets' / 'net.pth'}"]
+    c = load_config("../cfgs/c.yml", ["images=[im.png]", "model=nets/net.pth", "patches=bank"])
+    assert c.images == [str(here / "im.png")] and c.models == [str(here / "nets" / "net.pth")]
+    assert c.options["patches"] == str(here / "bank")
+
+
+def test_a_missing_model_file_says_no_such_file_with_its_resolved_path(tmp_path, monkeypatch, capsys):
+    from cem_fast.cli import main
+    (tmp_path / "cfgs").mkdir()
+    cfg = tmp_path / "cfgs" / "c.yml"
+    cfg.write_text("model: nets/missing.pth\nimages: [im.png]\nroi: [0, 0, 8]\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "cfgs/c.yml", "--out", "o", "--no-progress"]) == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [f"cem-fast: error: model: no such file: {tmp_path / 'cfgs' / 'nets' / 'missing.pth'}"]
+
+
+def test_symlink_loops_and_missing_files_say_what_they_are(tmp_path, monkeypatch):
+    from cem_fast.config import load_config
+    from cem_fast.images import load_image
+    from cem_fast.models import load_model
+    for name in ("loop.yml", "loop.pth", "loop.png"):
+        (tmp_path / name).symlink_to(tmp_path / name)
+    (tmp_path / "gone.pth").symlink_to(tmp_path / "nowhere.pth")
+    monkeypatch.chdir(tmp_path)
+    loop = re.escape(f"config '{tmp_path / 'loop.yml'}' is a symlink loop (cannot be resolved)")
+    with pytest.raises(ValueError, match=f"^{loop}$"):
+        load_config("loop.yml")
+    with pytest.raises(ValueError, match=f"^config '{tmp_path / 'none.yml'}' does not exist$"):
+        load_config("none.yml")
+    with pytest.raises(ValueError, match=f"^model '{tmp_path / 'loop.pth'}' is a symlink loop"):
+        load_model("loop.pth")
+    with pytest.raises(ValueError, match=f"^model '{tmp_path / 'gone.pth'}' is a broken symlink \\(to "):
+        load_model("gone.pth")
+    with pytest.raises(ValueError, match=f"^model: no such file: {tmp_path / 'nets' / 'none.pth'}$"):
+        load_model("nets/none.pth")
+    with pytest.raises(ValueError, match="^model 'DnCNN' is not a file, 'bicubic"):  # a name, not a path
+        load_model("DnCNN")
+    with pytest.raises(ValueError, match=f"^image '{tmp_path / 'loop.png'}' is a symlink loop"):
+        load_image(tmp_path / "loop.png")

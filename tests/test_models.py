@@ -59,7 +59,7 @@ def test_torchscript_and_factory_specs(tmp_path):
 @pytest.mark.parametrize("spec,match", [
     ("no_such_pkg_xyz:make", "cannot import module"),
     ("torch.nn:NoSuchThing", "has no attribute"),
-    ("nothing-here.pth", "is not a file"),
+    ("nothing-here.pth", "^model: no such file: .*nothing-here.pth$"),
     ("bicubic:xq", "expected bicubic:xS"),
 ])
 def test_bad_model_specs(spec, match):

@@ -8,6 +8,7 @@ import importlib
 import inspect
 import logging
 import math
+import os
 import re
 import sys
 import zipfile
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..checks import first_line
+from ..paths import looks_like_file, missing
 from .bicubic import Bicubic
 from .dncnn import DnCNN, FDnCNN, is_dncnn_state_dict
 from .sr_archs import EDSR, RCAN, MSRResNet
@@ -253,6 +255,10 @@ def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool =
         if not isinstance(model, nn.Module):
             raise ValueError(f"model {spec!r}: {factory}() returned {type(model).__name__}, expected an nn.Module")
         return model.eval(), factory
+    if os.path.lexists(path):  # a symlink loop or a broken link: not "no such file"
+        raise ValueError(f"model {str(path.absolute())!r} {missing(path)}")
+    if looks_like_file(spec):
+        raise ValueError(f"model: no such file: {path.absolute()}")
     raise ValueError(f"model {spec!r} is not a file, 'bicubic[:xS]', 'default' or 'pkg.module:factory'"
                      + _zoo_hint(spec))
 
