@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -29,10 +30,23 @@ EXIT_FAILED = 1
 RESERVED = {"report.html", "compare.html", "compare", "error.json"}  # what the run writes beside the run folders
 
 
+MAX_NAME_BYTES = 200  # a file name may hold 255 bytes: room for a _2 suffix and a temporary's
+
+
+def _name_char(c: str) -> str:
+    """``c`` if a letter, digit or combining mark of any script (not a variation selector) or '.', '_', '-';
+    else NUL, which never is one (a separator, an emoji, a control or direction character)."""
+    kind = unicodedata.category(c)[0]
+    keep = c in "._-" or kind in "LN" or (kind == "M" and not unicodedata.name(c, "").startswith("VARIATION"))
+    return c if keep else "\0"
+
+
 def _safe_name(name: str, fallback: str = "run") -> str:
-    """A folder name: letters, digits, '.', '_' and '-' only, never starting with a dot ('..', '.', '.cem_cache'
-    would leave the output folder or hide in it) and never a name the run writes itself (report.html...)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or fallback
+    """A folder name: letters, digits and marks of any script (NFC), '.', '_' and '-', each run of anything else
+    one '_'; at most MAX_NAME_BYTES in UTF-8; never starting with a dot ('..', '.', '.cem_cache' would leave the
+    output folder or hide in it) and never a name the run writes itself (report.html...)."""
+    safe = re.sub("\0+", "_", "".join(map(_name_char, unicodedata.normalize("NFC", name))))
+    safe = safe.encode()[:MAX_NAME_BYTES].decode(errors="ignore").strip("._-") or fallback
     return safe + "_" if safe in RESERVED else safe
 
 
@@ -53,7 +67,7 @@ def image_labels(images: list[str]) -> tuple[list[str], list[str]]:
 
 # the temporaries atomic_write leaves when killed, for the files a run writes (and never anyone else's)
 OUR_TEMPORARY = re.compile(r"^\.(result\.npz|summary\.json|rois\.json|error\.json|meta\.json|report\.html|"
-                           r"compare\.html|diff\.(npz|json|png)|[a-z_]+\.png|[A-Za-z0-9._-]+_cem\.png|"
+                           r"compare\.html|diff\.(npz|json|png)|[a-z_]+\.png|[^/]+_cem\.png|"
                            r"\d{9}-\d{6}\.npz)\.tmp\d+$")
 RESULT_FILES = ("result.npz", "summary.json", "rois.json", "report.html", "maps.png", "cem.png", "overlay.png",
                 "pie.png", "gt.png", "input.png", "output.png")

@@ -341,3 +341,27 @@ def test_symlink_loops_and_missing_files_say_what_they_are(tmp_path, monkeypatch
         load_model("DnCNN")
     with pytest.raises(ValueError, match=f"^image '{tmp_path / 'loop.png'}' is a symlink loop"):
         load_image(tmp_path / "loop.png")
+
+
+# ---- folder names keep the letters of any script -------------------------------------------------------------
+
+def test_folder_names_keep_letters_of_any_script_and_stay_safe():
+    from cem_fast.cli import _safe_name, image_labels
+    folders, labels = image_labels(["/a/ïmg_😀.png", "/b/ïmg_😁.png", "/c/日本語 テスト.png", "/d/नमस्ते.png",
+                                    "/e/😀.png", "/f/i\u0308mg_2.jpg", "/g/a\u202eb.png", "/h/.hidden.png"])
+    assert folders == ["ïmg", "ïmg_2", "日本語_テスト", "नमस्ते", "image", "ïmg_2_2", "a_b", "hidden"]
+    assert labels[:2] == ["ïmg_😀.png", "ïmg_😁.png"]  # the report tells them apart by their names
+    assert _safe_name("ä" * 300).encode() == ("ä" * 100).encode()  # at most 200 bytes: a file name may hold 255
+    assert _safe_name("report.html") == "report.html_" and _safe_name("..") == "run"
+    from cem_fast.cli import OUR_TEMPORARY  # what a killed compare leaves under such a name is cleaned up
+    assert OUR_TEMPORARY.match(".ïmg_cem.png.tmp12") and not OUR_TEMPORARY.match(".ïmg.png.tmp12")
+
+
+def test_an_image_with_a_unicode_name_gets_a_readable_folder(sr_config, tmp_path):
+    Image.open(tmp_path / "img_7.png").save(tmp_path / "ïmg_😀.png")
+    out = tmp_path / "o"
+    p = run("run", sr_config, "--out", out, "--no-progress", "--set", "Imagelist=[ïmg_😀.png]", "--set", "fine_num=1")
+    assert p.returncode == 0, p.stderr
+    s = json.loads((out / "bicubic_x4" / "ïmg" / "summary.json").read_text(encoding="utf-8"))
+    assert s["image_path"] == str(tmp_path / "ïmg_😀.png")
+    assert "bicubic_x4/ïmg/cem.png" in report_links(out / "report.html")
