@@ -63,8 +63,9 @@ def test_run_writes_results_and_a_report(sr_config, tmp_path):
     reach = z["reachable"]
     assert s["locality"]["active"] and s["stats"]["skipped"] == (~reach).sum() > 0  # bicubic is local
     assert np.all(z["cem"][~reach] == 0)
-    # Y(I) on the whole input and on the crop, 3 coarse draws per reachable block, 6 per gated one
-    assert s["num_forwards"] == 2 + 3 * reach.sum() + 6 * s["stats"]["gated"] and s["config"]["sr"] == 4
+    # Y(I) on the whole input, on the crop and on the crop again at the end, 3 coarse draws per reachable block,
+    # 6 per gated one
+    assert s["num_forwards"] == 3 + 3 * reach.sum() + 6 * s["stats"]["gated"] and s["config"]["sr"] == 4
     for name in ("cem.png", "overlay.png", "pie.png", "input.png", "output.png", "gt.png"):
         Image.open(res_dir / name).verify()
     report = out / "report.html"
@@ -102,7 +103,7 @@ def test_exact_flag_turns_locality_off(sr_config, tmp_path):
     assert p.returncode == 0, p.stderr
     s = json.loads((out / "bicubic_x4" / "img_7" / "summary.json").read_text())
     assert s["locality"]["mode"] == "off" and not s["locality"]["active"] and s["precision"] == "fp32"
-    assert s["num_forwards"] == 1 + 64 * 3 + 2 * s["stats"]["gated"]
+    assert s["num_forwards"] == 2 + 64 * 3 + 2 * s["stats"]["gated"]  # Y(I) at the start and at the end
 
 
 def test_unknown_key_suggests_the_closest(sr_config, tmp_path):

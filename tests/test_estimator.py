@@ -70,12 +70,12 @@ def test_estimator_matches_the_naive_reference_loop(tiny_net, small_image, bank,
     assert gated.sum() > 0 and (~gated).sum() > 0  # both branches exercised
     reach = res.reachable
     if locality == "off":
-        assert res.num_forwards == 1 + sc.size + 4 * gated.sum() and reach.all()
+        assert res.num_forwards == 2 + sc.size + 4 * gated.sum() and reach.all()  # Y(I) at the start and end
     else:  # tiny_net has radius 2: only input rows < 13 and columns < 21 reach the ROI (rows 5-10, cols 9-18)
         want = np.zeros((3, 4), bool)
         want[:2, :3] = True
         assert res.extra["locality"]["active"] and np.array_equal(reach, want)
-        assert res.num_forwards == 2 + 2 * reach.sum() + 4 * gated.sum()  # Y(I): full input and crop
+        assert res.num_forwards == 3 + 2 * reach.sum() + 4 * gated.sum()  # Y(I): full input, crop, crop at the end
 
 
 def test_dn_counter_input_noise_runs_on_the_run_device(small_image, bank):
@@ -177,7 +177,8 @@ def test_a_large_input_holds_samples_of_the_blocks_that_ran(rng):
                                      patches=bank, seed=0)
     assert isinstance(res.__dict__["_samples_fine"], Deferred)
     reach = res.reachable
-    assert reach.sum() == 16 and res.num_forwards == 2 + 2 * 16 + 3 * res.gated.sum()  # 4x4 blocks: ROI + ring
+    # 4x4 blocks: ROI + ring; Y(I) on the full input, the crop, and the crop again at the end
+    assert reach.sum() == 16 and res.num_forwards == 3 + 2 * 16 + 3 * res.gated.sum()
     sc, sf = res.samples_coarse, res.samples_fine
     assert sc.shape == (128, 128, 2) and sf.shape == (128, 128, 3)
     assert (sc[~reach] == res.psnr_origin).all() and np.isnan(sf[~res.gated]).all()

@@ -19,6 +19,7 @@ from ..tasks import Task
 from .assemble import assemble, pictures, run_extra, timings
 from .model import remember_batch_size
 from .options import RunOptions, TaskOptions
+from .origin import check_reproduced, refuse_undefined_origin, start_origin
 from .plan import RunPlan, budget_line, forward_budget, per_roi_pixels, plan_sampling, prepare
 from .precision import check_precision
 from .runner import Runner
@@ -61,6 +62,7 @@ def _run_cem(model, image, task, rois, roi_grid, patches, options, task_options,
         if plan.batch_key is not None:
             remember_batch_size(plan.model, plan.batch_key, runner.batch_size)
         refuse_nan_samples(sampled, plan.grid, plan.name)
+        origin_check = check_reproduced(plan, runner, psnr_origin)  # the model gives Y(I) again at the end
         plan.marks["sampling"] = time.perf_counter()
         grid = plan.grid
         estimates = [sampled.estimate(j) for j in range(len(plan.rois))]  # (effect, se, draws, df) per ROI
@@ -75,6 +77,7 @@ def _run_cem(model, image, task, rois, roi_grid, patches, options, task_options,
         pics = pictures(plan, runner)
     wall = time.perf_counter() - t0
     extra = run_extra(plan, runner, timings(t0, plan.marks, wall), precision_check)
+    extra["origin_check"] = origin_check
     extra["plan"] = {**budget, **({"rois": roi_plan} if len(plan.rois) > 1 else {})}
     if runner.by_rank is not None:
         extra["distributed"] = {"world_size": len(runner.by_rank), "interventions_per_rank": runner.by_rank.tolist()}
@@ -114,11 +117,8 @@ def _run_per_roi(plan: RunPlan, roi_plan: dict) -> CEMResults:
 
 def _sample(plan: RunPlan, runner: Runner) -> tuple[np.ndarray, Samples]:
     """Y(I) per ROI (from the whole-input output when the run is not cropped) and the two stages' samples."""
-    if plan.locality.window is None and plan.full_output is not None:
-        psnr_origin = runner.score(plan.full_output)[0].cpu().numpy()
-    else:
-        psnr_origin = runner.origin()
-    psnr_origin = distributed.from_rank0(psnr_origin, "Y(I)")  # every rank gates the fine stage alike
+    psnr_origin = distributed.from_rank0(start_origin(plan, runner), "Y(I)")  # every rank gates alike
+    refuse_undefined_origin(plan, psnr_origin)
     o = plan.options
     coarse, fine = o.stages
     cv = patch_covariates(plan) if o.estimator == "control-variate" else None

@@ -136,6 +136,7 @@ class ChangedRegionScorer:
         self.base_sat = torch.nn.functional.pad(sq.cumsum(0).cumsum(1), (1, 0, 1, 0))  # (h + 1, w + 1)
         self.base_origin = base_origin
         rois = torch.tensor([[q.y, q.x, q.y + q.height, q.x + q.width] for q in plan.rois], device=gt.device)
+        self.rois = rois  # (n_rois, 4) absolute output px
         self.base_roi = self._base_sum(rois)  # (n_rois,)
         self.values = torch.tensor([q.height * q.width * gt.shape[0] for q in plan.rois], dtype=torch.float64,
                                    device=gt.device)
@@ -168,15 +169,19 @@ class ChangedRegionScorer:
         nan_sat = torch.nn.functional.pad(nan.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
         changed = torch.from_numpy(self.windows.changed[rows]).to(dev)  # (K, n_rois, 4) absolute output px
         k = torch.arange(K, device=dev).view(K, 1)
-        y0, x0 = (changed[..., 0] - wy.view(K, 1)).clamp(min=0), (changed[..., 1] - wx.view(K, 1)).clamp(min=0)
-        y1, x1 = (changed[..., 2] - wy.view(K, 1)).clamp(min=0), (changed[..., 3] - wx.view(K, 1)).clamp(min=0)
 
-        def rect(t):
+        def rect(t, corners):  # sums of t (K, oh + 1, ow + 1 summed-area tables) over (K, n_rois, 4) rectangles
+            y0, x0 = (corners[..., 0] - wy.view(K, 1)).clamp(0, oh), (corners[..., 1] - wx.view(K, 1)).clamp(0, ow)
+            y1, x1 = (corners[..., 2] - wy.view(K, 1)).clamp(0, oh), (corners[..., 3] - wx.view(K, 1)).clamp(0, ow)
             return t[k, y1, x1] - t[k, y0, x1] - t[k, y1, x0] + t[k, y0, x0]
 
-        total = self.base_roi.view(1, -1) - self._base_sum(changed) + rect(sat)
+        total = self.base_roi.view(1, -1) - self._base_sum(changed) + rect(sat, changed)
         psnr = psnr_from_sq_err(total, self.values.view(1, -1))
-        return torch.where(rect(nan_sat) > 0, torch.full_like(psnr, float("nan")), psnr)
+        # a window's output is the model's on a real input: NaN/Inf anywhere in its part of a ROI is the model's,
+        # reported as the sample's (a flaky model must not pass because its NaN fell outside the changed
+        # rectangle); the incremental boxes hold computed values on their changed rectangles only
+        checked = changed if origins is not None else self.rois.expand(K, -1, -1)
+        return torch.where(rect(nan_sat, checked) > 0, torch.full_like(psnr, float("nan")), psnr)
 
 
 def windows_inputs(plan: "RunPlan", windows: BlockWindows, blocks: torch.Tensor, draws: torch.Tensor,

@@ -1,0 +1,158 @@
+"""Honest results (issue 24, part 4): a model whose output is NaN or changes from call to call gives an error, not a
+map; models with submodules in training mode run in eval mode for the run only, and the summary says so; a cache
+chunk of another run is never reused; a cache that cannot be used is skipped, and earlier results are replaced
+only by new ones; a model's sys.exit is one clear line. Small images, tiny models: fast."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import cem_fast
+from cem_fast.patches import PatchBank
+
+CLI = [sys.executable, "-m", "cem_fast.cli"]
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+RESULT_FILES = ("result.npz", "summary.json", "cem.png")
+
+
+def run_cli(*args):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def one_error_line(p) -> str:
+    assert p.returncode != 0, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1, p.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def image(rng):
+    return rng.randint(0, 256, (32, 32, 3)).astype(np.uint8)
+
+
+@pytest.fixture
+def bank(rng):
+    # 256 patches: two draws of a block rarely paste the same patch (NaNOnRepeat must see the interventions once)
+    return PatchBank(torch.from_numpy(rng.randint(0, 256, (256, 3, 8, 8)).astype(np.uint8)))
+
+
+def box_blur(x: torch.Tensor) -> torch.Tensor:
+    w = torch.full((x.shape[1], 1, 3, 3), 1 / 9, dtype=x.dtype, device=x.device)
+    return F.conv2d(x, w, padding=1, groups=x.shape[1])
+
+
+# ---- 1. a non-finite or non-reproducible Y(I) is an error, never a map -----------------------------------------
+
+class NaNEveryThird(torch.nn.Module):
+    """A 3x3 box blur that writes NaN into a patch of every third forward's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = box_blur(x)
+        if self.calls % 3 == 0:
+            y[..., 2:6, 2:6] = float("nan")
+        return y
+
+
+def make_nan_every_third():
+    return NaNEveryThird()
+
+
+class NaNOnRepeat(torch.nn.Module):
+    """A box blur that gives NaN in a patch for a single input it has seen before: here, the unintervened crop,
+    which locality verifies and the run then scores as Y(I) (the interventions are new inputs each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def forward(self, x):
+        y = box_blur(x)
+        if x.shape[0] == 1:
+            key = hashlib.sha256(x.contiguous().cpu().numpy().tobytes()).hexdigest()
+            if key in self.seen:
+                y[..., 2:5, 2:5] = float("nan")
+            self.seen.add(key)
+        return y
+
+
+class Drifts(torch.nn.Module):
+    """A box blur plus an offset that grows with every call (state kept between forwards)."""
+
+    def __init__(self, step=1e-3):
+        super().__init__()
+        self.calls, self.step = 0, step
+
+    def forward(self, x):
+        self.calls += 1
+        return box_blur(x) + self.step * self.calls
+
+
+def small_run(model, image, bank, **kw):
+    args = dict(task="identity", roi=(8, 8, 8), coarse=2, fine=2, patches=bank, **kw)
+    return cem_fast.causal_effect_map(model, image, **args)
+
+
+@pytest.mark.parametrize("windows", ["crop", "auto"])
+def test_nan_in_the_unintervened_roi_is_an_error_not_an_all_zero_map(image, bank, windows):
+    """Before: Y(I) = NaN made every effect NaN, the display threshold turned them into 0 and the run passed
+    (windows="crop"), or the NaN base was blamed on the interventions (windows="auto")."""
+    with pytest.raises(ValueError, match=r"^model NaNOnRepeat output has NaN/Inf values in ROI \(y=8, x=8, 8x8\) "
+                                         r"on the unintervened input: Y\(I\).* is undefined$"):
+        small_run(NaNOnRepeat(), image, bank, windows=windows)
+
+
+@pytest.mark.parametrize("locality", ["auto", "off"])
+def test_a_model_whose_output_changes_between_calls_is_refused(image, bank, locality):
+    with pytest.raises(RuntimeError, match=r"^model Drifts is not deterministic: run again on the unintervened "
+                                           r"input at the end of the run, its outputs in the ROIs differ by "):
+        small_run(Drifts(), image, bank, locality=locality)
+
+
+def test_a_deterministic_model_reproduces_y_of_i_exactly(image, bank):
+    res = small_run(Drifts(step=0.0), image, bank)
+    assert res.extra["origin_check"] == {"max_abs_diff": 0.0, "tolerance": 1e-4}
+
+
+def test_nan_in_a_window_outside_the_changed_rectangle_is_still_the_models(image, bank):
+    """A flaky model's NaN that falls in a ROI but outside the part an intervention changes is its output's all the
+    same: reported, not composed away."""
+    with pytest.raises(ValueError, match=r"NaNEveryThird produced NaN/Inf outputs in the ROI for \d+ coarse "
+                                         r"interventions \(first: block \(\d+, \d+\), draw \d\)"):
+        cem_fast.causal_effect_map(NaNEveryThird(), np.tile(image, (2, 2, 1))[:48, :48], task="DN", sigma=25,
+                                   roi=(16, 16, 8), patches=bank)
+
+
+def write_png(path: Path, rng, size=(48, 48)) -> Path:
+    Image.fromarray(rng.randint(0, 256, (*size, 3)).astype(np.uint8)).save(path)
+    return path
+
+
+def config(tmp_path: Path, image: Path, **extra) -> Path:
+    cfg = {"task": "DN", "sigma": 25, "images": [str(image)], "roi": [16, 16, 8], **extra}
+    path = tmp_path / "c.yml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def test_the_cli_fails_a_model_with_nan_outputs_and_writes_no_results(tmp_path, rng):
+    cfg = config(tmp_path, write_png(tmp_path / "im.png", rng), model="test_honest_results:make_nan_every_third")
+    p = run_cli("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert "NaN/Inf" in one_error_line(p) and p.returncode == 1
+    folder = tmp_path / "o" / "make_nan_every_third" / "im"
+    assert not any((folder / f).exists() for f in RESULT_FILES)
+    assert "NaN/Inf" in json.loads((folder / "error.json").read_text())["error"]
