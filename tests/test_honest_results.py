@@ -156,3 +156,60 @@ def test_the_cli_fails_a_model_with_nan_outputs_and_writes_no_results(tmp_path, 
     folder = tmp_path / "o" / "make_nan_every_third" / "im"
     assert not any((folder / f).exists() for f in RESULT_FILES)
     assert "NaN/Inf" in json.loads((folder / "error.json").read_text())["error"]
+
+
+# ---- 2. submodules in training mode: eval for the run, their own modes restored, the summary says so -----------
+
+class WithBatchNorm(torch.nn.Module):
+    """Conv, BatchNorm, Dropout: in training mode the output depends on the batch and on chance."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.drop = torch.nn.Dropout(0.5)
+        self.frozen = torch.nn.BatchNorm2d(3).eval()  # a submodule the user put in eval mode on purpose
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x):
+        return x + 0.2 * self.drop(self.frozen(self.bn(self.conv(x))))
+
+
+def modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_training_mode_submodules_run_in_eval_for_the_run_only(image, bank):
+    model = WithBatchNorm().train()
+    model.frozen.eval()
+    before = modes(model)
+    one = small_run(model, image, bank, batch_size=1)
+    assert modes(model) == before  # each submodule's own mode, the frozen one's too
+    many = small_run(model, image, bank, batch_size=7)
+    assert np.array_equal(one.effect, many.effect) and one.psnr_origin == many.psnr_origin  # no batch statistics
+    assert one.extra["switched_to_eval"] == {"submodules_in_training": 4, "names": ["WithBatchNorm", "conv", "bn",
+                                                                                    "drop"],
+                                             "restored_after_the_run": True}
+    assert "switched_to_eval" not in small_run(model.eval(), image, bank).extra  # nothing was switched
+
+
+def test_modes_are_restored_when_the_run_fails(image, bank):
+    class FailsOnBatches(WithBatchNorm):
+        def forward(self, x):
+            if x.shape[0] > 1:
+                raise RuntimeError("no batches here")
+            return super().forward(x)
+
+    model = FailsOnBatches().train()
+    with pytest.raises(RuntimeError, match="no batches here"):
+        small_run(model, image, bank, batch_size=4, locality="off")
+    assert all(modes(model).values())
+
+
+def test_the_wrappers_of_model_options_are_not_reported_as_switched(image, bank):
+    from cem_fast.models.wrappers import apply_model_options
+    model = apply_model_options(WithBatchNorm().eval(), {"pad_multiple": 8, "per_channel": False})
+    assert "switched_to_eval" not in small_run(model, image, bank).extra

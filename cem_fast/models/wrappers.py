@@ -72,15 +72,22 @@ def apply_model_options(model: nn.Module, options: dict | None, scale: int = 1) 
     ``pad_multiple`` (window). Applied innermost first in that order."""
     options = check_model_options(options)
     if options.get("noise_level") is not None:
-        model = WithNoiseMap(model, options["noise_level"])
+        model = _around(WithNoiseMap(model, options["noise_level"]))
     if options.get("per_channel"):
-        model = PerChannel(model)
+        model = _around(PerChannel(model))
     if options.get("pre_upsample"):
-        model = PreUpsample(model, int(options["pre_upsample"]))
+        model = _around(PreUpsample(model, int(options["pre_upsample"])))
     if options.get("pad_multiple"):
         s = 1 if options.get("pre_upsample") else scale
-        model = PadToMultiple(model, int(options["pad_multiple"]), s)
+        model = _around(PadToMultiple(model, int(options["pad_multiple"]), s))
     return model
+
+
+def _around(wrapper: nn.Module) -> nn.Module:
+    """A wrapper in its model's mode (a new module is in training mode: a run would report it as switched to
+    eval, though nothing in it depends on the mode)."""
+    wrapper.training = wrapper.model.training
+    return wrapper
 
 
 def check_model_options(options) -> dict:

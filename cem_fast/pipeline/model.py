@@ -12,9 +12,10 @@ every batch of interventions, the fp32 re-check), so the rules below hold everyw
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -67,6 +68,29 @@ class ModelForward:
 
     def at_precision(self, precision: str) -> "ModelForward":
         return dataclasses.replace(self, precision=precision)
+
+
+EVAL_NAMES_SHOWN = 20  # summary.json names this many of the submodules that were in training mode
+
+
+@contextlib.contextmanager
+def eval_for_run(model: Union[nn.Module, str]) -> Iterator[Optional[dict]]:
+    """The model in eval mode for the duration of a run, each submodule's own mode restored afterwards (also on an
+    error): a BatchNorm in training mode normalises by the batch's statistics and a Dropout drops at random, so the
+    map would depend on the batch size and differ run to run. Yields what summary.json says (None when every
+    submodule was in eval mode already, or the model is loaded by the run itself)."""
+    if not isinstance(model, nn.Module):
+        yield None
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    eval_mode(model)
+    try:
+        yield {"submodules_in_training": len(training), "names": training[:EVAL_NAMES_SHOWN],
+               "restored_after_the_run": True} if training else None
+    finally:
+        for m, mode in modes:  # the attribute, not train(): that would set the children to the parent's mode
+            m.training = mode
 
 
 def place_model(model: nn.Module, device: torch.device, precision: str,

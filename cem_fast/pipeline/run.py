@@ -17,7 +17,7 @@ from ..patches import PatchBank
 from ..result import CEMResults
 from ..tasks import Task
 from .assemble import assemble, pictures, run_extra, timings
-from .model import remember_batch_size
+from .model import eval_for_run, remember_batch_size
 from .options import RunOptions, TaskOptions
 from .origin import check_reproduced, refuse_undefined_origin, start_origin
 from .plan import RunPlan, budget_line, forward_budget, per_roi_pixels, plan_sampling, prepare
@@ -35,8 +35,14 @@ def run_cem(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Tas
     """The maps of ``model`` for ``rois`` (or every ``roi_grid`` tile) of its output on ``image``. Under a
     ``torch.distributed`` process group each rank computes a share of the interventions, and every rank returns
     the whole result (:mod:`cem_fast.distributed`)."""
-    with distributed.agreed_step("run"):  # an error on one rank fails the run on all, and they go on together
-        return _run_cem(model, image, task, rois, roi_grid, patches, options, task_options, model_name, image_name)
+    # an error on one rank fails the run on all, and they go on together; the model runs in eval mode throughout
+    with distributed.agreed_step("run"), eval_for_run(model) as switched:
+        results = _run_cem(model, image, task, rois, roi_grid, patches, options, task_options, model_name,
+                           image_name)
+    if switched:
+        for res in results:
+            res.extra["switched_to_eval"] = switched
+    return results
 
 
 def _run_cem(model, image, task, rois, roi_grid, patches, options, task_options, model_name, image_name):
