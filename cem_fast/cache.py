@@ -9,10 +9,12 @@ stage into one entry, so their chunk names never collide, and a run with another
 any other chunks (rows, not ranks).
 
 A chunk is an uncompressed ``.npz`` (no pickles) that says what it holds: ``scores`` (count, width) float64,
-``ids`` (count,) int64, the intervention ids of its rows, and ``sha256``, the hex digest of the stage, start,
-count, width, ids and scores. :meth:`RunCache.load` uses a chunk only if it reads, its digest matches, and its
-ids are the stage's ids at its place; any other chunk (a flipped bit, a truncated file, two chunks of one size
-swapped, a chunk of another plan) is deleted, so it is recomputed, and named with the reason in
+``ids`` (count,) int64, the intervention ids of its rows, ``run_key``, the key of the run it belongs to, and
+``sha256``, the hex digest of the run key, stage, start, count, width, ids and scores. :meth:`RunCache.load`
+uses a chunk only if it reads, it belongs to this entry's run, its digest matches, and its ids are the stage's
+ids at its place; any other chunk (a flipped bit, a truncated file, two chunks of one size swapped, a chunk of
+another plan, or one copied from another run's entry: the ids do not depend on the seed, so only the key tells a
+seed-1 chunk from a seed-0 one) is deleted, so it is recomputed, and named with the reason in
 ``RunCache.dropped``. Files of other formats (the ``.npy`` chunks of format 2) are never read.
 """
 from __future__ import annotations
@@ -30,9 +32,10 @@ import numpy as np
 from .checks import first_line
 from .fileio import atomic_write
 
-CACHE_FORMAT = 3  # bump when the meaning or the layout of cached samples changes (3: checksummed .npz chunks)
+CACHE_FORMAT = 4  # bump when the meaning or the layout of cached samples changes (3: checksummed .npz chunks;
+# 4: each chunk bound to its run's key)
 _CHUNK = re.compile(r"^(\d+)-(\d+)\.npz$")
-_CHUNK_ARRAYS = {"scores", "ids", "sha256"}
+_CHUNK_ARRAYS = {"scores", "ids", "run_key", "sha256"}
 
 
 def digest_bytes(*parts: bytes) -> str:
@@ -60,11 +63,12 @@ def _as_ids(ids: Any) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _chunk_digest(stage: str, start: int, scores: np.ndarray, ids: np.ndarray) -> str:
-    # fixed byte order, so a digest means the same on every machine; the stage and start are hashed too, so
-    # a chunk renamed to another place or moved to another stage fails even if its ids were to match there
+def _chunk_digest(key: str, stage: str, start: int, scores: np.ndarray, ids: np.ndarray) -> str:
+    # fixed byte order, so a digest means the same on every machine; the run's key, stage and start are hashed
+    # too, so a chunk copied from another run, renamed to another place or moved to another stage fails even if
+    # its ids were to match there
     count, width = scores.shape
-    return digest_bytes(stage.encode(), np.array([start, count, width], "<i8").tobytes(),
+    return digest_bytes(key.encode(), stage.encode(), np.array([start, count, width], "<i8").tobytes(),
                         ids.astype("<i8").tobytes(), scores.astype("<f8").tobytes())
 
 
@@ -74,6 +78,7 @@ class RunCache:
 
     def __init__(self, root: "str | os.PathLike", key: str, components: dict[str, Any], fresh: bool = False):
         self.dir = Path(root) / key
+        self.key = key
         self.dropped: list[str] = []
         if fresh and self.dir.exists():
             shutil.rmtree(self.dir)
@@ -108,7 +113,7 @@ class RunCache:
                 continue
             start, count = int(m.group(1)), int(m.group(2))
             try:
-                arr, chunk_ids = self._read_chunk(f, stage, start, count, n, width, ids)
+                arr, chunk_ids = self._read_chunk(f, self.key, stage, start, count, n, width, ids)
             except Exception as e:  # noqa: BLE001 - whatever is wrong with a chunk, it is recomputed
                 try:
                     f.unlink(missing_ok=True)  # so that its recomputed rows can take its name
@@ -121,7 +126,7 @@ class RunCache:
         return scores, done
 
     @staticmethod
-    def _read_chunk(f: Path, stage: str, start: int, count: int, n: int, width: int,
+    def _read_chunk(f: Path, key: str, stage: str, start: int, count: int, n: int, width: int,
                     ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The chunk's (scores, ids) if it verifies; raises _Bad (or whatever reading raised) otherwise."""
         if start + count > n:
@@ -133,12 +138,14 @@ class RunCache:
             missing = _CHUNK_ARRAYS - set(z.files)
             if missing:
                 raise _Bad(f"missing arrays {sorted(missing)}")
-            arr, chunk_ids, sha = z["scores"], z["ids"], z["sha256"]
+            arr, chunk_ids, chunk_key, sha = z["scores"], z["ids"], z["run_key"], z["sha256"]
         if arr.dtype != np.float64 or arr.shape != (count, width):
             raise _Bad(f"scores are {arr.dtype} {arr.shape}, expected float64 ({count}, {width})")
         if chunk_ids.dtype != np.int64 or chunk_ids.shape != (count,):
             raise _Bad(f"ids are {chunk_ids.dtype} {chunk_ids.shape}, expected int64 ({count},)")
-        if sha.shape != () or sha.dtype.kind != "U" or str(sha) != _chunk_digest(stage, start, arr, chunk_ids):
+        if chunk_key.shape != () or chunk_key.dtype.kind != "U" or str(chunk_key) != key:
+            raise _Bad(f"belongs to another run (its cache key is {str(chunk_key)[:64]!r}, this entry's {key!r})")
+        if sha.shape != () or sha.dtype.kind != "U" or str(sha) != _chunk_digest(key, stage, start, arr, chunk_ids):
             raise _Bad("checksum mismatch")
         if not np.array_equal(chunk_ids, ids[start:start + count]):
             raise _Bad("ids do not match the stage's interventions at its rows")
@@ -157,9 +164,9 @@ class RunCache:
                 raise ValueError(f"{len(ids)} ids for rows {start}..{start + count}")
             ids = ids[start:start + count]
         ids = np.ascontiguousarray(ids)
-        sha = np.array(_chunk_digest(stage, start, arr, ids))
+        sha = np.array(_chunk_digest(self.key, stage, start, arr, ids))
         atomic_write(self.dir / stage / f"{start:09d}-{count:06d}.npz",
-                     lambda f: np.savez(f, scores=arr, ids=ids, sha256=sha))
+                     lambda f: np.savez(f, scores=arr, ids=ids, run_key=np.array(self.key), sha256=sha))
 
 
 class _Bad(ValueError):

@@ -213,3 +213,29 @@ def test_the_wrappers_of_model_options_are_not_reported_as_switched(image, bank)
     from cem_fast.models.wrappers import apply_model_options
     model = apply_model_options(WithBatchNorm().eval(), {"pad_multiple": 8, "per_channel": False})
     assert "switched_to_eval" not in small_run(model, image, bank).extra
+
+
+# ---- 3. a cache chunk belongs to its run: one copied from another run's entry is recomputed --------------------
+
+def test_chunks_copied_from_a_seed_1_run_into_the_seed_0_entry_are_dropped(image, bank, tmp_path):
+    """The intervention ids do not depend on the seed, so before the chunks carried their run's key, a seed-1
+    chunk in the seed-0 entry verified and its samples were used as seed 0's."""
+    args = dict(task="DN", sigma=25, roi=(8, 8, 8), coarse=2, fine=3, patches=bank, batch_size=4,
+                locality="off", cache=tmp_path / "cache")
+    seed0 = cem_fast.causal_effect_map(Drifts(step=0.0), image, seed=0, **args)
+    seed1 = cem_fast.causal_effect_map(Drifts(step=0.0), image, seed=1, **args)
+    assert not np.array_equal(seed0.samples_coarse, seed1.samples_coarse)  # the seeds' samples differ
+    entry0, entry1 = Path(seed0.extra["cache_entry"]), Path(seed1.extra["cache_entry"])
+    copied = []
+    for chunk in sorted(entry1.glob("coarse/*.npz")):  # the coarse stage: the same rows in both runs
+        (entry0 / "coarse" / chunk.name).write_bytes(chunk.read_bytes())
+        copied.append(f"coarse/{chunk.name}")
+    assert len(copied) == 8  # 16 blocks x 2 draws in chunks of 4
+    again = cem_fast.causal_effect_map(Drifts(step=0.0), image, seed=0, **args)
+    dropped = again.extra["cache_dropped_chunks"]
+    assert sorted(d.split(": ")[0] for d in dropped) == copied
+    assert all("belongs to another run" in d for d in dropped), dropped
+    assert again.extra["reused_from_cache"] == seed0.num_forwards - 2 - 32  # the fine stage's only
+    fresh = cem_fast.causal_effect_map(Drifts(step=0.0), image, seed=0, **{**args, "cache": None})
+    np.testing.assert_array_equal(again.samples_coarse, fresh.samples_coarse)
+    np.testing.assert_array_equal(again.effect, fresh.effect)

@@ -66,9 +66,9 @@ def test_a_flipped_bit_drops_only_that_chunk(stage):
     files[1].write_bytes(bytes(raw))
     # a bit flipped before the chunk was packed (memory, a copy tool): only our checksum can see it
     with np.load(files[2]) as z:
-        flipped, sha = z["scores"].copy(), z["sha256"]
+        flipped, key, sha = z["scores"].copy(), z["run_key"], z["sha256"]
     flipped.reshape(-1).view(np.uint8)[21] ^= 0x01  # one bit of one float
-    np.savez(files[2], scores=flipped, ids=ids[16:24], sha256=sha)
+    np.savez(files[2], scores=flipped, ids=ids[16:24], run_key=key, sha256=sha)
     again = reload(cache)
     got, done = again.load("coarse", 24, 2, ids)
     assert done.tolist() == [True] * 8 + [False] * 16
@@ -100,6 +100,26 @@ def test_a_chunk_of_other_interventions_is_dropped(stage):
     _, done = again.load("coarse", 24, 2, ids)
     assert done.tolist() == [True] * 8 + [False] * 8 + [True] * 8
     assert again.dropped == ["coarse/000000008-000008.npz: ids do not match the stage's interventions at its rows"]
+
+
+def test_a_chunk_copied_from_another_runs_entry_is_dropped(stage):
+    cache, ids, scores, files = stage
+    other = RunCache(cache.dir.parent, "other", {})  # same interventions (ids), another run: another seed, say
+    other.save("coarse", 8, scores[8:16] + 1, ids[8:16])
+    (other.dir / "coarse" / files[1].name).replace(files[1])
+    again = reload(cache)
+    _, done = again.load("coarse", 24, 2, ids)
+    assert done.tolist() == [True] * 8 + [False] * 8 + [True] * 8 and not files[1].exists()
+    assert again.dropped == ["coarse/000000008-000008.npz: belongs to another run (its cache key is 'other', this "
+                             "entry's 'k')"]
+    # its key relabelled as this entry's: the digest, made with the other key, no longer matches
+    other.save("coarse", 8, scores[8:16] + 1, ids[8:16])
+    with np.load(other.dir / "coarse" / files[1].name) as z:
+        arrays = {**z, "run_key": np.array("k")}
+    np.savez(files[1], **arrays)
+    again = reload(cache)
+    _, done = again.load("coarse", 24, 2, ids)
+    assert not done[8:16].any() and again.dropped == ["coarse/000000008-000008.npz: checksum mismatch"]
 
 
 def test_truncated_or_misshapen_chunks_are_dropped_and_old_npy_chunks_ignored(stage):
