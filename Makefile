@@ -10,7 +10,7 @@ TRITON_SPEC ?= triton==3.9.0
 GPU_TRITON_SPEC ?= triton==3.6.0
 OUT ?= demo_out
 
-.PHONY: demo test bench venv ext clean gpu-data gpu-rehearsal
+.PHONY: demo test bench venv ext clean gpu-data gpu-rehearsal sanitize fuzz
 
 $(VENV)/.ready: pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,29 @@ test: ext
 
 bench: ext
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# the ops' C++ kernels under AddressSanitizer and UndefinedBehaviorSanitizer: built apart (build/asan, never over the
+# installed cem_fast._C), loaded through CEM_FAST_EXTENSION with the ASan runtime preloaded (and libstdc++ with it:
+# ASan intercepts C++ throws only when libstdc++ is there at its start); the op tests and a short fuzz run
+# (FUZZ_EXAMPLES each; CI runs this after make test). Reports go to build/asan/report.* and are printed on failure
+ASAN_LIB = build/asan/lib
+FUZZ_EXAMPLES ?= 150
+sanitize: $(VENV)/.ready
+	@mkdir -p build/asan; \
+	CEM_FAST_SANITIZE=1 CEM_FAST_BUILD_EXT=1 CEM_FAST_CUDA=0 $(PY) setup.py -q build_ext --build-lib $(ASAN_LIB) \
+	  --build-temp build/asan/temp > build/asan/build.log 2>&1 || { tail -n 20 build/asan/build.log; exit 1; }
+	@rm -f build/asan/report.*; \
+	CEM_FAST_EXTENSION=$$(ls $(ASAN_LIB)/cem_fast/_C*.so) \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$(CURDIR)/build/asan/report \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$(CURDIR)/build/asan/report \
+	  CEM_FAST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_op_intervene.py tests/test_op_roi_sq_err.py tests/test_op_checks.py tests/test_op_fuzz.py \
+	  || { echo "sanitizer reports:"; cat build/asan/report.* 2>/dev/null | head -n 60; exit 1; }
+
+# the fuzz tests with a longer budget (examples per op and backend set)
+fuzz: ext
+	CEM_FAST_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -p no:cacheprovider tests/test_op_fuzz.py
 
 # benchmarks/gpu_check.sh run here on the CPU in a scratch copy with a scratch interpreter (everything but CUDA
 # execution: install and build, compile checks, tests, benchmarks at CI size, profile, table); CI runs it

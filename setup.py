@@ -35,6 +35,16 @@ def switch(name: str) -> str:
     return value
 
 
+def sanitizer_flags() -> list[str]:
+    """CEM_FAST_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer in the C++ kernels (``make sanitize``
+    builds them apart and runs the op and fuzz tests with the ASan runtime preloaded). -fno-wrapv undoes Python's
+    -fwrapv, so that a signed overflow is reported instead of defined to wrap."""
+    if switch("CEM_FAST_SANITIZE") != "1":
+        return []
+    say("sanitizers on (CEM_FAST_SANITIZE=1): -fsanitize=address,undefined, -O1 -g")
+    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-fno-wrapv"]
+
+
 def cuda_choice(torch, cuda_home) -> tuple[bool, str]:
     """Whether to compile the CUDA kernels, and why; CEM_FAST_CUDA=1 that cannot be honoured stops the build."""
     wanted = switch("CEM_FAST_CUDA")
@@ -79,13 +89,15 @@ def extension_and_builder(required: bool):
     say(f"extension {'required (a switch is 1)' if required else 'optional (CEM_FAST_BUILD_EXT=auto)'}; "
         f"torch {torch.__version__}; CUDA kernels {why}; OpenMP {' '.join(OPENMP)} (compile and link)")
     sources = sorted(glob.glob("csrc/*.cpp"))
-    common = dict(include_dirs=[GENERATED], extra_link_args=OPENMP, optional=not required)
+    sanitize = sanitizer_flags()
+    common = dict(include_dirs=[GENERATED], extra_link_args=OPENMP + sanitize, optional=not required)
+    cxx = (["-O1", "-g"] if sanitize else ["-O3"]) + OPENMP + sanitize
     if with_cuda:
         ext = CUDAExtension("cem_fast._C", sources + sorted(glob.glob("csrc/*.cu")),
                             define_macros=[("WITH_CUDA", None)],
-                            extra_compile_args={"cxx": ["-O3", *OPENMP], "nvcc": ["-O3"]}, **common)
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, **common)
     else:
-        ext = CppExtension("cem_fast._C", sources, extra_compile_args=["-O3", *OPENMP], **common)
+        ext = CppExtension("cem_fast._C", sources, extra_compile_args=cxx, **common)
 
     class BuildExt(BuildExtension.with_options(no_python_abi_suffix=False)):
         """Also writes ``_C.build.json`` beside the library (read when it does not load: built against another

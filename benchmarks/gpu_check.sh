@@ -46,6 +46,14 @@ echo "   golden incl. the GPU golden)"
   tests/test_incremental.py \
   tests/test_triton_compile.py tests/test_cuda_compile.py 2>&1 \
   | grep -E "^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed)|^E  " | tail -40
+if command -v compute-sanitizer >/dev/null 2>&1 && "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"
+then
+  echo "== compute-sanitizer memcheck over the CUDA op tests (out-of-range reads and writes of the kernels)"
+  timeout -s INT 150 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_op_intervene.py tests/test_op_roi_sq_err.py -k "gpu" 2>&1 | tail -15
+else
+  echo "== compute-sanitizer: skipped (no CUDA device, or the tool is not on the PATH)"
+fi
 echo "== ops benchmarks (each backend beside a copy-bandwidth row)"
 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-only $BENCH_ARGS \
   --benchmark-json="$DEST/bench_ops.json" 2>&1 | tail -3

@@ -43,10 +43,28 @@ def _recorded_build() -> Optional[dict]:
         return None
 
 
+def _import_extension():
+    """``cem_fast._C``, or the build that ``CEM_FAST_EXTENSION`` names (a path to a library: the sanitizer build of
+    ``make sanitize``, kept apart from the installed one)."""
+    path = os.environ.get("CEM_FAST_EXTENSION")
+    if not path:
+        from . import _C
+        return _C
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+    if spec is None or not os.path.isfile(path):
+        raise ImportError(f"CEM_FAST_EXTENSION={path!r} is not a library file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    return module
+
+
 def _load():
     """(the module, None) or (None, why it cannot be used)."""
     try:
-        from . import _C
+        _C = _import_extension()
     except ImportError as e:  # not built, or built against another torch (undefined symbols)
         recorded = _recorded_build()
         why = build_mismatch(recorded) if recorded else None

@@ -177,6 +177,8 @@ def rois_table(rois: Sequence[ROI], out_h: int, out_w: int, device: torch.device
     (made once per ROI list and device)."""
     for r in rois:
         r.check_inside(out_h, out_w)
+    if not rois:  # torch.tensor(()) would be (0,), not (0, 4)
+        return torch.zeros(0, 4, dtype=torch.int64, device=device)
     return int64_on_device(tuple(r.as_tuple() for r in rois), device)
 
 

@@ -116,12 +116,24 @@ inline void check_roi_inputs(const at::Tensor& outputs, const at::Tensor& target
                     " channels, got ", target.sizes());
 }
 
+// Target values on the uint8 grid, as every backend's arithmetic assumes (one host read of three numbers).
+inline void check_target_values(const at::Tensor& target) {
+  if (target.numel() == 0) return;
+  const at::Tensor t = target.to(at::kDouble);
+  const at::Tensor stats = at::stack({t.min(), t.max(), (t != t.floor()).any().to(at::kDouble)}).cpu();
+  const double lo = stats[0].item<double>(), hi = stats[1].item<double>();
+  const bool fractional = stats[2].item<double>() != 0.0;
+  TORCH_CHECK_VALUE(lo >= 0.0 && hi <= 255.0 && !fractional, "target must hold integers 0..255, got values in [", lo,
+                    ", ", hi, "]", fractional ? " with fractions" : "");
+}
+
 inline void check_one_roi(const at::Tensor& outputs, const at::Tensor& target, int64_t y, int64_t x) {
   check_roi_inputs(outputs, target);
   TORCH_CHECK_VALUE(target.size(1) > 0 && target.size(2) > 0 && span_inside(y, target.size(1), outputs.size(2)) &&
                         span_inside(x, target.size(2), outputs.size(3)),
                     "roi (", y, ", ", x, ", ", target.size(1), "x", target.size(2), ") must lie inside the ",
                     outputs.size(2), "x", outputs.size(3), " outputs");
+  check_target_values(target);
 }
 
 inline void check_many_rois(const at::Tensor& outputs, const at::Tensor& target, const at::Tensor& rois) {
@@ -130,6 +142,7 @@ inline void check_many_rois(const at::Tensor& outputs, const at::Tensor& target,
   CEM_CHECK_DTYPE(rois, at::kLong);
   TORCH_CHECK_VALUE(target.size(1) == outputs.size(2) && target.size(2) == outputs.size(3),
                     "target must be (C, H, W) of the outputs' size, got ", target.sizes(), " for ", outputs.sizes());
+  check_target_values(target);
 }
 
 // Index values the kernels trust, read on the host (CPU tensors: the CUDA operator passes host copies): the patch of
