@@ -32,6 +32,7 @@ or changes the output size is run without locality, and the reason is reported.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -85,6 +86,24 @@ class LocalityPlan:
                    {"mode": mode, "active": False, "reason": reason, **info})
 
 
+@contextlib.contextmanager
+def nan_probes():
+    """cuDNN off around forwards whose inputs hold NaN (the probes). cuDNN may pick Winograd or FFT convolutions,
+    which compute a whole output tile from transforms of all its inputs: one NaN then spreads over whole tiles,
+    the measured spread exceeds the true reach, and the windows and the layer-by-layer engine are refused without
+    an error (the map is still right, only slower). Without cuDNN, ATen's own convolution (im2col and a matrix
+    product) takes each output from its receptive field alone. Only ``enabled`` is touched (and restored, also
+    after an error): ``torch.backends.cudnn.flags()`` would also reset TF32, determinism and, in newer torch, the
+    fp32 precision setting to its own defaults. No effect on the CPU."""
+    c = torch.backends.cudnn
+    saved = c.enabled
+    c.enabled = False
+    try:
+        yield
+    finally:
+        c.enabled = saved
+
+
 def _block_span(index: int, in_block: int, limit: int) -> tuple[int, int]:
     return index * in_block, min((index + 1) * in_block, limit)
 
@@ -113,7 +132,8 @@ class _Prober:
         finite = []
         for i in range(0, n, self.batch_size):
             inputs = make_inputs(i, min(n, i + self.batch_size))
-            out = self.forward(inputs)
+            with nan_probes():
+                out = self.forward(inputs)
             want = (inputs.shape[0], inputs.shape[1], win.h * s, win.w * s)
             if tuple(out.shape) != want:
                 raise _NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, "
@@ -276,7 +296,8 @@ def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, in
         inp = win.crop(prober.base).unsqueeze(0).repeat(2, 1, 1, 1)
         inp[0, :, by0 - win.y:by1 - win.y, bx0 - win.x:bx1 - win.x] = float("nan")
         inp[1, :, py - win.y, px - win.x] = float("nan")
-        out = prober.forward(inp)
+        with nan_probes():
+            out = prober.forward(inp)
         prober.forwards += 2
         rounds += 1
         want = (2, inp.shape[1], win.h * s, win.w * s)
@@ -357,7 +378,8 @@ def _verify_reach_locally(prober: _Prober, grid: BlockGrid, rois, reach: np.ndar
                 outside = torch.from_numpy(~reach[j, r0:r1, c0:c1])
                 mask = outside.repeat_interleave(ib, 0).repeat_interleave(ib, 1)[:h, :w].to(prober.base.device)
                 inputs.append(prober.base[:, y:y + h, x:x + w].masked_fill(mask, float("nan")))
-            out = prober.forward(torch.stack(inputs))
+            with nan_probes():
+                out = prober.forward(torch.stack(inputs))
             prober.forwards += len(part)
             h, w = (int(v) for v in windows[part[0], 2:])
             if tuple(out.shape[-2:]) != (h * s, w * s):

@@ -230,8 +230,9 @@ def test_cem_fast_refuses_an_extension_built_against_another_torch(loads):
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     reasons, chosen = p.stdout.strip().split("\n")
-    built = _extension._C.build_info()["torch"]
-    assert f"cem_fast._C was built against torch {built} (CUDA none) but torch 9.9.9+cpu" in reasons
+    info = _extension._C.build_info()  # a CUDA build words its toolkit: "(CUDA 13.0)"
+    built, cuda = info["torch"], info.get("torch_cuda") or "none"
+    assert f"cem_fast._C was built against torch {built} (CUDA {cuda}) but torch 9.9.9+cpu" in reasons
     assert chosen == "torch"
 
 

@@ -232,8 +232,9 @@ def test_a_failed_windows_check_refuses_the_engine_too(image, bank, monkeypatch)
 
 
 def test_activations_that_would_not_fit_keep_the_windows(image, bank, monkeypatch):
-    import cem_fast.pipeline.samples as samples
-    monkeypatch.setattr(samples, "available_memory", lambda: 1 << 18)  # the samples fit, the activations do not
+    import cem_fast.pipeline.incremental as incremental
+    # the activations do not fit (on CUDA the device's free memory is asked, on the CPU the host's: one function)
+    monkeypatch.setattr(incremental, "free_memory", lambda device: 1 << 18)
     res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
     info = res.extra["locality"]["incremental"]
     assert not info["used"] and "more than a quarter of the 0.0 GiB available" in info["reason"], info

@@ -82,3 +82,42 @@ def test_the_composition_is_checked_against_the_crop(image, bank, monkeypatch):
                                      patches=bank)
     info = res.extra["locality"]["windows"]
     assert not info["used"] and "differ from the crop's" in info["reason"], info
+
+
+class Recording(ConvStack):
+    """ConvStack that records, for each forward, whether its input holds NaN and cuDNN's flags at that moment."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((bool(torch.isnan(x).any()), torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark))
+        return super().forward(x)
+
+
+def test_nan_probes_run_without_cudnn_and_no_forward_autotunes(image, bank, monkeypatch):
+    """The probes (NaN in the input) run with cuDNN off: its Winograd/FFT tiles would smear one NaN over a tile
+    and the measured spread would exceed the reach, refusing the windows and the engine on a GPU without an error.
+    A user's ``cudnn.benchmark = True`` is off during every forward of the run (the shapes vary from batch to
+    batch: each new one would be autotuned), and both flags are the user's again afterwards."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    model = Recording(4)
+    res = cem_fast.causal_effect_map(model, image, task="DN", roi=(40, 36, 16), coarse=1, fine=0, patches=bank)
+    assert res.extra["locality"]["windows"]["used"]
+    probes = [s for s in model.seen if s[0]]
+    assert probes and all(not enabled for _, enabled, _ in probes), probes
+    assert any(enabled for nan, enabled, _ in model.seen if not nan)  # the samples keep cuDNN
+    assert not any(bench for _, _, bench in model.seen), model.seen
+    assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.enabled is True
+
+
+def test_the_flags_are_restored_after_an_error():
+    from cem_fast.locality import nan_probes
+    from cem_fast.pipeline.precision import no_cudnn_autotune, precision_mode
+    before = (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark)
+    for ctx in (nan_probes(), no_cudnn_autotune(), precision_mode("fp32", torch.device("cpu"))):
+        with pytest.raises(RuntimeError, match="boom"):
+            with ctx:
+                raise RuntimeError("boom")
+        assert (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark) == before

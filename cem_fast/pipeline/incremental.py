@@ -599,6 +599,15 @@ class IncrementalPlan:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free where the unintervened activations would go: the device's on CUDA, else the host's (one place,
+    so that a test can stand for either)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    from .samples import available_memory
+    return available_memory()
+
+
 MIN_GAIN = 1.2  # fewer convolution pixels than the windows (or the crop) needed to be worth it
 
 
@@ -608,7 +617,6 @@ def plan_incremental(plan: "RunPlan") -> dict:
     what summary.json says."""
     from ..locality import VERIFY_TOL, Window
     from .precision import precision_mode
-    from .samples import available_memory
     from .windows import Spread, block_windows, largest_difference_from_crop
     info = plan.locality.info
     if plan.options.incremental == "off":
@@ -658,7 +666,7 @@ def plan_incremental(plan: "RunPlan") -> dict:
     crop_in = region.crop(plan.prep.base).unsqueeze(0)
     engine.margin = plan.grid.in_block
     need = engine.kept_bytes(region.h, region.w, crop_in.shape[1], crop_in.element_size())
-    avail = torch.cuda.mem_get_info(plan.device)[0] if plan.device.type == "cuda" else available_memory()
+    avail = free_memory(plan.device)
     if avail is not None and need > avail // 4:
         return {"used": False, "reason": f"the unintervened activations of the {region.h}x{region.w} region would "
                                          f"take {need / 2**30:.1f} GiB, more than a quarter of the "

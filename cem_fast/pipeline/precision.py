@@ -15,11 +15,28 @@ PRECISION_CHECK_BLOCKS = 8
 
 
 @contextlib.contextmanager
+def no_cudnn_autotune():
+    """``torch.backends.cudnn.benchmark`` off inside, the caller's setting restored afterwards (also after an
+    error). A user who turned it on for a fixed-shape model would otherwise have cuDNN time every algorithm for
+    each new input shape the run makes: the probe's windows, the intervention windows and the layer-by-layer
+    engine's rectangles change shape from batch to batch, and each autotune costs more than the forward it picks
+    an algorithm for."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+@contextlib.contextmanager
 def precision_mode(precision: str, device: torch.device):
     """fp32: true fp32 (TF32 off for cuDNN convolutions and matmuls, which torch allows by default for cuDNN);
-    tf32: TF32 allowed; bf16 / fp16: autocast. Restores the global flags afterwards."""
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    tf32: TF32 allowed; bf16 / fp16: autocast. cuDNN's autotuning is off (:func:`no_cudnn_autotune`: the run's
+    shapes vary). Restores the global flags afterwards."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.benchmark = False
     try:
         if precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -28,7 +45,8 @@ def precision_mode(precision: str, device: torch.device):
         else:
             yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags
 
 
 def blocks_to_check(plan: "RunPlan", effects: list) -> np.ndarray:
