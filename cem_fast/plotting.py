@@ -31,8 +31,15 @@ CMAP = "seismic"
 FIG_DPI = 150  # cem.png: 6.8 x 6.4 in -> about 1020 x 960 px, fonts 10-13 pt
 VECTOR_FORMATS = ("pdf", "svg")
 CE_LABEL = "causal effect on ROI PSNR (dB)\n+ red: helps the ROI,  \u2212 blue: hurts it"
-ROI_LEGEND = "ROI (green): the region whose PSNR is measured; its blocks are not rated"
-CROP_LEGEND = "locality crop (grey): blocks outside were skipped (cannot reach the ROI; CE = 0)"
+ROI_LEGEND = "ROI (green outline): the region whose PSNR is measured; its blocks are not rated"
+CROP_LEGEND = "locality (grey): blocks outside it cannot reach the ROI and were skipped (CE = 0)"
+MINUS = "\u2212"  # typographic minus for numbers in labels and captions (an ASCII hyphen is not a minus)
+DEFAULT_BACKGROUND = 0.6  # strength of the photograph under the map: 0 white, 1 the photograph itself
+Zoom = Union[str, Sequence[int]]
+ZOOM_MARGIN = 0.25  # "auto": margin around the effects and the ROI, a share of the region's longer side
+ZOOM_MAX_AREA = 0.5  # "auto": the whole image when the zoomed box would cover more than this share of it
+ROI_COLOUR = (0.0, 1.0, 0.0)
+HALO = "black"  # drawn under the ROI outline, so that it shows on white, red, blue and dark picture alike
 AUTO_PERCENTILE = 99  # "auto": one outlier block may saturate, the rest of the map keeps its contrast
 READABLE = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 ScaleLike = Union[str, float, int, "ColourScale"]
@@ -111,36 +118,66 @@ def colour_scale(scale: ScaleLike, results: Sequence) -> ColourScale:
     raise ValueError(f"scale must be 'auto', 'paper' or a positive number of dB, got {scale!r}")
 
 
-def overlay(res, scale: ScaleLike = "auto") -> np.ndarray:
-    """(H, W, 3) uint8: the map on ``scale`` (nearest-upsampled to output pixels, ROI blocks green) over the
-    picture, with a green ROI rectangle and, in speed mode, a grey rectangle around the input crop the
-    interventions ran on (see :func:`_on_picture` for the blend)."""
+def signed(x: float, fmt: str = "+.3f") -> str:
+    """``x`` formatted with ``fmt`` and a typographic minus (U+2212) instead of the ASCII hyphen."""
+    return format(x, fmt).replace("-", MINUS)
+
+
+def overlay(res, scale: ScaleLike = "auto", background: "float | str | None" = None) -> np.ndarray:
+    """(H, W, 3) uint8: the map on ``scale`` (nearest-upsampled to output pixels) over the picture (see
+    :func:`_on_picture`; the ROI's blocks show the picture), the ROI outlined in green on a black halo and, in speed
+    mode, a grey rectangle around the input crop the interventions ran on (the pixel-tight window, so that blocks
+    that reach the ROI may stick out past it; :func:`cem_figure` draws the block-aligned reach instead)."""
     cs = colour_scale(scale, [res])
-    rgb = cs.colours(res.cem)
-    rgb[res.roi_mask] = GREEN
-    pil = Image.fromarray(_on_picture(rgb, res, paper=cs.kind == "paper"))
+    pil = Image.fromarray(map_picture(res, cs, background))
     crop = _crop_box(res)
-    if crop:  # speed mode: the input window the interventions ran on; blocks outside it were skipped
+    if crop:  # speed mode: the input window the interventions ran on
         y, x, h, w = crop
         ImageDraw.Draw(pil).rectangle([x, y, x + w - 1, y + h - 1], outline=GREY, width=max(1, min(pil.size) // 256))
     _draw_roi(pil, res.roi)
     return np.asarray(pil)
 
 
-def _on_picture(rgb: np.ndarray, res, paper: bool = False) -> np.ndarray:
-    """(H, W, 3) uint8: per-block colours ``rgb`` (rows, cols, 3) upsampled to output pixels and blended with the
-    picture. ``paper``: 0.9 map + 0.1 degraded input, as the paper does; otherwise 0.8 map + 0.2 grey ground
-    truth, so the picture's content shows through (sharp, without the input's noise or rain) without tinting
-    the map's red and blue."""
+def map_picture(res, scale: ScaleLike = "auto", background: "float | str | None" = None) -> np.ndarray:
+    """(H, W, 3) uint8: the map on ``scale`` over the picture, no boxes; the ROI's blocks (not rated) are left
+    uncoloured, so that the picture shows what is explained."""
+    cs = colour_scale(scale, [res])
+    rgb = cs.colours(res.cem)
+    rgb[res.roi_mask] = 1.0  # white: the picture itself
+    return _on_picture(rgb, res, background)
+
+
+def check_background(background) -> "float | str":
+    """``background``: None (the default strength), a number in [0, 1] or "paper"."""
+    if background is None:
+        return DEFAULT_BACKGROUND
+    if background == "paper":
+        return "paper"
+    if isinstance(background, (int, float)) and not isinstance(background, bool) and 0 <= background <= 1:
+        return float(background)
+    raise ValueError(f"background must be a number from 0 (white) to 1 (the photograph) or 'paper', "
+                     f"got {background!r}")
+
+
+def _on_picture(rgb: np.ndarray, res, background: "float | str | None" = None) -> np.ndarray:
+    """(H, W, 3) uint8: per-block colours ``rgb`` (rows, cols, 3) upsampled to output pixels over the picture.
+
+    ``background`` b in [0, 1] (default :data:`DEFAULT_BACKGROUND`): the white in each colour is replaced by the
+    grey ground truth at strength b (1 - b (1 - grey)): a block with no effect shows the photograph, a saturated
+    block its colour on the bar exactly, a pale one a tint of it over the photograph (b = 0: the bare colours on
+    white; b = 1: the photograph at full contrast). ``"paper"``: 0.9 map + 0.1 degraded input, as the paper
+    does."""
+    background = check_background(background)
     H, W = res.gt.shape[-2:]
     up = np.repeat(np.repeat(rgb, res.block, axis=0), res.block, axis=1)[:H, :W]
-    if paper:
+    if background == "paper":
         deg = res.degraded.permute(1, 2, 0).numpy()
         deg = np.asarray(Image.fromarray(deg).resize((W, H), Image.NEAREST), dtype=np.float64) / 255
         img = 0.9 * up + 0.1 * deg
     else:
         grey = res.gt.permute(1, 2, 0).numpy() @ np.array([0.299, 0.587, 0.114]) / 255
-        img = 0.8 * up + 0.2 * grey[..., None]
+        backdrop = 1 - background * (1 - grey)
+        img = up - up.min(axis=-1, keepdims=True) * (1 - backdrop[..., None])
     return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
 
@@ -150,11 +187,105 @@ def _crop_box(res) -> Optional[tuple]:
     return tuple(v * res.scale for v in crop) if crop else None
 
 
+def reach_box(res) -> Optional[tuple]:
+    """(y, x, h, w) output pixels on whole blocks: the smallest box holding every block that can reach the ROI
+    (blocks outside it were skipped, CE = 0), or None when every block can (exact mode, nothing skipped)."""
+    reach = np.asarray(res.reachable, dtype=bool)
+    if reach.all() or not reach.any():
+        return None
+    rows, cols = np.nonzero(reach.any(axis=1))[0], np.nonzero(reach.any(axis=0))[0]
+    return _blocks_to_px(res, rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+
+
+def _blocks_to_px(res, r0, r1, c0, c1) -> tuple:
+    H, W = res.gt.shape[-2:]
+    b = res.block
+    y0, x0 = int(r0) * b, int(c0) * b
+    return y0, x0, min(int(r1) * b, H) - y0, min(int(c1) * b, W) - x0
+
+
+def _snap(res, y0: float, x0: float, y1: float, x1: float) -> tuple:
+    """The pixel box [y0, y1) x [x0, x1) grown to whole blocks and clipped to the image: (y, x, h, w)."""
+    H, W = res.gt.shape[-2:]
+    b = res.block
+    y0, x0 = max(0, math.floor(y0 / b)), max(0, math.floor(x0 / b))
+    y1, x1 = min(math.ceil(min(y1, H) / b), math.ceil(H / b)), min(math.ceil(min(x1, W) / b), math.ceil(W / b))
+    return _blocks_to_px(res, y0, max(y1, y0 + 1), x0, max(x1, x0 + 1))
+
+
+def zoom_box(res, zoom: Zoom = "auto", include: Optional[tuple] = None) -> tuple:
+    """(y, x, h, w) output pixels on whole blocks: the part of the picture a figure shows.
+
+    ``"auto"``: the blocks with an effect (non-zero, outside the ROI), the ROI and ``include`` (a box, e.g. the
+    reach when it is drawn), with a margin of a quarter of that region's longer side (at least two blocks, and
+    at least three ROI sides across), made square where the image allows; the whole image when that box would
+    cover more than half of it. ``"reach"``: :func:`reach_box` (the whole image when nothing was skipped).
+    ``"full"``: the whole image. ``(y, x, h, w)``: that box in output pixels, grown to whole blocks."""
+    H, W = res.gt.shape[-2:]
+    full = (0, 0, H, W)
+    if isinstance(zoom, str):
+        if zoom == "full":
+            return full
+        if zoom == "reach":
+            return reach_box(res) or full
+        if zoom != "auto":
+            raise ValueError(f"zoom must be 'auto', 'reach', 'full' or a (y, x, height, width) box in output "
+                             f"pixels, got {zoom!r}")
+        return _auto_zoom(res, include)
+    try:
+        y, x, h, w = (int(v) for v in zoom)
+        ok = all(float(v) == int(v) for v in zoom)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or h <= 0 or w <= 0 or y < 0 or x < 0 or y >= H or x >= W:
+        raise ValueError(f"zoom must be 'auto', 'reach', 'full' or a (y, x, height, width) box in output pixels "
+                         f"that starts inside the {H}x{W} image, got {zoom!r}")
+    return _snap(res, y, x, y + h, x + w)
+
+
+def _auto_zoom(res, include: Optional[tuple]) -> tuple:
+    H, W = res.gt.shape[-2:]
+    r = res.roi
+    boxes = [(r.y, r.x, r.y + r.height, r.x + r.width)]
+    effect = (res.cem != 0) & ~res.roi_mask
+    if effect.any():
+        y, x, h, w = _blocks_to_px(res, *_bounds(effect))
+        boxes.append((y, x, y + h, x + w))
+    if include:
+        y, x, h, w = include
+        boxes.append((y, x, y + h, x + w))
+    y0, x0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    y1, x1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    side = max(y1 - y0, x1 - x0)
+    side = max(side + 2 * max(ZOOM_MARGIN * side, 2 * res.block), 3 * max(r.height, r.width))
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    y0, y1 = _centred(cy, side, H)
+    x0, x1 = _centred(cx, side, W)
+    box = _snap(res, y0, x0, y1, x1)
+    return (0, 0, H, W) if box[2] * box[3] > ZOOM_MAX_AREA * H * W else box
+
+
+def _bounds(mask: np.ndarray) -> tuple:
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+
+def _centred(centre: float, side: float, limit: int) -> tuple:
+    """[lo, hi) of length ``side`` (at most ``limit``) around ``centre``, shifted to lie inside [0, limit)."""
+    side = min(side, limit)
+    lo = min(max(0.0, centre - side / 2), limit - side)
+    return lo, lo + side
+
+
 def _draw_roi(pil: Image.Image, roi, scale: int = 1) -> None:
+    """The ROI outlined: green on its edge pixels, black just outside them, so that it shows on any picture and
+    hides no more than the ROI's edge."""
     d = ImageDraw.Draw(pil)
     y0, x0 = roi.y // scale, roi.x // scale
     y1, x1 = (roi.y + roi.height) // scale - 1, (roi.x + roi.width) // scale - 1
-    d.rectangle([x0, y0, x1, y1], outline=(0, 255, 0), width=max(1, min(pil.size) // 128))
+    w = max(1, min(pil.size) // 256)
+    d.rectangle([x0 - w, y0 - w, x1 + w, y1 + w], outline=(0, 0, 0), width=w)
+    d.rectangle([x0, y0, x1, y1], outline=(0, 255, 0), width=w)
 
 
 def _plain_axes(ax) -> None:
@@ -164,8 +295,9 @@ def _plain_axes(ax) -> None:
 
 
 def colour_bar(fig, axes, cs: ColourScale, values: np.ndarray, label: str = CE_LABEL):
-    """A colour bar in dB beside ``axes``: ticks at -bound, -bound/2, 0, +bound/2, +bound (0 always shown),
-    arrows where ``values`` go beyond the bound, and black marks at the smallest and largest value."""
+    """A colour bar in dB beside ``axes``: ticks at -bound, -bound/2, 0, +bound/2, +bound (0 always shown,
+    negative ones with a typographic minus), arrows where ``values`` go beyond the bound, and black marks at the
+    smallest and largest value."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
@@ -174,7 +306,7 @@ def colour_bar(fig, axes, cs: ColourScale, values: np.ndarray, label: str = CE_L
     sm = matplotlib.cm.ScalarMappable(norm=cs.norm(), cmap=CMAP)
     cb = fig.colorbar(sm, ax=axes, extend=extend[(lo < -b, hi > b)], fraction=0.05, pad=0.02, aspect=30)
     ticks = [-b, -b / 2, 0.0, b / 2, b]
-    cb.set_ticks(ticks, labels=["0" if t == 0 else f"{t:+g}" for t in ticks])
+    cb.set_ticks(ticks, labels=["0" if t == 0 else signed(t, "+g") for t in ticks])
     cb.ax.tick_params(labelsize=11)
     cb.set_label(label, fontsize=12)
     for m in {lo, hi} - {0.0}:  # the map's extremes, drawn at the bound when clipped
@@ -185,111 +317,214 @@ def colour_bar(fig, axes, cs: ColourScale, values: np.ndarray, label: str = CE_L
 def extremes_text(stats: dict) -> str:
     """The strongest helping and hurting blocks outside the ROI, or that there is none."""
     def one(word, db, block, absent):
-        return f"{word} {db:+.3f} dB at block (row {block[0]}, col {block[1]})" if db is not None else absent
+        return f"{word} {signed(db)} dB at block (row {block[0]}, col {block[1]})" if db is not None else absent
     return (one("max", stats.get("max_db"), stats.get("max_block"), "no block helps the ROI") + "\n"
             + one("min", stats.get("min_db"), stats.get("min_block"), "no block hurts the ROI")
             + "   (black marks on the bar)")
 
 
-def cem_figure(res, title: Optional[str] = None, scale: ScaleLike = "auto", legend: bool = True):
-    """The map figure: overlay on ``scale``, the strongest blocks under it, a labelled colour bar in dB and a
-    legend of the boxes (ROI, and the locality crop in speed mode)."""
+def counts_text(helps: int, hurts: int, no_effect: int) -> str:
+    """"16 help, 0 hurt, 548 no effect": the blocks' counts as a caption reads them."""
+    return f"{helps} help, {hurts} hurt, {no_effect} no effect"
+
+
+def cem_figure(res, title: Optional[str] = None, scale: ScaleLike = "auto", legend: bool = True,
+               zoom: Zoom = "auto", background: "float | str | None" = None, locality: bool = False,
+               caption: Optional[bool] = None):
+    """The map figure: the map on ``scale`` over the photograph (``background``, see :func:`_on_picture`), the ROI
+    outlined, zoomed to :func:`zoom_box` (``zoom``), a labelled colour bar in dB, under it a caption (the
+    strongest blocks, the zoom box) and a legend (the ROI outline, undecided blocks, the reach box, the scale).
+
+    ``title``: default ``"<model> / <image>"``, ``""`` none. ``locality``: draw the reach box (speed mode: the
+    block-aligned box outside which every block was skipped). ``legend=False`` drops the legend and the caption;
+    ``caption`` (default: as ``legend``) keeps or drops the caption on its own."""
     cs = colour_scale(scale, [res])
-    fig, ax = plt.subplots(figsize=(6.8, 6.4), layout="constrained")
-    ax.imshow(overlay(res, cs), interpolation="nearest")
+    caption = legend if caption is None else caption
+    reach = reach_box(res) if locality else None
+    y, x, h, w = zoom_box(res, zoom, include=reach)
+    H, W = res.gt.shape[-2:]
+    hatched = _undecided(res)
+    legend_lines = 2 + bool(hatched.any()) + bool(reach)
+    panel_w = 5.3
+    panel_h = min(max(panel_w * h / w, 4.2), 6.0)
+    fig_h = panel_h + 0.45 * bool(title is None or title) + 0.55 * caption + 0.24 * legend_lines * legend + 0.15
+    fig, ax = plt.subplots(figsize=(6.8, fig_h), layout="constrained")
+    ax.imshow(map_picture(res, cs, background)[y:y + h, x:x + w], interpolation="nearest",
+              extent=(x - 0.5, x + w - 0.5, y + h - 0.5, y - 0.5))
+    ax.set_xlim(x - 0.5, x + w - 0.5)
+    ax.set_ylim(y + h - 0.5, y - 0.5)
     _plain_axes(ax)
-    ax.set_title(title or f"{res.model_name} / {res.image_name}", fontsize=14)
-    ax.set_xlabel(extremes_text(res.stats()), fontsize=11)
+    title = f"{res.model_name} / {res.image_name}" if title is None else title
+    if title:
+        ax.set_title(title, fontsize=14)
+    if caption:
+        zoomed = (y, x, h, w) != (0, 0, H, W)
+        ax.set_xlabel(extremes_text(res.stats()) + (
+            f"\nzoom: output px y {y}\u2013{y + h}, x {x}\u2013{x + w} of {H}\u00d7{W}" if zoomed else ""),
+            fontsize=11)
     colour_bar(fig, ax, cs, res.cem[~res.roi_mask])
-    hatched = _hatch_undecided(ax, res)
+    _hatch(ax, res, hatched)
+    if reach:
+        ry, rx, rh, rw = reach
+        ax.add_patch(Rectangle((rx - 0.5, ry - 0.5), rw, rh, fill=False, edgecolor=np.array(GREY) / 255,
+                               linewidth=1.5, zorder=3))
+    roi_outline(ax, res.roi)
     if legend:
-        _box_legend(fig, crop=_crop_box(res) is not None, scale=cs, hatched=hatched)
+        _box_legend(fig, crop=reach is not None, scale=cs, hatched=int(hatched.sum()))
+    _fit_height(fig, ax)
     return fig
 
 
-def _hatch_undecided(ax, res) -> int:
-    """Hatch the blocks outside the ROI whose 95 % interval does not decide them (it straddles +tol or -tol):
-    more draws could still change their sign or zero them. Returns how many."""
+def _fit_height(fig, ax, rounds: int = 2) -> None:
+    """Shrink the figure's height by what the picture's fixed aspect leaves empty above and below it, so that the
+    colour bar (as tall as the room given to the picture) is as tall as the picture."""
+    for _ in range(rounds):
+        fig.canvas.draw()
+        given, drawn = ax.get_position(original=True), ax.get_position(original=False)
+        spare = (given.height - drawn.height) * fig.get_figheight()
+        if spare < 0.02:
+            return
+        fig.set_figheight(fig.get_figheight() - spare)
+
+
+def roi_outline(ax, roi) -> Rectangle:
+    """The ROI as an outline on ``ax`` (data coordinates: output pixels): green on a black halo, drawn along the
+    ROI's edge, its interior left as it is."""
+    from matplotlib import patheffects
+    rect = Rectangle((roi.x - 0.5, roi.y - 0.5), roi.width, roi.height, fill=False, edgecolor=ROI_COLOUR,
+                     linewidth=1.6, zorder=4,
+                     path_effects=[patheffects.Stroke(linewidth=4.2, foreground=HALO), patheffects.Normal()])
+    ax.add_patch(rect)
+    return rect
+
+
+def _undecided(res) -> np.ndarray:
+    """(rows, cols) bool: blocks outside the ROI whose 95 % interval does not decide them (it straddles +tol or
+    -tol): more draws could still change their sign or zero them."""
     from .intervals import UNDECIDED
     if res.effect_se is None:
-        return 0
-    undecided = (res.decided() == UNDECIDED) & ~res.roi_mask
+        return np.zeros(res.cem.shape, dtype=bool)
+    return (res.decided() == UNDECIDED) & ~res.roi_mask
+
+
+def _hatch(ax, res, undecided: np.ndarray) -> None:
     H, W = res.gt.shape[-2:]
     for r, c in np.argwhere(undecided):
         y, x = r * res.block, c * res.block
         ax.add_patch(Rectangle((x - 0.5, y - 0.5), min(res.block, W - x), min(res.block, H - y), fill=False,
                                hatch="////", edgecolor=(0.2, 0.2, 0.2, 0.7), linewidth=0))
+
+
+def _hatch_undecided(ax, res) -> int:
+    """Hatch the undecided blocks (:func:`_undecided`) on ``ax``; returns how many."""
+    undecided = _undecided(res)
+    _hatch(ax, res, undecided)
     return int(undecided.sum())
 
 
 def _box_legend(fig, crop: bool, scale: ColourScale, hatched: int = 0) -> None:
-    handles = [Patch(facecolor="none", edgecolor=(0, 1, 0), linewidth=2, label=ROI_LEGEND)]
+    from matplotlib import patheffects
+    handles = [Patch(facecolor="none", edgecolor=ROI_COLOUR, linewidth=1.6, label=ROI_LEGEND,
+                     path_effects=[patheffects.Stroke(linewidth=4.2, foreground=HALO), patheffects.Normal()])]
     if hatched:
         handles.append(Patch(facecolor="none", edgecolor=(0.2, 0.2, 0.2), hatch="////",
                              label=f"hatched: {hatched} undecided (95% CI straddles \u00b1tol)"))
     if crop:
-        handles.append(Patch(facecolor="none", edgecolor=np.array(GREY) / 255, linewidth=2, label=CROP_LEGEND))
+        handles.append(Patch(facecolor="none", edgecolor=np.array(GREY) / 255, linewidth=1.5, label=CROP_LEGEND))
     handles.append(Patch(visible=False, label=f"colour scale {scale.describe()}"))
     fig.legend(handles=handles, loc="outside lower center", fontsize=10, frameon=False, handlelength=1.5)
 
 
 def difference_figure(d, res):
-    """Difference map (a - b, dB) over the picture. The ROI blocks are green and left out of the maximum and the
-    colour scale (they are not rated, and intervening on the ROI itself moves its PSNR by far more than anything
-    around it); blocks that are not significant (|diff| < tol or the 95 % interval contains 0) are faded."""
+    """Difference map (a - b, dB) over the picture. The ROI is outlined and its blocks left uncoloured, out of the
+    maximum and the colour scale (they are not rated, and intervening on the ROI itself moves its PSNR by far
+    more than anything around it); blocks that are not significant (|diff| < tol or the 95 % interval contains
+    0) are faded."""
     summary = d.summary()
     top, block = summary["max_abs_diff_db"], summary["max_abs_diff_block"]
     cs = ColourScale(readable_bound(top) if top > 0 else 1.0, 1.0, "fixed")
     rgb = cs.colours(d.diff)
     rgb[~d.significant] = 0.3 * rgb[~d.significant] + 0.7
-    rgb[d.roi_mask] = GREEN
+    rgb[d.roi_mask] = 1.0
     fig, ax = plt.subplots(figsize=(6.8, 6.4), layout="constrained")
     ax.imshow(_on_picture(rgb, res), interpolation="nearest")
     _plain_axes(ax)
-    ax.set_title(f"{d.name_a} - {d.name_b}", fontsize=14)
+    roi_outline(ax, res.roi)
+    ax.set_title(f"{d.name_a} {MINUS} {d.name_b}", fontsize=14)
     where = f" at block (row {block[0]}, col {block[1]})" if block and top > 0 else ""
     ax.set_xlabel(f"max |diff| outside the ROI {top:.3f} dB{where}\n"
                   f"faded: not significant (|diff| < tol {d.tol:g} dB or the 95% CI contains 0)", fontsize=11)
     colour_bar(fig, ax, cs, d.diff[~d.roi_mask],
                label=f"difference of causal effects (dB)\nred: larger in {d.name_a}")
-    roi = Patch(facecolor=GREEN, edgecolor=GREEN, label="ROI (green): left out of the maximum and the colour scale")
+    roi = Patch(facecolor="none", edgecolor=ROI_COLOUR, linewidth=1.6,
+                label="ROI (green outline): left out of the maximum and the colour scale")
     fig.legend(handles=[roi], loc="outside lower center", fontsize=10, frameon=False, handlelength=1.5)
     return fig
 
 
-def pie_figure(stats: dict):
-    """Pie of helping (red) / hurting (blue) / no-effect (white) blocks outside the ROI, the counts and shares in
-    a legend under it (labels on thin wedges overlap); about 290 px wide at 100 dpi, the report's side column."""
-    fig, ax = plt.subplots(figsize=(2.9, 2.7), layout="constrained")
-    counts = [stats["positive"], stats["negative"], stats["zero"]]
+PIE_INCHES = 3.0  # pie.png: 3 x 3 in, printed at PIE_DPI
+PIE_DPI = 300
+
+
+def pie_counts(res) -> dict:
+    """Blocks outside the ROI: ``helps`` / ``hurts`` / ``no_effect`` among those evaluated, and apart from them
+    ``skipped`` (cannot reach the ROI: no forwards, CE = 0) and ``screened`` (coarse-to-fine's blocks that the
+    coarse gate kept out of the fine stage, no effect by the gate's rule). ``res``: a CEMResult, or a
+    :meth:`CEMResult.stats` dict (which does not know the screened blocks)."""
+    if isinstance(res, dict):
+        skipped = int(res.get("skipped", 0))
+        return {"helps": res["positive"], "hurts": res["negative"], "no_effect": max(0, res["zero"] - skipped),
+                "skipped": skipped, "screened": 0}
+    outside = ~res.roi_mask
+    reach = np.asarray(res.reachable, dtype=bool)
+    screened = np.asarray(res.screened, dtype=bool) & reach & outside
+    evaluated = outside & reach & ~screened
+    return {"helps": int((evaluated & (res.cem > 0)).sum()), "hurts": int((evaluated & (res.cem < 0)).sum()),
+            "no_effect": int((evaluated & (res.cem == 0)).sum()), "skipped": int((outside & ~reach).sum()),
+            "screened": int(screened.sum())}
+
+
+def pie_figure(res):
+    """Pie of the evaluated blocks outside the ROI: helping (red) / hurting (blue) / no effect (white), the counts
+    and shares in a legend under it (labels on thin wedges overlap); skipped and screened blocks are not slices,
+    the caption counts them apart. 3 x 3 in: 900 px square at 300 dpi (pie.png). ``res``: a CEMResult (or its
+    stats dict, see :func:`pie_counts`)."""
+    k = pie_counts(res)
+    counts = [k["helps"], k["hurts"], k["no_effect"]]
     n = sum(counts)
-    names = ["helps (+)", "hurts (\u2212)", "no effect (0)"]
+    fig, ax = plt.subplots(figsize=(PIE_INCHES, PIE_INCHES), layout="constrained")
+    names = ["helps (+)", f"hurts ({MINUS})", "no effect (0)"]
     labels = [f"{w}: {c} ({100 * c / max(n, 1):.1f}%)" for w, c in zip(names, counts)]
-    wedges = counts if n else [1]
-    ax.pie(wedges, colors=["#d62728", "#1f77b4", "#ffffff"][: len(wedges)],
+    colours = ["#d62728", "#1f77b4", "#ffffff"]
+    ax.pie(counts if n else [1], colors=colours if n else ["#ffffff"],
            wedgeprops={"edgecolor": "#444444", "linewidth": 0.6})
-    handles = [Patch(facecolor=c, edgecolor="#444444", label=lab)
-               for c, lab in zip(["#d62728", "#1f77b4", "#ffffff"], labels)]
-    fig.legend(handles=handles, loc="outside lower center", fontsize=10, frameon=False, borderaxespad=0.2)
-    ax.set_title(f"{n} blocks outside the ROI", fontsize=10)
+    handles = [Patch(facecolor=c, edgecolor="#444444", label=lab) for c, lab in zip(colours, labels)]
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False, borderaxespad=0.2)
+    ax.set_title(f"{n} blocks evaluated outside the ROI", fontsize=9)
+    apart = [f"{k['skipped']} skipped (cannot reach the ROI)"] if k["skipped"] else []
+    apart += [f"{k['screened']} screened (coarse gate)"] if k["screened"] else []
+    if apart:
+        ax.set_xlabel("not in the pie: " + ", ".join(apart), fontsize=7)
     return fig
 
 
 def save_pictures(res, out: "str | os.PathLike", scale: ScaleLike = "auto",
-                  vector: Iterable[str] = ()) -> dict[str, str]:
-    """Write cem.png (and cem.pdf / cem.svg for each of ``vector``), overlay.png, pie.png, input.png, output.png
-    (ROI box), gt.png; returns name -> file."""
+                  vector: Iterable[str] = (), zoom: Zoom = "auto", background: "float | str | None" = None,
+                  locality: bool = False) -> dict[str, str]:
+    """Write cem.png (and cem.pdf / cem.svg for each of ``vector``; ``zoom``, ``background`` and ``locality`` as in
+    :func:`cem_figure`), overlay.png (the whole image), pie.png, input.png, output.png (ROI box), gt.png; returns
+    name -> file."""
     out = Path(out)
     cs = colour_scale(scale, [res])
     files = {}
-    fig = cem_figure(res, scale=cs)
+    fig = cem_figure(res, scale=cs, zoom=zoom, background=background, locality=locality)
     for fmt in ("png", *vector_formats(vector)):
         save_figure(fig, out / f"cem.{fmt}", close=False)
         files["cem" if fmt == "png" else f"cem_{fmt}"] = f"cem.{fmt}"
     plt.close(fig)
-    _save_png(Image.fromarray(overlay(res, cs)), out / "overlay.png")
+    _save_png(Image.fromarray(overlay(res, cs, background)), out / "overlay.png")
     files["overlay"] = "overlay.png"
-    save_figure(pie_figure(res.stats()), out / "pie.png", dpi=100)  # shown at its own size in the report
+    save_figure(pie_figure(res), out / "pie.png", dpi=PIE_DPI)  # 3 in at 300 dpi; the report shows it 300 px wide
     files["pie"] = "pie.png"
     for name, img, box in (("gt", res.gt, True), ("input", res.degraded, False), ("output", res.output, True)):
         pil = Image.fromarray(img.permute(1, 2, 0).numpy())

@@ -29,6 +29,7 @@ figcaption {{ font-size: .85em; color: #555; }}
 .wide {{ flex: 1 1 100%; }}
 .side {{ flex: 1 1 300px; min-width: 0; display: flex; flex-wrap: wrap; gap: .8em; align-content: flex-start; }}
 .thumb img {{ width: 150px; }}
+.pie img {{ width: 300px; }}
 .num {{ font-size: .92em; line-height: 1.5; overflow-wrap: anywhere; min-width: 0; }}
 .pos {{ color: #c00; }} .neg {{ color: #06c; }} .err {{ color: #a00; }}
 table.rois {{ border-collapse: collapse; font-size: .9em; }}
@@ -52,9 +53,12 @@ change of the PSNR of the region of interest (ROI) of its output is averaged ove
 <dt>Y(I)</dt><dd>the ROI PSNR of the unintervened output (the model's output on the degraded input against
 the ground truth), in dB; each effect is Y(I) minus the PSNR after the intervention.</dd>
 <dt>block (row, col)</dt><dd>block indices from the top-left block (0, 0), in blocks of the block size.</dd>
-<dt>green box</dt><dd>the ROI; its own blocks are painted green and not rated or counted.</dd>
-<dt>grey box</dt><dd>speed mode: the input crop the interventions ran on; blocks outside it cannot reach the ROI
-(verified) and were skipped, with CE = 0.</dd>
+<dt>green outline</dt><dd>the ROI; its own blocks show the picture and are not rated or counted.</dd>
+<dt>zoom</dt><dd>the map shows the blocks with an effect and the ROI, with a margin, when they fill a small part
+of the image (the caption gives the box); else the whole image.</dd>
+<dt>grey box</dt><dd>speed mode, in overlay.png (and in the map when asked for with locality=True):
+blocks outside it cannot reach the ROI (verified) and were skipped, with CE = 0; the pie leaves them out and
+counts them apart.</dd>
 <dt>colour scale</dt><dd>printed under each map: auto (from the map itself), paper (the paper's fixed bounds)
 or a given bound; values beyond it are clipped (arrow on the bar).</dd>
 </dl></div>"""
@@ -90,7 +94,7 @@ def _task(summary: dict) -> str:
 
 
 def _fmt(x: Any, unit: str = " dB") -> str:
-    return f"{x:+.3f}{unit}" if isinstance(x, (int, float)) else html.escape(str(x))
+    return f"{x:+.3f}{unit}".replace("-", "\u2212") if isinstance(x, (int, float)) else html.escape(str(x))
 
 
 def write_report(out_dir: "str | os.PathLike", entries: list[dict[str, Any]], title: str = "Causal Effect Maps",
@@ -125,7 +129,7 @@ def _run_card(out_dir: Path, r: dict, cem: str = "") -> str:
     s, d = r["summary"], r["dir"]
     side = (_figure(out_dir, f"{d}/input.png", "its input", "thumb pixel")
             + _figure(out_dir, f"{d}/output.png", "output (ROI box)", "thumb pixel")
-            + f'<figure>{_img(out_dir, f"{d}/pie.png", "blocks outside the ROI")}</figure>'
+            + f'<figure class="pie">{_img(out_dir, f"{d}/pie.png", "blocks evaluated outside the ROI")}</figure>'
             + f'<div class="num">{_numbers(s, d, own_scale=not cem)}</div>')
     return (f'<section class="run"><h3>{html.escape(r["model"])} <span class="num">{html.escape(_task(s))}'
             f'</span></h3><div class="row">'
@@ -139,8 +143,7 @@ def _numbers(s: dict, d: str, own_scale: bool = True) -> str:
     st = s["stats"]
     scale = s.get("display_scale") if own_scale else None
     return (f"Y(I) = {_fmt(s['psnr_origin'], ' dB').lstrip('+')} <small>(ROI PSNR, unintervened)</small><br>"
-            f"<span class=pos>+ {st['positive']} help</span> / <span class=neg>&minus; {st['negative']} hurt</span>"
-            f" / 0 {st['zero']} no effect<br>range {_fmt(st.get('range_db', 0))}<br>"
+            f"{_counts(s)}<br>range {_fmt(st.get('range_db', 0))}<br>"
             f"{_extreme('max', st.get('max_db'), st.get('max_block'), 'no block helps the ROI')}<br>"
             f"{_extreme('min', st.get('min_db'), st.get('min_block'), 'no block hurts the ROI')}<br>"
             + (f"colour scale &plusmn;{scale['bound_db']:g} dB ({html.escape(str(scale['kind']))})<br>"
@@ -150,6 +153,18 @@ def _numbers(s: dict, d: str, own_scale: bool = True) -> str:
             + f", {s['wall_time_s']} s<br>{html.escape(_locality(s))}<br>"
             f'<a href="{html.escape(d)}/summary.json">summary.json</a> · '
             f'<a href="{html.escape(d)}/result.npz">result.npz</a>')
+
+
+def _counts(s: dict) -> str:
+    """"16 help, 0 hurt, 532 no effect, 16 skipped": the blocks outside the ROI, the skipped (cannot reach the
+    ROI) and screened (coarse gate) ones apart from those with no effect, as in pie.png."""
+    st = s["stats"]
+    skipped = int(st.get("skipped", 0))
+    screened = int((s.get("uncertainty") or {}).get("screened", 0))
+    apart = ([f"{skipped} skipped (cannot reach the ROI)"] if skipped else []) + \
+        ([f"{screened} screened (coarse gate)"] if screened else [])
+    return (f"<span class=pos>{st['positive']} help</span>, <span class=neg>{st['negative']} hurt</span>, "
+            f"{max(0, st['zero'] - skipped - screened)} no effect" + "".join(f", {a}" for a in apart))
 
 
 def _extreme(label: str, value, block, absent: str) -> str:

@@ -227,25 +227,38 @@ class CEMResult:
         return b
 
     def plot(self, path: Optional["str | os.PathLike"] = None, title: Optional[str] = None,
-             scale: "str | float" = "auto", legend: bool = True, dpi: int = 150):
-        """The map as a matplotlib Figure: the overlay (ROI green; in speed mode a grey box around the input crop
-        the interventions ran on), the strongest helping and hurting blocks under it, a colour bar in dB and a
-        legend of the boxes.
+             scale: "str | float" = "auto", legend: bool = True, dpi: int = 150, zoom: "str | tuple" = "auto",
+             background: "float | str | None" = None, locality: bool = False, caption: Optional[bool] = None):
+        """The map as a matplotlib Figure, as a paper can use it: the map over the photograph, the ROI outlined in
+        green (its interior shows the picture), a colour bar in dB, the strongest helping and hurting blocks
+        under it (the caption) and a legend.
 
         Args:
             path: also save it there, in the format the suffix names: ``.png``, ``.pdf`` or ``.svg`` (vector;
                 the map itself stays a pixel image inside it), or any other format matplotlib writes.
-            title: default ``"<model> / <image>"``.
+            title: default ``"<model> / <image>"``; ``""``: no title.
             scale: the colour scale. ``"auto"`` (default): +-bound with bound the 99th percentile of the non-zero
                 |CE| outside the ROI rounded up to 1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 x 10^k, linear (never 0; an
                 all-zero map gets ``tol``); ``"paper"``: the paper's fixed bounds (SR 2.5, DN 1, DR 2 dB; other
                 tasks the largest |CE|) with the power law |c|^(1/1.2); a number: that bound in dB, linear.
                 Values beyond the bound are clipped, and the bar shows an arrow.
-            legend: show the legend of the ROI box, the crop box and the scale.
+            legend: show the legend (ROI outline, undecided blocks, reach box, scale); ``False`` also drops the
+                caption unless ``caption=True``.
             dpi: resolution of the saved picture (png; the pixel image inside pdf / svg).
+            zoom: the part of the image shown, snapped to whole blocks. ``"auto"`` (default): the blocks with an
+                effect and the ROI with a margin, when they hold a small part of the image (else the whole);
+                ``"reach"``: the box of the blocks that can reach the ROI (speed mode; else the whole image);
+                ``"full"``: the whole image; ``(y, x, height, width)``: that box in output pixels.
+            background: strength of the photograph (grey ground truth) under the map, 0 (white) to 1 (full
+                contrast), default 0.7: blocks with no effect show the photograph, saturated ones their colour
+                on the bar; ``"paper"``: the paper's 0.9 map + 0.1 degraded input.
+            locality: draw the grey reach box (speed mode): on whole blocks, every block outside it was
+                skipped (cannot reach the ROI, CE = 0). Off by default.
+            caption: show the caption (strongest blocks, zoom box) under the map; default: as ``legend``.
         """
         from .plotting import cem_figure, save_figure
-        fig = cem_figure(self, title=title, scale=scale, legend=legend)
+        fig = cem_figure(self, title=title, scale=scale, legend=legend, zoom=zoom, background=background,
+                         locality=locality, caption=caption)
         if path is not None:
             save_figure(fig, path, dpi=dpi, close=False)
         return fig
@@ -256,14 +269,18 @@ class CEMResult:
         return colour_scale(scale, [self])
 
     def save(self, out_dir: "str | os.PathLike", summary_extra: Optional[dict] = None,
-             scale: "str | float" = "auto", vector: "str | tuple" = ()) -> Path:
+             scale: "str | float" = "auto", vector: "str | tuple" = (), zoom: "str | tuple" = "auto",
+             background: "float | str | None" = None, locality: bool = False) -> Path:
         """Write result.npz, summary.json and the pictures (cem.png, overlay.png, pie.png, input.png, output.png,
         gt.png) into ``out_dir``; every file is written to a temporary name and renamed. ``scale``: the colour
         scale of cem.png and overlay.png (see :meth:`plot`; summary.json: display_scale says which bound it
-        gave); ``vector``: "pdf", "svg" or both, to write cem.pdf / cem.svg beside cem.png."""
+        gave); ``vector``: "pdf", "svg" or both, to write cem.pdf / cem.svg beside cem.png; ``zoom``,
+        ``background``, ``locality``: cem.png's, as in :meth:`plot`."""
         from . import plotting
-        colours = plotting.colour_scale(scale, [self])  # both checked before anything is written
+        colours = plotting.colour_scale(scale, [self])  # all checked before anything is written
         vector = plotting.vector_formats(vector)
+        plotting.check_background(background)
+        plotting.zoom_box(self, zoom)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         low, high = self.interval()
@@ -281,7 +298,8 @@ class CEMResult:
         if summary_extra:
             summary.update(summary_extra)
         atomic_write(out / "summary.json", lambda f: f.write(json_bytes(summary)))
-        plotting.save_pictures(self, out, scale=colours, vector=vector)
+        plotting.save_pictures(self, out, scale=colours, vector=vector, zoom=zoom, background=background,
+                               locality=locality)
         from .report import write_report  # the page to look at, beside the files (as the CLI's report)
         write_report(out, [{"model": self.model_name, "image": self.image_name, "dir": ".",
                             "summary": json.loads(json_bytes(summary))}], title=f"CEM of {self.model_name}")

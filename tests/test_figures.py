@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHITE = np.array([255, 255, 255])
 
 
-def make_result(cem, task="DN", roi=None, psnr=30.0, coarse=None, crop=None, name="m"):
+def make_result(cem, task="DN", roi=None, psnr=30.0, coarse=None, crop=None, name="m", reachable=None):
     """A CEMResult of a given (rows, cols) map on a white 8-px-block image (no model run)."""
     cem = np.asarray(cem, dtype=np.float64)
     roi = roi or ROI(0, 0, 8, 8)
@@ -35,7 +35,8 @@ def make_result(cem, task="DN", roi=None, psnr=30.0, coarse=None, crop=None, nam
                      gated=np.zeros((rows, cols), bool), psnr_origin=psnr, roi=roi, block=8, scale=1, tol=0.01,
                      task={"task": task}, seed=0, mode="coarse-to-fine", model_name=name, image_name="i",
                      num_forwards=1, wall_time=0.0, backend="torch", device="cpu", patch_bank={"digest": "x"},
-                     gt=white, degraded=white, output=white, extra={"locality": {"crop": crop}} if crop else {})
+                     gt=white, degraded=white, output=white, extra={"locality": {"crop": crop}} if crop else {},
+                     reachable=reachable)
 
 
 def block_colour(picture, row, col):
@@ -53,9 +54,12 @@ def test_auto_scale_makes_a_tenth_of_a_db_visible_and_paper_keeps_the_fixed_boun
     auto = block_colour(plotting.overlay(res, "auto"), 0, 1)
     assert np.abs(auto - WHITE).max() > 150, auto  # a clearly red block, not near-white
     assert np.abs(block_colour(plotting.overlay(res, "auto"), 1, 1) - WHITE).max() <= 2  # 0 stays white
-    # "paper": DN bound 1 dB, |c|^(1/1.2), blended 0.9 map + 0.1 degraded input (white): the METHOD.md picture
+    # "paper": DN bound 1 dB, |c|^(1/1.2); on a white picture the colours themselves
+    assert np.array_equal(block_colour(plotting.overlay(res, "paper"), 0, 1),
+                          np.round(seismic((0.1 ** (1 / 1.2) + 1) / 2) * 255))
+    # background="paper": blended 0.9 map + 0.1 degraded input (white), as the paper does
     expected = np.round((0.9 * seismic((0.1 ** (1 / 1.2) + 1) / 2) + 0.1) * 255)
-    assert np.array_equal(block_colour(plotting.overlay(res, "paper"), 0, 1), expected)
+    assert np.array_equal(block_colour(plotting.overlay(res, "paper", background="paper"), 0, 1), expected)
     for task, bound in (("DN", 1.0), ("SR", 2.5), ("DR", 2.0)):
         cs = make_result([[0.0, 0.1]], task=task).colour_scale("paper")
         assert (cs.bound, cs.gamma) == (bound, 1.2)
@@ -72,9 +76,9 @@ def test_auto_bound_is_readable_never_zero_and_ignores_the_roi():
 def test_a_number_is_a_linear_bound_in_db():
     res = make_result([[0.0, 0.25, 1.0]])
     pic = plotting.overlay(res, 0.5)
-    expected = np.round((0.8 * seismic(0.75) + 0.2) * 255)  # 0.25 of 0.5 dB, linear; white ground truth
+    expected = np.round(seismic(0.75) * 255)  # 0.25 of 0.5 dB, linear; on a white ground truth the colour itself
     assert np.array_equal(block_colour(pic, 0, 1), expected)
-    assert np.array_equal(block_colour(pic, 0, 2), np.round((0.8 * seismic(1.0) + 0.2) * 255))  # clipped
+    assert np.array_equal(block_colour(pic, 0, 2), np.round(seismic(1.0) * 255))  # clipped
     for bad in (0, -1, float("inf"), "big", True):
         with pytest.raises(ValueError, match="scale must be 'auto', 'paper' or a positive number of dB"):
             res.colour_scale(bad)
@@ -83,17 +87,20 @@ def test_a_number_is_a_linear_bound_in_db():
 # ---- the map figure --------------------------------------------------------------------------------------------
 
 def test_colour_bar_is_labelled_keeps_zero_and_the_boxes_have_a_legend():
-    res = make_result([[0.0, 0.3, -0.004, 0.0]], crop=(0, 0, 8, 24))  # minimum next to 0 used to hide the 0 tick
-    fig = res.plot()
+    res = make_result([[0.0, 0.3, -0.004, 0.0]], crop=(0, 0, 8, 20),  # minimum next to 0 used to hide the 0 tick
+                      reachable=np.array([[True, True, True, False]]))
+    fig = res.plot(locality=True)
     image_ax, bar = fig.axes
     assert "causal effect on ROI PSNR (dB)" in bar.get_ylabel() and "helps" in bar.get_ylabel()
     assert "0" in [t.get_text() for t in bar.get_yticklabels()]
-    assert np.array_equal(image_ax.images[0].get_array(), plotting.overlay(res, "auto"))
+    assert np.array_equal(image_ax.images[0].get_array(), plotting.map_picture(res, "auto"))
     legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
-    assert "ROI (green)" in legend and "locality crop (grey): blocks outside were skipped" in legend
-    assert "no block hurts" not in image_ax.get_xlabel() and "min -0.004 dB" in image_ax.get_xlabel()
-    no_crop = make_result([[0.0, 0.3]]).plot()
-    assert "locality crop" not in " ".join(t.get_text() for t in no_crop.legends[0].get_texts())
+    assert "ROI (green outline)" in legend and "locality (grey): blocks outside it cannot reach the ROI" in legend
+    assert "no block hurts" not in image_ax.get_xlabel() and "min \u22120.004 dB" in image_ax.get_xlabel()
+    off = " ".join(t.get_text() for t in res.plot().legends[0].get_texts())  # the reach box is off by default
+    assert "locality" not in off
+    no_crop = make_result([[0.0, 0.3]]).plot(locality=True)
+    assert "locality" not in " ".join(t.get_text() for t in no_crop.legends[0].get_texts())
     assert "no block hurts the ROI" in no_crop.axes[0].get_xlabel()
 
 
@@ -145,11 +152,12 @@ def report_of(tmp_path, cem) -> str:
 def test_report_says_when_no_block_hurts_or_helps_and_explains_the_picture(tmp_path):
     page = report_of(tmp_path / "a", [[0.0, 0.2, 0.0]])
     assert "no block hurts the ROI" in page and "max +0.200 dB at block (row 0, col 1)" in page
-    assert "min +0.000" not in page and "min -0.000" not in page
+    assert "min +0.000" not in page and "min -0.000" not in page and "min \u22120.000" not in page
+    assert "1 help</span>, <span class=neg>0 hurt</span>, 1 no effect" in page  # the ROI block is not counted
     page = report_of(tmp_path / "b", [[0.0, -0.2, 0.0]])
-    assert "no block helps the ROI" in page and "min -0.200 dB at block (row 0, col 1)" in page
-    for text in ("the ROI PSNR of the unintervened output", "block (row, col)", "green box", "grey box",
-                 "blocks outside it cannot reach the ROI"):
+    assert "no block helps the ROI" in page and "min \u22120.200 dB at block (row 0, col 1)" in page
+    for text in ("the ROI PSNR of the unintervened output", "block (row, col)", "green outline", "grey box",
+                 "blocks outside it cannot reach the ROI", "zoom"):
         assert text in page, text
     assert "<table><tr><th>model" not in page  # cards, not one wide table
 
@@ -218,7 +226,9 @@ def test_the_roi_is_left_out_of_the_largest_difference_and_the_scale():
     assert s["max_abs_diff_db"] == pytest.approx(0.08) and s["max_abs_diff_block"] in ([0, 1], [0, 2], [1, 0])
     fig = plotting.difference_figure(d, a)
     assert fig.axes[1].get_yticklabels()[-1].get_text() == "+0.08"  # bound 0.08, not 2
-    assert "ROI (green): left out of the maximum and the colour scale" in fig.legends[0].get_texts()[0].get_text()
+    assert "ROI (green outline): left out of the maximum and the colour scale" in \
+        fig.legends[0].get_texts()[0].get_text()
+    assert fig.axes[0].get_title() == "a \u2212 b"
 
 
 def test_significant_needs_tol_and_an_interval_that_excludes_zero():
