@@ -203,8 +203,11 @@ def load_patch_bank(spec: "str | os.PathLike | PatchBank | None") -> PatchBank:
     """``None``/"default": the shipped bank; a folder of patch images; an ``.npz`` saved by :meth:`PatchBank.save`."""
     if isinstance(spec, PatchBank):
         return spec
-    if spec is None or str(spec) == "default":
+    if spec is None or (isinstance(spec, str) and spec == "default"):
         return PatchBank.default()
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"patches must be None, 'default', a folder of patch images, an .npz file or a PatchBank, "
+                         f"got {type(spec).__name__}")
     p = Path(spec)
     if p.suffix == ".npz" and p.is_file():
         return PatchBank.load(p)

@@ -196,3 +196,23 @@ def test_json_safe_refuses_values_nested_too_deep_or_holding_themselves():
             json_safe(value)
     assert json_safe({"a": [[np.float32(1.5), float("inf")]], 2: np.arange(2)}) == {"a": [[1.5, "inf"]],
                                                                                      "2": [0, 1]}
+
+
+def test_an_array_given_as_the_patch_bank_is_named(rng):
+    """An array is not one of the bank's forms: say which forms are (it was a TypeError from Path)."""
+    img = (rng.rand(16, 16, 3) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match="patches must be None, 'default', a folder .* got ndarray"):
+        cem_fast.causal_effect_map(torch.nn.Identity(), img, task="DN", sigma=10, roi=(0, 0, 8), block=8, coarse=1,
+                                   fine=1, patches=np.zeros((2, 8, 8, 3)))
+
+
+def test_a_model_with_integer_output_is_named(bank, rng):
+    """A uint8 output would be scored as if 0..255 were 0..1: refused with the model's name and dtype."""
+    class ToUint8(torch.nn.Module):
+        def forward(self, x):
+            return (x * 255).to(torch.uint8)
+
+    img = (rng.rand(16, 16, 3) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match="model ToUint8 output must be a floating-point tensor .* got torch.uint8"):
+        cem_fast.causal_effect_map(ToUint8(), img, task="DN", sigma=10, roi=(0, 0, 8), block=8, coarse=1, fine=1,
+                                   patches=bank)

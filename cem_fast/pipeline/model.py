@@ -125,6 +125,8 @@ def unintervened_output(forward: ModelForward, prep: Prepared, task: Task, name:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model {name} output must be {expected} for a {tuple(prep.base.shape)} input "
                          f"(task {task.name} x{task.scale}), got {got}")
+    if not out.dtype.is_floating_point:  # scored as values in [0, 1]: a uint8 image would be read as 0..255
+        raise ValueError(f"model {name} output must be a floating-point tensor of values in [0, 1], got {out.dtype}")
     if not torch.isfinite(out).all():
         raise ValueError(f"model {name} output has NaN/Inf values on the unintervened input")
     return out
