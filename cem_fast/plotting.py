@@ -143,7 +143,7 @@ def map_picture(res, scale: ScaleLike = "auto", background: "float | str | None"
     uncoloured, so that the picture shows what is explained."""
     cs = colour_scale(scale, [res])
     rgb = cs.colours(res.cem)
-    rgb[res.roi_mask] = 1.0  # white: the picture itself
+    rgb[(res.cem == 0) | res.roi_mask] = 1.0  # white (the seismic map's 0 is slightly pink): the picture itself
     return _on_picture(rgb, res, background)
 
 
@@ -294,7 +294,7 @@ def _plain_axes(ax) -> None:
     ax.set_yticks([])
 
 
-def colour_bar(fig, axes, cs: ColourScale, values: np.ndarray, label: str = CE_LABEL):
+def colour_bar(fig, axes, cs: ColourScale, values: np.ndarray, label: str = CE_LABEL, **options):
     """A colour bar in dB beside ``axes``: ticks at -bound, -bound/2, 0, +bound/2, +bound (0 always shown,
     negative ones with a typographic minus), arrows where ``values`` go beyond the bound, and black marks at the
     smallest and largest value."""
@@ -304,7 +304,7 @@ def colour_bar(fig, axes, cs: ColourScale, values: np.ndarray, label: str = CE_L
     b = cs.bound
     extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}
     sm = matplotlib.cm.ScalarMappable(norm=cs.norm(), cmap=CMAP)
-    cb = fig.colorbar(sm, ax=axes, extend=extend[(lo < -b, hi > b)], fraction=0.05, pad=0.02, aspect=30)
+    cb = fig.colorbar(sm, ax=axes, extend=extend[(lo < -b, hi > b)], fraction=0.05, pad=0.02, aspect=30, **options)
     ticks = [-b, -b / 2, 0.0, b / 2, b]
     cb.set_ticks(ticks, labels=["0" if t == 0 else signed(t, "+g") for t in ticks])
     cb.ax.tick_params(labelsize=11)
@@ -362,7 +362,8 @@ def cem_figure(res, title: Optional[str] = None, scale: ScaleLike = "auto", lege
         ax.set_xlabel(extremes_text(res.stats()) + (
             f"\nzoom: output px y {y}\u2013{y + h}, x {x}\u2013{x + w} of {H}\u00d7{W}" if zoomed else ""),
             fontsize=11)
-    colour_bar(fig, ax, cs, res.cem[~res.roi_mask])
+    # panchor=False: a tall, narrow zoom box stays centred over its caption (not pushed against the bar)
+    colour_bar(fig, ax, cs, res.cem[~res.roi_mask], panchor=False)
     _hatch(ax, res, hatched)
     if reach:
         ry, rx, rh, rw = reach
@@ -375,13 +376,15 @@ def cem_figure(res, title: Optional[str] = None, scale: ScaleLike = "auto", lege
     return fig
 
 
-def _fit_height(fig, ax, rounds: int = 2) -> None:
+def _fit_height(fig, ax, rounds: int = 2, least: float = 3.6) -> None:
     """Shrink the figure's height by what the picture's fixed aspect leaves empty above and below it, so that the
-    colour bar (as tall as the room given to the picture) is as tall as the picture."""
+    colour bar (as tall as the room given to the picture) is as tall as the picture; that room keeps ``least``
+    inches, the length of the bar's label (a wide, low zoom box leaves space above and below the picture)."""
     for _ in range(rounds):
         fig.canvas.draw()
         given, drawn = ax.get_position(original=True), ax.get_position(original=False)
-        spare = (given.height - drawn.height) * fig.get_figheight()
+        h = fig.get_figheight()
+        spare = min(given.height - drawn.height, given.height - least / h) * h
         if spare < 0.02:
             return
         fig.set_figheight(fig.get_figheight() - spare)
