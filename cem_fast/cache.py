@@ -24,8 +24,9 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -74,12 +75,15 @@ def _chunk_digest(key: str, stage: str, start: int, scores: np.ndarray, ids: np.
 
 class RunCache:
     """One run's entry under ``root/<key>/``. ``dropped`` lists the chunks :meth:`load` deleted and why
-    (``"coarse/000000000-000008.npz: checksum mismatch"``), for the run's summary."""
+    (``"coarse/000000000-000008.npz: checksum mismatch"``), for the run's summary. The constructor raises
+    OSError when the entry cannot be made; once a chunk cannot be written or the entry read (a full disk, a
+    read-only mount), ``failed`` says why, one warning is given, and the run goes on without the cache."""
 
     def __init__(self, root: "str | os.PathLike", key: str, components: dict[str, Any], fresh: bool = False):
         self.dir = Path(root) / key
         self.key = key
         self.dropped: list[str] = []
+        self.failed: Optional[str] = None
         if fresh and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -98,9 +102,12 @@ class RunCache:
         scores = np.full((n, width), np.nan)
         done = np.zeros(n, dtype=bool)
         folder = self.dir / stage
-        if not folder.is_dir():
-            return scores, done
-        for f in sorted(folder.iterdir()):
+        try:
+            chunks = sorted(folder.iterdir()) if folder.is_dir() and not self.failed else []
+        except OSError as e:  # an entry that cannot be listed: its rows are computed again
+            self._fail(f"{stage}/ cannot be read", e)
+            chunks = []
+        for f in chunks:
             m = _CHUNK.match(f.name)
             if not m:
                 continue  # temporaries, and chunks of older formats (.npy): never read
@@ -164,9 +171,20 @@ class RunCache:
                 raise ValueError(f"{len(ids)} ids for rows {start}..{start + count}")
             ids = ids[start:start + count]
         ids = np.ascontiguousarray(ids)
+        if self.failed:
+            return
         sha = np.array(_chunk_digest(self.key, stage, start, arr, ids))
-        atomic_write(self.dir / stage / f"{start:09d}-{count:06d}.npz",
-                     lambda f: np.savez(f, scores=arr, ids=ids, run_key=np.array(self.key), sha256=sha))
+        name = f"{stage}/{start:09d}-{count:06d}.npz"
+        try:
+            atomic_write(self.dir / name,
+                         lambda f: np.savez(f, scores=arr, ids=ids, run_key=np.array(self.key), sha256=sha))
+        except OSError as e:  # the samples are in memory: the run goes on, only a crash would lose them
+            self._fail(f"{name} cannot be written", e)
+
+    def _fail(self, what: str, err: OSError) -> None:
+        self.failed = f"{what} ({first_line(err)})"
+        warnings.warn(f"sample cache {str(self.dir)!r}: {self.failed}; the run goes on without the cache",
+                      stacklevel=3)
 
 
 class _Bad(ValueError):

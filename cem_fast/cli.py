@@ -10,7 +10,9 @@ Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -73,14 +75,42 @@ RESULT_FILES = ("result.npz", "summary.json", "rois.json", "report.html", "maps.
                 "pie.png", "gt.png", "input.png", "output.png")
 
 
-def _clear_outputs(run_dir: Path) -> None:
-    """Remove what a run writes into its folder (and nothing else)."""
+# a run's outputs are written into .<folder>.staging<pid> beside its folder, then moved in (see _staged)
+OUR_STAGING = re.compile(r"^\.[^/]+\.staging(\d+)$")
+
+
+def _clear_outputs(run_dir: Path, keep: frozenset = frozenset()) -> None:
+    """Remove what a run writes into its folder (and nothing else), but the names in ``keep``."""
     if run_dir.is_dir():
         for f in RESULT_FILES + ("error.json",):
-            (run_dir / f).unlink(missing_ok=True)
+            if f not in keep:
+                (run_dir / f).unlink(missing_ok=True)
         for d in run_dir.glob("roi_*"):
-            if d.is_dir():
+            if d.is_dir() and d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staged(run_dir: Path):
+    """A folder beside ``run_dir`` to write a run's outputs into. Once every one is written they replace the earlier
+    run's (renames only), and what the earlier run wrote that this one does not (rois.json after a single ROI) is
+    removed; an error or an interrupt on the way removes the staging folder and leaves ``run_dir`` as it was."""
+    staging = run_dir.with_name(f".{run_dir.name}.staging{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    run_dir.mkdir(parents=True, exist_ok=True)
+    written = sorted(staging.iterdir())
+    for p in written:
+        target = run_dir / p.name
+        if p.is_dir() and target.is_dir():
+            shutil.rmtree(target)  # the same ROI's folder of the earlier run: os.replace cannot replace a folder
+        os.replace(p, target)
+    staging.rmdir()
+    _clear_outputs(run_dir, keep=frozenset(p.name for p in written))
 
 
 def _mark_failed(run_dir: Path, message: str) -> None:
@@ -102,7 +132,7 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     written. With ``keep``, (model name, image label, image folder, CEMResult) of each successful run are appended
     to it. Under a process group (torchrun) every rank computes its share of each run and rank 0 alone writes."""
     from . import distributed
-    from .fileio import clean_stale_temporaries
+    from .fileio import clean_stale_folders, clean_stale_temporaries
     from .report import write_report
 
     if not str(out_dir).strip():
@@ -111,7 +141,8 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
         raise ValueError(f"--out {str(out_dir)!r} is a file, expected a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     # ours only, left by a killed run or a full disk; by rank 0 before any rank writes
-    distributed.rank0_first(lambda first: first and clean_stale_temporaries(out_dir, OUR_TEMPORARY), "clean")
+    distributed.rank0_first(lambda first: first and (clean_stale_temporaries(out_dir, OUR_TEMPORARY),
+                                                     clean_stale_folders(out_dir, OUR_STAGING)), "clean")
     entries = [] if entries is None else entries
     folders, labels = image_labels(cfg.images)
     failed = 0
@@ -207,13 +238,16 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts,
               f"{res.gt.shape[-1]}, a multiple of the scale", file=sys.stderr)
     for note in res.extra.get("cache_dropped_chunks", []):
         print(f"[cem-fast]   note: cached chunk {note}; recomputed", file=sys.stderr)
+    if "switched_to_eval" in res.extra:
+        print(f"[cem-fast]   note: {res.extra['switched_to_eval']['submodules_in_training']} submodule(s) of the "
+              "model were in training mode: run in eval mode, their modes restored after", file=sys.stderr)
     extra = {"config": json_safe(cfg.raw), "model_spec": spec, "image_path": str(image)}
     loc = _locality_note(res.extra.get("locality", {}))
-    _clear_outputs(out_dir / rel)  # an earlier run of another shape (roi / rois) must not leave files behind
     if cfg.multi_roi:
         for r in results:
             r.extra.update(extra)
-        results.save(out_dir / rel, scale=rest["plot_scale"])
+        with _staged(out_dir / rel) as staging:  # the earlier results stay until these are all written
+            results.save(staging, scale=rest["plot_scale"])
         shared = "rois_in_pass" in res.extra  # one pass for all; else one run per ROI (the cheaper plan)
         forwards = res.num_forwards if shared else sum(r.num_forwards for r in results)
         wall = res.wall_time if shared else sum(r.wall_time for r in results)
@@ -222,7 +256,8 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts,
               f"{wall:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
         return {"model": name, "image": label, "dir": rel, "rois": json_safe(results.summary()), "_result": res}
     colours = res.colour_scale(rest["plot_scale"])
-    res.save(out_dir / rel, summary_extra=extra, scale=colours)
+    with _staged(out_dir / rel) as staging:
+        res.save(staging, summary_extra=extra, scale=colours)
     st = res.stats()
     print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "
           f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
@@ -440,12 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, ``cem-fast: warning: ...`` (Python's adds the file, line and source line)."""
+    print(f"cem-fast: warning: {first_line(message)}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # `cem-fast` alone: what it can do, not an error
         parser.print_help()
         return 0
+    import warnings
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning  # restored below: main may run inside another program (tests)
     try:
         if args.command in ("run", "compare", "demo"):
             from .distributed import init_from_env
@@ -463,6 +506,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"cem-fast: error: {msg}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, ValueError) else EXIT_FAILED
     finally:
+        warnings.showwarning = shown
         if "torch.distributed" in sys.modules:
             from .distributed import shutdown
             shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -76,4 +77,26 @@ def clean_stale_temporaries(folder: "str | os.PathLike", ours: "re.Pattern | Non
                     removed += 1
             except OSError:
                 continue  # gone meanwhile (its writer renamed it) or not ours to remove
+    return removed
+
+
+def clean_stale_folders(folder: "str | os.PathLike", ours: "re.Pattern", max_age_s: float = 3600.0) -> int:
+    """Remove the folders under ``folder`` (recursively) whose names ``ours`` matches, its group 1 being the pid of
+    the process that made them (staging folders of results being written), when that process is gone or the
+    folder is older than ``max_age_s``. Returns how many were removed."""
+    removed = 0
+    now = time.time()
+    for root, dirs, _files in os.walk(folder):
+        for name in list(dirs):
+            m = ours.match(name)
+            if not m:
+                continue
+            p = os.path.join(root, name)
+            try:
+                if now - os.lstat(p).st_mtime > max_age_s or not _alive(int(m.group(1))):
+                    shutil.rmtree(p)
+                    dirs.remove(name)  # gone: not walked into
+                    removed += 1
+            except OSError:
+                continue
     return removed

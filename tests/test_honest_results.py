@@ -239,3 +239,78 @@ def test_chunks_copied_from_a_seed_1_run_into_the_seed_0_entry_are_dropped(image
     fresh = cem_fast.causal_effect_map(Drifts(step=0.0), image, seed=0, **{**args, "cache": None})
     np.testing.assert_array_equal(again.samples_coarse, fresh.samples_coarse)
     np.testing.assert_array_equal(again.effect, fresh.effect)
+
+
+# ---- 4. a cache that cannot be used is skipped; earlier results are replaced only by complete new ones ---------
+
+def sr_config(tmp_path: Path, rng) -> Path:
+    image = tmp_path / "im.png"
+    Image.fromarray(rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)).save(image)
+    cfg = {"task": "SR", "scale": 4, "model": "bicubic", "images": [str(image)], "roi": [0, 0, 8], "coarse": 1,
+           "fine": 1}
+    path = tmp_path / "sr.yml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_a_file_in_place_of_the_cache_folder_is_one_warning_and_the_run_goes_on(tmp_path, rng):
+    cfg, out = sr_config(tmp_path, rng), tmp_path / "o"
+    assert run_cli("run", cfg, "--out", out, "--no-progress").returncode == 0
+    folder = out / "bicubic_x4" / "im"
+    first = json.loads((folder / "summary.json").read_text())
+    (out / ".cem_cache").rename(tmp_path / "old_cache")
+    (out / ".cem_cache").write_text("not a folder")
+    p = run_cli("run", cfg, "--out", out, "--no-progress", "--set", "seed=1")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    warnings = [ln for ln in p.stderr.splitlines() if "warning" in ln.lower()]
+    assert len(warnings) == 1 and "sample cache" in warnings[0] and "cannot be used" in warnings[0], p.stderr
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["seed"] == 1 and first["seed"] == 0  # the new results replaced the earlier ones
+    assert "cannot be used" in summary["cache_note"] and "cache_entry" not in summary
+    assert all((folder / f).is_file() for f in RESULT_FILES) and not (folder / "error.json").exists()
+
+
+def test_an_interrupted_save_leaves_the_earlier_results_as_they_were(tmp_path, rng, monkeypatch, capsys):
+    from cem_fast import cli, plotting
+    cfg, out = sr_config(tmp_path, rng), tmp_path / "o"
+    assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    folder = out / "bicubic_x4" / "im"
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C while the pictures are written, after result.npz and summary.json
+
+    monkeypatch.setattr(plotting, "save_pictures", interrupted)
+    assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress", "--set", "seed=1"]) == 130
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert [p.name for p in folder.parent.iterdir()] == ["im"]  # no staging folder left
+
+
+def test_a_staging_folder_of_a_killed_run_is_removed_and_no_one_elses(tmp_path, rng):
+    cfg, out = sr_config(tmp_path, rng), tmp_path / "o"
+    stale = out / "bicubic_x4" / ".im.staging999999999"
+    stale.mkdir(parents=True)
+    (stale / "result.npz").write_bytes(b"half a run")
+    mine = out / "bicubic_x4" / ".my_notes"
+    mine.mkdir()
+    assert run_cli("run", cfg, "--out", out, "--no-progress").returncode == 0
+    assert not stale.exists() and mine.is_dir()
+
+
+def test_a_cache_chunk_that_cannot_be_written_is_one_warning_and_the_run_goes_on(image, bank, tmp_path,
+                                                                                  monkeypatch):
+    from cem_fast import cache as cache_mod
+    args = dict(task="DN", sigma=25, roi=(8, 8, 8), coarse=2, fine=2, patches=bank, locality="off", batch_size=8)
+    want = cem_fast.causal_effect_map(Drifts(step=0.0), image, **args)
+    real = cache_mod.atomic_write
+
+    def disk_full_for_chunks(path, write):
+        if Path(path).suffix == ".npz":
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(cache_mod, "atomic_write", disk_full_for_chunks)
+    with pytest.warns(UserWarning, match=r"coarse/000000000-000008\.npz cannot be written \(\[Errno 28\] No space"):
+        got = cem_fast.causal_effect_map(Drifts(step=0.0), image, cache=tmp_path / "cache", **args)
+    assert "No space left on device" in got.extra["cache_note"]
+    np.testing.assert_array_equal(got.effect, want.effect)

@@ -67,10 +67,17 @@ def run_extra(plan: "RunPlan", runner: "Runner", times: dict, precision_check: O
         **({"precision_check": precision_check} if precision_check else {}),
         **({"rois_in_pass": len(plan.rois)} if len(plan.rois) > 1 else {}),
         **({"cache_entry": str(cache.dir)} if cache is not None else {}),
-        **({"cache_note": plan.cache_note} if plan.cache_note else {}),
+        **({"cache_note": note} if (note := cache_note(plan)) else {}),
         **({"cache_dropped_chunks": cache.dropped} if cache is not None and cache.dropped else {}),
         **({"output_picture": "model output inside the locality crop only"} if plan.full_output is None else {}),
     }
+
+
+def cache_note(plan: "RunPlan") -> str:
+    """Why samples were not reused or not cached: the plan's reasons and the entry's (a chunk that could not be
+    written: the run went on without the cache)."""
+    failed = plan.cache.failed if plan.cache is not None else None
+    return "; ".join(filter(None, [plan.cache_note, failed and f"sample cache skipped from then on: {failed}"]))
 
 
 def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, estimates: list, psnr_origin: np.ndarray,

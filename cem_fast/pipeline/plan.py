@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional, Sequence, Union
@@ -270,5 +271,17 @@ def _open_cache(plan: RunPlan) -> None:
         plan.cache_note = f"samples not reused across runs: {code_unknown}"
     key = distributed.same_on_all("cache key", run_key(key_parts))  # ranks that planned other runs stop here
     # rank 0 first: it alone clears the entry (fresh) and writes meta.json, so ranks never race on them
-    plan.cache = distributed.rank0_first(
-        lambda first: RunCache(plan.options.cache, key, components, fresh=plan.options.fresh and first), "cache")
+    plan.cache = distributed.rank0_first(lambda first: _cache_entry(plan, key, components, first), "cache")
+
+
+def _cache_entry(plan: RunPlan, key: str, components: dict[str, Any], first: bool) -> Optional[RunCache]:
+    """The run's cache entry, or None where it cannot be made (a file where the cache folder should be, a
+    read-only or full disk): the samples do not need it, so the run goes on with one warning and says so in
+    summary.json: cache_note."""
+    try:
+        return RunCache(plan.options.cache, key, components, fresh=plan.options.fresh and first)
+    except OSError as e:
+        why = f"sample cache {str(plan.options.cache)!r} cannot be used ({checks.first_line(e)})"
+        warnings.warn(f"{why}: this run's samples are not cached (a crash could not resume)", stacklevel=2)
+        plan.cache_note = "; ".join(filter(None, [plan.cache_note, f"{why}: samples not cached"]))
+        return None
