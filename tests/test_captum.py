@@ -39,6 +39,11 @@ def block_values(attr: torch.Tensor, block: int, rows: int, cols: int) -> torch.
     return out
 
 
+def shown(block_map: np.ndarray, res) -> torch.Tensor:
+    """A result's map as the attributions show it by default: the ROI's own blocks 0."""
+    return torch.from_numpy(np.where(res.roi_mask, 0.0, block_map))
+
+
 def test_dn_same_map_as_causal_effect_map(CausalEffect, tiny_net):
     x = images()
     ce = CausalEffect(tiny_net, task="DN", sigma=25, **DRAWS)
@@ -48,11 +53,15 @@ def test_dn_same_map_as_causal_effect_map(CausalEffect, tiny_net):
     assert np.array_equal(results[0].cem, ref.cem) and np.array_equal(results[0].effect, ref.effect)
     assert results[0].psnr_origin == ref.psnr_origin and ce.last_results[0] is results[0]
     vals = block_values(attr[0], 8, 6, 6)
-    assert torch.equal(vals, torch.from_numpy(ref.cem))  # float64 inputs: bit-identical
-    assert (ref.cem != 0).any() and (ref.cem == 0).any()  # a map, with blocks under tol
+    assert torch.equal(vals, shown(ref.cem, ref))  # float64 inputs: bit-identical
+    assert (shown(ref.cem, ref) != 0).any() and (ref.cem == 0).any()  # a map, with blocks under tol
     # values="effect": the unthresholded map
     eff = ce.attribute(x, target=(16, 16, 16), seed=7, values="effect")
-    assert torch.equal(block_values(eff[0], 8, 6, 6), torch.from_numpy(ref.effect))
+    assert torch.equal(block_values(eff[0], 8, 6, 6), shown(ref.effect, ref))
+    # include_roi=True: the ROI's own blocks too
+    whole = ce.attribute(x, target=(16, 16, 16), seed=7, include_roi=True)
+    assert torch.equal(block_values(whole[0], 8, 6, 6), torch.from_numpy(ref.cem))
+    assert (block_values(whole[0], 8, 6, 6)[torch.from_numpy(ref.roi_mask)] != 0).all()
     # another seed, another map
     other = ce.attribute(x, target=(16, 16, 16), seed=8)
     assert not torch.equal(other, attr)
@@ -69,7 +78,7 @@ def test_sr_same_map_and_layout_off_the_grid(CausalEffect):
     assert np.array_equal(res.cem, ref.cem) and ref.cem.shape == (6, 6)
     assert (ref.cem != 0).any()
     assert attr.shape == (1, 3, 50, 46) and attr.dtype == torch.float32
-    expected = torch.from_numpy(ref.cem).float().repeat_interleave(8, 0).repeat_interleave(8, 1)[:48, :44]
+    expected = shown(ref.cem, ref).float().repeat_interleave(8, 0).repeat_interleave(8, 1)[:48, :44]
     for c in range(3):
         assert torch.equal(attr[0, c, :48, :44], expected)
     assert (attr[0, :, 48:, :] == 0).all() and (attr[0, :, :, 44:] == 0).all()
@@ -84,7 +93,7 @@ def test_batch_of_two_with_two_targets(CausalEffect, tiny_net):
     for i, roi in enumerate(rois):
         ref = cem_fast.causal_effect_map(tiny_net, x[i], "DN", roi=roi, sigma=25, seed=1, **DRAWS)
         assert np.array_equal(results[i].cem, ref.cem)
-        assert torch.equal(block_values(attr[i], 8, 6, 6), torch.from_numpy(ref.cem))
+        assert torch.equal(block_values(attr[i], 8, 6, 6), shown(ref.cem, ref))
     # one ROI (here a tensor) for every image: each image gets its own map of that ROI
     same = ce.attribute(x, target=torch.tensor([16, 16, 16]), seed=1)
     assert torch.equal(same[0], attr[0]) and not torch.equal(same[1], attr[1])
@@ -130,7 +139,7 @@ def test_plain_callable_and_additional_forward_args(CausalEffect):
         x, target=(16, 16, 16), additional_forward_args=3, seed=2, return_results=True)
     ref = cem_fast.causal_effect_map(Smooth3(), x[0], "DN", roi=(16, 16, 16), sigma=25, seed=2, **DRAWS)
     assert np.array_equal(res.cem, ref.cem) and res.model_name == "_smooth"
-    assert torch.equal(block_values(attr[0], 8, 6, 6), torch.from_numpy(ref.cem))
+    assert torch.equal(block_values(attr[0], 8, 6, 6), shown(ref.cem, ref))
 
 
 def test_bound_forward_method(CausalEffect, tiny_net):
@@ -155,6 +164,7 @@ def test_bound_forward_method(CausalEffect, tiny_net):
     (lambda ce, x: ce.attribute(x, target=(40, 40, 16)), ["target", "inside the 48x48 output"]),
     (lambda ce, x: ce.attribute(x, target=(0, 0, 8), perturbations_per_eval=0), ["perturbations_per_eval", "got 0"]),
     (lambda ce, x: ce.attribute(x, target=(0, 0, 8), values="map"), ["values", "cem, effect", "'map'"]),
+    (lambda ce, x: ce.attribute(x, target=(0, 0, 8), include_roi="yes"), ["include_roi", "True or False"]),
     (lambda ce, x: ce.attribute(x, target=(0, 0, 8), batch_size=4), ["batch_size", "perturbations_per_eval"]),
     (lambda ce, x: ce.attribute(x, target=(0, 0, 8), block=0), ["block", "got 0"]),
 ])
@@ -188,3 +198,42 @@ def test_import_error_says_how_to_install(monkeypatch):
     msg = str(e.value)
     assert 'pip install "cem_fast[captum]"' in msg and "\n" not in msg, msg
     monkeypatch.delitem(sys.modules, "cem_fast.captum", raising=False)
+
+
+def render_heat_map(attr: torch.Tensor) -> np.ndarray:
+    """Captum's own visualiser (heat map, both signs) of a (3, H, W) attribution, rendered by matplotlib: the RGB
+    pixels of its axes, (h, w, 3) int."""
+    from captum.attr import visualization as viz
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig, ax = viz.visualize_image_attr(attr.permute(1, 2, 0).numpy(), method="heat_map", sign="all",
+                                       use_pyplot=False, fig_size=(4, 4))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3].astype(int)
+    box = ax.get_window_extent()
+    top = rgb.shape[0]
+    return rgb[int(top - box.y1):int(top - box.y0), int(box.x0):int(box.x1)]
+
+
+def test_captums_visualiser_shows_the_blocks_around_the_roi(CausalEffect, tiny_net):
+    """By default the ROI's own blocks (several dB) are 0 in the attributions, so Captum's heat map shows the
+    blocks around the ROI; with include_roi=True it shows one square on the ROI and the rest (0.01-0.1 dB) white."""
+    x = images()
+    ce = CausalEffect(tiny_net, task="DN", sigma=25, **DRAWS)
+    attr, (res,) = ce.attribute(x, target=(16, 16, 16), seed=0, return_results=True)
+    around = (res.cem != 0) & ~res.roi_mask
+    assert around.sum() >= 3 and np.abs(res.cem[res.roi_mask]).min() > 10 * np.abs(res.cem[around]).max()
+
+    def coloured_blocks(picture: np.ndarray) -> np.ndarray:
+        """(6, 6) bool: the centre of each 8x8 block is not white (white is 0 on Captum's red-white-green map)."""
+        h, w = picture.shape[:2]
+        centres = picture[((np.arange(6) * 8 + 4) * h / 48).astype(int)][:, ((np.arange(6) * 8 + 4) * w / 48)
+                                                                            .astype(int)]
+        return np.abs(centres - 255).max(-1) > 10
+
+    shown_default = coloured_blocks(render_heat_map(attr[0]))
+    assert shown_default[around].all() and not shown_default[res.roi_mask].any()
+    assert not shown_default[(res.cem == 0) & ~res.roi_mask].any()
+    whole = ce.attribute(x, target=(16, 16, 16), seed=0, include_roi=True)
+    shown_whole = coloured_blocks(render_heat_map(whole[0]))
+    assert shown_whole[res.roi_mask].all() and not shown_whole[~res.roi_mask].any()  # one square, nothing else
