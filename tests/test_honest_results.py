@@ -314,3 +314,35 @@ def test_a_cache_chunk_that_cannot_be_written_is_one_warning_and_the_run_goes_on
         got = cem_fast.causal_effect_map(Drifts(step=0.0), image, cache=tmp_path / "cache", **args)
     assert "No space left on device" in got.extra["cache_note"]
     np.testing.assert_array_equal(got.effect, want.effect)
+
+
+# ---- 5. a model's sys.exit is said as such ---------------------------------------------------------------------
+
+class ExitsOnBatches(torch.nn.Module):
+    def forward(self, x):
+        if x.shape[0] > 1:
+            sys.exit("usage: model.py [-h]")  # research code that parses arguments, say
+        return box_blur(x)
+
+
+def make_exits():
+    return ExitsOnBatches()
+
+
+def test_a_model_calling_sys_exit_is_one_clear_line(tmp_path, rng):
+    cfg = config(tmp_path, write_png(tmp_path / "im.png", rng), model="test_honest_results:make_exits",
+                 locality="off", batch_size=4)
+    line = one_error_line(run_cli("run", cfg, "--out", tmp_path / "o", "--no-progress"))
+    assert line == ("cem-fast: error: make_exits on im.png: the model called sys.exit('usage: model.py [-h]') "
+                    "during its forward pass")
+
+
+def test_sys_exit_in_a_forward_does_not_end_the_callers_program(image, bank):
+    class Exits(torch.nn.Module):
+        def forward(self, x):
+            sys.exit(3)
+
+    with pytest.raises(RuntimeError, match=r"^model Exits called sys\.exit\(3\) during its forward pass$"):
+        small_run(Exits(), image, bank)
+    with pytest.raises(RuntimeError, match=r"^the model called sys\.exit\('usage: model\.py \[-h\]'\) during"):
+        small_run(ExitsOnBatches(), image, bank, locality="off", batch_size=4)

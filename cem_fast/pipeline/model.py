@@ -43,6 +43,25 @@ def pick_device(model: nn.Module, device: Optional[Union[str, torch.device]]) ->
     return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+class ModelExited(RuntimeError):
+    """The model called ``sys.exit`` during a forward pass (research code that parses arguments or exits)."""
+
+    def __init__(self, call: str, who: str = "the model"):
+        super().__init__(f"{who} called {call} during its forward pass")
+        self.call = call
+
+
+@contextlib.contextmanager
+def model_exits_as_error() -> Iterator[None]:
+    """A model's ``sys.exit`` as an error of the run, said as such: a SystemExit would end the caller's program
+    (the Python API) or read "3" (the CLI, which survives it)."""
+    try:
+        yield
+    except SystemExit as e:
+        call = "sys.exit()" if e.code is None else f"sys.exit({e.code!r})"
+        raise ModelExited(call) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelForward:
     """``forward(x, owned=False)``: the model on a batch ``x`` (N, C, h, w); see the module docstring."""
@@ -60,7 +79,7 @@ class ModelForward:
             x = x.contiguous(memory_format=self.memory_format)
         else:
             x = torch.empty_like(x, memory_format=self.memory_format).copy_(x)
-        with precision_mode(self.precision, self.device):
+        with precision_mode(self.precision, self.device), model_exits_as_error():
             if not self.graphs:
                 return self.model(x)
             torch.compiler.cudagraph_mark_step_begin()
@@ -118,6 +137,8 @@ def unintervened_output(forward: ModelForward, prep: Prepared, task: Task, name:
     expected = (1,) + tuple(prep.gt.shape)
     try:
         out = forward(prep.base.unsqueeze(0))
+    except ModelExited as e:
+        raise ModelExited(e.call, f"model {name}") from None
     except Exception as e:
         raise RuntimeError(f"model {name} raised on the {tuple(prep.base.shape)} input: "
                            f"{type(e).__name__}: {first_line(e)}") from e
