@@ -363,17 +363,19 @@ class IncrementalEngine:
     @staticmethod
     def _gather(padded: torch.Tensor, pad, lo: np.ndarray, size) -> torch.Tensor:
         """(B, sy, sx, C) of ``padded`` (H + 2py, W + 2px, C) at positions ``lo`` (B, 2)."""
-        dev = padded.device
-        ys = torch.from_numpy(lo[:, :1] + pad[0] + np.arange(size[0])).to(dev)
-        xs = torch.from_numpy(lo[:, 1:] + pad[1] + np.arange(size[1])).to(dev)
-        return padded[ys[:, :, None], xs[:, None, :]]
+        from .windows import upload
+        ys = lo[:, :1] + pad[0] + np.arange(size[0])
+        idx = upload(np.concatenate([ys, lo[:, 1:] + pad[1] + np.arange(size[1])], 1), padded.device)
+        return padded[idx[:, :size[0], None], idx[:, None, size[0]:]]
 
     @staticmethod
     def _take(hwc: torch.Tensor, ys: np.ndarray, xs: np.ndarray) -> torch.Tensor:
         """(B, len(ys[b]), len(xs[b]), C): rows ``ys[b]`` and columns ``xs[b]`` of each ``hwc[b]``."""
+        from .windows import upload
         dev = hwc.device
         b = torch.arange(hwc.shape[0], device=dev).view(-1, 1, 1)
-        return hwc[b, torch.from_numpy(ys).to(dev)[:, :, None], torch.from_numpy(xs).to(dev)[:, None, :]]
+        idx = upload(np.concatenate([ys, xs], 1), dev)
+        return hwc[b, idx[:, :ys.shape[1], None], idx[:, None, ys.shape[1]:]]
 
     def _cut(self, node: _Node, origins: np.ndarray, fp, need: np.ndarray, a: int):
         """Along axis ``a``: each intervention's box (the footprint grown by the node's radius) and the part of it
@@ -420,9 +422,11 @@ class IncrementalEngine:
                 ys, xs = off[:, :1] + np.arange(uy), off[:, 1:] + np.arange(ux)
                 keep = ((ys >= 0) & (ys < sy))[:, :, None] & ((xs >= 0) & (xs < sx))[:, None, :]
                 target = (np.arange(B)[:, None, None] * sy + ys[:, :, None]) * sx + xs[:, None, :]
-                dev = out.device
-                src = v.permute(0, 2, 3, 1).reshape(-1, C)[torch.from_numpy(np.flatnonzero(keep)).to(dev)]
-                out.view(-1, C).index_copy_(0, torch.from_numpy(target[keep]).to(dev), src)
+                from .windows import upload
+                n_keep = int(keep.sum())
+                idx = upload(np.concatenate([np.flatnonzero(keep), target[keep]]), out.device)
+                src = v.permute(0, 2, 3, 1).reshape(-1, C)[idx[:n_keep]]
+                out.view(-1, C).index_copy_(0, idx[n_keep:], src)
         if not inside and outside == "zero":
             mask, pad = self._region_mask(node.scale, out.device, out.dtype)
             out = out * self._gather(mask, pad, lo, size)
@@ -571,12 +575,14 @@ class IncrementalPlan:
         s = self.engine.output_scale()
         return self.need[self.windows.rows(blocks)] - np.array([self.region.y * s, self.region.x * s] * 2)
 
-    def outputs(self, plan: "RunPlan", forward, blocks: torch.Tensor, draws: torch.Tensor):
-        """Yields (first, last, outputs, absolute output origins (K, 2)) per footprint shape of the batch."""
+    def outputs(self, plan: "RunPlan", forward, blocks: torch.Tensor, draws: torch.Tensor,
+                np_blocks: Optional[np.ndarray] = None):
+        """Yields (first, last, outputs, absolute output origins (K, 2)) per footprint shape of the batch
+        (``np_blocks``: the blocks on the host, when the caller has them: one device-to-host copy less)."""
         from .precision import precision_mode
         from .runner import draw_patches
         ids, patch_idx = draw_patches(plan, blocks, draws)
-        np_blocks = blocks.cpu().numpy()
+        np_blocks = blocks.cpu().numpy() if np_blocks is None else np_blocks
         keys = self.shape_key(np_blocks)
         cuts = [0, *(np.flatnonzero(np.diff(keys)) + 1), len(keys)]
         shift = np.array([self.region.y, self.region.x])
@@ -593,9 +599,11 @@ class IncrementalPlan:
 
     def scores(self, plan: "RunPlan", forward, scorer, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """(K, n_rois) PSNRs of interventions (blocks[k], draws[k]), each computed on its rectangles."""
-        rows = self.windows.rows(blocks.cpu().numpy())
-        parts = [scorer(out, rows[a:b], origins=torch.from_numpy(lo).to(out.device))
-                 for a, b, out, lo in self.outputs(plan, forward, blocks, draws)]
+        from .windows import upload
+        np_blocks = blocks.cpu().numpy()  # the batch's one wait for the device (the geometry is the host's)
+        rows = self.windows.rows(np_blocks)
+        parts = [scorer(out, rows[a:b], origins=upload(lo, out.device))
+                 for a, b, out, lo in self.outputs(plan, forward, blocks, draws, np_blocks)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -64,6 +64,17 @@ class BlockWindows:
         return int((self.inputs[:, 2] * self.inputs[:, 3]).sum())
 
 
+def upload(a: np.ndarray, device) -> torch.Tensor:
+    """A host array on ``device`` without a host synchronisation: on CUDA copied into pinned memory and sent by a
+    non-blocking copy (torch's caching host allocator keeps the pinned block until the copy has run). A plain
+    ``.to(device)`` of pageable memory makes torch wait for the stream after the copy: the host then idles until
+    the device has finished everything queued, once per call, several times per batch."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def measure_spread(plan: "RunPlan", region: Window) -> Optional[Spread]:
     """NaN in the centre pixel of ``region`` (input px): the bounding box of the NaN outputs, relative to that
     pixel's output footprint. None when the NaN reaches the region's edge (the spread is not contained)."""
@@ -157,10 +168,10 @@ class ChangedRegionScorer:
         s, gt, dev = self.plan.task.scale, self.plan.prep.gt, out.device
         K, C, oh, ow = out.shape
         if origins is None:
-            v = torch.from_numpy(self.windows.inputs[rows]).to(dev)  # (K, 4) input px
+            v = upload(self.windows.inputs[rows], dev)  # (K, 4) input px
             wy, wx = v[:, 0] * s, v[:, 1] * s  # output origin of each window
         else:
-            wy, wx = origins[:, 0].to(dev), origins[:, 1].to(dev)
+            wy, wx = origins[:, 0], origins[:, 1]  # on the device already (upload)
         ys = (wy.view(K, 1, 1) + torch.arange(oh, device=dev).view(1, oh, 1)).clamp(0, gt.shape[1] - 1)
         xs = (wx.view(K, 1, 1) + torch.arange(ow, device=dev).view(1, 1, ow)).clamp(0, gt.shape[2] - 1)
         target = gt[:, ys, xs].permute(1, 0, 2, 3)  # (K, C, oh, ow)
@@ -168,7 +179,7 @@ class ChangedRegionScorer:
         nan = torch.isnan(sq)
         sat = torch.nn.functional.pad(sq.masked_fill(nan, 0).cumsum(1).cumsum(2), (1, 0, 1, 0))
         nan_sat = torch.nn.functional.pad(nan.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
-        changed = torch.from_numpy(self.windows.changed[rows]).to(dev)  # (K, n_rois, 4) absolute output px
+        changed = upload(self.windows.changed[rows], dev)  # (K, n_rois, 4) absolute output px
         k = torch.arange(K, device=dev).view(K, 1)
 
         def rect(t, corners):  # sums of t (K, oh + 1, ow + 1 summed-area tables) over (K, n_rois, 4) rectangles
@@ -191,7 +202,7 @@ def windows_inputs(plan: "RunPlan", windows: BlockWindows, blocks: torch.Tensor,
     from .runner import draw_patches
     ids, patch_idx = draw_patches(plan, blocks, draws)
     v = windows.inputs[rows]
-    origins = torch.from_numpy(v[:, :2].copy()).to(plan.device)
+    origins = upload(v[:, :2], plan.device)
     return plan.task.intervene(plan.prep, plan.bank_in, patch_idx, blocks, ids, plan.seed, plan.backend,
                                window=(origins, (int(v[0, 2]), int(v[0, 3]))), out=out)
 
