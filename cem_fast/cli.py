@@ -133,7 +133,6 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     to it. Under a process group (torchrun) every rank computes its share of each run and rank 0 alone writes."""
     from . import distributed
     from .fileio import clean_stale_folders, clean_stale_temporaries
-    from .report import write_report
 
     if not str(out_dir).strip():
         raise ValueError("--out must name a folder, got ''")
@@ -147,12 +146,32 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     folders, labels = image_labels(cfg.images)
     failed = 0
     taken: set[str] = set()  # model folder names: two models never share one
+    completed = False
     try:
         for spec in cfg.models:
             failed += _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries)
+        completed = True
     finally:
-        report = write_report(out_dir, entries, title=title) if distributed.is_lead() else out_dir / "report.html"
+        report = _report(out_dir, entries, title, completed) if distributed.is_lead() else out_dir / "report.html"
     return report, failed
+
+
+def _report(out_dir: Path, entries: list, title: str, completed: bool = True) -> Optional[Path]:
+    """report.html of ``entries``, or None when no run succeeded: a page of error lines only says what stderr and
+    each run's error.json say. Then an earlier run's report.html is removed (it would show results that the failed
+    runs removed), unless the runs were interrupted."""
+    from .report import write_report
+    if any("error" not in e for e in entries):
+        return write_report(out_dir, entries, title=title)
+    if completed:
+        (out_dir / "report.html").unlink(missing_ok=True)
+    return None
+
+
+def _say_report(report: Optional[Path]) -> None:
+    """Where the report is; nothing when every run failed (their errors, one line each, said it all)."""
+    if report is not None:
+        print(f"report: {report}")
 
 
 def _spec_name(spec: str) -> str:
@@ -181,7 +200,8 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
     name, lead = None, is_lead()  # under torchrun, rank 0 alone writes and speaks
     try:
         with agreed_step("load model"):  # a model that does not load on one rank fails on all
-            model, loaded_name = load_model(spec, scale=task_opts.scale, trust_model_code=run.trust_model_code)
+            model, loaded_name = load_model(spec, scale=task_opts.scale, trust_model_code=run.trust_model_code,
+                                            module_dirs=cfg.module_dirs)
             name = _take(_safe_name(loaded_name, "model"), taken)
             scale = task_opts.scale if str(rest["task"]).upper() == "SR" else 1
             model = apply_model_options(model, rest.get("model_options"), scale)
@@ -225,6 +245,7 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
 def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts, rest) -> dict:
     """One model on one image: compute, save, and the report entry (with the result under ``_result``)."""
     from .distributed import is_lead
+    from .models import factory_module_origin
     from .pipeline.run import run_cem
     source = _load_cropped(image, rest["crop"], run.max_pixels) if rest.get("crop") else image
     results = run_cem(model, source, rest["task"], None if cfg.roi_grid else cfg.rois, cfg.roi_grid,
@@ -242,6 +263,9 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts,
         print(f"[cem-fast]   note: {res.extra['switched_to_eval']['submodules_in_training']} submodule(s) of the "
               "model were in training mode: run in eval mode, their modes restored after", file=sys.stderr)
     extra = {"config": json_safe(cfg.raw), "model_spec": spec, "image_path": str(image)}
+    origin = factory_module_origin(spec, cfg.module_dirs)  # pkg.module:factory: which file, found where
+    if origin:
+        extra.update(model_module_path=origin["path"], model_module_found_in=origin["found_in"])
     loc = _locality_note(res.extra.get("locality", {}))
     if cfg.multi_roi:
         for r in results:
@@ -310,7 +334,7 @@ def cmd_run(args) -> int:
     report, failed = run_config(cfg, Path(args.out), progress=False if args.no_progress else None,
                                 fresh=args.fresh)
     if _lead():
-        print(f"report: {report}")
+        _say_report(report)
     return EXIT_FAILED if failed else 0
 
 
@@ -346,8 +370,12 @@ def cmd_compare(args) -> int:
             diffs.append({"name": f"{name} - {base_name}", "dir": rel, "summary": d.summary()})
         rows.append({"image": label, "runs": [(n, f"{n}/{folder}", json_safe(r.summary())) for n, r in runs],
                      "diffs": diffs, "maps": _shared_scale_maps(runs, out, f"compare/{folder}", cfg)})
+    if not kept:  # every run failed: nothing to compare
+        (out / "compare.html").unlink(missing_ok=True)
+        return EXIT_FAILED
     path = write_compare_report(out, rows)
-    print(f"report: {report}\ncomparison: {path}")
+    _say_report(report)
+    print(f"comparison: {path}")
     return EXIT_FAILED if failed else 0
 
 
@@ -366,7 +394,6 @@ def _shared_scale_maps(runs: list, out: Path, rel: str, cfg) -> dict[str, str]:
 def cmd_demo(args) -> int:
     """The three shipped defaults on the shipped image: DN sigma 50, SR x4 and DR (medium rain)."""
     from .config import normalise
-    from .report import write_report
     out = Path(args.out)
     entries: list = []
     failed = 0
@@ -378,8 +405,9 @@ def cmd_demo(args) -> int:
             _, n_failed = run_config(cfg, out, progress=False if args.no_progress else None, entries=entries)
             failed += n_failed
     if _lead():  # under torchrun the ranks shared the runs; rank 0 writes
-        report = write_report(out, entries, title="cem_fast demo: the shipped denoiser, x4 SR and deraining models")
-        print(f"demo report written in {time.perf_counter() - t0:.1f} s: {report.resolve()}")
+        report = _report(out, entries, "cem_fast demo: the shipped denoiser, x4 SR and deraining models")
+        if report is not None:
+            print(f"demo report written in {time.perf_counter() - t0:.1f} s: {report.resolve()}")
     return EXIT_FAILED if failed else 0
 
 
@@ -399,7 +427,8 @@ def cmd_convergence(args) -> int:
         if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     run, task_opts, rest = split_options(cfg.options)
-    model, name = load_model(cfg.models[0], scale=task_opts.scale, trust_model_code=run.trust_model_code)
+    model, name = load_model(cfg.models[0], scale=task_opts.scale, trust_model_code=run.trust_model_code,
+                             module_dirs=cfg.module_dirs)
     opts = {k: getattr(run, k) for k in ("block", "tol", "locality", "precision", "batch_size", "device", "backend",
                                          "max_pixels")}
     print(f"[cem-fast] convergence of {name} on {Path(cfg.images[0]).name}: truth with {args.truth} draws per "

@@ -128,6 +128,13 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     roi_grid: Optional[int] = None
+    config_dir: Optional[Path] = None  # the config file's folder (None without a config file)
+
+    @property
+    def module_dirs(self) -> list[Path]:
+        """Where a ``pkg.module:factory`` model's module is looked for before sys.path: the config file's folder,
+        then the current folder."""
+        return [d for d in (self.config_dir, Path.cwd()) if d is not None]
 
     @property
     def roi(self) -> ROI:
@@ -184,7 +191,9 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
             raise ValueError(f"config keys must be names (text), got {k!r}")
         if k not in VALID_KEYS:
             raise ValueError(f"unknown config key {k!r}{_closest(k)}")
-    return normalise(raw, base, {item.split("=", 1)[0].strip() for item in overrides or []})
+    cfg = normalise(raw, base, {item.split("=", 1)[0].strip() for item in overrides or []})
+    cfg.config_dir = base if path is not None else None
+    return cfg
 
 
 def _as_list(v: Any) -> list:

@@ -22,8 +22,10 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
     replicated to RGB, an alpha channel is dropped, 16-bit and float images are scaled to 8 bits (16-bit: round(v
     / 257); float: values in [0, 1], x255, rounded; others are refused). Arrays: (H, W, 3) uint8, uint16 or float
     in [0, 1]; tensors: (3, H, W) uint8 or float in [0, 1]. Images above ``max_pixels`` are refused before they are
-    decoded (None: no limit)."""
-    name = "image"
+    decoded (None: no limit). The name is the file's name for a path, else what was given: ``"array"``,
+    ``"tensor"``, ``"PIL image"`` (pass ``image_name=`` to the estimator for a better title)."""
+    name = "PIL image" if isinstance(image, Image.Image) else "array" if isinstance(image, np.ndarray) \
+        else "tensor" if isinstance(image, torch.Tensor) else "image"
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         name = path.name

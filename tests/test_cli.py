@@ -366,3 +366,87 @@ def test_an_image_with_a_unicode_name_gets_a_readable_folder(sr_config, tmp_path
     s = json.loads((out / "bicubic_x4" / "ïmg" / "summary.json").read_text(encoding="utf-8"))
     assert s["image_path"] == str(tmp_path / "ïmg_😀.png")
     assert "bicubic_x4/ïmg/cem.png" in report_links(out / "report.html")
+
+
+# ---- own models from the CLI: pkg.module:factory beside the config or in the current folder --------------------
+
+OWN_MODEL = """
+import torch
+
+
+class Sharpen(torch.nn.Module):
+    def forward(self, x):
+        return (x + 0.1 * (x - torch.nn.functional.avg_pool2d(x, 3, 1, 1))).clamp(0, 1)
+
+
+def factory():
+    return Sharpen()
+"""
+
+
+def tiny_png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def own_model_config(folder: Path, module: str) -> Path:
+    tiny_png(folder / "im.png")
+    cfg = folder / "c.yml"
+    cfg.write_text(f"task: DN\nsigma: 25\nmodel: {module}:factory\nimages: [im.png]\nroi: [4, 4, 8]\nblock: 8\n"
+                   "fine: 2\nlocality: off\n")
+    return cfg
+
+
+def console_script() -> Path:
+    script = Path(sys.executable).parent / "cem-fast"
+    if not script.is_file():
+        pytest.skip(f"no cem-fast console script beside {sys.executable} (cem_fast not installed in this venv)")
+    return script
+
+
+def test_a_factory_module_beside_the_config_is_found_from_any_folder(tmp_path):
+    cfg = own_model_config(tmp_path / "study", "mymodels_beside")
+    (tmp_path / "study" / "mymodels_beside.py").write_text(OWN_MODEL)
+    (tmp_path / "elsewhere").mkdir()
+    # the console script, as a user runs it: neither folder is on its sys.path
+    p = subprocess.run([console_script(), "run", cfg, "--out", tmp_path / "o", "--no-progress"], capture_output=True,
+                       text=True, cwd=tmp_path / "elsewhere", timeout=600, env=ENV)
+    assert p.returncode == 0, p.stderr
+    s = json.loads((tmp_path / "o" / "factory" / "im" / "summary.json").read_text())
+    assert s["model_module_path"] == str((tmp_path / "study" / "mymodels_beside.py").resolve())
+    assert s["model_module_found_in"] == "config folder"
+
+
+def test_a_factory_module_in_the_current_folder_is_found(tmp_path):
+    cfg = own_model_config(tmp_path / "study", "mymodels_cwd")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "mymodels_cwd.py").write_text(OWN_MODEL)
+    p = subprocess.run([console_script(), "run", cfg, "--out", tmp_path / "o", "--no-progress"], capture_output=True,
+                       text=True, cwd=tmp_path / "work", timeout=600, env=ENV)
+    assert p.returncode == 0, p.stderr
+    s = json.loads((tmp_path / "o" / "factory" / "im" / "summary.json").read_text())
+    assert s["model_module_path"] == str((tmp_path / "work" / "mymodels_cwd.py").resolve())
+    assert s["model_module_found_in"] == "current folder"
+
+
+def test_a_factory_module_that_is_nowhere_says_how_to_make_it_found(tmp_path):
+    cfg = own_model_config(tmp_path / "study", "mymodels_nowhere")
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress", cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("cem-fast: error:")][0]
+    assert "no module 'mymodels_nowhere'" in line and str(tmp_path / "study") in line
+    assert "put mymodels_nowhere.py beside the config file" in line and "PYTHONPATH" in line
+
+
+def test_no_report_when_every_run_failed(tmp_path):
+    cfg = own_model_config(tmp_path, "mymodels_report")
+    (tmp_path / "mymodels_report.py").write_text(OWN_MODEL)
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 0 and (tmp_path / "o" / "report.html").is_file(), p.stderr
+    # the only run fails: no page of error lines, and the earlier page (its results are gone) is removed
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress", "--set", "model=no_such_module_xyz:factory")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "o" / "report.html").exists()
+    assert "report:" not in p.stdout and len(p.stderr.strip().splitlines()) == 1  # the error line alone
+    assert "no_such_module_xyz" in json.loads((tmp_path / "o" / "factory" / "im" / "error.json").read_text())["error"]

@@ -1,8 +1,11 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import cem_fast
 from cem_fast.models import Bicubic, DnCNN, default_denoiser, load_model, model_digest
 from cem_fast.reference import psnr_uint8
 
@@ -57,7 +60,7 @@ def test_torchscript_and_factory_specs(tmp_path):
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("no_such_pkg_xyz:make", "cannot import module"),
+    ("no_such_pkg_xyz:make", "no module .no_such_pkg_xyz. in .* or on PYTHONPATH: put no_such_pkg_xyz.py beside"),
     ("torch.nn:NoSuchThing", "has no attribute"),
     ("nothing-here.pth", "^model: no such file: .*nothing-here.pth$"),
     ("bicubic:xq", "expected bicubic:xS"),
@@ -113,3 +116,31 @@ def test_a_reference_zoo_name_says_to_give_its_checkpoint(spec, arch):
     with pytest.raises(ValueError) as e:  # an unrelated name gets no such hint
         load_model("not_a_model_name")
     assert "checkpoint" not in str(e.value)
+
+
+def test_an_array_or_tensor_image_is_named_for_what_it_is():
+    from cem_fast.images import load_image
+    a = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert load_image(a)[1] == "array"
+    assert load_image(torch.from_numpy(a).permute(2, 0, 1))[1] == "tensor"
+    res = cem_fast.causal_effect_map(Bicubic(2), a, "SR", scale=2, roi=(8, 8, 8), coarse=1, fine=1, locality="off")
+    assert res.image_name == "array" and res.summary()["image"] == "array"
+
+
+def test_a_factory_module_is_looked_for_in_the_given_folders_first(tmp_path, monkeypatch):
+    from cem_fast.models import factory_module_origin
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "own_factory_mod.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Identity()\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the found folder is put on sys.path: undone after
+    monkeypatch.delitem(sys.modules, "own_factory_mod", raising=False)
+    with pytest.raises(ValueError, match=r"no module 'own_factory_mod' in .*elsewhere or on PYTHONPATH: put "
+                                         r"own_factory_mod.py beside the config file"):
+        load_model("own_factory_mod:make", module_dirs=[tmp_path / "elsewhere"])
+    model, name = load_model("own_factory_mod:make", module_dirs=[tmp_path / "cfg", tmp_path])
+    assert isinstance(model, torch.nn.Identity) and name == "make"
+    assert factory_module_origin("own_factory_mod:make", [tmp_path / "cfg", tmp_path]) == {
+        "path": str((tmp_path / "cfg" / "own_factory_mod.py").resolve()), "found_in": "config folder"}
+    assert factory_module_origin("torch.nn:Identity", [tmp_path / "cfg", tmp_path])["found_in"] == "sys.path"
+    assert factory_module_origin("bicubic", [tmp_path]) is None
+    monkeypatch.delitem(sys.modules, "own_factory_mod")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.machinery
 import inspect
 import logging
 import math
@@ -14,6 +15,7 @@ import sys
 import zipfile
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -28,7 +30,7 @@ from .wrappers import PadToMultiple, PerChannel, PreUpsample, WithNoiseMap, appl
 
 __all__ = ["Bicubic", "DnCNN", "FDnCNN", "MSRResNet", "EDSR", "RCAN", "SwinIR", "WithNoiseMap", "PadToMultiple",
            "PreUpsample", "PerChannel", "apply_model_options", "load_model", "default_denoiser", "default_model",
-           "detect_architecture", "model_digest", "model_code_digest"]
+           "detect_architecture", "model_digest", "model_code_digest", "factory_module_origin"]
 
 
 DEFAULTS = {"dn": "default_denoiser.pt", "sr": "default_sr.pt", "dr": "default_dr.pt"}
@@ -195,7 +197,8 @@ def _load_spandrel(path: str) -> nn.Module:
         raise ValueError(f"spandrel cannot load {path!r}: {first_line(e)}") from None
 
 
-def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool = False) -> tuple[nn.Module, str]:
+def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool = False,
+               module_dirs: "Sequence[str | os.PathLike] | None" = None) -> tuple[nn.Module, str]:
     """(model in eval mode, short name) from a spec.
 
     ``bicubic`` / ``bicubic:x4``: analytic upsampler (``scale`` when no factor is given); ``default``: the shipped
@@ -203,6 +206,11 @@ def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool =
     file or a checkpoint (KAIR DnCNN recognised; ``params``/``params_ema``/``state_dict`` wrappers and
     ``module.`` prefixes accepted). Files that hold programs (TorchScript, torch.export ``.pt2``) load only with
     ``trust_model_code=True``: they can run code.
+
+    A factory's module is looked for in ``module_dirs`` first, in order (the CLI: the config file's folder, then
+    the current folder; default: the current folder), then on ``sys.path`` (PYTHONPATH, installed packages); the
+    folder it is found in is put on ``sys.path``, so that its own imports of modules beside it work.
+    :func:`factory_module_origin` says where it was found.
     """
     if isinstance(spec, nn.Module):
         return spec.eval(), type(spec).__name__
@@ -228,14 +236,27 @@ def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool =
         if not path.is_file():
             raise ValueError(f"model {spec!r} is a folder, expected a checkpoint or TorchScript file")
         return eval_mode(_load_checkpoint(path, trust_model_code)), path.stem
-    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+    if FACTORY_SPEC.fullmatch(spec):
         mod_name, _, factory = spec.partition(":")
         # a config names the factory: the standard library holds no models, but functions that serve files,
         # exit or run commands (http.server:test, os:abort), and modules that act when imported (this)
         if mod_name.split(".")[0] in sys.stdlib_module_names:
             raise ValueError(f"model {spec!r}: {mod_name} is a standard-library module, not a model factory")
+        dirs = [Path(d).absolute() for d in (module_dirs if module_dirs is not None else [Path.cwd()])]
+        folder = _module_folder(mod_name, dirs)
+        if folder is not None and str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
         try:
             mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):  # the module itself (or its package) is missing
+                where = ", ".join(str(d) for d in dict.fromkeys(dirs))
+                raise ValueError(
+                    f"model {spec!r}: no module {e.name!r} in {where} or on PYTHONPATH: put "
+                    f"{mod_name.replace('.', '/')}.py beside the config file (or in the current folder), or add "
+                    f"the folder that holds it to PYTHONPATH") from None
+            raise ValueError(f"model {spec!r}: cannot import module {mod_name!r} ({type(e).__name__}: "
+                             f"{first_line(e)})") from None
         except Exception as e:  # ImportError, or any error raised by the module's own code
             raise ValueError(f"model {spec!r}: cannot import module {mod_name!r} ({type(e).__name__}: "
                              f"{first_line(e)})") from None
@@ -261,6 +282,39 @@ def load_model(spec: "str | nn.Module", scale: int = 4, trust_model_code: bool =
         raise ValueError(f"model: no such file: {path.absolute()}")
     raise ValueError(f"model {spec!r} is not a file, 'bicubic[:xS]', 'default' or 'pkg.module:factory'"
                      + _zoo_hint(spec))
+
+
+FACTORY_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _module_folder(mod_name: str, dirs: "Sequence[Path]") -> "Path | None":
+    """The first of ``dirs`` that holds the top package or module of ``mod_name`` (nothing is imported)."""
+    top = mod_name.split(".")[0]
+    for d in dirs:
+        if importlib.machinery.PathFinder.find_spec(top, [str(d)]) is not None:
+            return d
+    return None
+
+
+def factory_module_origin(spec: str, module_dirs: "Sequence[str | os.PathLike]" = ()) -> "dict | None":
+    """Where the module of a loaded ``pkg.module:factory`` spec came from: ``{"path": its file, "found_in":
+    "config folder" | "current folder" | "sys.path"}`` (``module_dirs``: the CLI's, config folder first); None
+    for other specs or a module not loaded."""
+    spec = str(spec).strip()
+    if not FACTORY_SPEC.fullmatch(spec) or Path(spec).exists():
+        return None
+    mod_name = spec.partition(":")[0]
+    mod, top = sys.modules.get(mod_name), sys.modules.get(mod_name.split(".")[0])
+    path, top_file = getattr(mod, "__file__", None), getattr(top, "__file__", None)
+    if not path or not top_file:
+        return None
+    top_file = Path(top_file).resolve()  # the folder on sys.path that holds the top package or module
+    root = top_file.parent.parent if top_file.name == "__init__.py" else top_file.parent
+    names = ["config folder", "current folder"] if len(module_dirs) > 1 else ["current folder"]
+    for name, d in zip(names, module_dirs):
+        if root == Path(d).resolve():
+            return {"path": str(Path(path).resolve()), "found_in": name}
+    return {"path": str(Path(path).resolve()), "found_in": "sys.path"}
 
 
 def _zoo_hint(spec: str) -> str:
