@@ -157,5 +157,11 @@ def roi_sq_err_multi_unchecked(outputs: torch.Tensor, target: torch.Tensor, rois
 
 def roi_psnr(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
              backend: Optional[str] = None) -> torch.Tensor:
-    """(K,) float64 ROI PSNR in dB of outputs (K, C, H, W) against target (C, roi.height, roi.width) in 0..255."""
+    """(K,) float64 ROI PSNR in dB of outputs (K, C, H, W) against target (C, roi.height, roi.width) in 0..255.
+
+    ``roi`` is a :class:`cem_fast.ROI` (``cem_fast.ROI(y, x, height, width)``; its size must be the target's),
+    whereas the operator underneath, ``torch.ops.cem_fast.roi_sq_err(outputs, target, y, x)``, takes the ROI's
+    top-left corner as two integers (its size is the target's) and returns the sum of squared errors:
+    ``roi_psnr(o, t, ROI(y, x, h, w)) == 10 * log10(255**2 * t.numel() / torch.ops.cem_fast.roi_sq_err(o, t, y,
+    x))``."""
     return reference.psnr_from_sq_err(roi_sq_err(outputs, target, roi, backend=backend), target.numel())
