@@ -388,4 +388,6 @@ def test_roi_grid_plans(benchmark, mode, plan):
         delta = float(max(np.abs(m.effect - e).max() for m, e in zip(maps, loop["effects"])))
         benchmark.extra_info["maps_equal_single_runs"] = delta == 0
         benchmark.extra_info["max_abs_delta_effect_db"] = delta
-        assert delta <= 1e-3
+        # on the CPU the same kernels run for every shape: round-off only (1e-3 dB). cuDNN picks its algorithm per
+        # shape, and a uint8 step flips now and then: the cross-shape bound of tests/test_windows.py (recorded)
+        assert delta <= (1e-3 if DEV == "cpu" else 0.05), delta

@@ -1,5 +1,7 @@
 """Each op and backend: interventions/s and effective GB/s (bytes that must move / median time), beside a plain
 copy of the same number of bytes on the same device (the bandwidth baseline row)."""
+import os
+
 import pytest
 import torch
 
@@ -12,13 +14,23 @@ from conftest import sync
 SIZES = {"cuda": dict(K_int=1024, K_roi=4096), "cpu": dict(K_int=64, K_roi=256)}
 
 
+# ``CEM_FAST_BENCH_BACKENDS=copy,triton,cuda``: only those rows (the GPU check: its CPU rows measure nothing there)
+BACKENDS = [b for b in ("copy", "torch", "cpp", "triton", "cuda")
+            if not os.environ.get("CEM_FAST_BENCH_BACKENDS") or b in os.environ["CEM_FAST_BENCH_BACKENDS"].split(",")]
+
+
+def gen(device, seed):
+    """A generator on the device: the inputs are made there (GBs on the host, then copied, took most of a case)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def intervene_args(device, K, h=256, w=256, pb=8, P=1000):
-    g = torch.Generator().manual_seed(0)
-    base = (torch.randint(0, 256, (3, h, w), generator=g).float() / 255).to(device)
-    patches = torch.randint(0, 256, (P, 3, pb, pb), generator=g, dtype=torch.uint8).to(device)
-    idx = torch.randint(0, P, (K,), generator=g).to(device)
-    blocks = torch.randint(0, (h // pb) * (w // pb), (K,), generator=g)
-    origins = torch.stack([blocks // (w // pb) * pb, blocks % (w // pb) * pb], 1).to(device)
+    g = gen(device, 0)
+    base = torch.randint(0, 256, (3, h, w), generator=g, device=device).float() / 255
+    patches = torch.randint(0, 256, (P, 3, pb, pb), generator=g, dtype=torch.uint8, device=device)
+    idx = torch.randint(0, P, (K,), generator=g, device=device)
+    blocks = torch.randint(0, (h // pb) * (w // pb), (K,), generator=g, device=device)
+    origins = torch.stack([blocks // (w // pb) * pb, blocks % (w // pb) * pb], 1)
     sizes = torch.full((K, 2), pb, device=device)
     ids = torch.arange(K, device=device)
     out = torch.empty(K, 3, h, w, device=device)
@@ -62,7 +74,7 @@ def backends_for(device):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_intervene(benchmark, device, backend, layout):
     """Planar outputs, and channels-last ones (what convolutional models get: the kernels then write in memory
     order). Prediction, H200, K=1024: 805 MB written in about 0.2 ms; the copy moves twice that."""
@@ -79,13 +91,13 @@ def test_intervene(benchmark, device, backend, layout):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_roi_psnr(benchmark, device, backend, layout):
     K = SIZES[device]["K_roi"]
-    g = torch.Generator().manual_seed(1)
-    outputs = in_layout(torch.rand(K, 3, 256, 256, generator=g).to(device), layout)
+    g = gen(device, 1)
+    outputs = in_layout(torch.rand(K, 3, 256, 256, generator=g, device=device), layout)
     roi = ROI(152, 96, 32, 32)
-    target = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    target = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8, device=device)
     moved = K * 3 * 32 * 32 * 4  # only the ROI must be read
     src = outputs[:, :, 152:184, 96:128]
     dst = torch.empty_like(src) if backend == "copy" else None
@@ -96,13 +108,13 @@ def test_roi_psnr(benchmark, device, backend, layout):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("backend", ["copy", "torch", "cpp", "triton", "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_roi_sq_err_multi(benchmark, device, backend, layout):
     """Every 32-px ROI (64) of 256x256 outputs in one pass: the whole output must be read once."""
     K = SIZES[device]["K_roi"] // 4
-    g = torch.Generator().manual_seed(2)
-    outputs = in_layout(torch.rand(K, 3, 256, 256, generator=g).to(device), layout)
-    target = torch.randint(0, 256, (3, 256, 256), generator=g, dtype=torch.uint8).to(device)
+    g = gen(device, 2)
+    outputs = in_layout(torch.rand(K, 3, 256, 256, generator=g, device=device), layout)
+    target = torch.randint(0, 256, (3, 256, 256), generator=g, dtype=torch.uint8, device=device)
     rois = roi_grid(256, 256, 32)
     dst = torch.empty_like(outputs) if backend == "copy" else None
     # baseline: reads and writes the outputs
