@@ -346,3 +346,21 @@ def test_sys_exit_in_a_forward_does_not_end_the_callers_program(image, bank):
         small_run(Exits(), image, bank)
     with pytest.raises(RuntimeError, match=r"^the model called sys\.exit\('usage: model\.py \[-h\]'\) during"):
         small_run(ExitsOnBatches(), image, bank, locality="off", batch_size=4)
+
+
+def test_probes_that_disagree_are_named_not_an_overflowed_window():
+    """A block that the reach map says meets a ROI but whose measured spread changes none (a model whose probe
+    forwards disagree) was given a window of height about -2**63 ('window_size [-9223372036854775805, ...]')."""
+    from types import SimpleNamespace
+
+    from cem_fast.geometry import ROI, BlockGrid
+    from cem_fast.pipeline.windows import Spread, block_windows
+    grid = BlockGrid(64, 64, 8)
+    reach = np.zeros((1, grid.rows, grid.cols), dtype=bool)
+    reach[0, 0, 0] = reach[0, 7, 7] = True  # (7, 7) lies far from the ROI at (0, 0) for a spread of 2 px
+    plan = SimpleNamespace(grid=grid, task=SimpleNamespace(scale=1), rois=[ROI(0, 0, 8, 8)],
+                           locality=SimpleNamespace(reach=reach))
+    with pytest.raises(ValueError, match=r"block \(row 7, col 7\) was measured to reach a ROI.*locality=off"):
+        block_windows(plan, Spread(2, 2, 2, 2))
+    reach[0, 7, 7] = False
+    assert block_windows(plan, Spread(2, 2, 2, 2)).inputs.min() >= 0

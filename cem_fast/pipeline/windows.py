@@ -121,6 +121,13 @@ def block_windows(plan: "RunPlan", spread: Spread) -> BlockWindows:
     cy0, cy1 = np.where(empty, 0, cy0), np.where(empty, 0, cy1)
     cx0, cx1 = np.where(empty, 0, cx0), np.where(empty, 0, cx1)
     changed = np.stack([cy0, cx0, cy1, cx1], axis=2)
+    lost = empty.all(1)
+    if lost.any():  # the reach says it meets a ROI, the spread says it changes none: the probes disagree
+        b = int(blocks[lost][0])
+        raise ValueError(f"locality: block (row {b // g.cols}, col {b % g.cols}) was measured to reach a ROI, but "
+                         f"its measured spread ({spread.up}, {spread.down}, {spread.left}, {spread.right} px) changes "
+                         "none: the model's probe forwards disagree (is it deterministic?); locality=off runs "
+                         "without the probe")
     # U_b: the box of the changed parts; V_b: the input pixels whose spread meets it
     big = np.iinfo(np.int64).max
     uy0 = np.where(empty, big, cy0).min(1)
