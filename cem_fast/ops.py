@@ -94,6 +94,11 @@ def _trusted(kernel: Callable, *args, **kwargs):
         return kernel(*args, **kwargs)
 
 
+def _check_intervene_devices(base, patches, patch_idx, origins, sizes, kwargs: dict) -> None:
+    check_devices("intervene", "base", {"base": base, "patches": patches, "patch_idx": patch_idx,
+                                        "origins": origins, "sizes": sizes, **kwargs})
+
+
 def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor, origins: torch.Tensor,
               sizes: torch.Tensor, *, backend: Optional[str] = None, ids: Optional[torch.Tensor] = None, seed: int = 0,
               noise_sigma: float = 0.0, rain: Optional[torch.Tensor] = None,
@@ -103,6 +108,7 @@ def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor
     argument is checked first (:func:`cem_fast.op_checks.check_intervene`), the same for every backend."""
     kwargs = dict(ids=ids, seed=seed, noise_sigma=noise_sigma, rain=rain, window_origins=window_origins,
                   window_size=window_size, out=out)
+    _check_intervene_devices(base, patches, patch_idx, origins, sizes, kwargs)  # first: values are read next
     op_checks.check_intervene(base, patches, patch_idx, origins, sizes, **kwargs)
     return intervene_unchecked(base, patches, patch_idx, origins, sizes, backend=backend, **kwargs)
 
@@ -111,10 +117,9 @@ def intervene_unchecked(base: torch.Tensor, patches: torch.Tensor, patch_idx: to
                         sizes: torch.Tensor, *, backend: Optional[str] = None, **kwargs) -> torch.Tensor:
     """:func:`intervene` without its value checks, for the pipeline, which builds the indices itself (devices are
     still checked; ``CEM_FAST_CHECK_INTERNAL_OPS=1`` checks everything, as the test suite does)."""
+    _check_intervene_devices(base, patches, patch_idx, origins, sizes, kwargs)
     if op_checks.check_internal_ops():
         op_checks.check_intervene(base, patches, patch_idx, origins, sizes, **kwargs)
-    check_devices("intervene", "base", {"base": base, "patches": patches, "patch_idx": patch_idx,
-                                        "origins": origins, "sizes": sizes, **kwargs})
     name = resolve_backend(backend, base.device)
     return _trusted(_REGISTRY[name].intervene, base, patches, patch_idx, origins, sizes, **kwargs)
 
@@ -123,6 +128,7 @@ def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
                backend: Optional[str] = None) -> torch.Tensor:
     """(K,) float64 ROI sum of squared errors, uint8 convention; see :func:`cem_fast.reference.roi_sq_err_ref`.
     ``target`` is (C, roi.height, roi.width) of integers 0..255; the ROI must lie inside the outputs."""
+    check_devices("roi_sq_err", "outputs", {"outputs": outputs, "target": target})  # first: values are read next
     op_checks.check_roi_sq_err(outputs, target, roi)
     return roi_sq_err_unchecked(outputs, target, roi, backend=backend)
 
@@ -130,9 +136,9 @@ def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
 def roi_sq_err_unchecked(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
                          backend: Optional[str] = None) -> torch.Tensor:
     """:func:`roi_sq_err` without its value checks (the pipeline's fast path; see :func:`intervene_unchecked`)."""
+    check_devices("roi_sq_err", "outputs", {"outputs": outputs, "target": target})
     if op_checks.check_internal_ops():
         op_checks.check_roi_sq_err(outputs, target, roi)
-    check_devices("roi_sq_err", "outputs", {"outputs": outputs, "target": target})
     name = resolve_backend(backend, outputs.device)
     return _trusted(_REGISTRY[name].roi_sq_err, outputs, target, roi)
 
@@ -141,6 +147,7 @@ def roi_sq_err_multi(outputs: torch.Tensor, target: torch.Tensor, rois: "list[RO
                      backend: Optional[str] = None) -> torch.Tensor:
     """(K, n_rois) float64 squared errors for many ROIs from one pass; ``target`` (C, H, W) is the ground truth or,
     GT-free, the quantised unintervened output. See :func:`cem_fast.reference.roi_sq_err_multi_ref`."""
+    check_devices("roi_sq_err_multi", "outputs", {"outputs": outputs, "target": target})  # first: values are read next
     op_checks.check_roi_sq_err_multi(outputs, target, rois)
     return roi_sq_err_multi_unchecked(outputs, target, rois, backend=backend)
 
@@ -148,9 +155,9 @@ def roi_sq_err_multi(outputs: torch.Tensor, target: torch.Tensor, rois: "list[RO
 def roi_sq_err_multi_unchecked(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]", *,
                                backend: Optional[str] = None) -> torch.Tensor:
     """:func:`roi_sq_err_multi` without its value checks (the pipeline's fast path)."""
+    check_devices("roi_sq_err_multi", "outputs", {"outputs": outputs, "target": target})
     if op_checks.check_internal_ops():
         op_checks.check_roi_sq_err_multi(outputs, target, rois)
-    check_devices("roi_sq_err_multi", "outputs", {"outputs": outputs, "target": target})
     name = resolve_backend(backend, outputs.device)
     return _trusted(_REGISTRY[name].roi_sq_err_multi, outputs, target, rois)
 
