@@ -55,6 +55,19 @@ def rng() -> np.random.RandomState:
     return np.random.RandomState(1234)
 
 
+@pytest.fixture
+def image(rng) -> np.ndarray:
+    """A 96x96 noise image (modules may define their own)."""
+    return rng.randint(0, 256, (96, 96, 3)).astype(np.uint8)
+
+
+@pytest.fixture
+def bank(rng):
+    """A bank of 32 random 8x8 patches (modules may define their own)."""
+    from cem_fast.patches import PatchBank
+    return PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
+
+
 @pytest.fixture(scope="session")
 def demo2(shared) -> np.ndarray:
     from PIL import Image

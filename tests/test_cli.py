@@ -405,29 +405,19 @@ def console_script() -> Path:
     return script
 
 
-def test_a_factory_module_beside_the_config_is_found_from_any_folder(tmp_path):
-    cfg = own_model_config(tmp_path / "study", "mymodels_beside")
-    (tmp_path / "study" / "mymodels_beside.py").write_text(OWN_MODEL)
-    (tmp_path / "elsewhere").mkdir()
-    # the console script, as a user runs it: neither folder is on its sys.path
-    p = subprocess.run([console_script(), "run", cfg, "--out", tmp_path / "o", "--no-progress"], capture_output=True,
-                       text=True, cwd=tmp_path / "elsewhere", timeout=600, env=ENV)
-    assert p.returncode == 0, p.stderr
-    s = json.loads((tmp_path / "o" / "factory" / "im" / "summary.json").read_text())
-    assert s["model_module_path"] == str((tmp_path / "study" / "mymodels_beside.py").resolve())
-    assert s["model_module_found_in"] == "config folder"
-
-
-def test_a_factory_module_in_the_current_folder_is_found(tmp_path):
-    cfg = own_model_config(tmp_path / "study", "mymodels_cwd")
+@pytest.mark.parametrize("where,found_in", [("beside", "config folder"), ("cwd", "current folder")])
+def test_a_factory_module_is_found_beside_the_config_or_in_the_current_folder(tmp_path, where, found_in):
+    """Run by the console script, as a user runs it: neither folder is on its sys.path."""
+    cfg = own_model_config(tmp_path / "study", f"mymodels_{where}")
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "mymodels_cwd.py").write_text(OWN_MODEL)
+    module = (tmp_path / ("study" if where == "beside" else "work") / f"mymodels_{where}.py")
+    module.write_text(OWN_MODEL)
     p = subprocess.run([console_script(), "run", cfg, "--out", tmp_path / "o", "--no-progress"], capture_output=True,
                        text=True, cwd=tmp_path / "work", timeout=600, env=ENV)
     assert p.returncode == 0, p.stderr
     s = json.loads((tmp_path / "o" / "factory" / "im" / "summary.json").read_text())
-    assert s["model_module_path"] == str((tmp_path / "work" / "mymodels_cwd.py").resolve())
-    assert s["model_module_found_in"] == "current folder"
+    assert s["model_module_path"] == str(module.resolve())
+    assert s["model_module_found_in"] == found_in
 
 
 def test_a_factory_module_that_is_nowhere_says_how_to_make_it_found(tmp_path):

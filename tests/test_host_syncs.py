@@ -12,12 +12,10 @@ non-blocking copies from pinned memory (windows.upload)."""
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import cem_fast
-from cem_fast.patches import PatchBank
 from helpers import ConvStack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -25,16 +23,6 @@ from host_syncs import SyncCounter  # noqa: E402
 
 PER_BATCH = {"incremental": 2, "windows": 2, "crop": 1}
 PATHS = {"incremental": {}, "windows": dict(incremental="off"), "crop": dict(windows="crop", incremental="off")}
-
-
-@pytest.fixture
-def image(rng):
-    return rng.randint(0, 256, (96, 96, 3)).astype(np.uint8)
-
-
-@pytest.fixture
-def bank(rng):
-    return PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
 
 
 def count(image, bank, coarse, **opts):

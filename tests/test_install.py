@@ -4,7 +4,6 @@ functions, and a real setuptools build_ext run on a tiny stand-in extension whos
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import cem_fast
-from cem_fast.patches import PatchBank
 from cem_fast.pipeline.windows import Spread
 from helpers import ConvStack
 
@@ -45,16 +44,6 @@ def assert_same_samples(a, b, atol=0.0, what=""):
         return
     assert d.max() <= max(atol, SHAPE_FLIP_DB), f"{what}: {d.max():.4g} dB apart (bound {SHAPE_FLIP_DB})"
     assert (d > atol).mean() <= SHAPE_FLIP_FRACTION, f"{what}: {(d > atol).mean():.1%} of the values differ"
-
-
-@pytest.fixture
-def image(rng):
-    return rng.randint(0, 256, (96, 96, 3)).astype(np.uint8)
-
-
-@pytest.fixture
-def bank(rng):
-    return PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
 
 
 def both(model, image, **kw):
