@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .fileio import atomic_write
 
@@ -146,6 +146,7 @@ def _numbers(s: dict, d: str, own_scale: bool = True) -> str:
             f"{_counts(s)}<br>range {_fmt(st.get('range_db', 0))}<br>"
             f"{_extreme('max', st.get('max_db'), st.get('max_block'), 'no block helps the ROI')}<br>"
             f"{_extreme('min', st.get('min_db'), st.get('min_block'), 'no block hurts the ROI')}<br>"
+            + _metrics_line(s.get("metrics"))
             + (f"colour scale &plusmn;{scale['bound_db']:g} dB ({html.escape(str(scale['kind']))})<br>"
                if isinstance(scale, dict) else "")
             + f"{s['num_forwards']} forwards"
@@ -153,6 +154,24 @@ def _numbers(s: dict, d: str, own_scale: bool = True) -> str:
             + f", {s['wall_time_s']} s<br>{html.escape(_locality(s))}<br>"
             f'<a href="{html.escape(d)}/summary.json">summary.json</a> · '
             f'<a href="{html.escape(d)}/result.npz">result.npz</a>')
+
+
+def _interval(m: dict, digits: int, unit: str) -> str:
+    v, lo, hi = m.get("value"), m.get("low"), m.get("high")
+    if v is None:
+        return "none"
+    ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None and hi is not None else ""
+    return f"{v:.{digits}f}{ci}{unit}"
+
+
+def _metrics_line(m: Optional[dict]) -> str:
+    """The metrics of summary.json (95 % intervals in brackets), one line each."""
+    if not isinstance(m, dict) or "radius90_px" not in m:
+        return ""
+    return (f"|CE| mass within {_interval(m['radius50_px'], 0, ' px')} (50 %), "
+            f"{_interval(m['radius90_px'], 0, ' px')} (90 %)<br>"
+            f"mass beyond {m['far_px']:g} px: {_interval(m['far_mass_share'], 2, '')}; "
+            f"negative share {_interval(m['negative_mass_share'], 2, '')}<br>")
 
 
 def _counts(s: dict) -> str:
@@ -192,10 +211,11 @@ def _multi_roi_card(out_dir: Path, r: dict) -> str:
         f"<td>{_fmt(e['psnr_origin'], '').lstrip('+')}</td><td class=pos>{e['stats']['positive']}</td>"
         f"<td class=neg>{e['stats']['negative']}</td><td>{_fmt(e['stats'].get('range_db', 0), '')}</td>"
         f"<td>{e['stats'].get('radius_of_influence_px', 0):.0f}</td>"
+        f"<td>{_interval(e['metrics']['radius90_px'], 0, '') if 'metrics' in e else ''}</td>"
         f'<td><a href="{html.escape(d)}/{html.escape(e["folder"])}/cem.png">map</a></td></tr>'
         for e in s["rois"])
     table = ("<table class=rois><tr><th>ROI (y, x, size)</th><th>Y(I) dB</th><th>+</th><th>&minus;</th>"
-             f"<th>range dB</th><th>radius px</th><th></th></tr>{rows}</table>")
+             f"<th>range dB</th><th>radius px</th><th>90 % |CE| within px</th><th></th></tr>{rows}</table>")
     return (f'<section class="run"><h3>{html.escape(r["model"])} <span class="num">{html.escape(_task(s))}, '
             f"{len(s['rois'])} ROIs, {s['num_forwards']} forwards, {s['wall_time_s']} s</span></h3>"
             f'<p class="num">{html.escape(_locality(s))}</p><div class="row">'

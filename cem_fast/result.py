@@ -161,6 +161,17 @@ class CEMResult:
                 "undecided": int((d == UNDECIDED).sum()),
                 "median_half_width_db": float(np.median(half)) if half.size else None}
 
+    def metrics(self, far_px: Optional[float] = None, n_boot: Optional[int] = None) -> dict[str, Any]:
+        """Per-map metrics with 95 % intervals, over the blocks outside the ROI (skipped and screened blocks
+        counted apart): the shares of blocks that help / hurt / have no effect / are undecided, the positive and
+        negative |CE| masses, the extremes, the distance profile (mean CE and mean |CE| per ring of block-centre
+        distance from the ROI, one block wide), the radii within which 50 % and 90 % of the |CE| mass lies and
+        the share of the mass beyond ``far_px`` (default: the ROI's larger side). Intervals: a parametric
+        bootstrap of each block's effect from its estimate and standard error (Student's t); see
+        :mod:`cem_fast.metrics` for every definition. Deterministic: the same map gives the same numbers."""
+        from .metrics import BOOT_DRAWS, map_metrics
+        return map_metrics(self, far_px=far_px, n_boot=BOOT_DRAWS if n_boot is None else n_boot)
+
     def draws(self) -> tuple[int, int]:
         """(coarse, fine) draws per block, without building deferred sample arrays."""
         return tuple(int(self.__dict__[k].shape[2]) for k in ("_samples_coarse", "_samples_fine"))
@@ -211,6 +222,7 @@ class CEMResult:
             "coarse": self.draws()[0], "fine": self.draws()[1],
             "grid": list(self.cem.shape), "psnr_origin": _finite_or_str(self.psnr_origin),
             "stats": self.stats(), **({"uncertainty": self.uncertainty()} if self.effect_se is not None else {}),
+            "metrics": self.metrics(),
             "num_forwards": self.num_forwards, "wall_time_s": round(self.wall_time, 3),
             "backend": self.backend, "device": self.device, "patch_bank": self.patch_bank,
             "versions": {"cem_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -289,14 +301,20 @@ class CEMResult:
                                                          screened=self.screened)
         if self.effect_df is not None:
             spread["effect_df"] = self.effect_df
-        atomic_write(out / "result.npz", lambda f: np.savez_compressed(
-            f, **spread, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
-            samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable,
-            psnr_origin=np.float64(self.psnr_origin),
-            roi=np.array(self.roi.as_tuple()), block=np.int64(self.block), scale=np.int64(self.scale)))
         summary = {**self.summary(), "display_scale": colours.as_dict()}
         if summary_extra:
             summary.update(summary_extra)
+        profile = summary["metrics"]["profile"]
+        found = {"metrics": np.array(json_bytes(summary["metrics"]).decode()),  # as in summary.json
+                 "profile_ring_px": np.array(profile["ring_px"], dtype=np.float64),
+                 **{f"profile_{k}": np.array([np.nan if v is None else v for v in profile[k]], dtype=np.float64)
+                    for k in ("mean_db", "mean_db_low", "mean_db_high", "mean_abs_db", "mean_abs_db_low",
+                              "mean_abs_db_high")}}
+        atomic_write(out / "result.npz", lambda f: np.savez_compressed(
+            f, **spread, **found, cem=self.cem, effect=self.effect, samples_coarse=self.samples_coarse,
+            samples_fine=self.samples_fine, gated=self.gated, reachable=self.reachable,
+            psnr_origin=np.float64(self.psnr_origin),
+            roi=np.array(self.roi.as_tuple()), block=np.int64(self.block), scale=np.int64(self.scale)))
         atomic_write(out / "summary.json", lambda f: f.write(json_bytes(summary)))
         plotting.save_pictures(self, out, scale=colours, vector=vector, zoom=zoom, background=background,
                                locality=locality)
@@ -324,10 +342,10 @@ class CEMResults(list):
         """The run's summary (that of the first map) with one entry per ROI instead of the per-ROI fields."""
         if not self:
             return {"rois": []}
-        per_roi = ("roi", "psnr_origin", "stats", "uncertainty")
+        per_roi = ("roi", "psnr_origin", "stats", "uncertainty", "metrics")
         common = {k: v for k, v in self[0].summary().items() if k not in per_roi}
         common["rois"] = [{"roi": r.summary()["roi"], "psnr_origin": _finite_or_str(r.psnr_origin),
-                           "stats": r.stats(), "folder": roi_folder(i, r.roi),
+                           "stats": r.stats(), "metrics": r.metrics(), "folder": roi_folder(i, r.roi),
                            **({"uncertainty": r.uncertainty()} if r.effect_se is not None else {})}
                           for i, r in enumerate(self)]
         return common
