@@ -5,6 +5,8 @@ reference's |CE| >= 0.1 dB, total absolute effect within 10 %, Y(I) within 0.01 
 different draws pass these bounds; so must we, with our own draws (and RGB patches, not the reference's BGR).
 """
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -36,4 +38,18 @@ def test_golden_dn_dncnn_demo2_full_gpu(shared):
                                      shared / "images" / "demo_2.png", task="DN", sigma=50, roi=(152, 96, 32),
                                      block=8, coarse=3, fine=50, patches=shared / "patches" / "div2k-8",
                                      device="cuda")
+    assert_agrees(res, shared / "golden" / "dn_demo2_full_gpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CEM_FAST_FULL_GOLDEN") != "1",
+                    reason="the GPU golden's configuration on the CPU takes about 2.5 minutes on 2 cores: "
+                           "CEM_FAST_FULL_GOLDEN=1 runs it (before a GPU session, so that a GPU failure of "
+                           "test_golden_dn_dncnn_demo2_full_gpu means the GPU)")
+def test_golden_dn_dncnn_demo2_full_on_the_cpu(shared):
+    """The GPU golden's configuration on the CPU (speed mode: the full 256x256 image, 3 + 50 draws)."""
+    res = cem_fast.causal_effect_map(str(shared / "models" / "dncnn_color_blind.pth"),
+                                     shared / "images" / "demo_2.png", task="DN", sigma=50, roi=(152, 96, 32),
+                                     block=8, coarse=3, fine=50, patches=shared / "patches" / "div2k-8",
+                                     device="cpu")
     assert_agrees(res, shared / "golden" / "dn_demo2_full_gpu")
