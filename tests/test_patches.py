@@ -66,3 +66,62 @@ def test_bad_banks_raise(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8) + 9).save(tmp_path / "b.png")
     with pytest.raises(ValueError, match="expected square patches of one size"):
         PatchBank.from_folder(tmp_path, use_cache=False)
+
+
+def _settled_bank_folder(tmp_path, monkeypatch, rng):
+    """A 3-patch folder whose files the bank code sees as settled (its clock runs 10 s ahead)."""
+    import cem_fast.patches as patches_mod
+    monkeypatch.setenv("CEM_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(patches_mod, "_BANKS_BY_STAT", {})
+    real_ns = patches_mod.time.time_ns
+    monkeypatch.setattr(patches_mod.time, "time_ns", lambda: real_ns() + 10_000_000_000)
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    arrays = [rng.randint(0, 256, (8, 8, 3)).astype(np.uint8) for _ in range(3)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"p{i}.bmp")  # BMP: a rewrite keeps the size
+    return folder, np.stack(arrays).transpose(0, 3, 1, 2), patches_mod
+
+
+def test_a_settled_folder_is_not_read_again(tmp_path, monkeypatch, rng):
+    """The content key is remembered by the files' stat figures: a warm call reads no patch file, in this process
+    (the bank kept) or another (the stat index names the cached bank)."""
+    from pathlib import Path
+    folder, want, patches_mod = _settled_bank_folder(tmp_path, monkeypatch, rng)
+    assert np.array_equal(PatchBank.from_folder(folder).patches.numpy(), want)
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real(self))
+    assert np.array_equal(PatchBank.from_folder(folder).patches.numpy(), want)
+    patches_mod._BANKS_BY_STAT.clear()  # as a new process would start
+    bank = PatchBank.from_folder(folder)
+    assert np.array_equal(bank.patches.numpy(), want) and bank.source == str(folder)
+    assert reads == []
+
+
+def test_a_rewrite_with_its_old_mtime_is_read_again(tmp_path, monkeypatch, rng):
+    """ctime cannot be set back: a same-size rewrite whose mtime is restored still changes the stat key."""
+    import os
+    import time
+    folder, want, _ = _settled_bank_folder(tmp_path, monkeypatch, rng)
+    PatchBank.from_folder(folder)
+    f = folder / "p1.bmp"
+    st = f.stat()
+    time.sleep(0.05)  # not synchronisation: the file system's clock must tick past the first write's ctime
+    want[1] = 255 - want[1]
+    Image.fromarray(want[1].transpose(1, 2, 0)).save(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert np.array_equal(PatchBank.from_folder(folder).patches.numpy(), want)
+
+
+def test_a_folder_changed_moments_ago_is_not_remembered(tmp_path, monkeypatch, rng):
+    """Timestamps are coarse: a folder with a change in the last SETTLE_NS is read and hashed on every call."""
+    import cem_fast.patches as patches_mod
+    monkeypatch.setenv("CEM_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(patches_mod, "_BANKS_BY_STAT", {})
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    Image.fromarray(rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)).save(folder / "p0.png")
+    PatchBank.from_folder(folder)
+    assert patches_mod._BANKS_BY_STAT == {} and not (tmp_path / "cache" / "patch_banks" / "by_stat").exists()
