@@ -21,7 +21,7 @@ _PUBLIC = {
     "difference": "compare", "intervene": "ops", "roi_psnr": "ops", "roi_sq_err": "ops", "roi_sq_err_multi": "ops",
     "roi_grid": "reference", "PatchBank": "patches", "load_patch_bank": "patches", "CEMResult": "result",
     "CEMResults": "result", "CustomTask": "tasks", "Denoise": "tasks", "Derain": "tasks", "Identity": "tasks",
-    "SuperResolution": "tasks", "Task": "tasks", "make_task": "tasks",
+    "SuperResolution": "tasks", "Task": "tasks", "make_task": "tasks", "study": "studies", "Study": "studies",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

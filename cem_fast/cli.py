@@ -3,6 +3,7 @@
     cem-fast run CONFIG.yml --out DIR [--set key=value ...] [--exact] [--fresh]
     cem-fast demo [--out DIR]
     cem-fast convergence CONFIG.yml --out DIR [--truth 1000] [--seeds 3]
+    cem-fast study CONFIG.yml --out DIR [--far-px PX]
     cem-fast info
 
 Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
@@ -29,7 +30,8 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-RESERVED = {"report.html", "compare.html", "compare", "error.json"}  # what the run writes beside the run folders
+RESERVED = {"report.html", "compare.html", "compare", "error.json", "study.html", "study.json", "study.csv",
+            "study.md", "profiles.png"}  # what the run writes beside the run folders
 
 
 MAX_NAME_BYTES = 200  # a file name may hold 255 bytes: room for a _2 suffix and a temporary's
@@ -69,7 +71,7 @@ def image_labels(images: list[str]) -> tuple[list[str], list[str]]:
 
 # the temporaries atomic_write leaves when killed, for the files a run writes (and never anyone else's)
 OUR_TEMPORARY = re.compile(r"^\.(result\.npz|summary\.json|rois\.json|error\.json|meta\.json|report\.html|"
-                           r"compare\.html|diff\.(npz|json|png)|[a-z_]+\.png|[^/]+_cem\.png|"
+                           r"compare\.html|study\.(csv|json|md|html)|diff\.(npz|json|png)|[a-z_]+\.png|[^/]+_cem\.png|"
                            r"\d{9}-\d{6}\.npz)\.tmp\d+$")
 RESULT_FILES = ("result.npz", "summary.json", "rois.json", "report.html", "maps.png", "cem.png", "overlay.png",
                 "pie.png", "gt.png", "input.png", "output.png")
@@ -126,10 +128,12 @@ def _mark_failed(run_dir: Path, message: str) -> None:
 
 def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causal Effect Maps",
                fresh: bool = False, keep: Optional[list] = None,
-               entries: Optional[list] = None) -> tuple[Path, int]:
+               entries: Optional[list] = None, keep_all: Optional[list] = None) -> tuple[Path, int]:
     """Run every model on every image of ``cfg``; returns the report path and the number of failed runs. One run
     failing (a model that does not load, any error, a full disk) does not stop the others; the report is always
     written. With ``keep``, (model name, image label, image folder, CEMResult) of each successful run are appended
+    to it; with ``keep_all``, (model name, image label, run folder relative to ``out_dir``, CEMResults of every ROI,
+    whether each ROI has a folder of its own)
     to it. Under a process group (torchrun) every rank computes its share of each run and rank 0 alone writes."""
     from . import distributed
     from .fileio import clean_stale_folders, clean_stale_temporaries
@@ -149,7 +153,8 @@ def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causa
     completed = False
     try:
         for spec in cfg.models:
-            failed += _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries)
+            failed += _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries,
+                                 keep_all)
         completed = True
     finally:
         report = _report(out_dir, entries, title, completed) if distributed.is_lead() else out_dir / "report.html"
@@ -189,7 +194,7 @@ def _take(name: str, taken: set) -> str:
     return candidate
 
 
-def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries) -> int:
+def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries, keep_all=None) -> int:
     from dataclasses import replace
 
     from .distributed import GroupLost, agreed_step, is_lead
@@ -236,9 +241,12 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
                 _mark_failed(out_dir / rel, msg)
             continue
         result = entry.pop("_result")  # _run_one cleared the folder's earlier outputs, error.json included
+        results = entry.pop("_results")
         entries.append(entry)
         if keep is not None:
             keep.append((name, label, folder, result))
+        if keep_all is not None:
+            keep_all.append((name, label, rel, results, cfg.multi_roi))
     return failed
 
 
@@ -252,7 +260,7 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts,
                       rest["patches"], run, task_opts, model_name=name, image_name=Path(image).name)
     res = results[0]
     if not is_lead():  # another rank of a torchrun study: it computed its share, rank 0 writes
-        return {"model": name, "image": label, "dir": rel, "_result": res}
+        return {"model": name, "image": label, "dir": rel, "_result": res, "_results": results}
     if "cropped_from" in res.extra:
         h, w = res.extra["cropped_from"]
         print(f"[cem-fast]   note: {label} ({h}x{w}) was cropped to {res.gt.shape[-2]}x"
@@ -278,7 +286,8 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts,
         how = "" if shared else " (one run per ROI: fewer input pixels)"
         print(f"[cem-fast]   {len(results)} ROIs from {forwards} forwards{how}{_reused(res)}{loc}, "
               f"{wall:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
-        return {"model": name, "image": label, "dir": rel, "rois": json_safe(results.summary()), "_result": res}
+        return {"model": name, "image": label, "dir": rel, "rois": json_safe(results.summary()), "_result": res,
+                "_results": results}
     colours = res.colour_scale(rest["plot_scale"])
     with _staged(out_dir / rel) as staging:
         res.save(staging, summary_extra=extra, scale=colours)
@@ -287,7 +296,7 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts,
           f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
           f"{_reused(res)}{loc}, {res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
     summary = json_safe({**res.summary(), **extra, "display_scale": colours.as_dict()})  # as in summary.json
-    return {"model": name, "image": label, "dir": rel, "summary": summary, "_result": res}
+    return {"model": name, "image": label, "dir": rel, "summary": summary, "_result": res, "_results": results}
 
 
 def _load_cropped(image: str, box, max_pixels):
@@ -440,6 +449,32 @@ def cmd_convergence(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    """Every model x image x ROI of the config (as ``run``: maps under OUT/<model>/<image>, resumable from
+    OUT/.cem_cache, sharded under torchrun), then the study's tables, profiles and page in OUT (rank 0)."""
+    from .config import load_config
+    from .studies import Study
+    cfg = load_config(args.config, _with_exact(args))
+    if args.far_px is not None and not args.far_px >= 0:
+        raise ValueError(f"--far-px must be a distance >= 0 in output px, got {args.far_px}")
+    out = Path(args.out)
+    kept: list = []
+    report, failed = run_config(cfg, out, progress=False if args.no_progress else None, fresh=args.fresh,
+                                keep_all=kept, title="Causal Effect Maps of a study")
+    if not _lead():
+        return EXIT_FAILED if failed else 0
+    if not kept:
+        print("cem-fast: error: no run of the study succeeded: no study written", file=sys.stderr)
+        return EXIT_FAILED
+    from .pipeline.options import split_options
+    study = Study.from_runs(kept, far_px=args.far_px, seed=split_options(cfg.options)[0].seed)
+    written = study.save(out, maps=False)
+    _say_report(report)
+    print(f"study: {written / 'study.html'} ({len(study.rows)} maps; study.md, study.csv, study.json, "
+          "profiles.png)")
+    return EXIT_FAILED if failed else 0
+
+
 def cmd_info(args) -> int:
     from .info import info_text
     print(info_text())
@@ -499,6 +534,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
     v.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
     v.set_defaults(func=cmd_convergence)
+    st = sub.add_parser("study", help="models x images x ROIs: every map, its metrics, and the models compared")
+    st.add_argument("config", help="YAML config with models, images and roi / rois / roi_grid")
+    st.add_argument("--out", required=True, help="output folder (the maps, study.md/.csv/.json/.html, profiles.png)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    st.add_argument("--far-px", type=float, default=None,
+                    help="far_mass_share counts the |CE| mass beyond this distance (output px; default: the ROI's "
+                         "larger side)")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    st.add_argument("--fresh", action="store_true", help="ignore cached samples and recompute")
+    st.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
+    st.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
+    st.set_defaults(func=cmd_study)
     i = sub.add_parser("info", help="versions, device, available backends and why others are not")
     i.set_defaults(func=cmd_info)
     return p
@@ -519,7 +566,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warning  # restored below: main may run inside another program (tests)
     try:
-        if args.command in ("run", "compare", "demo"):
+        if args.command in ("run", "compare", "demo", "study"):
             from .distributed import init_from_env
             init_from_env()  # under torchrun: join the group, each rank takes its share of every run
         return args.func(args)

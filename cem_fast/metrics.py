@@ -52,11 +52,12 @@ metric is computed on every bootstrap map; its interval is the *basic* (reflecte
 the metrics that do not depend linearly on the effects (|CE|, positive parts, shares of mass, extremes) it
 corrects the plug-in estimate's first-order bias (noise around a zero effect adds to a |CE| mass), which the
 percentile interval would keep. For the same reason their value is the bootstrap's bias-corrected estimate
-``2 m - mean(m*)`` (m* the metric of the bootstrap maps; equal to m where no block has an error). The radii take values among the blocks' distances, so they are read from the
-|CE| mass within each distance instead: the radius is that of the bias-corrected mass curve, and its interval the
-percentile interval of the radii of the reflected bootstrap curves ``2 M - M*`` (widened to the radius where that
-falls outside). Shares of mass are clipped to [0, 1], masses to their sign, radii to >= 0. The bootstrap's generator is
-seeded (``boot_seed``): the same map gives the same intervals.
+``2 m - mean(m*)`` (m* the metric of the bootstrap maps; equal to m where no block has an error). The radii take
+values among the blocks' distances, so they are read from the |CE| mass within each distance instead: the radius
+is that of the bias-corrected mass curve, and its interval the percentile interval of the radii of the reflected
+bootstrap curves ``2 M - M*`` (widened to the radius where that falls outside). Shares of mass are clipped to
+[0, 1], masses to their sign, radii to >= 0. The bootstrap's generator is seeded (``boot_seed``): the same map
+gives the same intervals.
 """
 from __future__ import annotations
 
@@ -238,8 +239,10 @@ def compute_metrics(effect: np.ndarray, se: Optional[np.ndarray], df: Optional[n
         return value, 2 * p - hi, 2 * p - lo
 
     clip = {"positive_mass_db": (0.0, np.inf), "negative_mass_db": (-np.inf, 0.0), "negative_mass_share": (0, 1),
-            "far_mass_share": (0, 1), "effect_range_db": (0, np.inf), "effect_max_db": (None, None),
-            "effect_min_db": (None, None), "radius50_px": (0, np.inf), "radius90_px": (0, np.inf),
+            "far_mass_share": (0, 1), "effect_range_db": (0, np.inf),
+            # with a block at 0 (skipped, screened, exactly 0) the largest value is >= 0 and the smallest <= 0
+            "effect_max_db": (0, np.inf) if ctx["has_zero"] else (None, None),
+            "effect_min_db": (-np.inf, 0) if ctx["has_zero"] else (None, None), "radius50_px": (0, np.inf), "radius90_px": (0, np.inf),
             "profile_mean_db": (None, None), "profile_mean_abs_db": (0, np.inf)}
     bounds = {}
     for key in point:
@@ -254,7 +257,7 @@ def compute_metrics(effect: np.ndarray, se: Optional[np.ndarray], df: Optional[n
         out[key] = {"value": _num(v), "low": _num(lo), "high": _num(hi)}
     out["far_px"] = float(far_px)
     (mv, ml, mh), (av, al, ah) = bounds["profile_mean_db"], bounds["profile_mean_abs_db"]
-    out["profile"] = {"ring_px": [float(k * block) for k in range(rings)],
+    out["profile"] = {"ring_width_px": float(block), "ring_px": [float(k * block) for k in range(rings)],
                       "blocks": [int(c) if np.isfinite(c) else 0 for c in ring_count],
                       "mean_db": _nums(mv), "mean_db_low": _nums(ml),
                       "mean_db_high": _nums(mh), "mean_abs_db": _nums(av),
