@@ -34,8 +34,9 @@ from .result import CEMResult, roi_folder
 
 BOOT_DRAWS = 2000
 BOOT_SEED = 29
-# the metrics a study summarises and compares, in this order
-STUDY_METRICS = SCALAR_METRICS + INTERVAL_METRICS
+# the metrics a study summarises and compares, in this order (psnr_roi_db: Y(I), how well the model restores
+# the ROI, for the question whether what a model draws on helps it)
+STUDY_METRICS = ("psnr_roi_db",) + SCALAR_METRICS + INTERVAL_METRICS
 
 
 @dataclass
@@ -44,7 +45,8 @@ class Study:
 
     Attributes:
         rows: one dict per (model, image, ROI), in run order: ``model``, ``image``, ``roi`` ([y, x, height,
-            width]), ``dir`` (the map's folder relative to the study's folder once saved), every metric of
+            width]), ``dir`` (the map's folder relative to the study's folder once saved), ``psnr_roi_db`` (Y(I):
+            the ROI PSNR of the unintervened input, dB), every metric of
             :func:`cem_fast.metrics.flat_metrics` (``name``, ``name_low``, ``name_high`` for those with
             intervals) and ``profile`` (the distance profile of :meth:`CEMResult.metrics`).
         maps: (model, image) -> the CEMResults of its ROIs, in ROI order (None for a study read back from runs
@@ -69,8 +71,10 @@ class Study:
         for (model, image), results in maps.items():
             for i, res in enumerate(results):
                 m = res.metrics(far_px=far_px)
+                psnr = float(res.psnr_origin)
                 rows.append({"model": model, "image": image, "roi": list(res.roi.as_tuple()),
-                             "dir": None if dirs is None else dirs[model, image][i], **flat_metrics(m),
+                             "dir": None if dirs is None else dirs[model, image][i],
+                             "psnr_roi_db": psnr if np.isfinite(psnr) else None, **flat_metrics(m),
                              "profile": m["profile"]})
         models = list(dict.fromkeys(k[0] for k in maps))
         images = list(dict.fromkeys(k[1] for k in maps))
@@ -220,7 +224,8 @@ class Study:
                  "", f"Images: {', '.join(self.images)}. Seed {self.seed} (every model on the same draws). "
                  f"far_px: {self.far_px if self.far_px is not None else 'the ROI size'}.", "",
                  "Each cell: the mean over images (each image the mean over its ROIs) and, in brackets, its 95 % "
-                 "bootstrap interval over images (none with one image). Shares: of the blocks outside the ROI; "
+                 "bootstrap interval over images (none with one image). psnr_roi_db: the ROI's PSNR on the "
+                 "unintervened input (Y(I)). Shares: of the blocks outside the ROI; "
                  "masses in dB; radii in output px (the distance from the ROI within which 50 % / 90 % of the |CE| "
                  "mass lies).", "", "| metric | " + " | ".join(self.models) + " |",
                  "|---|" + "---|" * len(self.models)]

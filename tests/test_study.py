@@ -106,7 +106,8 @@ def test_rows_equal_the_maps_computed_alone(setup, py_study):
         res = cem_fast.causal_effect_map(nets[r["model"]], str(d / r["image"]), roi=tuple(r["roi"]), seed=3,
                                          patches=str(d / "bank.npz"), progress=False, **OPTIONS)
         m = res.metrics()
-        assert _metrics_only(r) == {**flat_metrics(m), "profile": m["profile"]}, (r["model"], r["image"], r["roi"])
+        assert _metrics_only(r) == {"psnr_roi_db": res.psnr_origin, **flat_metrics(m), "profile": m["profile"]}, (
+            r["model"], r["image"], r["roi"])
 
 
 def test_the_deeper_net_draws_on_farther_context_in_every_image(py_study):
