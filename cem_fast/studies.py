@@ -30,7 +30,7 @@ import numpy as np
 from .fileio import atomic_write
 from .jsonsafe import json_bytes
 from .metrics import INTERVAL_METRICS, SCALAR_METRICS, flat_metrics
-from .result import CEMResult, roi_folder
+from .result import roi_folder
 
 BOOT_DRAWS = 2000
 BOOT_SEED = 29
