@@ -11,6 +11,16 @@ import shutil
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str, repo: Path, study: Path) -> str:
+    """The study's local absolute paths made relative (``<repo>/...``, ``<study_out>/...``), so that a kept
+    summary.json says where its inputs were without naming the machine it ran on."""
+    text = text.replace(str(study.resolve()), "<study_out>")
+    text = text.replace(str(repo.parent / "shared"), "<repo>/../shared")
+    return text.replace(str(repo), "<repo>")
+
 
 def main(src: str, dst: str) -> None:
     src_dir, dst_dir = Path(src), Path(dst)
@@ -22,6 +32,11 @@ def main(src: str, dst: str) -> None:
             target = dst_dir / row["dir"] / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src_dir / row["dir"] / name, target)
+        summary = dst_dir / row["dir"] / "summary.json"
+        summary.write_text(portable(summary.read_text(), REPO, src_dir))
+    # the kept folder has each map's cem.png, not its report.html
+    page = dst_dir / "study.html"
+    page.write_text(page.read_text().replace("/report.html\"", "/cem.png\""))
     total = sum(p.stat().st_size for p in dst_dir.rglob("*") if p.is_file())
     print(f"kept {dst_dir}: {total / 1e6:.2f} MB in all")
 
