@@ -220,3 +220,20 @@ def test_the_python_api_under_an_initialised_group(tmp_path):
     alone = np.load(tmp_path / "alone.npz")
     assert not alone["sharded"]
     np.testing.assert_array_equal(alone["effect"], wants[0].effect)
+
+
+def test_a_study_under_two_ranks_equals_the_one_process_study(study):
+    """cem-fast study shards like run: two torchrun ranks give the one-process study's rows (the same draws)."""
+    cfg, root = study
+
+    def run_study(out, launcher=()):
+        cmd = [*launcher, *([] if launcher else [sys.executable]), "-m", "cem_fast", "study", str(cfg), "--out",
+               str(out), "--no-progress"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+
+    one = run_study(root / "study_one")
+    assert one.returncode == 0, one.stderr
+    two = run_study(root / "study_two", launcher=(*TORCHRUN, "--nproc_per_node", "2"))
+    assert two.returncode == 0, two.stderr
+    rows = [json.loads((root / d / "study.json").read_text())["rows"] for d in ("study_one", "study_two")]
+    assert len(rows[0]) == 1 and rows[0] == rows[1]
