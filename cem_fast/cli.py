@@ -18,46 +18,15 @@ import re
 import shutil
 import sys
 import time
-import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 from .checks import first_line
+from .names import CACHE_DIR, safe_name as _safe_name, take_name as _take, unique_names  # noqa: F401
 
-CACHE_DIR = ".cem_cache"  # inside --out: per-batch samples, so a re-run resumes after a crash
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-
-
-RESERVED = {"report.html", "compare.html", "compare", "error.json", "study.html", "study.json", "study.csv",
-            "study.md", "profiles.png"}  # what the run writes beside the run folders
-
-
-MAX_NAME_BYTES = 200  # a file name may hold 255 bytes: room for a _2 suffix and a temporary's
-
-
-def _name_char(c: str) -> str:
-    """``c`` if a letter, digit or combining mark of any script (not a variation selector) or '.', '_', '-';
-    else NUL, which never is one (a separator, an emoji, a control or direction character)."""
-    kind = unicodedata.category(c)[0]
-    keep = c in "._-" or kind in "LN" or (kind == "M" and not unicodedata.name(c, "").startswith("VARIATION"))
-    return c if keep else "\0"
-
-
-def _safe_name(name: str, fallback: str = "run") -> str:
-    """A folder name: letters, digits and marks of any script (NFC), '.', '_' and '-', each run of anything else
-    one '_'; at most MAX_NAME_BYTES in UTF-8; never starting with a dot ('..', '.', '.cem_cache' would leave the
-    output folder or hide in it) and never a name the run writes itself (report.html...)."""
-    safe = re.sub("\0+", "_", "".join(map(_name_char, unicodedata.normalize("NFC", name))))
-    safe = safe.encode()[:MAX_NAME_BYTES].decode(errors="ignore").strip("._-") or fallback
-    return safe + "_" if safe in RESERVED else safe
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """The names made unique in order: a repeated one gets ``_2``, ``_3``, ... (never one already taken)."""
-    taken: set[str] = set()
-    return [_take(n, taken) for n in names]
 
 
 def image_labels(images: list[str]) -> tuple[list[str], list[str]]:
@@ -183,15 +152,6 @@ def _spec_name(spec: str) -> str:
     """A folder name for a model that failed to load (a loaded model is named by :func:`load_model`)."""
     is_path = bool(Path(spec).suffix) or "/" in spec
     return _safe_name(Path(spec).stem if is_path else spec.rsplit(":", 1)[-1], "model")
-
-
-def _take(name: str, taken: set) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        i += 1
-        candidate = f"{name}_{i}"
-    taken.add(candidate)
-    return candidate
 
 
 def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries, keep_all=None) -> int:

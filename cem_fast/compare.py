@@ -17,7 +17,7 @@ from .pipeline.samples import effects
 from .fileio import atomic_write
 from .intervals import t975
 from .jsonsafe import json_bytes
-from .cli import unique_names
+from .names import unique_names
 from .result import CEMResult
 
 

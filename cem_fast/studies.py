@@ -30,6 +30,7 @@ import numpy as np
 from .fileio import atomic_write
 from .jsonsafe import json_bytes
 from .metrics import INTERVAL_METRICS, SCALAR_METRICS, flat_metrics
+from .names import CACHE_DIR, safe_name, take_name, unique_names
 from .result import roi_folder
 
 BOOT_DRAWS = 2000
@@ -199,9 +200,8 @@ class Study:
         return out
 
     def _save_maps(self, out: Path) -> None:
-        from .cli import _safe_name, unique_names
-        folders = dict(zip(self.images, unique_names([_safe_name(Path(i).stem, "image") for i in self.images])))
-        model_dirs = dict(zip(self.models, unique_names([_safe_name(m, "model") for m in self.models])))
+        folders = dict(zip(self.images, unique_names([safe_name(Path(i).stem, "image") for i in self.images])))
+        model_dirs = dict(zip(self.models, unique_names([safe_name(m, "model") for m in self.models])))
         index = {}
         for (model, image), results in self.maps.items():
             for i, res in enumerate(results):
@@ -358,7 +358,6 @@ def study(models: Union[Sequence, dict], images: Sequence, rois=None, roi_grid: 
         ...                    task="DN", sigma=25, out="study_out")
         >>> s.rows[0]["radius90_px"], s.comparisons()[0]["metrics"]["radius90_px"]
     """
-    from .cli import CACHE_DIR, unique_names
     from .distributed import is_lead
     from .estimator import causal_effect_maps
     if rois is None and roi_grid is None:
@@ -385,7 +384,6 @@ def study(models: Union[Sequence, dict], images: Sequence, rois=None, roi_grid: 
     maps: dict = {}
     model_names: list[str] = []
     taken: set = set()
-    from .cli import _take
     for i, model in enumerate(models):
         name = None if names is None else str(names[i])
         for image, label in zip(images, image_names):
@@ -394,7 +392,7 @@ def study(models: Union[Sequence, dict], images: Sequence, rois=None, roi_grid: 
             if name is None:
                 name = results[0].model_name
             if len(model_names) == i:
-                model_names.append(_take(name, taken))
+                model_names.append(take_name(name, taken))
             for r in results:
                 r.model_name = model_names[i]
             maps[model_names[i], label] = list(results)
