@@ -10,6 +10,7 @@ built against another torch or CUDA version than the running one (setup.py recor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -77,6 +78,20 @@ def _load():
 _C, IMPORT_ERROR = _load()
 #: whether the loaded extension has the CUDA kernels (a CUDA torch and toolkit at build time)
 HAS_CUDA_KERNELS: bool = _C is not None and bool(_C.build_info()["cuda_kernels"])
+
+
+@contextlib.contextmanager
+def trusted_indices():
+    """While the pipeline's fast paths call the operators: the CUDA kernels skip their host-side value checks
+    (each a synchronisation); the CPU ones check anyway (it costs no synchronisation)."""
+    if _C is None or not hasattr(_C, "set_trusted_indices"):
+        yield
+        return
+    was = _C.set_trusted_indices(True)
+    try:
+        yield
+    finally:
+        _C.set_trusted_indices(was)
 
 
 def _register_fakes() -> None:

@@ -12,13 +12,14 @@ operator per op, CPU and CUDA kernels: :mod:`cem_fast._extension`), triton is ``
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from . import cpp_ops, cuda_ops, op_checks, reference, triton_ops
+from . import _extension, cpp_ops, cuda_ops, op_checks, reference, triton_ops
 from .geometry import ROI
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
@@ -90,7 +91,8 @@ def _trusted(kernel: Callable, *args, **kwargs):
     checks (while tracing there are no values to check and no context to enter)."""
     if torch.compiler.is_compiling():
         return kernel(*args, **kwargs)
-    with op_checks.trusted_indices():
+    compiled_checks = contextlib.nullcontext() if op_checks.check_internal_ops() else _extension.trusted_indices()
+    with op_checks.trusted_indices(), compiled_checks:
         return kernel(*args, **kwargs)
 
 

@@ -81,6 +81,14 @@ TORCH_LIBRARY_IMPL(cem_fast, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
+      "set_trusted_indices",
+      [](bool on) {
+        const bool was = cem::trusted_indices();
+        cem::trusted_indices() = on;
+        return was;
+      },
+      "while true (this thread), the CUDA operators skip their host-side value checks; returns the previous value");
+  m.def(
       "build_info",
       [] {
         pybind11::dict info;

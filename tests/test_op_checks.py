@@ -127,3 +127,22 @@ def test_the_pipelines_fast_path_is_unchecked_unless_asked(monkeypatch):
     assert calls == []
     ops.intervene(*args[:4], L(8, 8).view(1, 2), backend="torch")
     assert len(calls) == 1
+
+
+@pytest.mark.needs_backend("cpp")
+def test_the_pipelines_trust_is_scoped_and_the_cpu_kernels_check_anyway(monkeypatch):
+    """The fast paths tell the C++ operators that the indices are the pipeline's own (the CUDA kernels then skip
+    their host-side checks, each a synchronisation), only for the call, and never while the suite checks them."""
+    from cem_fast import _extension
+    seen = []
+    real = _extension._C.set_trusted_indices
+    monkeypatch.setattr(_extension._C, "set_trusted_indices", lambda on: seen.append(on) or real(on))
+    args = (torch.rand(3, 16, 16), BANK, L(0), L(0, 0).view(1, 2), L(8, 8).view(1, 2))
+    monkeypatch.setenv("CEM_FAST_CHECK_INTERNAL_OPS", "0")
+    ops.intervene_unchecked(*args, backend="cpp")
+    assert seen == [True, False] and real(False) is False  # set for the call, then restored
+    monkeypatch.setenv("CEM_FAST_CHECK_INTERNAL_OPS", "1")
+    ops.intervene_unchecked(*args, backend="cpp")
+    assert seen == [True, False]  # not trusted while the suite checks the pipeline's indices
+    with _extension.trusted_indices(), pytest.raises(ValueError, match=r"patch_idx\[0\] = 9"):
+        torch.ops.cem_fast.intervene(args[0], BANK, L(9), *args[3:])  # the CPU kernel checks even when trusted
