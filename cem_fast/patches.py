@@ -200,7 +200,7 @@ class PatchBank:
 # clock tick), so as git does with its index, a folder with a change in the last SETTLE_NS is never remembered:
 # a rewrite within the same tick would keep every figure. In this process the bank itself is kept (a few banks at
 # most); across processes the stat key names the content key, whose cached bank is loaded and checked against it.
-_BANKS_BY_STAT: "dict[str, PatchBank]" = {}
+_BANKS_BY_STAT: "dict[tuple[str, str], PatchBank]" = {}  # (stat key, cache folder) -> bank
 SETTLE_NS = 2_000_000_000
 
 
@@ -225,8 +225,9 @@ def _stat_index(stat_key: str) -> Path:
 def _bank_by_stat(stat_key: str, source: str) -> "Optional[PatchBank]":
     """The bank whose folder had these figures: from this process, or from the bank cache through the key the
     index file names (the cached bank must still carry that content key)."""
-    if stat_key in _BANKS_BY_STAT:
-        return _BANKS_BY_STAT[stat_key]
+    memo = (stat_key, str(cache_dir()))  # per cache folder: a bank is cached in each one it is asked for with
+    if memo in _BANKS_BY_STAT:
+        return _BANKS_BY_STAT[memo]
     try:
         text = _stat_index(stat_key).read_text().split()
         if len(text) != 2 or text[0] != stat_key:
@@ -238,7 +239,7 @@ def _bank_by_stat(stat_key: str, source: str) -> "Optional[PatchBank]":
             bank = PatchBank(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], source)
     except Exception:  # noqa: BLE001 - absent, unreadable or damaged: the folder is read and hashed instead
         return None
-    _BANKS_BY_STAT[stat_key] = bank
+    _BANKS_BY_STAT[memo] = bank
     return bank
 
 
@@ -247,7 +248,7 @@ def _remember(stat_key: "Optional[str]", key: str, bank: "PatchBank") -> "PatchB
         return bank
     if len(_BANKS_BY_STAT) >= 8:
         _BANKS_BY_STAT.clear()
-    _BANKS_BY_STAT[stat_key] = bank
+    _BANKS_BY_STAT[(stat_key, str(cache_dir()))] = bank
     try:
         atomic_write(_stat_index(stat_key), lambda f: f.write(f"{stat_key} {key}\n".encode()))
     except OSError:

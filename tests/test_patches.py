@@ -125,3 +125,13 @@ def test_a_folder_changed_moments_ago_is_not_remembered(tmp_path, monkeypatch, r
     Image.fromarray(rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)).save(folder / "p0.png")
     PatchBank.from_folder(folder)
     assert patches_mod._BANKS_BY_STAT == {} and not (tmp_path / "cache" / "patch_banks" / "by_stat").exists()
+
+
+def test_a_bank_remembered_for_one_cache_folder_is_cached_in_another(tmp_path, monkeypatch, rng):
+    """The in-process memory is per cache folder: asked with another CEM_FAST_CACHE, the bank is cached there too
+    (a bank remembered from another folder's cache once skipped that, and the whole suite failed on it)."""
+    folder, want, _ = _settled_bank_folder(tmp_path, monkeypatch, rng)
+    PatchBank.from_folder(folder)
+    monkeypatch.setenv("CEM_FAST_CACHE", str(tmp_path / "other"))
+    assert np.array_equal(PatchBank.from_folder(folder).patches.numpy(), want)
+    assert list((tmp_path / "other" / "patch_banks").glob("*.npz"))
