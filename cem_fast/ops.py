@@ -86,19 +86,33 @@ def check_devices(op: str, anchor: str, tensors: dict) -> None:
             raise ValueError(f"{op}: {name} is on {t.device}, expected {dev} like {anchor}")
 
 
-def _trusted(kernel: Callable, *args, **kwargs):
+def _trusted(run: Callable[[], torch.Tensor]) -> torch.Tensor:
     """A backend call whose indices were checked here or built by the pipeline: the operators skip their own value
     checks (while tracing there are no values to check and no context to enter)."""
     if torch.compiler.is_compiling():
-        return kernel(*args, **kwargs)
+        return run()
     compiled_checks = contextlib.nullcontext() if op_checks.check_internal_ops() else _extension.trusted_indices()
     with op_checks.trusted_indices(), compiled_checks:
-        return kernel(*args, **kwargs)
+        return run()
 
 
-def _check_intervene_devices(base, patches, patch_idx, origins, sizes, kwargs: dict) -> None:
-    check_devices("intervene", "base", {"base": base, "patches": patches, "patch_idx": patch_idx,
-                                        "origins": origins, "sizes": sizes, **kwargs})
+def _dispatch(op: str, backend: Optional[str], tensors: dict, validate: Callable[[], None], checked: bool,
+              call: Callable[[Callable], torch.Tensor]) -> torch.Tensor:
+    """Devices first (the value checks read the tensors), then ``validate`` when ``checked``, then ``call`` with
+    the chosen backend's ``op``."""
+    anchor = next(iter(tensors))
+    check_devices(op, anchor, tensors)
+    if checked:
+        validate()
+    kernel = getattr(_REGISTRY[resolve_backend(backend, tensors[anchor].device)], op)
+    return _trusted(lambda: call(kernel))
+
+
+def _intervene(checked: bool, base, patches, patch_idx, origins, sizes, backend, kwargs: dict) -> torch.Tensor:
+    tensors = {"base": base, "patches": patches, "patch_idx": patch_idx, "origins": origins, "sizes": sizes, **kwargs}
+    return _dispatch("intervene", backend, tensors,
+                     lambda: op_checks.check_intervene(base, patches, patch_idx, origins, sizes, **kwargs), checked,
+                     lambda kernel: kernel(base, patches, patch_idx, origins, sizes, **kwargs))
 
 
 def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor, origins: torch.Tensor,
@@ -110,58 +124,48 @@ def intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor
     argument is checked first (:func:`cem_fast.op_checks.check_intervene`), the same for every backend."""
     kwargs = dict(ids=ids, seed=seed, noise_sigma=noise_sigma, rain=rain, window_origins=window_origins,
                   window_size=window_size, out=out)
-    _check_intervene_devices(base, patches, patch_idx, origins, sizes, kwargs)  # first: values are read next
-    op_checks.check_intervene(base, patches, patch_idx, origins, sizes, **kwargs)
-    return intervene_unchecked(base, patches, patch_idx, origins, sizes, backend=backend, **kwargs)
+    return _intervene(True, base, patches, patch_idx, origins, sizes, backend, kwargs)
 
 
 def intervene_unchecked(base: torch.Tensor, patches: torch.Tensor, patch_idx: torch.Tensor, origins: torch.Tensor,
                         sizes: torch.Tensor, *, backend: Optional[str] = None, **kwargs) -> torch.Tensor:
     """:func:`intervene` without its value checks, for the pipeline, which builds the indices itself (devices are
     still checked; ``CEM_FAST_CHECK_INTERNAL_OPS=1`` checks everything, as the test suite does)."""
-    _check_intervene_devices(base, patches, patch_idx, origins, sizes, kwargs)
-    if op_checks.check_internal_ops():
-        op_checks.check_intervene(base, patches, patch_idx, origins, sizes, **kwargs)
-    name = resolve_backend(backend, base.device)
-    return _trusted(_REGISTRY[name].intervene, base, patches, patch_idx, origins, sizes, **kwargs)
+    return _intervene(op_checks.check_internal_ops(), base, patches, patch_idx, origins, sizes, backend, kwargs)
 
 
 def roi_sq_err(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
                backend: Optional[str] = None) -> torch.Tensor:
     """(K,) float64 ROI sum of squared errors, uint8 convention; see :func:`cem_fast.reference.roi_sq_err_ref`.
     ``target`` is (C, roi.height, roi.width) of integers 0..255; the ROI must lie inside the outputs."""
-    check_devices("roi_sq_err", "outputs", {"outputs": outputs, "target": target})  # first: values are read next
-    op_checks.check_roi_sq_err(outputs, target, roi)
-    return roi_sq_err_unchecked(outputs, target, roi, backend=backend)
+    return _dispatch("roi_sq_err", backend, {"outputs": outputs, "target": target},
+                     lambda: op_checks.check_roi_sq_err(outputs, target, roi), True,
+                     lambda kernel: kernel(outputs, target, roi))
 
 
 def roi_sq_err_unchecked(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
                          backend: Optional[str] = None) -> torch.Tensor:
     """:func:`roi_sq_err` without its value checks (the pipeline's fast path; see :func:`intervene_unchecked`)."""
-    check_devices("roi_sq_err", "outputs", {"outputs": outputs, "target": target})
-    if op_checks.check_internal_ops():
-        op_checks.check_roi_sq_err(outputs, target, roi)
-    name = resolve_backend(backend, outputs.device)
-    return _trusted(_REGISTRY[name].roi_sq_err, outputs, target, roi)
+    return _dispatch("roi_sq_err", backend, {"outputs": outputs, "target": target},
+                     lambda: op_checks.check_roi_sq_err(outputs, target, roi), op_checks.check_internal_ops(),
+                     lambda kernel: kernel(outputs, target, roi))
 
 
 def roi_sq_err_multi(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]", *,
                      backend: Optional[str] = None) -> torch.Tensor:
     """(K, n_rois) float64 squared errors for many ROIs from one pass; ``target`` (C, H, W) is the ground truth or,
     GT-free, the quantised unintervened output. See :func:`cem_fast.reference.roi_sq_err_multi_ref`."""
-    check_devices("roi_sq_err_multi", "outputs", {"outputs": outputs, "target": target})  # first: values are read next
-    op_checks.check_roi_sq_err_multi(outputs, target, rois)
-    return roi_sq_err_multi_unchecked(outputs, target, rois, backend=backend)
+    return _dispatch("roi_sq_err_multi", backend, {"outputs": outputs, "target": target},
+                     lambda: op_checks.check_roi_sq_err_multi(outputs, target, rois), True,
+                     lambda kernel: kernel(outputs, target, rois))
 
 
 def roi_sq_err_multi_unchecked(outputs: torch.Tensor, target: torch.Tensor, rois: "list[ROI]", *,
                                backend: Optional[str] = None) -> torch.Tensor:
     """:func:`roi_sq_err_multi` without its value checks (the pipeline's fast path)."""
-    check_devices("roi_sq_err_multi", "outputs", {"outputs": outputs, "target": target})
-    if op_checks.check_internal_ops():
-        op_checks.check_roi_sq_err_multi(outputs, target, rois)
-    name = resolve_backend(backend, outputs.device)
-    return _trusted(_REGISTRY[name].roi_sq_err_multi, outputs, target, rois)
+    return _dispatch("roi_sq_err_multi", backend, {"outputs": outputs, "target": target},
+                     lambda: op_checks.check_roi_sq_err_multi(outputs, target, rois), op_checks.check_internal_ops(),
+                     lambda kernel: kernel(outputs, target, rois))
 
 
 def roi_psnr(outputs: torch.Tensor, target: torch.Tensor, roi: ROI, *,
