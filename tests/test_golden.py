@@ -32,24 +32,20 @@ def test_golden_dn_dncnn_demo2_crop(shared):
     assert_agrees(res, shared / "golden" / "dn_demo2_crop_cpu")
 
 
-@pytest.mark.gpu(reason="5,122 DnCNN forwards at 256x256")
-def test_golden_dn_dncnn_demo2_full_gpu(shared):
+CPU_RUN_OF_THE_GPU_GOLDEN = pytest.mark.skipif(
+    os.environ.get("CEM_FAST_FULL_GOLDEN") != "1",
+    reason="the GPU golden's configuration on the CPU takes over a minute on 2 cores: CEM_FAST_FULL_GOLDEN=1 runs it "
+           "(before a GPU session, so that a GPU failure of the cuda case means the GPU)")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu(reason="5,122 DnCNN forwards at "
+                                                                                       "256x256")),
+                                    pytest.param("cpu", marks=[pytest.mark.slow, CPU_RUN_OF_THE_GPU_GOLDEN])])
+def test_golden_dn_dncnn_demo2_full(shared, device):
+    """The reference's H200 result: on the GPU, and the same configuration on the CPU (speed mode: the full
+    256x256 image, 3 + 50 draws)."""
     res = cem_fast.causal_effect_map(str(shared / "models" / "dncnn_color_blind.pth"),
                                      shared / "images" / "demo_2.png", task="DN", sigma=50, roi=(152, 96, 32),
                                      block=8, coarse=3, fine=50, patches=shared / "patches" / "div2k-8",
-                                     device="cuda")
-    assert_agrees(res, shared / "golden" / "dn_demo2_full_gpu")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CEM_FAST_FULL_GOLDEN") != "1",
-                    reason="the GPU golden's configuration on the CPU takes about 2.5 minutes on 2 cores: "
-                           "CEM_FAST_FULL_GOLDEN=1 runs it (before a GPU session, so that a GPU failure of "
-                           "test_golden_dn_dncnn_demo2_full_gpu means the GPU)")
-def test_golden_dn_dncnn_demo2_full_on_the_cpu(shared):
-    """The GPU golden's configuration on the CPU (speed mode: the full 256x256 image, 3 + 50 draws)."""
-    res = cem_fast.causal_effect_map(str(shared / "models" / "dncnn_color_blind.pth"),
-                                     shared / "images" / "demo_2.png", task="DN", sigma=50, roi=(152, 96, 32),
-                                     block=8, coarse=3, fine=50, patches=shared / "patches" / "div2k-8",
-                                     device="cpu")
+                                     device=device)
     assert_agrees(res, shared / "golden" / "dn_demo2_full_gpu")

@@ -12,6 +12,7 @@ from cem_fast.intervals import decide, t975
 from cem_fast.metrics import INTERVAL_METRICS, block_distances, compute_metrics
 from cem_fast.patches import PatchBank
 from cem_fast.result import CEMResult
+from model_factories import Blur
 
 
 def made_result(effect, se=None, df=None, roi=(8, 8, 8), block=4, reachable=None, gated=None, mode="exhaustive",
@@ -209,24 +210,6 @@ def test_metrics_are_in_summary_npz_and_report(tmp_path):
         assert json.loads(str(z["metrics"])) == summary["metrics"]
         np.testing.assert_allclose(z["profile_mean_abs_db"], m["profile"]["mean_abs_db"])
     assert "|CE| mass within" in (tmp_path / "report.html").read_text()
-
-
-class Blur(torch.nn.Module):
-    """``n`` depthwise ``k x k`` box blurs (positive weights, each channel alone): receptive-field radius
-    ``n * (k // 2)`` px, and every input pixel in it moves the output the same way."""
-
-    def __init__(self, n: int, k: int):
-        super().__init__()
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3, 3, k, padding=k // 2, bias=False, groups=3)
-                                         for _ in range(n))
-        with torch.no_grad():
-            for c in self.convs:
-                c.weight.fill_(1.0 / (k * k))
-
-    def forward(self, x):
-        for c in self.convs:
-            x = torch.relu(c(x))
-        return x
 
 
 def smooth_image(seed: int, size: int = 40) -> np.ndarray:

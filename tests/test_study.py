@@ -17,24 +17,7 @@ from cem_fast.metrics import flat_metrics
 from cem_fast.patches import PatchBank
 
 MODELS = '''
-import torch
-
-
-class Blur(torch.nn.Module):
-    """n depthwise k x k box blurs: receptive-field radius n * (k // 2) px, positive weights."""
-
-    def __init__(self, n, k):
-        super().__init__()
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3, 3, k, padding=k // 2, bias=False, groups=3)
-                                         for _ in range(n))
-        with torch.no_grad():
-            for c in self.convs:
-                c.weight.fill_(1.0 / (k * k))
-
-    def forward(self, x):
-        for c in self.convs:
-            x = torch.relu(c(x))
-        return x
+from model_factories import Blur  # tests/ is on sys.path: the study runs in this process
 
 
 def shallow():
