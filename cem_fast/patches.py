@@ -2,9 +2,11 @@
 
 * :meth:`PatchBank.from_folder` loads a folder of patch images in RGB order (the reference's DIV2K bank has
   10,000 8x8 PNGs) and caches the stacked array in the user's cache (``CEM_FAST_CACHE`` or
-  ``~/.cache/cem_fast``), keyed by the files' names and bytes (not their sizes and times: a patch rewritten
-  with the same size and time is not served stale). The key is stored in the cached file and checked on
-  load. The cache is optional: where it cannot be written, banks are built without it (one warning).
+  ``~/.cache/cem_fast``), keyed by the files' names and bytes. The key is stored in the cached file and
+  checked on load. A folder whose files have not changed in the last seconds is not read again: its content key
+  is remembered by each file's size, mtime, ctime, inode and device (ctime cannot be set back, so a patch
+  rewritten with its old size and mtime is not served stale). The cache is optional: where it cannot be written,
+  banks are built without it (one warning).
 * :meth:`PatchBank.build` crops random patches from a folder of images and records their sharpness.
 * :meth:`PatchBank.default` is the bank shipped in the package (CC0 / public-domain images, see
   ``cem_fast/data/LICENSES.md``).
@@ -105,15 +107,11 @@ class PatchBank:
                 h.update(len(part).to_bytes(8, "little"))
                 h.update(part)
         key = h.hexdigest()
-        cache = cache_dir() / "patch_banks" / f"{key[:24]}.npz"
+        cache = _cached_bank_path(key)
         if use_cache:
-            try:
-                with np.load(cache, allow_pickle=False) as z:
-                    if str(z["key"]) == key:  # a file of another bank, or of an older format, is rebuilt
-                        bank = cls(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], str(folder))
-                        return _remember(stat_key, key, bank)
-            except Exception:  # noqa: BLE001 - absent, unreadable (even its folder) or damaged: rebuilt below
-                pass
+            cached = _cached_bank(key, str(folder))
+            if cached is not None:
+                return _remember(stat_key, key, cached)
         arrays, size = [], None
         for e, data in zip(entries, datas):
             try:
@@ -230,17 +228,28 @@ def _bank_by_stat(stat_key: str, source: str) -> "Optional[PatchBank]":
         return _BANKS_BY_STAT[memo]
     try:
         text = _stat_index(stat_key).read_text().split()
-        if len(text) != 2 or text[0] != stat_key:
-            return None
-        key = text[1]
-        with np.load(cache_dir() / "patch_banks" / f"{key[:24]}.npz", allow_pickle=False) as z:
+    except OSError:  # absent or unreadable: the folder is read and hashed instead
+        return None
+    bank = _cached_bank(text[1], source) if len(text) == 2 and text[0] == stat_key else None
+    if bank is not None:
+        _BANKS_BY_STAT[memo] = bank
+    return bank
+
+
+def _cached_bank_path(key: str) -> Path:
+    return cache_dir() / "patch_banks" / f"{key[:24]}.npz"
+
+
+def _cached_bank(key: str, source: str) -> "Optional[PatchBank]":
+    """The cached bank of content key ``key``, or None: absent, unreadable, damaged, or another bank's (or an
+    older format's) file under that name."""
+    try:
+        with np.load(_cached_bank_path(key), allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
-            bank = PatchBank(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], source)
-    except Exception:  # noqa: BLE001 - absent, unreadable or damaged: the folder is read and hashed instead
+            return PatchBank(torch.from_numpy(z["patches"]), [str(n) for n in z["names"]], source)
+    except Exception:  # noqa: BLE001 - whatever is wrong with the file, the bank is rebuilt from the folder
         return None
-    _BANKS_BY_STAT[memo] = bank
-    return bank
 
 
 def _remember(stat_key: "Optional[str]", key: str, bank: "PatchBank") -> "PatchBank":
