@@ -252,8 +252,8 @@ def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts,
     with _staged(out_dir / rel) as staging:
         res.save(staging, summary_extra=extra, scale=colours)
     st = res.stats()
-    print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, +{st['positive']} / -{st['negative']} / "
-          f"0 {st['zero']} blocks, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
+    print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, {st['positive']} help, {st['negative']} hurt, "
+          f"{st['zero']} no effect, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
           f"{_reused(res)}{loc}, {res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
     summary = json_safe({**res.summary(), **extra, "display_scale": colours.as_dict()})  # as in summary.json
     return {"model": name, "image": label, "dir": rel, "summary": summary, "_result": res, "_results": results}
