@@ -31,7 +31,7 @@ from PIL import Image
 
 import cem_fast
 from cem_fast import rng
-from cem_fast.pipeline.options import DRAW_STRIDE
+from cem_fast.options import DRAW_STRIDE
 from cem_fast.pipeline.samples import effects
 
 SHARED = Path(os.environ.get("CEM_FAST_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -27,7 +27,7 @@ import torch
 from cem_fast import convergence, rng
 from cem_fast.estimator import causal_effect_map
 from cem_fast.patches import PatchBank
-from cem_fast.pipeline.options import DRAW_STRIDE
+from cem_fast.options import DRAW_STRIDE
 
 SIZE = os.environ.get("CEM_FAST_BENCH_SIZE", "full")
 DRAWS = 200 if SIZE == "ci" else 1000

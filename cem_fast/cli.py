@@ -159,7 +159,7 @@ def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep
 
     from .distributed import GroupLost, agreed_step, is_lead
     from .models import apply_model_options, load_model
-    from .pipeline.options import split_options
+    from .options import split_options
     run, task_opts, rest = split_options(cfg.options)
     run = replace(run, progress=progress, cache=out_dir / CACHE_DIR, fresh=fresh)
     name, lead = None, is_lead()  # under torchrun, rank 0 alone writes and speaks
@@ -388,7 +388,7 @@ def cmd_convergence(args) -> int:
     from . import convergence
     from .config import load_config
     from .models import load_model
-    from .pipeline.options import split_options
+    from .options import split_options
     cfg = load_config(args.config, _with_exact(args))
     if cfg.multi_roi:
         raise ValueError("convergence takes one roi, got rois / roi_grid")
@@ -426,7 +426,7 @@ def cmd_study(args) -> int:
     if not kept:
         print("cem-fast: error: no run of the study succeeded: no study written", file=sys.stderr)
         return EXIT_FAILED
-    from .pipeline.options import split_options
+    from .options import split_options
     study = Study.from_runs(kept, far_px=args.far_px, seed=split_options(cfg.options)[0].seed)
     written = study.save(out, maps=False)
     _say_report(report)

@@ -21,7 +21,7 @@ import yaml
 
 from .geometry import ROI
 from .paths import looks_like_file, missing
-from .pipeline.options import TASKS, config_defaults, split_options
+from .options import TASKS, config_defaults, split_options
 
 
 MAX_DEPTH = 32  # a config nests 3 levels (rois: a list of lists); deeper would only exhaust the stack
@@ -85,7 +85,7 @@ def _load_yaml(text: str, what: str) -> Any:
         hint = ": write the value out" if "alias" in e.problem else ""
         raise ValueError(f"{what}: {_yaml_error(e)}{hint}") from None
 
-# our keys: what to run on, then every run and task option with its default (defined in pipeline.options)
+# our keys: what to run on, then every run and task option with its default (defined in options)
 OURS = {
     "model": None, "models": None, "images": None, "image": None, "roi": None, "rois": None, "roi_grid": None,
     "task": "DN", "patches": None, "crop": None, "model_options": None, "plot_scale": "auto", **config_defaults(),

@@ -24,7 +24,7 @@ from torch import nn
 from .geometry import RoiLike
 from .images import ImageLike, load_image  # noqa: F401 - importable from here since the first release
 from .patches import PatchBank
-from .pipeline.options import DEFAULT_MAX_PIXELS, DRAW_STRIDE, MODES, RunOptions, TaskOptions  # noqa: F401
+from .options import DEFAULT_MAX_PIXELS, DRAW_STRIDE, MODES, RunOptions, TaskOptions  # noqa: F401
 from .pipeline.run import run_cem
 from .pipeline.samples import effects  # noqa: F401 - Y(I) - Y_k per sample, for compare and the benchmarks
 from .result import CEMResult, CEMResults

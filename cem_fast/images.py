@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 
 from .checks import first_line
 from .paths import missing
-from .pipeline.options import DEFAULT_MAX_PIXELS
+from .options import DEFAULT_MAX_PIXELS
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 

@@ -21,8 +21,8 @@ import torch
 
 from . import _extension, cpp_ops, cuda_ops, op_checks, reference, triton_ops
 from .geometry import ROI
+from .options import BACKENDS
 
-BACKENDS = ("torch", "triton", "cuda", "cpp")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 OPS = ("intervene", "roi_sq_err", "roi_sq_err_multi")
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pipeline.options import RAIN_PRESETS
+from .options import RAIN_PRESETS
 
 
 @dataclass(frozen=True)

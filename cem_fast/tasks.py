@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import checks, ops
 from .geometry import BlockGrid, int64_on_device
-from .pipeline.options import INPUT_NOISES, TASKS, TaskOptions
+from .options import INPUT_NOISES, TASKS, TaskOptions
 from .rain import PRESETS, rain_layer, seed_from_name
 
 
@@ -290,7 +290,7 @@ class CustomTask(Task):
 def make_task(task: "str | Task", **task_options: Any) -> Task:
     """A task from a name: ``SR`` (x ``scale``), ``DN`` (``sigma``, ``noise_seed``, ``input_noise``), ``DR``
     (``rain_preset``, ``rain_beta``, ``rain_seed``), ``identity``; the options and their defaults are those of
-    :class:`~cem_fast.pipeline.options.TaskOptions`."""
+    :class:`~cem_fast.options.TaskOptions`."""
     o = TaskOptions.of(**task_options)
     if isinstance(task, Task):
         return task

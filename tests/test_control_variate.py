@@ -8,7 +8,7 @@ import cem_fast
 from cem_fast import rng
 from cem_fast.intervals import block_estimates, t975
 from cem_fast.patches import PatchBank
-from cem_fast.pipeline.options import DRAW_STRIDE
+from cem_fast.options import DRAW_STRIDE
 from helpers import ConvStack
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import cem_fast
 from cem_fast import distributed
-from cem_fast.pipeline import options
+from cem_fast import options
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")

@@ -1,4 +1,4 @@
-"""Options are defined once (cem_fast.pipeline.options): the Python API, the config and the tasks agree with them."""
+"""Options are defined once (cem_fast.options): the Python API, the config and the tasks agree with them."""
 import inspect
 from dataclasses import fields
 
@@ -6,7 +6,7 @@ import pytest
 
 import cem_fast
 from cem_fast import config
-from cem_fast.pipeline.options import (API_ONLY, BACKENDS, MODES, PRECISIONS, RAIN_PRESETS, RunOptions,
+from cem_fast.options import (API_ONLY, BACKENDS, MODES, PRECISIONS, RAIN_PRESETS, RunOptions,
                                        TaskOptions)
 
 

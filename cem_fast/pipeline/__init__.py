@@ -1,6 +1,6 @@
 """The CEM pipeline, in the order of the method (METHOD.md):
 
-1. :mod:`.options` - what the user asked for, checked once (vocabularies and defaults defined here only).
+1. :mod:`cem_fast.options` - what the user asked for, checked once (vocabularies and defaults defined there only).
 2. :mod:`.plan` - a :class:`~.plan.RunPlan`: model placement and precision (:mod:`.model`), the task applied to
    the image, the ROIs, the locality plan (which blocks can reach the ROIs, on which input crop), the batch size,
    the cache entry.
@@ -11,5 +11,5 @@
 5. :mod:`.assemble` - pictures, timings and the :class:`~cem_fast.result.CEMResults`.
 
 :func:`cem_fast.causal_effect_maps` (in :mod:`cem_fast.estimator`) is the public entry; :func:`.run.run_cem` runs
-the steps. This package's ``__init__`` imports nothing, so :mod:`.options` loads without torch.
+the steps. This package's ``__init__`` imports nothing.
 """

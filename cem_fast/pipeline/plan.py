@@ -28,7 +28,7 @@ from ..models import load_model, model_code_digest, model_digest
 from ..patches import PatchBank, load_patch_bank
 from ..tasks import Prepared, Task, make_task
 from .model import ModelForward, auto_batch_size, pick_device, place_model, unintervened_output
-from .options import RunOptions, TaskOptions
+from ..options import RunOptions, TaskOptions
 from .runner import draw_patches
 from .samples import available_memory, check_sample_memory, shared_pass_bytes
 

@@ -18,7 +18,7 @@ from ..result import CEMResults
 from ..tasks import Task
 from .assemble import assemble, pictures, run_extra, timings
 from .model import eval_for_run, remember_batch_size
-from .options import RunOptions, TaskOptions
+from ..options import RunOptions, TaskOptions
 from .origin import check_reproduced, refuse_undefined_origin, start_origin
 from .plan import RunPlan, budget_line, forward_budget, per_roi_pixels, plan_sampling, prepare
 from .precision import check_precision

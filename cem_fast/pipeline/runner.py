@@ -20,7 +20,7 @@ from .. import distributed, ops, reference, rng
 from ..cache import RunCache, missing_ranges
 from ..geometry import ROI, rois_finite
 from ..locality import Window
-from .options import intervention_ids
+from ..options import intervention_ids
 
 if TYPE_CHECKING:
     from .model import ModelForward

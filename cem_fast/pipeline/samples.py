@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..geometry import ROI
-from .options import HALF_WIDTH_DB, HALF_WIDTH_REL, intervention_ids
+from ..options import HALF_WIDTH_DB, HALF_WIDTH_REL, intervention_ids
 
 if TYPE_CHECKING:
     from .runner import Runner

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional, Union, get_args
 
-from .. import checks
+from . import checks
 
 Mode = Literal["coarse-to-fine", "exhaustive", "adaptive"]
 Locality = Literal["auto", "off"]
