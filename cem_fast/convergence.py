@@ -1,4 +1,4 @@
-"""How close is a map to the truth, for how many forwards? A convergence study (issue 17).
+"""How close is a map to the truth, for how many forwards? A convergence study (docs/uncertainty.md).
 
 The truth is a high-sample map (``truth_draws`` draws for every block, exhaustive, with a seed none of the plans
 uses). Each sampling plan runs with a few seeds: the paper's (coarse-to-fine 3/50 with plain means), the same

@@ -144,7 +144,7 @@ def causal_effect_maps(
             against fp32 on a sample of blocks and reported (``summary.json: precision_check``).
         compile: run the model through ``torch.compile`` (True: mode "reduce-overhead", i.e. CUDA graphs, on CUDA
             and the default mode on the CPU; a string: that mode). Worth it for small crops on a GPU, where launch
-            overhead dominates; it costs a compilation per input shape (measured no gain for DnCNN on the CPU).
+            overhead dominates; it costs a compilation per input shape (what it gave where measured: docs/speed.md).
         device: where to run (default: the model's CUDA device, else CUDA when available, else CPU).
         batch_size: interventions per forward; "auto" (default): the largest that fits (CUDA) or about 64k input
             pixels (CPU), remembered per model and input shape; out-of-memory errors back off and continue.
@@ -160,7 +160,7 @@ def causal_effect_maps(
         estimator: "control-variate" (default): where a block has at least 11 draws, its effect is the
             intercept of the regression of its draws' effects on the drawn patches' channel means (known mean
             over the bank), with an HC3 standard error: the same expectation as the mean with much less noise
-            (1.6-1.7x less mean absolute error at 50 draws on the shipped SR and DN defaults); "mean": the plain
+            (measured: docs/uncertainty.md, benchmarks/results/*convergence*); "mean": the plain
             mean of the draws, as the paper and the reference.
         backend: "auto", "torch", "triton", "cuda" or "cpp" for the intervention and reduction ops.
         progress: show a progress bar (default: when stderr is a terminal).

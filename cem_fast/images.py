@@ -55,7 +55,8 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
             raise ValueError(f"image array must be (H, W, 3), got {image.shape}")
         if image.dtype == np.uint16:
             image = _u16_to_u8(image)
-        # the (3, H, W) copy at the end detaches the tensor from the caller's array: no copy here (0.25 s at 8192^2)
+        # the (3, H, W) copy at the end detaches the tensor from the caller's array: no second copy here (its
+        # time grows with the image)
         usable = image.flags.writeable and min(image.strides) >= 0  # torch takes neither read-only nor flipped
         image = torch.from_numpy(image if usable else image.copy()).permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):

@@ -192,7 +192,7 @@ class PatchBank:
 
 # A folder's content key, remembered by what the file system says of each patch (name, size, mtime_ns, ctime_ns,
 # inode, device) and of the folder's path: a warm call lists and stats the folder (milliseconds) instead of reading
-# and hashing every file (a 10,000-file bank: 0.1 s). Any change of those figures (a file rewritten, added,
+# and hashing every file (which grows with the bank). Any change of those figures (a file rewritten, added,
 # removed, renamed, replaced) gives another stat key, so the content is read and hashed again; ctime cannot be set
 # back (utime sets mtime only), so a rewrite with its old mtime restored is seen too. Timestamps are coarse (a
 # clock tick), so as git does with its index, a folder with a change in the last SETTLE_NS is never remembered:

@@ -155,9 +155,9 @@ class Denoise(_GridTask):
 
     ``input_noise="numpy"`` (default): the input noise comes from numpy's legacy generator seeded with
     ``noise_seed``, the reference's convention, so Y(I) matches it. It is drawn on the CPU, one value after the
-    other (about 0.3 s at 2048x2048, 4 s at 8192x8192). ``"counter"``: the input noise comes from the
+    other (a cost that grows with the image: docs/speed.md). ``"counter"``: the input noise comes from the
     counter-based RNG of the interventions, keyed by (``noise_seed``, a reserved id, pixel), and is drawn where
-    the run runs by the fused intervene op (milliseconds on a GPU); a different noise draw of the same sigma.
+    the run runs by the fused intervene op; a different noise draw of the same sigma.
     Each intervention adds fresh noise of the same sigma to its patch from the counter-based RNG keyed by
     (seed, intervention id, pixel), clips and truncates.
     """
