@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cem_fast  # noqa: E402
-from cem_fast.pipeline.precision import precision_mode  # noqa: E402
+from cem_fast.pipeline.model import precision_mode  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHARED = Path(os.environ.get("CEM_FAST_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -81,7 +81,7 @@ def difference(a: CEMResult, b: CEMResult) -> MapDifference:
     covariates: as the fit is linear in the draws, a block both estimated from the same draws differs by exactly
     ``a.effect - b.effect``. Otherwise the mean of the paired differences."""
     from .intervals import block_estimates
-    from .pipeline.samples import draw_covariates
+    from .pipeline.covariates import draw_covariates
     _check_paired(a, b)
     rows, cols = a.cem.shape
     c, f = a.samples_coarse.shape[2], a.samples_fine.shape[2]

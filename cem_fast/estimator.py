@@ -133,12 +133,12 @@ def causal_effect_maps(
             are the same either way.
         windows: "auto" (default): where locality is verified, each intervention runs on the smallest input
             window that determines the part of the ROIs it can change, its ROI error composed exactly from the
-            unintervened one (:mod:`cem_fast.pipeline.windows`; verified per run, else the crop, and
+            unintervened one (:mod:`cem_fast.pipeline.engines.windows`; verified per run, else the crop, and
             ``summary.json: locality.windows`` says why); "crop": every intervention on the ROIs' crop.
         incremental: "auto" (default): where locality is verified and the model is made of supported ops (same-
             padded stride-1 convolutions, pointwise activations and batch norm, residual sums; scale 1), each
             intervention recomputes layer by layer only what it changes, from the unintervened activations
-            (:mod:`cem_fast.pipeline.incremental`; checked per run against the crop, else the windows, and
+            (:mod:`cem_fast.pipeline.engines.incremental`; checked per run against the crop, else the windows, and
             ``summary.json: locality.incremental`` says why); "off": the windows or the crop.
         precision: "fp32" (default; TF32 off), "tf32", "bf16" or "fp16" (autocast); reduced precision is checked
             against fp32 on a sample of blocks and reported (``summary.json: precision_check``).

@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..result import CEMResult, CEMResults, Deferred
+from .plan import RunPlan
+from .runner import Runner
 from .samples import Samples, dense
 
-if TYPE_CHECKING:
-    from .plan import RunPlan
-    from .runner import Runner
 
 STAGES = ("prepare", "probe", "sampling", "finish")  # summary.json: timings_s
 
 
-def output_picture(plan: "RunPlan", window_output: Optional[torch.Tensor]) -> torch.Tensor:
+def output_picture(plan: RunPlan, window_output: Optional[torch.Tensor]) -> torch.Tensor:
     """(3, H, W) uint8 model output for pictures; without a full forward (large inputs), the crop's output
     ``window_output`` pasted into the degraded input (nearest-upsampled)."""
     if plan.full_output is not None:
@@ -41,7 +40,7 @@ def on_host_later(t: torch.Tensor) -> "torch.Tensor | Deferred":
     return t if t.device.type == "cpu" else Deferred(tuple(t.shape), t.cpu)
 
 
-def pictures(plan: "RunPlan", runner: "Runner") -> dict:
+def pictures(plan: RunPlan, runner: Runner) -> dict:
     return {"output": on_host_later(output_picture(plan, runner.origin_output)),
             "degraded": on_host_later(to_u8(plan.prep.base)),
             "gt": plan.task.crop_to_scale(plan.clean).contiguous()}
@@ -54,7 +53,7 @@ def timings(t0: float, marks: dict, wall: float) -> dict:
     return {stage: round(b - a, 4) for stage, a, b in zip(STAGES, stamps, stamps[1:])}
 
 
-def run_extra(plan: "RunPlan", runner: "Runner", times: dict, precision_check: Optional[dict]) -> dict:
+def run_extra(plan: RunPlan, runner: Runner, times: dict, precision_check: Optional[dict]) -> dict:
     """What summary.json says about how the run went (beyond the map)."""
     o, cache = plan.options, plan.cache
     cropped_from = plan.cropped_from
@@ -62,7 +61,7 @@ def run_extra(plan: "RunPlan", runner: "Runner", times: dict, precision_check: O
         **({"cropped_from": cropped_from} if cropped_from else {}), "reused_from_cache": runner.reused,
         "oom_backoffs": runner.oom_backoffs, "final_batch_size": runner.batch_size,
         "batch_size": o.batch_size if o.auto_batch else int(o.batch_size),
-        "precision": o.precision, "locality": plan.locality.info, "timings_s": times,
+        "precision": o.precision, "locality": plan.locality_summary(), "timings_s": times,
         **({"compile": o.compile} if o.compile else {}),
         **({"precision_check": precision_check} if precision_check else {}),
         **({"rois_in_pass": len(plan.rois)} if len(plan.rois) > 1 else {}),
@@ -73,14 +72,14 @@ def run_extra(plan: "RunPlan", runner: "Runner", times: dict, precision_check: O
     }
 
 
-def cache_note(plan: "RunPlan") -> str:
+def cache_note(plan: RunPlan) -> str:
     """Why samples were not reused or not cached: the plan's reasons and the entry's (a chunk that could not be
     written: the run went on without the cache)."""
     failed = plan.cache.failed if plan.cache is not None else None
     return "; ".join(filter(None, [plan.cache_note, failed and f"sample cache skipped from then on: {failed}"]))
 
 
-def assemble(plan: "RunPlan", runner: "Runner", sampled: Samples, estimates: list, psnr_origin: np.ndarray,
+def assemble(plan: RunPlan, runner: Runner, sampled: Samples, estimates: list, psnr_origin: np.ndarray,
              pics: dict, extra: dict, wall: float) -> CEMResults:
     """One :class:`CEMResult` per ROI, in order; samples built on first read."""
     o, grid = plan.options, plan.grid

@@ -7,7 +7,7 @@ every batch of interventions, the fp32 re-check), so the rules below hold everyw
   CPU and with cuDNN, results equal to fp32 round-off);
 * a private copy of every input the model could change in place, except the per-batch buffer that is rewritten
   before its next use (a model doing ``x.mul_(0.9)`` must not change what later forwards see);
-* the precision mode around the call (:func:`~cem_fast.pipeline.precision.precision_mode`);
+* the precision mode around the call (:func:`precision_mode`);
 * CUDA-graph replays (``compile="reduce-overhead"``) write into the same output memory: their outputs are cloned.
 """
 from __future__ import annotations
@@ -24,8 +24,42 @@ from ..checks import first_line
 from ..distributed import local_device
 from ..models import eval_mode
 from ..tasks import Prepared, Task
-from .precision import precision_mode
-from .runner import is_oom
+from .memory import is_oom
+
+
+@contextlib.contextmanager
+def no_cudnn_autotune():
+    """``torch.backends.cudnn.benchmark`` off inside, the caller's setting restored afterwards (also after an
+    error). A user who turned it on for a fixed-shape model would otherwise have cuDNN time every algorithm for
+    each new input shape the run makes: the probe's windows, the intervention windows and the layer-by-layer
+    engine's rectangles change shape from batch to batch, and each autotune costs more than the forward it picks
+    an algorithm for."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device):
+    """fp32: true fp32 (TF32 off for cuDNN convolutions and matmuls, which torch allows by default for cuDNN);
+    tf32: TF32 allowed; bf16 / fp16: autocast. cuDNN's autotuning is off (:func:`no_cudnn_autotune`: the run's
+    shapes vary). Restores the global flags afterwards."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.benchmark = False
+    try:
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            with torch.autocast(device.type, dtype=dtype):
+                yield
+        else:
+            yield
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags
 
 
 def pick_device(model: nn.Module, device: Optional[Union[str, torch.device]]) -> torch.device:

@@ -9,19 +9,16 @@ precision in use (:data:`cem_fast.locality.VERIFY_TOL`, the tolerance the crop a
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from ..locality import VERIFY_TOL
-
-if TYPE_CHECKING:
-    from .plan import RunPlan
-    from .runner import Runner
+from .plan import RunPlan
+from .runner import Runner
 
 
-def start_origin(plan: "RunPlan", runner: "Runner") -> np.ndarray:
+
+def start_origin(plan: RunPlan, runner: Runner) -> np.ndarray:
     """(n_rois,) Y(I) from the whole-input output when the run is not cropped, else from the crop's (NaN where a
     ROI holds NaN/Inf: the runner's scores)."""
     if plan.locality.window is None and plan.full_output is not None:
@@ -29,7 +26,7 @@ def start_origin(plan: "RunPlan", runner: "Runner") -> np.ndarray:
     return runner.origin()
 
 
-def refuse_undefined_origin(plan: "RunPlan", psnr_origin: np.ndarray) -> None:
+def refuse_undefined_origin(plan: RunPlan, psnr_origin: np.ndarray) -> None:
     """NaN/Inf in a ROI of the unintervened output: no effect can be measured from it (NaN - Y_k is NaN, which the
     display threshold would have shown as 0 dB)."""
     bad = np.flatnonzero(np.isnan(psnr_origin))
@@ -38,7 +35,7 @@ def refuse_undefined_origin(plan: "RunPlan", psnr_origin: np.ndarray) -> None:
                          "unintervened input: Y(I), which every effect is measured from, is undefined")
 
 
-def check_reproduced(plan: "RunPlan", runner: "Runner", psnr_origin: np.ndarray) -> dict:
+def check_reproduced(plan: RunPlan, runner: Runner, psnr_origin: np.ndarray) -> dict:
     """Run the unintervened input once more (the same forward as :func:`start_origin`) and refuse the run when its
     ROIs are not finite or differ from the start's by more than the precision's round-off. Returns what
     summary.json says about the check."""
@@ -58,7 +55,7 @@ def check_reproduced(plan: "RunPlan", runner: "Runner", psnr_origin: np.ndarray)
     return {"max_abs_diff": float(err), "tolerance": tol}
 
 
-def _start_output(plan: "RunPlan", runner: "Runner") -> torch.Tensor:
+def _start_output(plan: RunPlan, runner: Runner) -> torch.Tensor:
     """(C, h, w) the output :func:`start_origin` scored (the runner's window is the whole input when uncropped)."""
     if plan.locality.window is None and plan.full_output is not None:
         return plan.full_output[0]
@@ -77,6 +74,6 @@ def _largest_roi_difference(a: torch.Tensor, b: torch.Tensor, rois) -> float:
     return err
 
 
-def _roi(plan: "RunPlan", j: int) -> str:
+def _roi(plan: RunPlan, j: int) -> str:
     r = plan.rois[j]
     return f"(y={r.y}, x={r.x}, {r.height}x{r.width})"

@@ -8,12 +8,13 @@ of the samples.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -21,29 +22,31 @@ from torch import nn
 
 from .. import checks, distributed, ops, reference
 from ..cache import RunCache, digest_bytes, run_key
-from ..geometry import ROI, BlockGrid, RoiLike
-from ..images import ImageLike, load_image
-from ..locality import LocalityPlan, Window, plan_locality
+from ..geometry import ROI, BlockGrid
+from ..images import load_image
+from ..locality import LocalityPlan, plan_locality
 from ..models import load_model, model_code_digest, model_digest
+from ..options import RunOptions, TaskOptions
 from ..patches import PatchBank, load_patch_bank
 from ..tasks import Prepared, Task, make_task
+from .draws import DRAWS_VERSION, verification_inputs
+from .memory import available_memory, shared_pass_bytes
 from .model import ModelForward, auto_batch_size, pick_device, place_model, unintervened_output
-from ..options import RunOptions, TaskOptions
-from .runner import draw_patches
-from .samples import available_memory, check_sample_memory, shared_pass_bytes
+from .request import RunRequest
 
-DRAWS_VERSION = "hash-v1"  # how (seed, block, draw) map to patches and noise; part of the cache key
 FULL_FORWARD_MAX_PX = 1024 * 1024  # larger inputs with locality: no full-image forward (verify on the window)
 NO_ROIS = "give rois (a list of (y, x, size)) or roi_grid (a tile size in px)"
 PROBE_BATCH = {"cuda": 16, "cpu": 4}  # the probe's batches hold crops around the ROI: small, fixed batches
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class RunPlan:
-    """One run, planned. ``model`` is the placed module (the key of remembered batch sizes and of the cache);
-    ``forward`` how it is called; ``prep`` the task applied to the image, on ``device``; ``bank_in`` the patches
-    at input resolution; ``locality`` which blocks run, on which crop; ``full_output`` the whole input's output
-    when it was computed (else the pictures use the crop's)."""
+    """One run, planned; never changed once built (each planning step makes a new one). ``model`` is the placed
+    module (the key of remembered batch sizes and of the cache); ``forward`` how it is called; ``prep`` the task
+    applied to the image, on ``device``; ``bank_in`` the patches at input resolution; ``progress`` whether lines
+    and a bar go to stderr; ``locality`` which blocks run, on which crop; ``full_output`` the whole input's output
+    when it was computed (else the pictures use the crop's); ``engine`` how the interventions are computed and
+    ``verdicts`` what each candidate engine said (:mod:`.engines`)."""
 
     model: nn.Module
     forward: ModelForward
@@ -61,17 +64,24 @@ class RunPlan:
     options: RunOptions
     task_options: TaskOptions
     seed: int
+    progress: bool = False  # progress bar and one-line messages on stderr
     locality: Optional[LocalityPlan] = None
     full_output: Optional[torch.Tensor] = None
     batch_size: int = 1
     batch_key: Optional[tuple] = None
+    shared_too_big: str = ""  # many ROIs whose shared pass would not fit in host memory: why (then one run each)
+    engine: Any = None  # an engines.base.Engine
+    verdicts: tuple = ()  # engines.base.Verdict of every candidate engine
     cache: Optional[RunCache] = None
     cache_note: Optional[str] = None
-    marks: dict = field(default_factory=dict)
-    progress: bool = False  # progress bar and one-line messages on stderr
-    windows: Optional[Any] = None  # BlockWindows when interventions run on windows of their own
-    incremental: Optional[Any] = None  # IncrementalPlan when interventions are recomputed layer by layer
-    shared_too_big: str = ""  # many ROIs whose shared pass would not fit in host memory: why (then one run each)
+
+    def but(self, **changes: Any) -> "RunPlan":
+        """This plan with ``changes``: the next planning step's."""
+        return dataclasses.replace(self, **changes)
+
+    def locality_summary(self) -> dict:
+        """summary.json: ``locality``: the probe's facts and each candidate engine's verdict."""
+        return {**self.locality.info, **{v.engine: v.as_dict() for v in self.verdicts}}
 
     def say(self, message: str) -> None:
         """A line on stderr while the run goes on (only with progress: scripts and tests stay quiet)."""
@@ -107,43 +117,37 @@ def parse_rois(rois, roi_grid: Optional[int], out_h: int, out_w: int) -> list[RO
     return parsed
 
 
-def prepare(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Task],
-            rois: Union[RoiLike, Sequence[RoiLike], None], roi_grid: Optional[int],
-            patches: Union[None, str, os.PathLike, PatchBank], options: RunOptions, task_options: TaskOptions,
-            model_name: Optional[str] = None, image_name: Optional[str] = None) -> RunPlan:
-    """Load and place everything (no forward pass yet); ``options`` must be checked."""
+def prepare(request: RunRequest) -> RunPlan:
+    """Load and place everything (no forward pass yet); ``request.options`` must be checked."""
+    options, task_options = request.options, request.task_options
+    model = request.model
     if isinstance(model, nn.Module):
-        name = model_name or type(model).__name__
+        name = request.model_name or type(model).__name__
     else:
         model, name = load_model(model, scale=int(task_options.scale), trust_model_code=options.trust_model_code)
-        name = model_name or name
-    task_obj = make_task(task, **task_options.as_kwargs())
-    clean, default_name = load_image(image, options.max_pixels)
-    image_name = image_name or default_name
-    bank = load_patch_bank(patches)
-    if rois is None and roi_grid is None:  # said before the device is touched
+        name = request.model_name or name
+    task_obj = make_task(request.task, **task_options.as_kwargs())
+    clean, default_name = load_image(request.image, options.max_pixels)
+    image_name = request.image_name or default_name
+    bank = load_patch_bank(request.patches)
+    if request.rois is None and request.roi_grid is None:  # said before the device is touched
         raise ValueError(NO_ROIS)
     dev = pick_device(model, options.device)
     prep = task_obj.prepare(clean, options.block, image_name, dev)
-    roi_list = parse_rois(rois, roi_grid, prep.grid.out_h, prep.grid.out_w)
+    roi_list = parse_rois(request.rois, request.roi_grid, prep.grid.out_h, prep.grid.out_w)
     backend = ops.resolve_backend(options.backend, dev)
     model, forward = place_model(model, dev, options.precision, options.compile)
+    progress = sys.stderr.isatty() if options.progress is None else bool(options.progress)
     return RunPlan(model=model, forward=forward, name=name, image_name=image_name, task=task_obj, clean=clean,
                    prep=prep.to(dev), rois=roi_list, bank=bank, bank_digest=bank.digest(),
                    bank_in=task_obj.bank_at_input(bank.patches, options.block).to(dev), device=dev,
-                   backend=backend, options=options, task_options=task_options, seed=int(options.seed))
-
-
-def verification_inputs(plan: RunPlan, block_ids: np.ndarray, window: Window) -> torch.Tensor:
-    """Draw 0 of each block in ``block_ids``, written into crops of ``window``: what locality verifies with."""
-    b = torch.from_numpy(block_ids).to(plan.device)
-    ids, pidx = draw_patches(plan, b, torch.zeros_like(b))
-    return plan.task.intervene(plan.prep, plan.bank_in, pidx, b, ids, plan.seed, plan.backend, window=window)
+                   backend=backend, options=options, task_options=task_options, seed=int(options.seed),
+                   progress=progress and distributed.is_lead())  # one progress bar for the study
 
 
 def plan_sampling(plan: RunPlan) -> RunPlan:
-    """The unintervened forward, the locality plan, the batch size and the cache entry (run under
-    ``torch.inference_mode``); refuses a sampling plan that would not fit in host memory."""
+    """The unintervened forward, the locality plan and the batch size (run under ``torch.inference_mode``); says
+    when many ROIs' shared pass would not fit in host memory (one run per ROI then follows)."""
     o, grid = plan.options, plan.grid
     use_locality = o.locality == "auto" and plan.task.supports_windows
     whole = partial(unintervened_output, plan.forward, plan.prep, plan.task, plan.name)
@@ -152,92 +156,45 @@ def plan_sampling(plan: RunPlan) -> RunPlan:
         plan.say("locality probe: which blocks can reach the ROI, and which input crop determines it ...")
         probe_batch = PROBE_BATCH["cuda" if plan.device.type == "cuda" else "cpu"] if o.auto_batch \
             else int(o.batch_size)
-        plan.locality = plan_locality(plan.forward, plan.prep.base, grid, plan.rois, batch_size=probe_batch,
-                                      precision=o.precision, full_output=out0,
-                                      interventions=partial(verification_inputs, plan))
+        locality = plan_locality(plan.forward, plan.prep.base, grid, plan.rois, batch_size=probe_batch,
+                                 precision=o.precision, full_output=out0,
+                                 interventions=partial(verification_inputs, plan))
     else:
         why = "exact mode (locality='off')" if o.locality == "off" else \
             "a custom degradation sees the whole image, so it cannot be cropped"
-        plan.locality = LocalityPlan.off(len(plan.rois), grid, o.locality, why)
-    if out0 is None and plan.locality.window is None:
+        locality = LocalityPlan.off(len(plan.rois), grid, o.locality, why)
+    if out0 is None and locality.window is None:
         out0 = whole()  # locality found nothing to crop: the whole image runs after all
-    plan.full_output = out0
-    _size_batches(plan)
-    coarse, fine = o.stages
-    n = len(plan.rois)
-    blocks = int(plan.locality.reach.reshape(n, -1).any(0).sum())
-    need, avail = shared_pass_bytes(blocks, coarse, fine, n), available_memory()
-    if n > 1 and o.roi_plan == "auto" and avail is not None and need > avail // 2:
-        plan.shared_too_big = (f"one shared pass would hold about {need / 2**30:.1f} GiB for {blocks:,} blocks x "
-                               f"{n:,} ROIs, more than half of the {avail / 2**30:.1f} GiB available")
-    if plan.shared_too_big:
-        plan.locality.info["windows"] = plan.locality.info["incremental"] = {
-            "used": False, "reason": "one run per ROI: " + plan.shared_too_big}
-        return plan
-    if use_locality:
-        from .windows import plan_windows
-        plan.locality.info["windows"] = plan_windows(plan)
-        from .incremental import plan_incremental
-        plan.locality.info["incremental"] = plan_incremental(plan)
-    else:
-        plan.locality.info["incremental"] = {"used": False, "reason": "locality was not verified: "
-                                             + plan.locality.info["reason"]}
-    _open_cache(plan)
-    check_sample_memory(blocks, coarse, fine, n)
-    return plan
+    plan = plan.but(locality=locality, full_output=out0)
+    batch_size, batch_key = _batch_size(plan)
+    return plan.but(batch_size=batch_size, batch_key=batch_key, shared_too_big=_shared_too_big(plan))
 
 
-def forward_budget(plan: RunPlan) -> dict[str, Any]:
-    """What the sampling will cost, before it runs: blocks, forwards (the fine stage as an upper bound: every
-    reachable block gated) and input pixels per forward."""
-    n, grid = len(plan.rois), plan.grid
-    blocks = int(plan.locality.reach.reshape(n, -1).any(0).sum())
+def reachable_blocks(plan: RunPlan) -> int:
+    """Blocks that can reach some ROI."""
+    return int(plan.locality.reach.reshape(len(plan.rois), -1).any(0).sum())
+
+
+def _shared_too_big(plan: RunPlan) -> str:
+    """Why one shared pass for many ROIs would not fit in host memory ("" when it would, or was not chosen)."""
     coarse, fine = plan.options.stages
-    window = plan.locality.window
-    h, w = (window.h, window.w) if window is not None else tuple(plan.prep.base.shape[1:])
-    per_forward = plan.windows.pixels() // max(1, blocks) if plan.windows is not None else int(h * w)
-    return {"blocks": blocks, "of_blocks": grid.num_blocks, "coarse_forwards": blocks * coarse,
-            "fine_forwards_at_most": blocks * fine, "input_px_per_forward": int(per_forward),
-            "input_shape": [int(h), int(w)], "batch_size": plan.batch_size,
-            "windows": "intervention-centred" if plan.windows is not None else "crop",
-            "incremental": plan.incremental is not None}
+    n, blocks = len(plan.rois), reachable_blocks(plan)
+    need, avail = shared_pass_bytes(blocks, coarse, fine, n), available_memory()
+    if n > 1 and plan.options.roi_plan == "auto" and avail is not None and need > avail // 2:
+        return (f"one shared pass would hold about {need / 2**30:.1f} GiB for {blocks:,} blocks x {n:,} ROIs, "
+                f"more than half of the {avail / 2**30:.1f} GiB available")
+    return ""
 
 
-def budget_line(b: dict, n_rois: int) -> str:
-    fine = f" + at most {b['fine_forwards_at_most']:,} fine" if b["fine_forwards_at_most"] else ""
-    h, w = b["input_shape"]
-    on = f"{h}x{w} input px" if b["windows"] == "crop" else \
-        f"windows of their own ({b['input_px_per_forward']:,} input px on average, the crop {h}x{w})"
-    if b.get("incremental"):
-        on = "their changed rectangles, layer by layer"
-    return (f"plan: {b['blocks']:,} of {b['of_blocks']:,} blocks can reach the {n_rois} ROI"
-            f"{'s' if n_rois > 1 else ''}: {b['coarse_forwards']:,} coarse{fine} forwards on {on}, "
-            f"batch {b['batch_size']}")
-
-
-def per_roi_pixels(plan: RunPlan) -> int:
-    """Input pixels the same sampling would cost as one run per ROI: each ROI's reachable blocks on the box of
-    those blocks (an upper bound of each run's verified crop; their probes not counted)."""
-    grid, total = plan.grid, 0
-    for reach in plan.locality.reach:
-        rows, cols = np.nonzero(reach)
-        if not len(rows):
-            continue
-        h = min(grid.in_h, (rows.max() + 1) * grid.in_block) - rows.min() * grid.in_block
-        w = min(grid.in_w, (cols.max() + 1) * grid.in_block) - cols.min() * grid.in_block
-        total += len(rows) * int(h) * int(w)
-    return total
-
-
-def _size_batches(plan: RunPlan) -> None:
-    """``batch_size="auto"``: sized for what the batches hold (the crop, or the whole input)."""
+def _batch_size(plan: RunPlan) -> tuple[int, Optional[tuple]]:
+    """``batch_size="auto"``: sized for what the batches hold (the crop, or the whole input); with the key it is
+    remembered by."""
     if not plan.options.auto_batch:
-        plan.batch_size = int(plan.options.batch_size)
-        return
+        return int(plan.options.batch_size), None
     window = plan.locality.window
     sample_in = window.crop(plan.prep.base) if window is not None else plan.prep.base
-    plan.batch_key = (tuple(sample_in.shape), plan.options.precision, str(plan.device))
-    plan.batch_size = auto_batch_size(plan.model, plan.forward, sample_in, plan.batch_key)
+    key = (tuple(sample_in.shape), plan.options.precision, str(plan.device))
+    return auto_batch_size(plan.model, plan.forward, sample_in, key), key
 
 
 def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any]:
@@ -253,35 +210,37 @@ def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any
         "mode": o.mode, **({"budget": o.budget} if o.mode == "adaptive" else {}), "locality": o.locality,
         "window": window.as_list() if window else None,
         "precision": o.precision, "draws": DRAWS_VERSION, **({"compile": str(o.compile)} if o.compile else {}),
-        **({"windows": "intervention-centred"} if plan.windows is not None else {}),
-        **({"incremental": "layer by layer"} if plan.incremental is not None else {}),
+        **plan.engine.cache_components(),
         "model_name": plan.name, "image": plan.image_name,
     }
 
 
-def _open_cache(plan: RunPlan) -> None:
+def open_cache(plan: RunPlan) -> RunPlan:
+    """The plan with its cache entry, keyed by every input of the samples (the engine included)."""
     if plan.options.cache is None:
-        return
+        return plan
     code_digest, code_unknown = model_code_digest(plan.model)
     components = cache_components(plan, code_digest)
     key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
+    note = None
     if code_unknown:  # a model whose code may have changed unseen: its samples are never reused
         token = distributed.rank0_value(int.from_bytes(os.urandom(7), "little"), "cache token")  # one for all ranks
         key_parts["never_reused"] = f"{token:014x}"
-        plan.cache_note = f"samples not reused across runs: {code_unknown}"
+        note = f"samples not reused across runs: {code_unknown}"
     key = distributed.same_on_all("cache key", run_key(key_parts))  # ranks that planned other runs stop here
     # rank 0 first: it alone clears the entry (fresh) and writes meta.json, so ranks never race on them
-    plan.cache = distributed.rank0_first(lambda first: _cache_entry(plan, key, components, first), "cache")
+    cache, failed = distributed.rank0_first(lambda first: _cache_entry(plan, key, components, first), "cache")
+    return plan.but(cache=cache, cache_note="; ".join(filter(None, [note, failed])) or None)
 
 
-def _cache_entry(plan: RunPlan, key: str, components: dict[str, Any], first: bool) -> Optional[RunCache]:
-    """The run's cache entry, or None where it cannot be made (a file where the cache folder should be, a
+def _cache_entry(plan: RunPlan, key: str, components: dict[str, Any],
+                 first: bool) -> tuple[Optional[RunCache], Optional[str]]:
+    """The run's cache entry, or None and why where it cannot be made (a file where the cache folder should be, a
     read-only or full disk): the samples do not need it, so the run goes on with one warning and says so in
     summary.json: cache_note."""
     try:
-        return RunCache(plan.options.cache, key, components, fresh=plan.options.fresh and first)
+        return RunCache(plan.options.cache, key, components, fresh=plan.options.fresh and first), None
     except OSError as e:
         why = f"sample cache {str(plan.options.cache)!r} cannot be used ({checks.first_line(e)})"
         warnings.warn(f"{why}: this run's samples are not cached (a crash could not resume)", stacklevel=2)
-        plan.cache_note = "; ".join(filter(None, [plan.cache_note, f"{why}: samples not cached"]))
-        return None
+        return None, f"{why}: samples not cached"

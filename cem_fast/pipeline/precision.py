@@ -1,55 +1,19 @@
-"""Numerical precision of the model step: the mode around each forward, and the re-check of a reduced-precision
-run against fp32 on a sample of blocks (same draws, same crop)."""
+"""The re-check of a reduced-precision run against fp32 on a sample of blocks (same draws, same crop); the mode
+around each forward is :func:`cem_fast.pipeline.model.precision_mode`."""
 from __future__ import annotations
-
-import contextlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .plan import RunPlan
+from .plan import RunPlan
+from .runner import Runner
+from .covariates import patch_covariates
+from .samples import Samples
 
 PRECISION_CHECK_BLOCKS = 8
 
 
-@contextlib.contextmanager
-def no_cudnn_autotune():
-    """``torch.backends.cudnn.benchmark`` off inside, the caller's setting restored afterwards (also after an
-    error). A user who turned it on for a fixed-shape model would otherwise have cuDNN time every algorithm for
-    each new input shape the run makes: the probe's windows, the intervention windows and the layer-by-layer
-    engine's rectangles change shape from batch to batch, and each autotune costs more than the forward it picks
-    an algorithm for."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
-@contextlib.contextmanager
-def precision_mode(precision: str, device: torch.device):
-    """fp32: true fp32 (TF32 off for cuDNN convolutions and matmuls, which torch allows by default for cuDNN);
-    tf32: TF32 allowed; bf16 / fp16: autocast. cuDNN's autotuning is off (:func:`no_cudnn_autotune`: the run's
-    shapes vary). Restores the global flags afterwards."""
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.benchmark = False
-    try:
-        if precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            with torch.autocast(device.type, dtype=dtype):
-                yield
-        else:
-            yield
-    finally:
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.benchmark) = flags
-
-
-def blocks_to_check(plan: "RunPlan", effects: list) -> np.ndarray:
+def blocks_to_check(plan: RunPlan, effects: list) -> np.ndarray:
     """The blocks re-run in fp32: the strongest effects, and a few at random among the other reachable ones."""
     strength = np.max([np.abs(e) for e in effects], axis=0).reshape(-1)
     candidates = np.flatnonzero(plan.locality.reach.any(0).reshape(-1))
@@ -60,11 +24,9 @@ def blocks_to_check(plan: "RunPlan", effects: list) -> np.ndarray:
     return np.sort(np.concatenate([top, pick])).astype(np.int64)
 
 
-def check_precision(plan: "RunPlan", effects: list, psnr_origin: np.ndarray, gated: np.ndarray) -> dict:
+def check_precision(plan: RunPlan, effects: list, psnr_origin: np.ndarray, gated: np.ndarray) -> dict:
     """Recompute a sample of blocks in fp32 (same draws, same crop). Reports the largest |CE(precision) -
     CE(fp32)| and the shift of Y(I)."""
-    from .runner import Runner
-    from .samples import Samples, patch_covariates
     blocks = blocks_to_check(plan, effects)
     runner = Runner(plan, forward=plan.forward.at_precision("fp32"))
     origin32 = runner.origin()

@@ -11,68 +11,30 @@ scores are gathered, so every rank holds them all (:mod:`cem_fast.distributed`).
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .. import distributed, ops, reference, rng
+from .. import distributed
 from ..cache import RunCache, missing_ranges
-from ..geometry import ROI, rois_finite
+from ..geometry import ROI
 from ..locality import Window
 from ..options import intervention_ids
-
-if TYPE_CHECKING:
-    from .model import ModelForward
-    from .plan import RunPlan
-
-
-def draw_patches(plan: "RunPlan", blocks: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(intervention ids, patch indices) of interventions (blocks[k], draws[k]): keyed by (seed, block, draw)."""
-    ids = intervention_ids(blocks, draws)
-    return ids, rng.patch_draws(plan.seed, ids, plan.bank_in.shape[0])
-
-
-def is_oom(e: BaseException) -> bool:
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    return isinstance(e, oom_types) or "out of memory" in str(e).lower()
-
-
-class RoiScorer:
-    """Model outputs of the window -> (K, n_rois) float64 ROI PSNRs, NaN where a ROI holds NaN/Inf.
-
-    The contract for one ROI and for many is the same: the target is the ground truth (or any 0..255 reference)
-    of the whole window, each ROI's squared error is reduced on the device and turned into PSNR with its number
-    of values. One ROI reads its part of the target through the single-ROI kernel, many share one pass."""
-
-    def __init__(self, target_window: torch.Tensor, rois: list[ROI], backend: str):
-        self.rois, self.backend = rois, backend
-        self.target = target_window
-        self.values = torch.tensor([r.height * r.width * target_window.shape[0] for r in rois],
-                                   dtype=torch.float64, device=target_window.device)  # once: no copy per batch
-        ys, xs = rois[0].slices()
-        self._roi_target = target_window[:, ys, xs].contiguous() if len(rois) == 1 else None
-
-    def sq_err(self, out: torch.Tensor) -> torch.Tensor:
-        if self._roi_target is not None:
-            return ops.roi_sq_err_unchecked(out, self._roi_target, self.rois[0], backend=self.backend).unsqueeze(1)
-        return ops.roi_sq_err_multi_unchecked(out, self.target, self.rois, backend=self.backend)
-
-    def __call__(self, out: torch.Tensor) -> torch.Tensor:
-        scores = reference.psnr_from_sq_err(self.sq_err(out), self.values)
-        finite = rois_finite(out, self.rois)
-        # NaN/Inf in the ROI: recorded as NaN so that it is reported, never averaged into the map
-        return torch.where(finite, scores, torch.full_like(scores, float("nan")))
+from .memory import is_oom
+from .model import ModelForward
+from .plan import RunPlan
+from .scoring import ChangedRegionScorer, RoiScorer
 
 
 class Runner:
     """Runs the interventions of a :class:`~cem_fast.pipeline.plan.RunPlan` (see the module docstring)."""
 
-    def __init__(self, plan: "RunPlan", forward: Optional["ModelForward"] = None, cache: Optional[RunCache] = None,
+    def __init__(self, plan: RunPlan, forward: Optional[ModelForward] = None, cache: Optional[RunCache] = None,
                  progress: bool = False):
         self.plan = plan
         self.forward = forward or plan.forward
+        self.engine = plan.engine.for_precision(self.forward.precision)
         self.cache = cache
         self.batch_size = plan.batch_size
         s = plan.task.scale
@@ -84,9 +46,8 @@ class Runner:
         self.score = RoiScorer(target, local_rois, plan.backend)
         self.forwards = self.reused = self.oom_backoffs = 0
         self.by_rank: Optional[np.ndarray] = None  # interventions each rank computed, under a process group
-        self._buffer: Optional[torch.Tensor] = None
-        self._window_buffers: dict = {}  # per window shape (intervention-centred windows)
-        self._changed: Optional[object] = None  # their scorer, made from the unintervened output on first use
+        self._buffers: dict = {}  # input buffers per (h, w), reused batch after batch
+        self._changed: Optional[ChangedRegionScorer] = None  # made from the unintervened output on first use
         self._copies = HostCopies()
         self.origin_output: Optional[torch.Tensor] = None
         self.bar = None
@@ -101,80 +62,38 @@ class Runner:
         self.origin_output = out[0]  # the window's unintervened output, kept for the pictures
         return self.score(out)[0].cpu().numpy()
 
-    def _input_buffer(self, k: int) -> torch.Tensor:
+    def buffer(self, k: int, h: int, w: int) -> torch.Tensor:
+        """A (k, C, h, w) input buffer in the model's memory format, reused by later batches of that shape."""
         base = self.plan.prep.base
-        if self._buffer is None or self._buffer.shape[0] < k:
-            self._buffer = torch.empty((k, base.shape[0], self.win.h, self.win.w), dtype=base.dtype,
-                                       device=base.device).contiguous(memory_format=self.forward.memory_format)
-        return self._buffer[:k]
-
-    def order(self, blocks: np.ndarray) -> np.ndarray:
-        """Blocks in the order they run: grouped by window shape when interventions run on windows of their own
-        (a batch then holds one shape, or few), else as given."""
-        if not len(blocks):
-            return blocks
-        if self._incremental() is not None:
-            return blocks[np.argsort(self.plan.incremental.sort_key(blocks), kind="stable")]
-        if self.plan.windows is None:
-            return blocks
-        return blocks[np.argsort(self.plan.windows.shape_key(blocks), kind="stable")]
-
-    def _scores(self, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        p = self.plan
-        if self._incremental() is not None:
-            return p.incremental.scores(p, self.forward, self._changed_scorer(), blocks, draws)
-        if p.windows is not None:
-            return self._window_scores(blocks, draws)
-        ids, patch_idx = draw_patches(p, blocks, draws)
-        out_buf = self._input_buffer(len(blocks)) if p.task.supports_windows else None
-        inputs = p.task.intervene(p.prep, p.bank_in, patch_idx, blocks, ids, p.options.seed, p.backend,
-                                  window=p.locality.window, out=out_buf)
-        return self.score(self.forward(inputs, owned=out_buf is not None))
-
-    def _window_scores(self, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """Each intervention on its own window; runs of equal window shape share a forward."""
-        from .windows import windows_inputs
-        w = self.plan.windows
-        rows = w.rows(blocks.cpu().numpy())
-        keys = w.shape_key(w.blocks[rows])
-        cuts = [0, *(np.flatnonzero(np.diff(keys)) + 1), len(rows)]
-        parts = []
-        for a, b in zip(cuts, cuts[1:]):
-            vh, vw = (int(v) for v in w.inputs[rows[a], 2:])
-            buf = self._window_buffer(vh, vw, b - a)
-            inputs = windows_inputs(self.plan, w, blocks[a:b], draws[a:b], rows[a:b], out=buf)
-            parts.append(self._changed_scorer()(self.forward(inputs, owned=True), rows[a:b]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _window_buffer(self, vh: int, vw: int, k: int) -> torch.Tensor:
-        base = self.plan.prep.base
-        buf = self._window_buffers.get((vh, vw))
+        buf = self._buffers.get((h, w))
         if buf is None or buf.shape[0] < k:
-            buf = torch.empty((k, base.shape[0], vh, vw), dtype=base.dtype, device=base.device) \
+            buf = torch.empty((k, base.shape[0], h, w), dtype=base.dtype, device=base.device) \
                 .contiguous(memory_format=self.forward.memory_format)
-            self._window_buffers[(vh, vw)] = buf
+            self._buffers[(h, w)] = buf
         return buf[:k]
 
-    def _incremental(self):
-        """The layer-by-layer engine when this runner may use it: its unintervened activations were computed at
-        this runner's precision (the fp32 re-check of a reduced-precision run uses the windows or the crop)."""
-        inc = self.plan.incremental
-        return inc if inc is not None and inc.precision == self.forward.precision else None
-
-    def _changed_scorer(self):
+    def changed_scorer(self, tables) -> ChangedRegionScorer:
+        """The scorer of outputs that hold only what an intervention changed, for the windows' ``tables``: built
+        once, from the whole output when the run is not cropped and at this runner's precision, else from the
+        crop's unintervened output (computed here when it is not yet)."""
         if self._changed is None:
-            from .windows import ChangedRegionScorer
-            s = self.plan.task.scale
-            same = self.forward.precision == self.plan.forward.precision  # else the base must be recomputed
-            if self.plan.locality.window is None and self.plan.full_output is not None and same:
-                base, origin = self.plan.full_output[0], (0, 0)
+            plan, s = self.plan, self.plan.task.scale
+            same = self.forward.precision == plan.forward.precision  # else the base must be recomputed
+            if plan.locality.window is None and plan.full_output is not None and same:
+                base, origin = plan.full_output[0], (0, 0)
             else:
                 if self.origin_output is None:
                     self.origin()
                 base, origin = self.origin_output, (self.win.y * s, self.win.x * s)
-            tables = self.plan.windows if self.plan.incremental is None else self.plan.incremental.windows
-            self._changed = ChangedRegionScorer(self.plan, tables, base, origin)
+            self._changed = ChangedRegionScorer(plan.prep.gt, plan.rois, s, tables, base, origin)
         return self._changed
+
+    def order(self, blocks: np.ndarray) -> np.ndarray:
+        """Blocks in the order the engine runs them best (batches of one input shape, or few)."""
+        return self.engine.order(blocks)
+
+    def _scores(self, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        return self.engine.scores(self, blocks, draws)
 
     def run(self, stage: str, blocks: torch.Tensor, draws: torch.Tensor) -> np.ndarray:
         """(n, n_rois) ROI PSNRs of interventions (blocks[i], draws[i])."""
@@ -229,8 +148,7 @@ class Runner:
         if e - s == 1:
             raise RuntimeError(f"out of memory with a batch of 1 intervention: the model does not fit on "
                                f"{self.plan.device}") from None
-        self._buffer = None
-        self._window_buffers.clear()
+        self._buffers.clear()
         self.batch_size = (e - s + 1) // 2
         self.oom_backoffs += 1
         return self.batch_size

@@ -1,4 +1,5 @@
-"""The samples of a run and what they give: the two stages of interventions and the effects.
+"""The samples of a run and what they give: the effects, their errors, and the refusals of samples no map may
+average (the stages that draw them: :mod:`.stages`).
 
 ``CE_ij = Y(I) - mean_k Y(I with block ij <- p_k)``. Every block that can reach some ROI gets ``coarse`` draws;
 a block whose largest ``|Y(I) - Y_k|`` reaches ``tol`` for a ROI is gated for it and gets ``fine`` fresh draws,
@@ -7,18 +8,13 @@ whose mean replaces the coarse one. Exhaustive mode is ``coarse = 0``: every blo
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from ..geometry import ROI
-from ..options import HALF_WIDTH_DB, HALF_WIDTH_REL, intervention_ids
-
-if TYPE_CHECKING:
-    from .runner import Runner
+from ..intervals import block_estimates
 
 
 @dataclass
@@ -32,7 +28,7 @@ class Samples:
     Adaptive mode (``pooled``): a block's effect is estimated from all its draws, coarse and later ones, and
     ``fine_drawn`` (len(fine_run),) says how many of the ``fine`` columns each block drew (the rest are padding).
 
-    ``covariates(blocks (B,), draws (B, K)) -> (B, K, q)``: each draw's control variates (:func:`patch_covariates`),
+    ``covariates(blocks (B,), draws (B, K)) -> (B, K, q)``: each draw's control variates (:func:`.covariates.patch_covariates`),
     or None for plain means."""
 
     run: np.ndarray
@@ -85,7 +81,6 @@ class Samples:
         reach the ROI: 0, 0, 0 (their samples are Y(I) exactly). Coarse-to-fine's screened blocks (not gated):
         the coarse mean with standard error NaN: three draws chosen for their small spread give no interval we
         could defend."""
-        from ..intervals import block_estimates
         nb = self.gated.shape[1]
         effect, se, n, df = np.zeros(nb), np.zeros(nb), np.zeros(nb, dtype=np.int64), np.zeros(nb)
         for blocks, vals, mask, draws, screened in self._groups(j):
@@ -148,75 +143,8 @@ class Samples:
         return None
 
 
-def sample_stages(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, fine: int,
-                  tol: float, covariates=None) -> Samples:
-    """Run the coarse stage on every block that reaches some ROI and the fine stage on every block gated for some
-    ROI. A block outside a ROI's reach gets Y_k = Y(I) exactly for that ROI (it cannot change it)."""
-    n = len(psnr_origin)
-    nb = grid.num_blocks
-    flat_reach = reach.reshape(n, nb)
-    run = runner.order(np.flatnonzero(flat_reach.any(0))) if coarse else np.zeros(0, np.int64)
-    # the progress total: every reachable block's fine stage as an upper bound, the real count once gated
-    runner.expect(len(run) * coarse + int(flat_reach.any(0).sum()) * fine)
-    got_coarse = np.zeros((n, len(run), coarse))
-    if coarse:
-        if len(run):
-            b = torch.from_numpy(run).repeat_interleave(coarse)
-            d = torch.arange(coarse).repeat(len(run))
-            got_coarse = runner.run("coarse", b, d).reshape(len(run), coarse, n).transpose(2, 0, 1)
-        gated = np.zeros((n, nb), dtype=bool)
-        origin = psnr_origin.reshape(n, 1, 1)
-        gated[:, run] = (np.abs(effects(origin, got_coarse)) >= tol).any(axis=2) & flat_reach[:, run]
-    else:
-        gated = np.ones((n, nb), dtype=bool)
-    fine_run = runner.order(np.flatnonzero((gated & flat_reach).any(0))) if fine else np.zeros(0, np.int64)
-    runner.expect(len(run) * coarse + len(fine_run) * fine)
-    got_fine = np.zeros((n, len(fine_run), fine))
-    if len(fine_run):
-        b = torch.from_numpy(fine_run).repeat_interleave(fine)
-        d = coarse + torch.arange(fine).repeat(len(fine_run))
-        got_fine = runner.run("fine", b, d).reshape(len(fine_run), fine, n).transpose(2, 0, 1)
-    return Samples(run, got_coarse, fine_run, got_fine, gated, flat_reach, np.asarray(psnr_origin, np.float64),
-                   covariates=covariates)
-
-
 def dense(build: Callable[[int], np.ndarray], j: int, grid) -> np.ndarray:
     return build(j).reshape(grid.rows, grid.cols, -1)
-
-
-SAMPLE_BYTES = 64  # host bytes per intervention and ROI: scores, done flags, block / draw / id arrays, copies
-
-
-def available_memory() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-WINDOW_TABLE_BYTES = 48  # host bytes per reachable block and ROI of the windows' tables (changed rectangles)
-
-
-def shared_pass_bytes(blocks: int, coarse: int, fine: int, n_rois: int) -> int:
-    """Host bytes that one pass serving ``n_rois`` ROIs holds per (block, ROI): samples and the windows' tables."""
-    return blocks * n_rois * (max(coarse, fine, 1) * SAMPLE_BYTES + WINDOW_TABLE_BYTES)
-
-
-def check_sample_memory(blocks: int, coarse: int, fine: int, n_rois: int) -> None:
-    """Refuse, before allocating, a sampling plan whose per-intervention arrays would not fit in host memory."""
-    need = blocks * max(coarse, fine, 1) * n_rois * SAMPLE_BYTES
-    avail = available_memory()
-    if avail is not None and need > avail // 2:
-        raise ValueError(f"coarse={coarse}, fine={fine} for {blocks} blocks x {n_rois} ROIs needs about "
-                         f"{need / 2**30:.1f} GiB of host memory for the samples, more than half of the "
-                         f"{avail / 2**30:.1f} GiB available: lower coarse / fine / samples")
 
 
 def refuse_infinite_effects(effect: np.ndarray, psnr_origin: float, roi: ROI, name: str) -> None:
@@ -250,120 +178,3 @@ def refuse_nan_samples(sampled: Samples, grid, name: str) -> None:
             r, c = divmod(b, grid.cols)
             raise ValueError(f"model {name} produced NaN/Inf outputs in the ROI for {count} {stage} "
                              f"interventions (first: block ({r}, {c}), draw {k}); refusing to average them")
-
-
-ADAPTIVE_STEP = 8  # draws added per round to every block still drawing
-
-
-def stop_targets(mean: np.ndarray, tol: float, rel: float, floor_db: float) -> np.ndarray:
-    """The 95 % half-width a block's interval must reach to stop: ``max(tol, rel * |effect|, floor_db)``."""
-    return np.maximum(np.maximum(tol, rel * np.abs(mean)), floor_db)
-
-
-def sample_adaptive(runner: "Runner", grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, cap: int,
-                    tol: float, budget: Optional[int] = None, rel: float = HALF_WIDTH_REL,
-                    floor_db: float = HALF_WIDTH_DB, covariates=None,
-                    roi_blocks: Optional[np.ndarray] = None) -> Samples:
-    """The coarse stage, then rounds of ``ADAPTIVE_STEP`` more draws for every block that has not stopped, until
-    all have stopped or drawn ``cap`` extra draws. A block stops after at least one round (three draws give no
-    interval to trust, measured) once its 95 % interval decides it (above +tol, below -tol or inside (-tol, tol))
-    and is no wider than :func:`stop_targets` (a decided sign is not yet a precise value). With ``budget``, at
-    most that many extra forwards: the widest intervals draw first, and what is left once every block has
-    stopped refines the widest ones further, up to ``cap``. A ROI's own blocks (``roi_blocks``, (n_rois,
-    blocks): not rated, painted green) draw until they stop but are never refined for it. Each block's effect is
-    estimated from all its draws. Draws stay keyed by (seed, block, draw index): the first extra draws of a block
-    are those coarse-to-fine would make, and a rerun with the same cache reuses them."""
-    from ..intervals import UNDECIDED, decide, t975
-    n, nb = len(psnr_origin), grid.num_blocks
-    flat_reach = reach.reshape(n, nb)
-    run = runner.order(np.flatnonzero(flat_reach.any(0)))
-    runner.expect(len(run) * (coarse + cap) if budget is None else len(run) * coarse + budget)
-    got_coarse = np.zeros((n, len(run), coarse))
-    if len(run):
-        b = torch.from_numpy(run).repeat_interleave(coarse)
-        got_coarse = runner.run("coarse", b, torch.arange(coarse).repeat(len(run))).reshape(
-            len(run), coarse, n).transpose(2, 0, 1)
-    fine = np.full((n, len(run), cap), np.nan)
-    drawn = np.zeros(len(run), dtype=np.int64)
-    gated = np.zeros((n, nb), dtype=bool)
-    origin = np.asarray(psnr_origin, np.float64)
-    samples = Samples(run, got_coarse, run, fine, gated, flat_reach, origin, drawn, pooled=True,
-                      covariates=covariates)
-    gated[:, run] = flat_reach[:, run]  # while drawing, every reachable block is read with its draws so far
-    spent, rounds = 0, 0
-    min_extra = min(ADAPTIVE_STEP, cap)
-    while True:
-        widest = np.zeros(len(run))  # per block, its widest 95 % half-width over the ROIs that rate it
-        going = drawn < min_extra
-        for j in range(n):
-            mean, se, _, df = (a[run] for a in samples.estimate(j))
-            on = flat_reach[j][run]
-            half = np.where(on, t975(df) * se, 0.0)
-            with np.errstate(divide="ignore", invalid="ignore"):  # a zero target asks for the cap
-                ratio = np.where(half == 0, 0.0, half / stop_targets(mean, tol, rel, floor_db))
-            going |= on & ((decide(mean - half, mean + half, tol) == UNDECIDED) | (ratio > 1) | np.isnan(ratio))
-            own = roi_blocks[j][run] if roi_blocks is not None else False
-            widest = np.maximum(widest, np.where(own, 0.0, np.nan_to_num(half, nan=np.inf)))
-        left = None if budget is None else budget - spent
-        active = np.flatnonzero(going & (drawn < cap))
-        if left is not None and not len(active):  # every block stopped: the rest of the budget refines
-            active = np.flatnonzero((drawn < cap) & (widest > 0))
-        if not len(active) or left == 0:
-            break
-        if left is not None:  # the widest intervals first, as many as the budget pays a round for
-            active = active[np.argsort(-widest[active], kind="stable")]
-            cost = np.cumsum(np.minimum(ADAPTIVE_STEP, cap - drawn[active]))
-            active = active[:max(1, int(np.searchsorted(cost, left, side="right")))]
-        steps = np.minimum(ADAPTIVE_STEP, cap - drawn[active])
-        if left is not None and steps.sum() > left:  # one block left, a partial round
-            steps = np.minimum(steps, left)
-        rounds += 1
-        blocks = np.repeat(run[active], steps)
-        first = np.repeat(np.cumsum(steps) - steps, steps)
-        draws = coarse + np.repeat(drawn[active], steps) + np.arange(int(steps.sum())) - first
-        got = runner.run(f"adaptive{rounds}", torch.from_numpy(blocks), torch.from_numpy(draws))
-        at = 0
-        for a, k in zip(active, steps):
-            fine[:, a, drawn[a]:drawn[a] + k] = got[at:at + k].T
-            at += k
-        drawn[active] += steps
-        spent += int(steps.sum())
-    extra = drawn > 0
-    gated[:] = False
-    gated[:, run[extra]] = flat_reach[:, run[extra]]
-    return Samples(run, got_coarse, run[extra], fine[:, extra], gated, flat_reach, origin, drawn[extra],
-                   pooled=True, covariates=covariates)
-
-
-def covariate_table(bank_in: torch.Tensor) -> np.ndarray:
-    """(P, q) the control variates of each patch of the bank (as pasted into the input): its mean per channel,
-    centred on the mean over the bank, reduced to independent columns (a grey bank's three equal channel means
-    are one covariate, not a singular fit; the rotation onto the principal directions leaves the intercept and
-    its HC3 error unchanged)."""
-    bank = bank_in.detach().to("cpu", torch.float64)
-    means = bank.mean(dim=tuple(range(2, bank.dim()))).numpy()
-    means = means - means.mean(axis=0)
-    _, sv, vt = np.linalg.svd(means, full_matrices=False)
-    return means @ vt[:int((sv > 1e-9 * max(sv.max(initial=0.0), 1e-300)).sum())].T
-
-
-def draw_covariates(table: np.ndarray, seed: int, blocks: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """(B, K, q) the covariates of draws ``draws`` (B, K) of ``blocks`` (B,): the rows of ``table`` of the patches
-    those draws use (keyed by (seed, block, draw), as the runner draws them)."""
-    from ..rng import patch_draws
-    ids = intervention_ids(np.asarray(blocks, np.int64)[:, None], np.asarray(draws, np.int64))
-    pidx = patch_draws(seed, torch.from_numpy(ids.reshape(-1)), len(table)).numpy()
-    return table[pidx].reshape(ids.shape + (table.shape[1],))
-
-
-def patch_covariates(plan) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """The control variates of a run's draws (:func:`covariate_table`): each drawn patch's brightness and colour
-    explain much of a block's effect (a median R^2 of 0.71 for blocks with |CE| >= 0.1 dB on the shipped SR and
-    DN defaults), and their mean over the bank is known exactly (draws are uniform over it), so the regression
-    on them removes that part of the noise. The table is kept as ``.table`` (results carry it, for compare)."""
-    table = covariate_table(plan.bank_in)
-
-    def covariates(blocks: np.ndarray, draws: np.ndarray) -> np.ndarray:
-        return draw_covariates(table, plan.seed, blocks, draws)
-    covariates.table = table
-    return covariates

@@ -1,5 +1,5 @@
 """Intervention-centred windows: each intervention runs on the smallest input window that determines the part of
-the ROIs it can change (issue 14).
+the ROIs it can change.
 
 For a model whose locality was probed and verified, a change of input pixel ``p`` reaches only the output pixels
 ``p * s + [-up, s + down) x [-left, s + right)`` (its *spread*, measured once with NaN in one pixel). An
@@ -17,16 +17,16 @@ otherwise the run keeps the crop and says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ..locality import VERIFY_TOL, Window, nan_probes
-from ..reference import psnr_from_sq_err, quantize_output
-
-if TYPE_CHECKING:
-    from .plan import RunPlan
+from ...locality import VERIFY_TOL, Window, _verification_blocks, nan_probes
+from ...transfers import upload
+from ..draws import intervened, verification_inputs
+from ..plan import RunPlan
+from .base import EngineBase, Verdict, verdict_of
 
 MIN_GAIN = 1.1  # the windows must save at least this factor of input pixels over the crop to be worth a group each
 
@@ -64,18 +64,7 @@ class BlockWindows:
         return int((self.inputs[:, 2] * self.inputs[:, 3]).sum())
 
 
-def upload(a: np.ndarray, device) -> torch.Tensor:
-    """A host array on ``device`` without a host synchronisation: on CUDA copied into pinned memory and sent by a
-    non-blocking copy (torch's caching host allocator keeps the pinned block until the copy has run). A plain
-    ``.to(device)`` of pageable memory makes torch wait for the stream after the copy: the host then idles until
-    the device has finished everything queued, once per call, several times per batch."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if torch.device(device).type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
-def measure_spread(plan: "RunPlan", region: Window) -> Optional[Spread]:
+def measure_spread(plan: RunPlan, region: Window) -> Optional[Spread]:
     """NaN in the centre pixel of ``region`` (input px): the bounding box of the NaN outputs, relative to that
     pixel's output footprint. None when the NaN reaches the region's edge (the spread is not contained)."""
     s = plan.task.scale
@@ -96,14 +85,14 @@ def measure_spread(plan: "RunPlan", region: Window) -> Optional[Spread]:
     return Spread(*(max(0, v) for v in (py * s - y0, y1 - (py + 1) * s, px * s - x0, x1 - (px + 1) * s)))
 
 
-def spread_of(plan: "RunPlan", region: Window) -> Optional[Spread]:
+def spread_of(plan: RunPlan, region: Window) -> Optional[Spread]:
     """One pixel's spread: the locality probe's (its window grew until the spread fitted in it), else measured on
     the crop."""
     probed = plan.locality.info.get("pixel_spread_px")
     return Spread(*probed) if probed is not None else measure_spread(plan, region)
 
 
-def block_windows(plan: "RunPlan", spread: Spread) -> BlockWindows:
+def block_windows(plan: RunPlan, spread: Spread) -> BlockWindows:
     """V_b and C_bj of every block that reaches some ROI (vectorised over blocks)."""
     g, s = plan.grid, plan.task.scale
     n = len(plan.rois)
@@ -141,94 +130,71 @@ def block_windows(plan: "RunPlan", spread: Spread) -> BlockWindows:
     return BlockWindows(blocks.astype(np.int64), inputs.astype(np.int64), changed.astype(np.int64), spread)
 
 
-class ChangedRegionScorer:
-    """Scores of interventions run on their own windows: ``base_sq(ROI) - base_sq(C) + new_sq(C)`` per ROI."""
-
-    def __init__(self, plan: "RunPlan", windows: BlockWindows, base_output: torch.Tensor, base_origin: tuple):
-        """``base_output`` (C, H', W'): the unintervened output of the region starting at output pixel
-        ``base_origin`` (the crop's, or the whole output)."""
-        self.plan, self.windows = plan, windows
-        gt = plan.prep.gt
-        oy, ox = base_origin
-        h, w = base_output.shape[-2:]
-        sq = ((quantize_output(base_output).double() - gt[:, oy:oy + h, ox:ox + w].double()) ** 2).sum(0)
-        self.base_sat = torch.nn.functional.pad(sq.cumsum(0).cumsum(1), (1, 0, 1, 0))  # (h + 1, w + 1)
-        self.base_origin = base_origin
-        rois = torch.tensor([[q.y, q.x, q.y + q.height, q.x + q.width] for q in plan.rois], device=gt.device)
-        self.rois = rois  # (n_rois, 4) absolute output px
-        self.base_roi = self._base_sum(rois)  # (n_rois,)
-        self.values = torch.tensor([q.height * q.width * gt.shape[0] for q in plan.rois], dtype=torch.float64,
-                                   device=gt.device)
-
-    def _base_sum(self, rects: torch.Tensor) -> torch.Tensor:
-        """Sums of the base squared errors over ``[y0, x0, y1, x1]`` rectangles (absolute output px)."""
-        oy, ox = self.base_origin
-        y0, x0, y1, x1 = (rects[..., i] - (oy if i % 2 == 0 else ox) for i in range(4))
-        y0, x0, y1, x1 = (t.clamp(min=0) for t in (y0, x0, y1, x1))
-        sat = self.base_sat
-        return sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-
-    def __call__(self, out: torch.Tensor, rows: np.ndarray, origins: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(K, n_rois) PSNRs of outputs ``out`` (K, C, vh * s, vw * s) of the windows of ``rows``; ``origins``
-        (K, 2): the outputs' own origins in output px (incremental boxes, which may reach past the image: only
-        their changed rectangles are read), else the windows'."""
-        s, gt, dev = self.plan.task.scale, self.plan.prep.gt, out.device
-        K, C, oh, ow = out.shape
-        if origins is None:
-            v = upload(self.windows.inputs[rows], dev)  # (K, 4) input px
-            wy, wx = v[:, 0] * s, v[:, 1] * s  # output origin of each window
-        else:
-            wy, wx = origins[:, 0], origins[:, 1]  # on the device already (upload)
-        ys = (wy.view(K, 1, 1) + torch.arange(oh, device=dev).view(1, oh, 1)).clamp(0, gt.shape[1] - 1)
-        xs = (wx.view(K, 1, 1) + torch.arange(ow, device=dev).view(1, 1, ow)).clamp(0, gt.shape[2] - 1)
-        target = gt[:, ys, xs].permute(1, 0, 2, 3)  # (K, C, oh, ow)
-        sq = ((quantize_output(out).double() - target.double()) ** 2).sum(1)  # (K, oh, ow)
-        nan = torch.isnan(sq)
-        sat = torch.nn.functional.pad(sq.masked_fill(nan, 0).cumsum(1).cumsum(2), (1, 0, 1, 0))
-        nan_sat = torch.nn.functional.pad(nan.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
-        changed = upload(self.windows.changed[rows], dev)  # (K, n_rois, 4) absolute output px
-        k = torch.arange(K, device=dev).view(K, 1)
-
-        def rect(t, corners):  # sums of t (K, oh + 1, ow + 1 summed-area tables) over (K, n_rois, 4) rectangles
-            y0, x0 = (corners[..., 0] - wy.view(K, 1)).clamp(0, oh), (corners[..., 1] - wx.view(K, 1)).clamp(0, ow)
-            y1, x1 = (corners[..., 2] - wy.view(K, 1)).clamp(0, oh), (corners[..., 3] - wx.view(K, 1)).clamp(0, ow)
-            return t[k, y1, x1] - t[k, y0, x1] - t[k, y1, x0] + t[k, y0, x0]
-
-        total = self.base_roi.view(1, -1) - self._base_sum(changed) + rect(sat, changed)
-        psnr = psnr_from_sq_err(total, self.values.view(1, -1))
-        # a window's output is the model's on a real input: NaN/Inf anywhere in its part of a ROI is the model's,
-        # reported as the sample's (a flaky model must not pass because its NaN fell outside the changed
-        # rectangle); the incremental boxes hold computed values on their changed rectangles only
-        checked = changed if origins is not None else self.rois.expand(K, -1, -1)
-        return torch.where(rect(nan_sat, checked) > 0, torch.full_like(psnr, float("nan")), psnr)
-
-
-def windows_inputs(plan: "RunPlan", windows: BlockWindows, blocks: torch.Tensor, draws: torch.Tensor,
+def windows_inputs(plan: RunPlan, windows: BlockWindows, blocks: torch.Tensor, draws: torch.Tensor,
                    rows: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The interventions (blocks[k], draws[k]) written into their own windows (one shape for all of ``rows``)."""
-    from .runner import draw_patches
-    ids, patch_idx = draw_patches(plan, blocks, draws)
     v = windows.inputs[rows]
-    origins = upload(v[:, :2], plan.device)
-    return plan.task.intervene(plan.prep, plan.bank_in, patch_idx, blocks, ids, plan.seed, plan.backend,
-                               window=(origins, (int(v[0, 2]), int(v[0, 3]))), out=out)
+    return intervened(plan, blocks, draws, window=(upload(v[:, :2], plan.device), (int(v[0, 2]), int(v[0, 3]))),
+                      out=out)
 
 
-def plan_windows(plan: "RunPlan") -> dict:
+class WindowsEngine(EngineBase):
+    """Each intervention on its own window; runs of equal window shape share a forward."""
+
+    name = "windows"
+
+    def __init__(self, tables: BlockWindows, instead):
+        super().__init__(instead)
+        self.tables = tables
+
+    def order(self, blocks: np.ndarray) -> np.ndarray:
+        if not len(blocks):
+            return blocks
+        return blocks[np.argsort(self.tables.shape_key(blocks), kind="stable")]
+
+    def scores(self, runner, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        w = self.tables
+        rows = w.rows(blocks.cpu().numpy())
+        keys = w.shape_key(w.blocks[rows])
+        cuts = [0, *(np.flatnonzero(np.diff(keys)) + 1), len(rows)]
+        parts = []
+        for a, b in zip(cuts, cuts[1:]):
+            vh, vw = (int(v) for v in w.inputs[rows[a], 2:])
+            buf = runner.buffer(b - a, vh, vw)
+            inputs = windows_inputs(runner.plan, w, blocks[a:b], draws[a:b], rows[a:b], out=buf)
+            parts.append(runner.changed_scorer(w)(runner.forward(inputs, owned=True), rows[a:b]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def cache_components(self) -> dict[str, str]:
+        return {"windows": "intervention-centred"}
+
+    def budget(self) -> dict:
+        return {"windows": "intervention-centred", "incremental": False, "input_px": self.tables.pixels()}
+
+
+def measured_spread(verdicts) -> Optional[Spread]:
+    """The one-pixel spread the windows' planning measured, if it got that far."""
+    v = verdict_of(verdicts, WindowsEngine.name)
+    px = v.facts.get("spread_px") if v is not None else None
+    return Spread(*px) if px is not None else None
+
+
+def plan(plan: RunPlan, chosen, verdicts) -> tuple[Optional[WindowsEngine], Verdict]:
     """Decide whether interventions run on their own windows: measure the spread, build the windows, verify them
-    against the crop on a few blocks. Sets ``plan.windows`` when they are used; returns what summary.json says."""
+    against the crop on a few blocks."""
+    def no(reason: str, **kw) -> tuple[None, Verdict]:
+        return None, Verdict(WindowsEngine.name, False, reason, **kw)
     info = plan.locality.info
     if plan.options.windows == "crop":
-        return {"used": False, "reason": "asked (windows: crop)"}
+        return no("asked (windows: crop)")
     if "verify_max_abs_err" not in info:
-        return {"used": False, "reason": "locality was not verified: " + str(info.get("reason", "off"))}
+        return no("locality was not verified: " + str(info.get("reason", "off")))
     if "tight_crop_refused" in info:
-        return {"used": False, "reason": "the model needs its input grid kept (the pixel-tight crop failed)"}
-    whole = Window(0, 0, plan.grid.in_h, plan.grid.in_w)
-    region = plan.locality.window or whole
+        return no("the model needs its input grid kept (the pixel-tight crop failed)")
+    region = plan.locality.window or Window(0, 0, plan.grid.in_h, plan.grid.in_w)
     spread = spread_of(plan, region)
     if spread is None:
-        return {"used": False, "reason": "one pixel's change reaches the edge of the crop"}
+        return no("one pixel's change reaches the edge of the crop")
     windows = block_windows(plan, spread)
     crop_px = len(windows.blocks) * region.h * region.w
     gain = crop_px / max(1, windows.pixels())
@@ -236,26 +202,22 @@ def plan_windows(plan: "RunPlan") -> dict:
              "input_px_per_draw": windows.pixels(), "crop_px_per_draw": int(crop_px), "gain": round(gain, 3),
              "shapes": int(len(np.unique(windows.shape_key(windows.blocks))))}
     if gain < MIN_GAIN:
-        return {"used": False, "reason": f"saves too little over the crop ({gain:.2f}x the pixels)", **facts}
+        return no(f"saves too little over the crop ({gain:.2f}x the pixels)", facts=facts)
     err = verify_windows(plan, windows, region)
     tol = VERIFY_TOL[plan.options.precision]
     if not err <= tol:
-        return {"used": False, "check_failed": True,
-                "reason": f"outputs on the changed region differ from the crop's by {err:.3g} (tolerance {tol:g})",
-                **facts}
-    plan.windows = windows
-    return {"used": True, "verify_max_abs_err": err, **facts}
+        return no(f"outputs on the changed region differ from the crop's by {err:.3g} (tolerance {tol:g})",
+                  facts=facts, check_failed=True)
+    return WindowsEngine(windows, chosen), Verdict(WindowsEngine.name, True, facts=facts, verify_max_abs_err=err)
 
 
 VERIFY_WINDOW_BLOCKS = 4
 
 
-def largest_difference_from_crop(plan: "RunPlan", windows: BlockWindows, region: Window, own) -> float:
+def largest_difference_from_crop(plan: RunPlan, windows: BlockWindows, region: Window, own) -> float:
     """Largest |an intervention's own output on C_b - the crop's| over a few blocks (the reach's corners and one
     inside a ROI), draw 0 of each: what the windows and the layer-by-layer engine are checked by. ``own(b)``: block
     ``b``'s output (C, h, w) and its origin (output px)."""
-    from ..locality import _verification_blocks
-    from .plan import verification_inputs
     s = plan.task.scale
     picks = _verification_blocks(plan.locality.reach.any(0), VERIFY_WINDOW_BLOCKS, plan.grid.cols)
     err = 0.0
@@ -271,7 +233,7 @@ def largest_difference_from_crop(plan: "RunPlan", windows: BlockWindows, region:
     return err
 
 
-def verify_windows(plan: "RunPlan", windows: BlockWindows, region: Window) -> float:
+def verify_windows(plan: RunPlan, windows: BlockWindows, region: Window) -> float:
     """The windows' check: each block's output on C_b from V_b against the crop's (see above)."""
     s = plan.task.scale
 
