@@ -17,7 +17,8 @@ def info_text() -> str:
     cuda = torch.cuda.is_available()
     lines.append("cuda: " + (f"{torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda})" if cuda
                              else f"not available (torch CUDA build: {torch.version.cuda or 'none'})"))
-    lines.append(f"cpu threads: {torch.get_num_threads()}")
+    from .threads import describe
+    lines.append(f"cpu threads: torch {torch.get_num_threads()}; {describe()}")
     devices = ["cpu"] + (["cuda"] if cuda else [])
     lines.append("backends:")
     for name in BACKENDS:

@@ -191,17 +191,21 @@ def unintervened_output(forward: ModelForward, prep: Prepared, task: Task, name:
 _BATCH_MEMORY: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 CPU_BATCH_PIXELS = 1 << 16  # CPU: about this many input pixels per batch (larger ones fall out of cache: slower)
 MAX_AUTO_BATCH = 4096
+MAX_CPU_BATCH = 256
 
 
-def auto_batch_size(model: nn.Module, forward: Callable, sample: torch.Tensor, key: tuple) -> int:
+def auto_batch_size(model: nn.Module, forward: Callable, sample: torch.Tensor, key: tuple,
+                    input_px: Optional[int] = None) -> int:
     """The batch to start with: remembered, else on CUDA what fits in half the free memory judging by the peak of a
-    batch of 4, else (CPU) about ``CPU_BATCH_PIXELS`` input pixels. Out-of-memory errors still back off."""
+    batch of 4 ``sample`` (the largest input), else (CPU) about ``CPU_BATCH_PIXELS`` input pixels, counted on
+    ``input_px`` per input where the inputs are smaller than ``sample`` (windows of their own). Out-of-memory
+    errors still back off."""
     remembered = _BATCH_MEMORY.get(model, {}).get(key)
     if remembered:
         return remembered
     C, h, w = sample.shape
     if sample.device.type != "cuda":
-        return int(max(1, min(256, CPU_BATCH_PIXELS // (h * w))))
+        return int(max(1, min(MAX_CPU_BATCH, CPU_BATCH_PIXELS // max(1, input_px or h * w))))
     torch.cuda.synchronize(sample.device)
     torch.cuda.reset_peak_memory_stats(sample.device)
     before = torch.cuda.memory_allocated(sample.device)

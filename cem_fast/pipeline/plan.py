@@ -146,7 +146,7 @@ def prepare(request: RunRequest) -> RunPlan:
 
 
 def plan_sampling(plan: RunPlan) -> RunPlan:
-    """The unintervened forward, the locality plan and the batch size (run under ``torch.inference_mode``); says
+    """The unintervened forward and the locality plan (run under ``torch.inference_mode``); says
     when many ROIs' shared pass would not fit in host memory (one run per ROI then follows)."""
     o, grid = plan.options, plan.grid
     use_locality = o.locality == "auto" and plan.task.supports_windows
@@ -166,8 +166,7 @@ def plan_sampling(plan: RunPlan) -> RunPlan:
     if out0 is None and locality.window is None:
         out0 = whole()  # locality found nothing to crop: the whole image runs after all
     plan = plan.but(locality=locality, full_output=out0)
-    batch_size, batch_key = _batch_size(plan)
-    return plan.but(batch_size=batch_size, batch_key=batch_key, shared_too_big=_shared_too_big(plan))
+    return plan.but(shared_too_big=_shared_too_big(plan))
 
 
 def reachable_blocks(plan: RunPlan) -> int:
@@ -186,15 +185,17 @@ def _shared_too_big(plan: RunPlan) -> str:
     return ""
 
 
-def _batch_size(plan: RunPlan) -> tuple[int, Optional[tuple]]:
-    """``batch_size="auto"``: sized for what the batches hold (the crop, or the whole input); with the key it is
-    remembered by."""
+def size_batches(plan: RunPlan) -> RunPlan:
+    """The plan with its batch size: ``batch_size="auto"`` sizes batches for what the engine's inputs hold (its
+    windows, or the crop, or the whole input), remembered per model and input size."""
     if not plan.options.auto_batch:
-        return int(plan.options.batch_size), None
+        return plan.but(batch_size=int(plan.options.batch_size), batch_key=None)
     window = plan.locality.window
     sample_in = window.crop(plan.prep.base) if window is not None else plan.prep.base
-    key = (tuple(sample_in.shape), plan.options.precision, str(plan.device))
-    return auto_batch_size(plan.model, plan.forward, sample_in, key), key
+    engine_px = plan.engine.budget()["input_px"]
+    per_input = engine_px // max(1, reachable_blocks(plan)) if engine_px is not None else None
+    key = (tuple(sample_in.shape), plan.options.precision, str(plan.device), per_input)
+    return plan.but(batch_size=auto_batch_size(plan.model, plan.forward, sample_in, key, per_input), batch_key=key)
 
 
 def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any]:

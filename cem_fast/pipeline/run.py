@@ -16,6 +16,7 @@ from ..options import RunOptions, TaskOptions
 from ..patches import PatchBank
 from ..result import CEMResults
 from ..tasks import Task
+from ..threads import fitted_threads
 from .assemble import assemble, pictures, run_extra, timings
 from .budget import budget_line, choose_roi_plan, forward_budget
 from .covariates import patch_covariates
@@ -23,7 +24,7 @@ from .engines.select import choose_engine
 from .memory import check_sample_memory
 from .model import eval_for_run, remember_batch_size
 from .origin import check_reproduced, refuse_undefined_origin, start_origin
-from .plan import RunPlan, open_cache, plan_sampling, prepare, reachable_blocks
+from .plan import RunPlan, open_cache, plan_sampling, prepare, reachable_blocks, size_batches
 from .precision import check_precision
 from .request import RunRequest
 from .runner import Runner
@@ -58,7 +59,7 @@ def _planned(plan: RunPlan, marks: dict) -> RunPlan:
     """The loaded plan probed, its engine chosen and its cache entry open (under ``torch.inference_mode``)."""
     plan = plan_sampling(plan)
     engine, verdicts = choose_engine(plan)
-    plan = plan.but(engine=engine, verdicts=verdicts)
+    plan = size_batches(plan.but(engine=engine, verdicts=verdicts))
     if not plan.shared_too_big:
         plan = open_cache(plan)
         coarse, fine = plan.options.stages
@@ -72,14 +73,14 @@ def _run(request: RunRequest) -> CEMResults:
     request.options.check()
     plan = prepare(request)  # outside inference mode: a caller's module placed here stays a trainable module
     marks = {"prepare": time.perf_counter()}
-    with torch.inference_mode():
+    with fitted_threads(plan.device) as threads, torch.inference_mode():
         plan = _planned(plan, marks)
         budget = forward_budget(plan)
         roi_plan = choose_roi_plan(plan, budget)
         if roi_plan["chosen"] == "per-roi":
             return _run_per_roi(request, plan, roi_plan)
         plan.say(budget_line(budget, len(plan.rois)))
-        runner = Runner(plan, cache=plan.cache, progress=plan.progress)
+        runner = Runner(plan, cache=plan.cache, progress=plan.progress, threads=threads)
         try:
             psnr_origin, sampled = _sample(plan, runner)
         finally:
@@ -98,6 +99,8 @@ def _run(request: RunRequest) -> CEMResults:
     wall = time.perf_counter() - t0
     extra = run_extra(plan, runner, timings(t0, marks, wall), precision_check)
     extra["origin_check"] = origin_check
+    if threads.summary() is not None:
+        extra["cpu_threads"] = threads.summary()
     extra["plan"] = {**budget, **({"rois": roi_plan} if len(plan.rois) > 1 else {})}
     if runner.by_rank is not None:
         extra["distributed"] = {"world_size": len(runner.by_rank), "interventions_per_rank": runner.by_rank.tolist()}

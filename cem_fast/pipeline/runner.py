@@ -21,6 +21,7 @@ from ..cache import RunCache, missing_ranges
 from ..geometry import ROI
 from ..locality import Window
 from ..options import intervention_ids
+from ..threads import ThreadGovernor
 from .memory import is_oom
 from .model import ModelForward
 from .plan import RunPlan
@@ -31,8 +32,9 @@ class Runner:
     """Runs the interventions of a :class:`~cem_fast.pipeline.plan.RunPlan` (see the module docstring)."""
 
     def __init__(self, plan: RunPlan, forward: Optional[ModelForward] = None, cache: Optional[RunCache] = None,
-                 progress: bool = False):
+                 progress: bool = False, threads: Optional[ThreadGovernor] = None):
         self.plan = plan
+        self.threads = threads  # re-fits the CPU threads to the load between batches
         self.forward = forward or plan.forward
         self.engine = plan.engine.for_precision(self.forward.precision)
         self.cache = cache
@@ -181,6 +183,8 @@ class _Batches:
         try:
             while pending:
                 s, e = pending.pop()
+                if self.r.threads is not None:
+                    self.r.threads.recheck()
                 size = self.r.batch_size
                 if e - s > size:  # the batch size was lowered: split what was planned with the old one
                     pending += [(s + size, e), (s, s + size)]
