@@ -9,6 +9,7 @@ of the samples.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import warnings
@@ -117,6 +118,23 @@ def parse_rois(rois, roi_grid: Optional[int], out_h: int, out_w: int) -> list[RO
     return parsed
 
 
+_BANKS_IN: "dict[tuple, torch.Tensor]" = {}  # (bank digest, task, block, device) -> the bank as pasted
+BANKS_IN_KEPT = 4
+
+
+def bank_at_input(task: Task, bank: PatchBank, digest: str, block: int, device: torch.device) -> torch.Tensor:
+    """The bank as the task pastes it into the input, on ``device``: kept for the next runs of this process by the
+    bank's content digest (a bank changed in place has another digest), the task and the block size."""
+    key = (digest, json.dumps(task.describe(), sort_keys=True, default=str), block, str(device))
+    kept = _BANKS_IN.get(key)
+    if kept is None:
+        kept = task.bank_at_input(bank.patches, block).to(device)
+        if len(_BANKS_IN) >= BANKS_IN_KEPT:
+            _BANKS_IN.pop(next(iter(_BANKS_IN)))
+        _BANKS_IN[key] = kept
+    return kept
+
+
 def prepare(request: RunRequest) -> RunPlan:
     """Load and place everything (no forward pass yet); ``request.options`` must be checked."""
     options, task_options = request.options, request.task_options
@@ -137,10 +155,11 @@ def prepare(request: RunRequest) -> RunPlan:
     roi_list = parse_rois(request.rois, request.roi_grid, prep.grid.out_h, prep.grid.out_w)
     backend = ops.resolve_backend(options.backend, dev)
     model, forward = place_model(model, dev, options.precision, options.compile)
+    digest = bank.digest()
     progress = sys.stderr.isatty() if options.progress is None else bool(options.progress)
     return RunPlan(model=model, forward=forward, name=name, image_name=image_name, task=task_obj, clean=clean,
-                   prep=prep.to(dev), rois=roi_list, bank=bank, bank_digest=bank.digest(),
-                   bank_in=task_obj.bank_at_input(bank.patches, options.block).to(dev), device=dev,
+                   prep=prep.to(dev), rois=roi_list, bank=bank, bank_digest=digest,
+                   bank_in=bank_at_input(task_obj, bank, digest, options.block, dev), device=dev,
                    backend=backend, options=options, task_options=task_options, seed=int(options.seed),
                    progress=progress and distributed.is_lead())  # one progress bar for the study
 
