@@ -68,12 +68,13 @@ sanitize: $(VENV)/.ready
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$(CURDIR)/build/asan/report \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$(CURDIR)/build/asan/report \
 	  CEM_FAST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
-	  $(PY) -m pytest -q -p no:cacheprovider tests/test_op_intervene.py tests/test_op_roi_sq_err.py tests/test_op_checks.py tests/test_op_fuzz.py \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/ops/test_intervene.py tests/ops/test_roi_sq_err.py \
+	    tests/ops/test_op_checks.py tests/ops/test_fuzz.py \
 	  || { echo "sanitizer reports:"; cat build/asan/report.* 2>/dev/null | head -n 60; exit 1; }
 
 # the fuzz tests with a longer budget (examples per op and backend set)
 fuzz: ext
-	CEM_FAST_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -p no:cacheprovider tests/test_op_fuzz.py
+	CEM_FAST_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -p no:cacheprovider tests/ops/test_fuzz.py
 
 # benchmarks/gpu_check.sh run here on the CPU in a scratch copy with a scratch interpreter (everything but CUDA
 # execution: install and build, compile checks, tests, benchmarks at CI size, profile, table); CI runs it

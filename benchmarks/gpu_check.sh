@@ -128,10 +128,13 @@ build_step() {
 
 ops_step() {
   # the triton_op path's opcheck first (a registration defect fails everything after it), full tracebacks
-  pytest_ -q --tb=long -m "not slow" tests/test_custom_ops.py -k "opcheck and triton"
+  pytest_ -q --tb=long -m "not slow" tests/ops/test_custom_ops.py -k "opcheck and triton"
   local a=$?
-  pytest_ -q --tb=long -m "not slow" tests/test_op_intervene.py tests/test_op_roi_sq_err.py tests/test_dispatch.py \
-    tests/test_custom_ops.py tests/test_gpu_ready.py tests/test_host_syncs.py
+  # then the ops, the runner's loop (host syncs) and two defects of the GPU path that a CPU can show (issue 12)
+  pytest_ -q --tb=long -m "not slow" tests/ops/test_intervene.py tests/ops/test_roi_sq_err.py \
+    tests/ops/test_dispatch.py tests/ops/test_custom_ops.py tests/pipeline/test_runner.py \
+    tests/ops/test_op_checks.py::test_a_tensor_on_another_device_is_refused_before_any_launch \
+    tests/test_geometry.py::test_many_roi_finiteness_in_one_pass_equals_the_per_roi_check
   local b=$?
   [ $a -eq 0 ] || [ $a -eq 5 ] || return $a
   return $b
@@ -139,7 +142,7 @@ ops_step() {
 
 memcheck_step() {
   compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_op_intervene.py tests/test_op_roi_sq_err.py -k "gpu or cuda"
+    tests/ops/test_intervene.py tests/ops/test_roi_sq_err.py -k "gpu or cuda"
 }
 
 cem_step() {
@@ -156,9 +159,10 @@ opsbench_step() {
 
 pipeline_step() {
   # on CUDA the cross-shape comparisons assert the documented bound and record each difference in rows.jsonl;
-  # the GPU golden (tests/test_golden.py, 5,122 forwards) was checked on the CPU first: r 0.997 against the
-  # reference's H200 result, so a failure here is the GPU's
-  pytest_ -q --tb=short -m "not slow" tests/test_windows.py tests/test_incremental.py tests/test_golden.py
+  # the GPU golden (tests/integration/test_golden.py, 5,122 forwards) was checked on the CPU first: r 0.997 against
+  # the reference's H200 result, so a failure here is the GPU's
+  pytest_ -q --tb=short -m "not slow" tests/pipeline/engines/test_windows.py \
+    tests/pipeline/engines/test_incremental.py tests/integration/test_golden.py
 }
 
 morecem_step() {
@@ -169,7 +173,7 @@ morecem_step() {
 profile_step() { "$PY" benchmarks/profile_cem.py "$DEST" && mv -f "$DEST/profile.txt" "$P-profile.txt" \
   && { [ ! -f "$DEST/trace.json.gz" ] || mv -f "$DEST/trace.json.gz" "$P-trace.json.gz"; }; head -30 "$P-profile.txt"; }
 
-compile_step() { pytest_ -q tests/test_triton_compile.py tests/test_cuda_compile.py; }
+compile_step() { pytest_ -q tests/ops/test_triton_compile.py tests/ops/test_cuda_compile.py; }
 
 "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null && CUDA=1
 # timeout runs commands, not functions: each step is `bash -c` of an exported function, which leaves at the first

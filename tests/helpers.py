@@ -2,9 +2,17 @@
 
 Cases for the ops (random inputs, a naive one-pixel-at-a-time intervention, the backends to compare with the
 reference and cases sized for them), the DN counter noise by hand, a local model with a known receptive field and
-the locality expectations, and the golden-reference agreement.
+the locality expectations, and the golden-reference agreement; random images and patch banks of a given size,
+the small runs several files share, and what the CLI tests need (running it, its one error line, strict JSON).
 """
+import builtins
+import io
+import json
 import math
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +22,8 @@ import torch
 from cem_fast import rng as crng
 from cem_fast.geometry import ROI, BlockGrid
 from cem_fast.locality import Window, plan_locality
+from cem_fast.patches import PatchBank
+from cem_fast.result import CEMResult
 from cem_fast.tasks import INPUT_NOISE_ID
 
 
@@ -218,3 +228,172 @@ def assert_agrees(res, folder: Path, y0_tol: float = 0.01):
     assert r_out >= 0.9, msg
     assert sign_ok.all(), msg + f" sign differs at {np.argwhere(big)[~sign_ok].tolist()}"
     assert abs(total - 1) <= 0.10, msg
+
+
+# ---- random inputs of a given size (the fixtures of each file draw them from its ``rng``) ---------------------------
+
+def random_image(rng, h: int, w: int) -> np.ndarray:
+    """An h x w x 3 uint8 noise image."""
+    return rng.randint(0, 256, (h, w, 3)).astype(np.uint8)
+
+
+def random_bank(rng, n: int) -> PatchBank:
+    """A bank of ``n`` random 8x8 patches."""
+    return PatchBank(torch.from_numpy(rng.randint(0, 256, (n, 3, 8, 8)).astype(np.uint8)))
+
+
+# derandomize: the same examples on every run, so CI cannot turn red by chance
+def hypothesis_settings():
+    from hypothesis import settings
+    return settings(max_examples=60, deadline=None, derandomize=True)
+
+
+# ---- small runs shared by several files ------------------------------------------------------------------------
+
+def dim_run(image, bank, **kw):
+    """One identity-task run of model_factories.Dim (not an exact restorer, so Y(I) is finite)."""
+    import cem_fast
+    from model_factories import Dim
+    args = dict(model=Dim(), task="identity", roi=(0, 0, 8), patches=bank, coarse=1, fine=1)
+    args.update(kw)
+    return cem_fast.causal_effect_map(image=image, **args)
+
+
+def one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def exact_cem(model, img, bank, **kw):
+    """A DN run in exact mode: the tests that count forwards (locality has its own resume test)."""
+    import cem_fast
+    args = dict(task="DN", sigma=30, roi=(8, 8, 8), coarse=3, fine=6, patches=bank, seed=4, batch_size=5,
+                locality="off")
+    args.update(kw)
+    return cem_fast.causal_effect_map(model, img, **args)
+
+
+def small_run(model, image, bank, **kw):
+    import cem_fast
+    args = dict(task="identity", roi=(8, 8, 8), coarse=2, fine=2, patches=bank, **kw)
+    return cem_fast.causal_effect_map(model, image, **args)
+
+
+def ols_hc3(y, x):
+    """Least squares and the HC3 covariance, written out row by row: the intercept and its standard error."""
+    a = np.column_stack([np.ones(len(y)), x])
+    inv = np.linalg.inv(a.T @ a)
+    coef = inv @ a.T @ y
+    e = y - a @ coef
+    h = np.array([a[i] @ inv @ a[i] for i in range(len(y))])
+    meat = sum(e[i] ** 2 / (1 - h[i]) ** 2 * np.outer(a[i], a[i]) for i in range(len(y)))
+    return coef[0], np.sqrt((inv @ meat @ inv)[0, 0])
+
+
+def control_variate_case():
+    """An exhaustive DN map of a ConvStack on 16 draws per block, for the control-variate tests."""
+    g = np.random.RandomState(3)
+    image = g.randint(0, 256, (48, 48, 3)).astype(np.uint8)
+    bank = PatchBank(torch.from_numpy(g.randint(0, 256, (64, 3, 8, 8)).astype(np.uint8)))
+    return dict(model=ConvStack(2), image=image, task="DN", sigma=25, roi=(16, 16, 16), patches=bank, seed=4,
+                mode="exhaustive", samples=16)
+
+
+def make_result(cem, task="DN", roi=None, psnr=30.0, coarse=None, crop=None, name="m", reachable=None):
+    """A CEMResult of a given (rows, cols) map on a white 8-px-block image (no model run)."""
+    cem = np.asarray(cem, dtype=np.float64)
+    roi = roi or ROI(0, 0, 8, 8)
+    rows, cols = cem.shape
+    white = torch.full((3, rows * 8, cols * 8), 255, dtype=torch.uint8)
+    coarse = np.full((rows, cols, 1), psnr) - cem[..., None] if coarse is None else coarse
+    return CEMResult(cem=cem, effect=cem, samples_coarse=coarse, samples_fine=np.full((rows, cols, 0), np.nan),
+                     gated=np.zeros((rows, cols), bool), psnr_origin=psnr, roi=roi, block=8, scale=1, tol=0.01,
+                     task={"task": task}, seed=0, mode="coarse-to-fine", model_name=name, image_name="i",
+                     num_forwards=1, wall_time=0.0, backend="torch", device="cpu", patch_bank={"digest": "x"},
+                     gt=white, degraded=white, output=white, extra={"locality": {"crop": crop}} if crop else {},
+                     reachable=reachable)
+
+
+# ---- state dicts in public key layouts -------------------------------------------------------------------------
+
+def conv(cout, cin, k=3):
+    return {"weight": (cout, cin, k, k), "bias": (cout,)}
+
+
+def layout(prefix_shapes):
+    """Flatten {"prefix": {"weight": shape, "bias": shape}} into state-dict key -> shape."""
+    return {f"{p}.{n}": shape for p, d in prefix_shapes.items() for n, shape in d.items()}
+
+
+def random_state_dict(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+
+
+# ---- files that run code when loaded ---------------------------------------------------------------------------
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling this opens (creates) the marker file: code ran
+        return (builtins.open, (self.marker, "w"))
+
+
+def crafted_pt2(path: Path, marker: Path) -> Path:
+    """A torch.export archive whose sample inputs are a pickle that runs code: torch.export.load falls back to
+    ``weights_only=False`` when the safe loader refuses it."""
+    ep = torch.export.export(torch.nn.Conv2d(3, 3, 3, padding=1), (torch.rand(1, 3, 8, 8),))
+    good = io.BytesIO()
+    torch.export.save(ep, good)
+    evil = io.BytesIO()
+    torch.save(Evil(marker), evil)
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            data = evil.getvalue() if info.filename.endswith("sample_inputs/model.pt") else src.read(info.filename)
+            out.writestr(info, data)
+    return path
+
+
+# ---- the CLI as a user runs it ---------------------------------------------------------------------------------
+
+CLI = [sys.executable, "-m", "cem_fast.cli"]
+# tests/ on the path of the CLI's process: model specs such as model_factories:make
+CLI_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env=CLI_ENV)
+
+
+def one_error_line(p) -> str:
+    """The CLI failed with exactly one error line and no traceback: that line."""
+    assert p.returncode != 0, p.stderr
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1, p.stderr
+    return errors[0]
+
+
+def strict_json(path: Path):
+    """json.loads that refuses NaN / Infinity, as browsers and most other languages do."""
+    def refuse(name):
+        raise AssertionError(f"{path} holds the non-JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def write_png(path: Path, rng, size=(16, 16)) -> Path:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.randint(0, 256, (*size, 3)).astype(np.uint8)).save(path)
+    return path
+
+
+def x4_config(tmp_path: Path, images, **extra) -> Path:
+    """c.yml: bicubic x4 SR on ``images``, one coarse and one fine draw."""
+    cfg = {"task": "SR", "scale": 4, "model": "bicubic", "images": [str(i) for i in images], "roi": [0, 0, 8],
+           "coarse": 1, "fine": 1, **extra}
+    path = tmp_path / "c.yml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path

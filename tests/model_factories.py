@@ -1,4 +1,7 @@
-"""Model factories for the CLI tests (``model_factories:make``); importable because tests/ is on sys.path."""
+"""Nets and model factories shared by the tests; the CLI's model specs name them (``model_factories:make``, importable
+because tests/ is on sys.path, and on the PYTHONPATH of the CLI processes the tests start)."""
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +39,88 @@ class Blur(torch.nn.Module):
         for c in self.convs:
             x = torch.relu(c(x))
         return x
+
+
+class RollBlur(torch.nn.Module):
+    """Batch-invariant (no convolution algorithm to choose): a 3-tap average along x and a gain, the same outputs
+    whatever the batch composition."""
+
+    def forward(self, x):
+        return 0.9 * (x + x.roll(1, -1) + x.roll(-1, -1)) / 3 + 0.05
+
+
+class Dim(torch.nn.Module):
+    """Not an exact restorer, so Y(I) is finite."""
+
+    def forward(self, x):
+        return x * 0.5
+
+
+class InPlace(torch.nn.Module):
+    def forward(self, x):
+        return x.mul_(0.9)
+
+
+class OutOfPlace(torch.nn.Module):
+    def forward(self, x):
+        return x * 0.9
+
+
+def box_blur(x: torch.Tensor) -> torch.Tensor:
+    w = torch.full((x.shape[1], 1, 3, 3), 1 / 9, dtype=x.dtype, device=x.device)
+    return F.conv2d(x, w, padding=1, groups=x.shape[1])
+
+
+class NaNEveryThird(torch.nn.Module):
+    """A 3x3 box blur that writes NaN into a patch of every third forward's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = box_blur(x)
+        if self.calls % 3 == 0:
+            y[..., 2:6, 2:6] = float("nan")
+        return y
+
+
+def make_nan_every_third():
+    return NaNEveryThird()
+
+
+class Drifts(torch.nn.Module):
+    """A box blur plus an offset that grows with every call (state kept between forwards)."""
+
+    def __init__(self, step=1e-3):
+        super().__init__()
+        self.calls, self.step = 0, step
+
+    def forward(self, x):
+        self.calls += 1
+        return box_blur(x) + self.step * self.calls
+
+
+class ExitsOnBatches(torch.nn.Module):
+    def forward(self, x):
+        if x.shape[0] > 1:
+            sys.exit("usage: model.py [-h]")  # research code that parses arguments, say
+        return box_blur(x)
+
+
+def make_exits():
+    return ExitsOnBatches()
+
+
+class Exits(torch.nn.Module):
+    def forward(self, x):
+        raise SystemExit(3)  # research code that parses arguments or exits
+
+
+def make_exit_3():
+    return Exits()
+
+
+def raising_factory():
+    raise KeyError("weights")

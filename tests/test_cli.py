@@ -1,22 +1,24 @@
-"""The CLI as a user runs it: outputs exist and load, the report links only existing files, errors are one line."""
+"""The CLI as a user runs it: outputs exist and load, the report links only existing files, errors are one line. And
+against adversarial inputs: no code runs from a model or config file without the user's word, every run has a
+folder of its own, one failure does not stop the other runs, earlier results are replaced only by complete new ones,
+a model with NaN outputs or that calls sys.exit fails its run with one clear line."""
 import json
-import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-CLI = [sys.executable, "-m", "cem_fast.cli"]
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def run(*args, cwd=None):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env=ENV)
+import cem_fast
+from cem_fast import cli
+from helpers import CLI, CLI_ENV as ENV, crafted_pt2, one_error_line, run_cli as run, strict_json, write_png, x4_config
 
 
 @pytest.fixture
@@ -440,3 +442,385 @@ def test_no_report_when_every_run_failed(tmp_path):
     assert not (tmp_path / "o" / "report.html").exists()
     assert "report:" not in p.stdout and len(p.stderr.strip().splitlines()) == 1  # the error line alone
     assert "no_such_module_xyz" in json.loads((tmp_path / "o" / "factory" / "im" / "error.json").read_text())["error"]
+
+
+# ---- adversarial inputs (issue 11): no code runs from a model or config file without the user's word -----------------
+
+def test_cli_refuses_a_pt2_in_a_model_folder_and_runs_the_other_models(tmp_path, rng):
+    marker = tmp_path / "pwned"
+    models = tmp_path / "models"
+    models.mkdir()
+    crafted_pt2(models / "evil.pt2", marker)
+    torch.save({"weight": torch.zeros(1)}, models / "junk.pth")  # a checkpoint of an unknown architecture
+    img = write_png(tmp_path / "im.png", rng)
+    cfg = x4_config(tmp_path, [img], models=[str(models), "bicubic"], task="SR")
+    cfg.write_text(cfg.read_text().replace('"model": "bicubic", ', ""))
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert not marker.exists()
+    assert "evil.pt2' is a torch.export program" in p.stderr and "--trust-model" in p.stderr
+    assert "Fallback to weights_only=False" not in p.stderr  # torch's own logger stayed quiet
+    assert (tmp_path / "o" / "bicubic_x4" / "im" / "result.npz").is_file()
+    report = (tmp_path / "o" / "report.html").read_text()
+    assert report.count("failed: ") == 2 and "evil" in report and "junk" in report
+
+
+def test_trusting_a_crafted_pt2_is_one_line_without_a_logged_traceback(tmp_path, rng):
+    evil = crafted_pt2(tmp_path / "evil.pt2", tmp_path / "pwned")
+    cfg = x4_config(tmp_path, [write_png(tmp_path / "im.png", rng)], model=str(evil))
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress", "--trust-model")
+    assert "is not a readable torch.export program" in one_error_line(p)
+
+
+def test_config_tags_that_build_python_objects_are_refused(tmp_path, rng):
+    marker = tmp_path / "pwned"
+    img = write_png(tmp_path / "im.png", rng)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"task: SR\nmodel: !!python/object/apply:builtins.open ['{marker}', 'w']\n"
+                   f"images: [{img}]\nroi: [0, 0, 8]\n")
+    p = run("run", cfg, "--out", tmp_path / "o")
+    assert "is not valid YAML" in one_error_line(p) and not marker.exists()
+
+
+# ---- every run has a folder of its own -------------------------------------------------------------------------------
+
+def test_images_with_one_name_or_one_safe_name_get_their_own_folders(tmp_path, rng):
+    paths = [write_png(tmp_path / "A" / "img.png", rng), write_png(tmp_path / "B" / "img.png", rng),
+             write_png(tmp_path / "a b.png", rng), write_png(tmp_path / "a_b.png", rng)]
+    p = run("run", x4_config(tmp_path, paths), "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    base = tmp_path / "o" / "bicubic_x4"
+    folders = ["img", "img_2", "a_b", "a_b_2"]
+    for folder, path in zip(folders, paths):
+        s = strict_json(base / folder / "summary.json")
+        assert s["image_path"] == str(path)
+        gt = np.asarray(Image.open(base / folder / "gt.png").convert("RGB"))
+        # the pictures are this image's (away from the ROI box drawn on them)
+        assert np.array_equal(gt[12:, 12:], np.asarray(Image.open(path))[12:, 12:])
+    report = (tmp_path / "o" / "report.html").read_text()
+    for folder in folders:
+        assert f'href="bicubic_x4/{folder}/summary.json"' in report
+    assert str(paths[0]) in report and str(paths[1]) in report  # same file names: told apart by their paths
+
+
+def test_names_never_leave_the_output_folder_or_take_the_reports_name(tmp_path, rng):
+    img = write_png(tmp_path / "x.png", rng).rename(tmp_path / "...png")  # its stem is '..'
+    sd = cem_fast.models.default_model("dn").state_dict()
+    (tmp_path / "m").mkdir()
+    torch.save(sd, tmp_path / "m" / "...pth")
+    torch.save(sd, tmp_path / "m" / "report.html.pth")
+    cfg = x4_config(tmp_path, [img], task="DN", models=[str(tmp_path / "m" / "...pth"),
+                                                        str(tmp_path / "m" / "report.html.pth")])
+    cfg.write_text(cfg.read_text().replace('"model": "bicubic", ', ""))
+    (tmp_path / "o").mkdir()
+    before = set(tmp_path.iterdir())
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert set(tmp_path.iterdir()) == before  # nothing written beside the output folder
+    assert (tmp_path / "o" / "report.html").is_file()
+    runs = sorted(str(f.parent.relative_to(tmp_path / "o")) for f in (tmp_path / "o").rglob("result.npz"))
+    assert runs == ["model/image", "report.html_/image"], runs
+
+
+def test_switching_between_roi_and_rois_leaves_no_stale_files(tmp_path, rng):
+    cfg = x4_config(tmp_path, [write_png(tmp_path / "im.png", rng)])
+    folder = tmp_path / "o" / "bicubic_x4" / "im"
+    assert run("run", cfg, "--out", tmp_path / "o", "--no-progress").returncode == 0
+    assert (folder / "result.npz").is_file()
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress", "--set", "roi=null",
+                "--set", "rois=[[0, 0, 8], [8, 8, 8]]")
+    assert p.returncode == 0, p.stderr
+    assert not (folder / "result.npz").exists() and (folder / "rois.json").is_file()
+    assert run("run", cfg, "--out", tmp_path / "o", "--no-progress").returncode == 0
+    assert not (folder / "rois.json").exists() and not list(folder.glob("roi_*"))
+
+
+# ---- one failure does not stop the other runs ------------------------------------------------------------------------
+
+def test_failures_of_any_kind_each_get_a_row_and_the_rest_run(tmp_path, rng, monkeypatch, capsys):
+    images = [write_png(tmp_path / "one.png", rng), write_png(tmp_path / "two.png", rng)]
+    cfg = x4_config(tmp_path, images, models=["model_factories:raising_factory", str(tmp_path / "missing.pth"),
+                                              "bicubic"])
+    cfg.write_text(cfg.read_text().replace('"model": "bicubic", ', ""))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from cem_fast import plotting
+    save_pictures = plotting.save_pictures
+
+    def disk_full_on_one(res, out, **options):
+        if res.image_name == "one.png":
+            raise OSError(28, "No space left on device")
+        return save_pictures(res, out, **options)
+
+    monkeypatch.setattr(plotting, "save_pictures", disk_full_on_one)
+    rc = cli.main(["run", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "raising_factory() raised KeyError: 'weights'" in err
+    assert "No space left on device" in err
+    assert (tmp_path / "o" / "bicubic_x4" / "two" / "cem.png").is_file()
+    assert not (tmp_path / "o" / "bicubic_x4" / "one" / "result.npz").exists()  # no half result passes for one
+    assert "No space left" in strict_json(tmp_path / "o" / "bicubic_x4" / "one" / "error.json")["error"]
+    report = (tmp_path / "o" / "report.html").read_text()
+    assert report.count("failed: ") == 5  # 2 images x 2 models that did not load, and the full disk
+
+
+def test_a_model_that_calls_sys_exit_fails_its_run_only(tmp_path, rng):
+    cfg = x4_config(tmp_path, [write_png(tmp_path / "im.png", rng)], models=["model_factories:make_exit_3", "bicubic"])
+    cfg.write_text(cfg.read_text().replace('"model": "bicubic", ', ""))
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert (tmp_path / "o" / "bicubic_x4" / "im" / "result.npz").is_file()
+    assert "failed: " in (tmp_path / "o" / "report.html").read_text()
+
+
+# ---- results replaced only by complete new ones; temporaries and staging folders -------------------------------------
+
+def test_a_failed_rerun_does_not_leave_the_previous_result_in_place(tmp_path, rng):
+    img = write_png(tmp_path / "im.png", rng)
+    cfg = x4_config(tmp_path, [img])
+    assert run("run", cfg, "--out", tmp_path / "o", "--no-progress").returncode == 0
+    folder = tmp_path / "o" / "bicubic_x4" / "im"
+    assert (folder / "result.npz").is_file()
+    (tmp_path / "empty").mkdir()
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress", "--set", f"patches={tmp_path / 'empty'}")
+    assert "holds no images" in one_error_line(p)
+    assert not (folder / "result.npz").exists() and not (folder / "summary.json").exists()
+    assert "holds no images" in strict_json(folder / "error.json")["error"]
+    assert run("run", cfg, "--out", tmp_path / "o", "--no-progress").returncode == 0
+    assert (folder / "result.npz").is_file() and not (folder / "error.json").exists()
+
+
+def test_temporary_files_of_a_killed_run_are_cleaned(tmp_path, rng):
+    img = write_png(tmp_path / "im.png", rng)
+    stale = tmp_path / "o" / "bicubic_x4" / "im" / ".result.npz.tmp999999999"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a file")
+    assert run("run", x4_config(tmp_path, [img]), "--out", tmp_path / "o", "--no-progress").returncode == 0
+    assert not stale.exists()
+    assert not list((tmp_path / "o").rglob("*.tmp*"))
+
+
+def test_a_users_own_temporary_files_under_out_are_left_alone(tmp_path, rng):
+    mine = tmp_path / "o" / "docs" / ".thesis.tex.tmp99999"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my thesis")
+    assert run("run", x4_config(tmp_path, [write_png(tmp_path / "im.png", rng)]), "--out", tmp_path / "o",
+                   "--no-progress").returncode == 0
+    assert mine.read_text() == "my thesis"
+
+
+def sr_run_config(tmp_path: Path, rng) -> Path:
+    image = tmp_path / "im.png"
+    Image.fromarray(rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)).save(image)
+    cfg = {"task": "SR", "scale": 4, "model": "bicubic", "images": [str(image)], "roi": [0, 0, 8], "coarse": 1,
+           "fine": 1}
+    path = tmp_path / "sr.yml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_a_file_in_place_of_the_cache_folder_is_one_warning_and_the_run_goes_on(tmp_path, rng):
+    cfg, out = sr_run_config(tmp_path, rng), tmp_path / "o"
+    assert run("run", cfg, "--out", out, "--no-progress").returncode == 0
+    folder = out / "bicubic_x4" / "im"
+    first = json.loads((folder / "summary.json").read_text())
+    (out / ".cem_cache").rename(tmp_path / "old_cache")
+    (out / ".cem_cache").write_text("not a folder")
+    p = run("run", cfg, "--out", out, "--no-progress", "--set", "seed=1")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    warnings = [ln for ln in p.stderr.splitlines() if "warning" in ln.lower()]
+    assert len(warnings) == 1 and "sample cache" in warnings[0] and "cannot be used" in warnings[0], p.stderr
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["seed"] == 1 and first["seed"] == 0  # the new results replaced the earlier ones
+    assert "cannot be used" in summary["cache_note"] and "cache_entry" not in summary
+    assert all((folder / f).is_file() for f in RESULT_FILES) and not (folder / "error.json").exists()
+
+
+def test_an_interrupted_save_leaves_the_earlier_results_as_they_were(tmp_path, rng, monkeypatch, capsys):
+    from cem_fast import plotting
+    cfg, out = sr_run_config(tmp_path, rng), tmp_path / "o"
+    assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    folder = out / "bicubic_x4" / "im"
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C while the pictures are written, after result.npz and summary.json
+
+    monkeypatch.setattr(plotting, "save_pictures", interrupted)
+    assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress", "--set", "seed=1"]) == 130
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert [p.name for p in folder.parent.iterdir()] == ["im"]  # no staging folder left
+
+
+def test_a_staging_folder_of_a_killed_run_is_removed_and_no_one_elses(tmp_path, rng):
+    cfg, out = sr_run_config(tmp_path, rng), tmp_path / "o"
+    stale = out / "bicubic_x4" / ".im.staging999999999"
+    stale.mkdir(parents=True)
+    (stale / "result.npz").write_bytes(b"half a run")
+    mine = out / "bicubic_x4" / ".my_notes"
+    mine.mkdir()
+    assert run("run", cfg, "--out", out, "--no-progress").returncode == 0
+    assert not stale.exists() and mine.is_dir()
+
+
+# ---- models whose outputs are NaN or that call sys.exit --------------------------------------------------------------
+
+RESULT_FILES = ("result.npz", "summary.json", "cem.png")
+
+
+def dn_config(tmp_path: Path, image: Path, **extra) -> Path:
+    cfg = {"task": "DN", "sigma": 25, "images": [str(image)], "roi": [16, 16, 8], **extra}
+    path = tmp_path / "c.yml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def test_the_cli_fails_a_model_with_nan_outputs_and_writes_no_results(tmp_path, rng):
+    cfg = dn_config(tmp_path, write_png(tmp_path / "im.png", rng, size=(48, 48)),
+                    model="model_factories:make_nan_every_third")
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress")
+    assert "NaN/Inf" in one_error_line(p) and p.returncode == 1
+    folder = tmp_path / "o" / "make_nan_every_third" / "im"
+    assert not any((folder / f).exists() for f in RESULT_FILES)
+    assert "NaN/Inf" in json.loads((folder / "error.json").read_text())["error"]
+
+
+def test_a_model_calling_sys_exit_is_one_clear_line(tmp_path, rng):
+    cfg = dn_config(tmp_path, write_png(tmp_path / "im.png", rng, size=(48, 48)),
+                    model="model_factories:make_exits", locality="off", batch_size=4)
+    line = one_error_line(run("run", cfg, "--out", tmp_path / "o", "--no-progress"))
+    assert line == ("cem-fast: error: make_exits on im.png: the model called sys.exit('usage: model.py [-h]') "
+                    "during its forward pass")
+
+
+# ---- every mistake is one line ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,match", [
+    ("seed=100000000000000000000000", "seed must be an integer in [0, 9223372036854775807]"),
+    ("seed=1e23", "seed must be an integer"),
+    ("Imagelist=[5]", "Imagelist entries must be file names"),
+    ("model_options=5", "model_options must be a mapping"),
+    ("model_options={noise_level: abc}", "model_options.noise_level must be a finite number"),
+    ("rain_seed=abc", "rain_seed must be an integer"),
+    ("sigma=.inf", "sigma must be a finite number in (0, 255], got inf"),
+    ("sigma=1e308", "sigma must be a finite number in (0, 255]"),
+    ("sigma=abc", "sigma must be a finite number in (0, 255], got 'abc'"),
+    ("coarse=100000000000", "coarse + fine (or samples) must be at most 1048576"),
+    ("model=os:system", "os is a standard-library module, not a model factory"),
+    ("model=numpy:zeros", "zeros is a builtin_function_or_method, expected a factory function"),
+    ("model=model_factories:raising_factory", "raising_factory() raised KeyError"),
+    ("roi=[8.5, 0, 8]", "roi must be (y, x, size) or (y, x, height, width) integers, got [8.5, 0, 8]"),
+    ("max_pixels=0", "max_pixels must be a positive integer, got 0"),
+    ("block=-8", "block must be a positive integer, got -8"),
+    ("backend=[torch]", "backend must be one of auto, torch, triton, cuda, cpp, got ['torch']"),
+    ("rain_preset=[small]", "rain_preset must be one of small, medium, large, random"),
+    ("device=[cpu]", "device must be a name such as cpu or cuda:0"),
+    ("samples=3", "samples applies to mode: exhaustive"),
+    ("crop=[-16, -16, 16, 16]", "crop must be a PIL box [left, upper, right, lower] of non-negative integers"),
+    ("crop=[false, false, 16, 16]", "crop must be a PIL box"),
+    ("model=http.server:test", "http.server is a standard-library module, not a model factory"),
+    ("model=this:x", "this is a standard-library module"),
+    ("trust_model_code=yes please", "trust_model_code must be true or false"),
+])
+def test_cli_mistakes_are_one_line(tmp_path, rng, override, match):
+    cfg = x4_config(tmp_path, [write_png(tmp_path / "im.png", rng)])
+    p = run("run", cfg, "--out", tmp_path / "o", "--no-progress", "--set", override)
+    assert match in one_error_line(p)
+
+
+@pytest.mark.parametrize("setup,override,match", [
+    ("empty_patches", "patches={tmp}/empty", "holds no images"),
+    ("unknown_ckpt", "model={tmp}/unknown.pth", "unknown architecture"),
+    ("corrupt_ckpt", "model={tmp}/corrupt.pth", "not a readable PyTorch checkpoint"),
+    ("none", "sigma=0", "sigma must be a finite number in (0, 255], got 0"),
+    ("none", "block=0", "block must be a positive"),
+    ("none", "roi=[0, 0]", "roi must be (y, x, size) or (y, x, height, width)"),
+    ("none", "crop=[1, 2]", "crop must be a PIL box"),
+    ("none", "seed=1.5", "seed must be an integer"),
+])
+def test_cli_bad_inputs(tmp_path, rng, setup, override, match):
+    Image.fromarray(rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)).save(tmp_path / "im.png")
+    (tmp_path / "empty").mkdir()
+    torch.save({"foo.weight": torch.rand(2, 2)}, tmp_path / "unknown.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"\x00\x01 not a checkpoint")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"task: DN\nmodel: default\nimages: [{tmp_path / 'im.png'}]\nroi: [0, 0, 8]\nfine: 1\n")
+    p = run("run", cfg, "--out", tmp_path / "o", "--set", override.format(tmp=tmp_path))
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and match in errors[0], p.stderr
+
+
+def test_patch_npz_missing_its_arrays_is_one_line(tmp_path, rng):
+    np.savez(tmp_path / "bank.npz", other=np.zeros(3))
+    cfg = x4_config(tmp_path, [write_png(tmp_path / "im.png", rng)], patches=str(tmp_path / "bank.npz"))
+    assert "has no array 'patches'" in one_error_line(run("run", cfg, "--out", tmp_path / "o"))
+
+
+def test_config_that_is_not_utf8_or_repeats_a_key(tmp_path, rng):
+    img = write_png(tmp_path / "im.png", rng)
+    bad = tmp_path / "latin1.yml"
+    bad.write_bytes(f"task: SR\nmodel: bicubic\nimages: [{img}]\nroi: [0, 0, 8]\n# caf\xe9\n".encode("latin-1"))
+    assert "latin1.yml' is not UTF-8 text" in one_error_line(run("run", bad, "--out", tmp_path / "o"))
+    dup = tmp_path / "dup.yml"
+    dup.write_text(f"task: SR\nmodel: bicubic\nimages: [{img}]\nroi: [0, 0, 8]\nroi: [8, 8, 8]\n")
+    assert "key 'roi' is given twice (line 5)" in one_error_line(run("run", dup, "--out", tmp_path / "o"))
+
+
+def test_unreadable_torchscript_names_the_file(tmp_path, rng):
+    bad = tmp_path / "broken.pt"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("broken/code/__torch__.py", "this is not TorchScript")
+    cfg = x4_config(tmp_path, [write_png(tmp_path / "im.png", rng)], model=str(bad))
+    line = one_error_line(run("run", cfg, "--out", tmp_path / "o", "--trust-model"))
+    assert "broken.pt' is not a readable TorchScript program" in line
+
+
+def test_config_keys_that_are_not_names_and_out_that_is_a_file(tmp_path, rng):
+    img = write_png(tmp_path / "im.png", rng)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"task: SR\nmodel: bicubic\nimages: [{img}]\nroi: [0, 0, 8]\n1: 2\n")
+    assert "config keys must be names (text), got 1" in one_error_line(run("run", cfg, "--out", tmp_path / "o"))
+    (tmp_path / "afile").write_text("x")
+    p = run("run", x4_config(tmp_path, [img]), "--out", tmp_path / "afile")
+    assert "afile' is a file, expected a folder" in one_error_line(p)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["run", "c.yml"], "the following arguments are required: --out"),
+])
+def test_usage_mistakes_are_one_line(args, match):
+    p = run(*args)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and match in p.stderr, p.stderr
+
+
+def test_unexpected_errors_are_one_line_too(monkeypatch, capsys):
+    def boom(args):
+        raise TypeError("\nsomething deep")  # an empty first line used to print a bare 'cem-fast: error: '
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["info"].set_defaults(func=boom)
+    assert cli.main(["info"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("cem-fast: error: TypeError: something deep") and err.count("\n") == 1
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path, rng):
+    cfg = x4_config(tmp_path, [write_png(tmp_path / "im.png", rng)])
+    proc = subprocess.Popen(CLI + ["run", str(cfg), "--out", str(tmp_path / "o")], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # interrupt while torch's library is being loaded: start-up, not the run
+        try:
+            if "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "cem-fast: interrupted"

@@ -1,7 +1,14 @@
+import math
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from cem_fast import geometry
 from cem_fast.geometry import ROI, BlockGrid
+from helpers import dim_run, hypothesis_settings, one_line, random_bank
 
 
 def test_non_square_grid_has_partial_edge_blocks():
@@ -64,3 +71,78 @@ def test_roi_blocks_match_a_naive_overlap_test():
             overlap = (r * 8 < roi.y + roi.height and roi.y < r * 8 + 8
                        and c * 8 < roi.x + roi.width and roi.x < c * 8 + 8)
             assert bool(mask[r, c]) == overlap, (r, c)
+
+
+# ---- property tests (hypothesis): random shapes, blocks and ROIs -----------------------------------------------------
+
+SETTINGS = hypothesis_settings()
+
+
+@st.composite
+def grids(draw):
+    scale = draw(st.sampled_from([1, 2, 4]))
+    block = scale * draw(st.integers(1, 4))
+    out_h = scale * draw(st.integers(max(1, block // scale), 40))
+    out_w = scale * draw(st.integers(max(1, block // scale), 40))
+    return BlockGrid(out_h, out_w, block, scale)
+
+
+@SETTINGS
+@given(grids())
+def test_blocks_tile_the_input_exactly_once(g):
+    cover = torch.zeros(g.in_h, g.in_w, dtype=torch.int32)
+    for (y, x), (h, w) in zip(g.input_origins().tolist(), g.input_sizes().tolist()):
+        assert 0 < h <= g.in_block and 0 < w <= g.in_block
+        cover[y:y + h, x:x + w] += 1
+    assert bool((cover == 1).all())
+    assert g.rows == math.ceil(g.out_h / g.block) and g.cols == math.ceil(g.out_w / g.block)
+
+
+@SETTINGS
+@given(grids(), st.data())
+def test_roi_blocks_are_exactly_the_overlapping_blocks(g, data):
+    y = data.draw(st.integers(0, g.out_h - 1))
+    x = data.draw(st.integers(0, g.out_w - 1))
+    roi = ROI(y, x, data.draw(st.integers(1, g.out_h - y)), data.draw(st.integers(1, g.out_w - x)))
+    roi.check_inside(g.out_h, g.out_w)
+    mask = g.roi_blocks(roi)
+    b = g.block
+    for r in range(g.rows):
+        for c in range(g.cols):
+            overlap = r * b < y + roi.height and y < (r + 1) * b and c * b < x + roi.width and x < (c + 1) * b
+            assert bool(mask[r, c]) == overlap
+
+
+# ---- images too small for a block or the ROI -------------------------------------------------------------------------
+
+@pytest.fixture
+def bank(rng):
+    return random_bank(rng, 8)
+
+
+def test_image_smaller_than_a_block_or_the_roi(bank, rng):
+    tiny = rng.randint(0, 256, (6, 6, 3)).astype(np.uint8)
+    with pytest.raises(ValueError, match="image 6x6 must be at least one block") as e:
+        dim_run(tiny, bank)
+    one_line(e)
+    small = rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"roi \(y=0, x=0, 32x32\) must lie inside the 16x16 output"):
+        dim_run(small, bank, roi=(0, 0, 32))
+
+
+# ---- the many-ROI finiteness check in one pass -----------------------------------------------------------------------
+
+def test_many_roi_finiteness_in_one_pass_equals_the_per_roi_check(rng):
+    for trial in range(20):
+        out = torch.from_numpy(rng.rand(3, 2, 12, 10).astype(np.float32))
+        for _ in range(rng.randint(0, 4)):
+            out[rng.randint(3), rng.randint(2), rng.randint(12), rng.randint(10)] = \
+                [np.nan, np.inf, -np.inf][rng.randint(3)]
+        oy, ox = rng.randint(0, 3), rng.randint(0, 3)
+        rois = []
+        for _ in range(rng.randint(2, 7)):
+            h, w = rng.randint(1, 6), rng.randint(1, 6)
+            rois.append(ROI(oy + rng.randint(0, 12 - h + 1), ox + rng.randint(0, 10 - w + 1), h, w))
+        want = torch.stack([torch.isfinite(out[:, :, r.y - oy:r.y - oy + r.height, r.x - ox:r.x - ox + r.width])
+                            .flatten(1).all(1) for r in rois], 1)
+        assert torch.equal(geometry.rois_finite(out, rois, oy, ox), want), trial

@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cem_fast
 from cem_fast.locality import Window, plan_locality
@@ -274,45 +276,6 @@ def test_large_input_runs_without_a_full_size_forward(bank):
     assert res.samples_coarse[r, c, 0] == pytest.approx(10 * math.log10(255 ** 2 / float(mse)), abs=1e-6)
 
 
-def test_reduced_precision_is_checked_against_fp32(image, bank):
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    res = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", sigma=30, roi=(16, 24, 16), coarse=2,
-                                     fine=3, patches=bank, precision="bf16")
-    chk = res.extra["precision_check"]
-    assert res.extra["precision"] == "bf16" and chk["blocks_checked"] > 0
-    assert 0 < chk["max_abs_delta_ce_db"] < 1.0  # bf16 moves the map a little, not a lot
-    assert abs(chk["psnr_origin_fp32"][0] - res.psnr_origin) == pytest.approx(chk["psnr_origin_delta_db"],
-                                                                                abs=1e-5)
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags
-    fp32 = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", sigma=30, roi=(16, 24, 16), coarse=2,
-                                      fine=3, patches=bank)
-    assert "precision_check" not in fp32.extra
-
-
-def test_auto_batch_size_is_remembered_per_model_and_shape(image, bank):
-    from cem_fast.pipeline import model as placement
-    model = ConvStack(2)
-    args = dict(task="DN", roi=(16, 24, 16), coarse=1, fine=0, patches=bank, locality="off")
-    first = cem_fast.causal_effect_map(model, image, **args)
-    assert first.extra["batch_size"] == "auto"
-    assert first.extra["final_batch_size"] == min(256, placement.CPU_BATCH_PIXELS // (48 * 64))
-    key = ((3, 48, 64), "fp32", "cpu")
-    placement.remember_batch_size(model, key, 7)
-    again = cem_fast.causal_effect_map(model, image, **args)
-    assert again.extra["final_batch_size"] == 7
-    other = cem_fast.causal_effect_map(ConvStack(2), image, **args)  # another model: not remembered
-    assert other.extra["final_batch_size"] == first.extra["final_batch_size"]
-
-
-def test_compiled_model_gives_the_same_samples(image, bank):
-    args = dict(task="DN", sigma=30, roi=(16, 24, 16), coarse=2, fine=2, patches=bank, seed=3)
-    eager = cem_fast.causal_effect_map(ConvStack(2), image, **args)
-    compiled = cem_fast.causal_effect_map(ConvStack(2), image, compile=True, **args)
-    assert compiled.extra["compile"] is True
-    np.testing.assert_allclose(compiled.samples_coarse, eager.samples_coarse, atol=1e-3)
-    np.testing.assert_allclose(compiled.cem, eager.cem, atol=1e-3)
-
-
 def test_channel_attention_runs_whole():
     """RCAN's channel attention pools the whole image: nothing may be skipped or cropped."""
     from cem_fast.models import RCAN
@@ -344,18 +307,6 @@ def test_shifted_window_attention_speed_mode_equals_exact_mode(block, bank):
     np.testing.assert_allclose(exact.samples_coarse[~reach], exact.psnr_origin, atol=1e-9)
 
 
-def test_overlay_outlines_the_crop_in_speed_mode(image, bank):
-    from cem_fast.plotting import overlay
-    res = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
-                                     patches=bank)
-    y, x, h, w = res.extra["locality"]["crop"]
-    pic = overlay(res)
-    assert tuple(pic[y + h // 2, x]) == (96, 96, 96) and tuple(pic[y + h - 1, x + w // 2]) == (96, 96, 96)
-    exact = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
-                                       patches=bank, locality="off")
-    assert tuple(overlay(exact)[y + h // 2, x]) != (96, 96, 96)
-
-
 def test_probe_builds_its_inputs_a_batch_at_a_time():
     sizes = []
 
@@ -378,3 +329,22 @@ def test_exhaustive_mode_with_locality_equals_exact_mode(image, bank):
     assert fast.extra["locality"]["skipped_blocks"] > 0 and fast.gated.all() and exact.gated.all()
     np.testing.assert_allclose(fast.samples_fine, exact.samples_fine, atol=1e-3)  # skipped blocks: Y(I) exactly
     np.testing.assert_allclose(fast.cem, exact.cem, atol=1e-3)
+
+
+# ---- property test (hypothesis): any conv stack, image size and ROI --------------------------------------------------
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(n=st.integers(1, 3), dilation=st.integers(1, 3), block=st.sampled_from([4, 8]),
+       h=st.integers(16, 72), w=st.integers(16, 72), data=st.data())
+def test_probe_reach_is_the_receptive_field(n, dilation, block, h, w, data):
+    """Any conv stack, image size (partial edge blocks included) and ROI: the probed reach is exactly the blocks
+    within the receptive field, and the plan is verified."""
+    from helpers import ConvStack, probe, reach_from_radius, tight_window
+    rh, rw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
+    y, x = data.draw(st.integers(0, h - rh)), data.draw(st.integers(0, w - rw))
+    plan, grid = probe(ConvStack(n, dilation), (h, w), block, [(y, x, rh, rw)])
+    want = reach_from_radius(grid, ROI(y, x, rh, rw), n * dilation)
+    assert np.array_equal(plan.reach[0], want), plan.info
+    crop = tight_window(ROI(y, x, rh, rw), n * dilation, h, w, step=dilation)
+    whole = (crop.h, crop.w) == (h, w)  # every pixel needed: nothing to gain
+    assert plan.window == (None if whole else crop) and plan.active == (not want.all() or not whole)

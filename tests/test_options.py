@@ -2,12 +2,14 @@
 import inspect
 from dataclasses import fields
 
+import numpy as np
 import pytest
 
 import cem_fast
 from cem_fast import config
 from cem_fast.options import (API_ONLY, BACKENDS, MODES, PRECISIONS, RAIN_PRESETS, RunOptions,
                                        TaskOptions)
+from helpers import dim_run, one_line, random_bank
 
 
 def test_the_api_defaults_are_the_options_defaults():
@@ -84,3 +86,25 @@ def test_set_replaces_every_name_of_its_option(tmp_path):
     assert (c.options["fine"], c.options["scale"], c.roi.as_tuple()) == (2, 3, (8, 8, 16, 16))
     c = config.load_config(str(cfg), ["fine_num=4", "h=16"])
     assert c.options["fine"] == 4 and c.roi.as_tuple() == (16, 0, 8, 8)
+
+
+# ---- values out of range: one line naming the option -----------------------------------------------------------------
+
+@pytest.fixture
+def bank(rng):
+    return random_bank(rng, 8)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(fine=-1), "fine must be a non-negative integer, got -1"),
+    (dict(task="DN", sigma=-5), "sigma must be positive"),
+    (dict(task="SR", scale=0), "sr scale must be a positive integer, got 0"),
+    (dict(mode="exhaustive", samples=0), "samples must be a positive integer, got 0"),
+    (dict(block=2.5), "block must be a positive integer, got 2.5"),
+])
+def test_zero_or_negative_parameters(bank, rng, kw, match):
+    img = rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)
+    with pytest.raises(ValueError, match=match) as e:
+        dim_run(img, bank, **kw)
+    one_line(e)

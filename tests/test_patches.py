@@ -1,9 +1,15 @@
+import os
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import cem_fast
+import cem_fast.patches as patches_mod
 from cem_fast.patches import PatchBank, load_patch_bank, sharpness
+from helpers import Evil
 
 
 def test_div2k_bank_loads_in_rgb_order_and_caches(shared, tmp_path, monkeypatch):
@@ -135,3 +141,105 @@ def test_a_bank_remembered_for_one_cache_folder_is_cached_in_another(tmp_path, m
     monkeypatch.setenv("CEM_FAST_CACHE", str(tmp_path / "other"))
     assert np.array_equal(PatchBank.from_folder(folder).patches.numpy(), want)
     assert list((tmp_path / "other" / "patch_banks").glob("*.npz"))
+
+
+# ---- banks that are not what they should be: one line each -----------------------------------------------------------
+
+def test_patch_bank_mismatched_with_the_image_channels(rng):
+    with pytest.raises(ValueError, match=r"patch bank must be \(P, 3, pb, pb\) uint8, got \(4, 1, 8, 8\)"):
+        PatchBank(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="is empty"):
+        PatchBank(torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_an_array_given_as_the_patch_bank_is_named(rng):
+    """An array is not one of the bank's forms: say which forms are (it was a TypeError from Path)."""
+    img = (rng.rand(16, 16, 3) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match="patches must be None, 'default', a folder .* got ndarray"):
+        cem_fast.causal_effect_map(torch.nn.Identity(), img, task="DN", sigma=10, roi=(0, 0, 8), block=8, coarse=1,
+                                   fine=1, patches=np.zeros((2, 8, 8, 3)))
+
+
+def test_patch_bank_with_a_pickled_array_is_refused(tmp_path, rng):
+    marker = tmp_path / "pwned"
+    names = np.empty(2, dtype=object)
+    names[:] = [Evil(marker), "b"]
+    np.savez(tmp_path / "bank.npz", patches=rng.randint(0, 256, (2, 3, 8, 8)).astype(np.uint8), names=names)
+    with pytest.raises(ValueError) as e:
+        cem_fast.load_patch_bank(tmp_path / "bank.npz")
+    assert "\n" not in str(e.value) and "bank.npz" in str(e.value) and not marker.exists()
+
+
+# ---- the patch-bank cache: keyed by content --------------------------------------------------------------------------
+
+def write_bmps(folder, arrays):
+    # BMP: uncompressed, so a changed patch keeps its file size exactly
+    folder.mkdir(exist_ok=True)
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"p{i}.bmp")
+
+
+@pytest.fixture
+def patch_folder(rng, tmp_path, monkeypatch):
+    monkeypatch.setenv("CEM_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(patches_mod, "_cache_warned", False, raising=False)
+    arrays = [rng.randint(0, 256, (8, 8, 3)).astype(np.uint8) for _ in range(3)]
+    write_bmps(tmp_path / "bank", arrays)
+    return tmp_path / "bank", np.stack(arrays).transpose(0, 3, 1, 2)
+
+
+def test_a_patch_changed_in_place_is_not_served_stale(patch_folder):
+    folder, want = patch_folder
+    assert np.array_equal(PatchBank.from_folder(folder).patches.numpy(), want)
+    f = folder / "p1.bmp"
+    st = f.stat()
+    want[1] = 255 - want[1]
+    Image.fromarray(want[1].transpose(1, 2, 0)).save(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same time: only the content differs
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert np.array_equal(PatchBank.from_folder(folder).patches.numpy(), want)
+
+
+def test_a_cache_file_with_another_key_is_rebuilt(patch_folder, tmp_path):
+    folder, want = patch_folder
+    PatchBank.from_folder(folder)
+    [cached] = (tmp_path / "cache" / "patch_banks").glob("*.npz")
+    np.savez(cached, patches=np.zeros_like(want), names=np.array(["a", "b", "c"]), key=np.array("0" * 64))
+    bank = PatchBank.from_folder(folder)
+    assert np.array_equal(bank.patches.numpy(), want) and bank.names == ["p0.bmp", "p1.bmp", "p2.bmp"]
+    with np.load(cached, allow_pickle=False) as z:
+        assert str(z["key"]) != "0" * 64 and np.array_equal(z["patches"], want)  # rewritten
+
+
+def test_an_unwritable_cache_is_skipped_with_one_warning(patch_folder, tmp_path, monkeypatch):
+    folder, want = patch_folder
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    real = patches_mod._atomic_savez
+    monkeypatch.setattr(patches_mod, "_atomic_savez", disk_full)
+    with pytest.warns(UserWarning, match="cannot be written"):
+        bank = PatchBank.from_folder(folder)
+    assert np.array_equal(bank.patches.numpy(), want)
+    monkeypatch.setattr(patches_mod, "_atomic_savez", real)
+    # a cache folder that cannot even be made (a file is in the way; chmod would not stop root)
+    (tmp_path / "file").write_bytes(b"")
+    monkeypatch.setattr(patches_mod, "_cache_warned", True, raising=False)  # warned already: silent from now on
+    monkeypatch.setattr(patches_mod, "cache_dir", lambda: tmp_path / "file" / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bank = PatchBank.from_folder(folder)
+    assert np.array_equal(bank.patches.numpy(), want)
+
+
+def test_a_bank_file_without_its_arrays_says_so_in_one_line(tmp_path):
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 3, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"patch bank '.*x\.npz' has no array 'patches' \(expected 'patches' "
+                                         r"and 'names', as written by PatchBank\.save\)") as e:
+        PatchBank.load(tmp_path / "x.npz")
+    assert "\n" not in str(e.value)
+    # names are optional
+    np.savez(tmp_path / "y.npz", patches=np.zeros((2, 3, 8, 8), np.uint8))
+    bank = PatchBank.load(tmp_path / "y.npz")
+    assert len(bank) == 2 and bank.names == []

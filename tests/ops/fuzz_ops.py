@@ -1,5 +1,5 @@
-"""Fuzzing the ops on every backend that runs here: run as a script (``python tests/fuzz_ops.py OP EXAMPLES``), in a
-subprocess of tests/test_op_fuzz.py, so that a crash (a segfault, a sanitizer's abort) fails that test with the
+"""Fuzzing the ops on every backend that runs here: run as a script (``python tests/ops/fuzz_ops.py OP EXAMPLES``), in
+a subprocess of tests/ops/test_fuzz.py, so that a crash (a segfault, a sanitizer's abort) fails that test with the
 example that caused it instead of ending the test run.
 
 Hypothesis draws hostile calls: extreme integers (0, 1, -1, 2**31 - 1, 2**31, 2**63 - 1 and neighbours) for every

@@ -1,6 +1,6 @@
-"""Many ROIs: the cheaper of one shared pass and one run per ROI, chosen by counted input pixels and said in the
-summary; either way each map is its single-ROI run's. An honest plan line, and a progress bar that only moves
-forward."""
+"""What a run will cost (cem_fast/pipeline/budget.py). Many ROIs: the cheaper of one shared pass and one run per
+ROI, chosen by counted input pixels and said in the summary; either way each map is its single-ROI run's. An
+honest plan line, and a progress bar that only moves forward."""
 import re
 
 import numpy as np

@@ -1,6 +1,6 @@
-"""Every op on every backend that runs here, fuzzed with hostile calls (tests/fuzz_ops.py) in a subprocess each, so a
-crash fails the test with the call that caused it. Budget: CEM_FAST_FUZZ_EXAMPLES examples per op (``make fuzz``
-runs 2,000; ``make sanitize`` runs them under AddressSanitizer and UndefinedBehaviorSanitizer)."""
+"""Every op on every backend that runs here, fuzzed with hostile calls (fuzz_ops.py, beside this file) in a
+subprocess each, so a crash fails the test with the call that caused it. Budget: CEM_FAST_FUZZ_EXAMPLES examples per
+op (``make fuzz`` runs 2,000; ``make sanitize`` runs them under AddressSanitizer and UndefinedBehaviorSanitizer)."""
 import os
 import random
 import signal
@@ -18,7 +18,7 @@ EXAMPLES = int(os.environ.get("CEM_FAST_FUZZ_EXAMPLES", "60"))
 def test_every_backend_refuses_alike_or_agrees(op, tmp_path):
     fuzz_seed = int(os.environ.get("CEM_FAST_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
     last = tmp_path / "last_example.txt"
-    env = {**os.environ, "FUZZ_LAST": str(last), "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    env = {**os.environ, "FUZZ_LAST": str(last), "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1])])}
     proc = subprocess.run([sys.executable, str(HERE / "fuzz_ops.py"), op, str(EXAMPLES), str(fuzz_seed)], env=env,
                           capture_output=True, text=True, timeout=1500)
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])

@@ -6,12 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cem_fast
-from cem_fast import ops
+from cem_fast import ops, reference, triton_ops
 from cem_fast.geometry import ROI
 from cem_fast.reference import quantize_output, roi_grid, roi_psnr_ref, roi_sq_err_multi_ref, roi_sq_err_ref
-from helpers import CPU_BACKENDS, GPU_BACKENDS, in_layout, interpreted, multi_roi_case, random_gt
+from helpers import (CPU_BACKENDS, GPU_BACKENDS, hypothesis_settings, in_layout, interpreted, multi_roi_case,
+                     random_gt)
 
 
 # --- one ROI: the reference against closed forms ----------------------------------------------------------------
@@ -175,3 +178,40 @@ def test_gpu_roi_sq_err_equals_the_reference(backend, dtype):
         edge, zero = edge.to(dtype).cuda(), torch.zeros(edge.shape[1], 1, 1, dtype=torch.uint8, device="cuda")
         assert torch.equal(ops.roi_sq_err(edge, zero, ROI(0, 0, 1, 1), backend=backend),
                            roi_sq_err_ref(edge, zero, ROI(0, 0, 1, 1)))
+
+
+# ---- the reference against numpy, over random shapes and ROIs (hypothesis) -------------------------------------------
+
+SETTINGS = hypothesis_settings()
+
+
+@SETTINGS
+@given(st.data())
+def test_roi_psnr_matches_numpy(data):
+    H, W = data.draw(st.integers(1, 16)), data.draw(st.integers(1, 16))
+    y, x = data.draw(st.integers(0, H - 1)), data.draw(st.integers(0, W - 1))
+    roi = ROI(y, x, data.draw(st.integers(1, H - y)), data.draw(st.integers(1, W - x)))
+    rs = np.random.RandomState(data.draw(st.integers(0, 2 ** 31 - 1)))
+    out = rs.uniform(-0.2, 1.2, (2, 3, H, W)).astype(np.float32)
+    gt = rs.randint(0, 256, (3, H, W)).astype(np.uint8)
+    # the convention quantises in float32 (the model's dtype): x255 rounded to float32, then to the nearest level
+    q = np.round(np.clip(out, 0, 1) * np.float32(255)).astype(np.float64)[:, :, y:y + roi.height, x:x + roi.width]
+    mse = ((q - gt[:, y:y + roi.height, x:x + roi.width]) ** 2).reshape(2, -1).mean(1)
+    with np.errstate(divide="ignore"):
+        want = 10 * np.log10(255.0 ** 2 / mse)
+    target = torch.from_numpy(gt[:, y:y + roi.height, x:x + roi.width].copy())
+    got = roi_psnr_ref(torch.from_numpy(out), target, roi).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+# ---- many-ROI launches within the grid limit -------------------------------------------------------------------------
+
+@pytest.mark.needs_backend("triton")
+def test_many_roi_launches_are_split_at_the_grid_limit(monkeypatch, rng):
+    out = torch.from_numpy(rng.rand(2, 3, 8, 8).astype(np.float32))
+    target = torch.from_numpy(rng.randint(0, 256, (3, 8, 8)).astype(np.uint8))
+    rois = [ROI(y, x, 3, 2) for y in range(0, 5, 2) for x in range(0, 6, 3)]  # 6 ROIs
+    want = reference.roi_sq_err_multi_ref(out, target, rois)
+    monkeypatch.setattr(triton_ops, "MAX_ROIS_PER_LAUNCH", 4)  # 4 + 2: two launches, like 65,535 + more
+    got = ops.roi_sq_err_multi(out, target, rois, backend="triton")
+    assert torch.equal(got, want)

@@ -146,3 +146,24 @@ def test_the_pipelines_trust_is_scoped_and_the_cpu_kernels_check_anyway(monkeypa
     assert seen == [True, False]  # not trusted while the suite checks the pipeline's indices
     with _extension.trusted_indices(), pytest.raises(ValueError, match=r"patch_idx\[0\] = 9"):
         torch.ops.cem_fast.intervene(args[0], BANK, L(9), *args[3:])  # the CPU kernel checks even when trusted
+
+
+# ---- device checks on every tensor argument --------------------------------------------------------------------------
+
+def _intervene_args(device_of_ids="cpu"):
+    return dict(base=torch.rand(3, 8, 8), patches=torch.zeros(4, 3, 4, 4, dtype=torch.uint8),
+                patch_idx=torch.zeros(2, dtype=torch.long), origins=torch.zeros(2, 2, dtype=torch.long),
+                sizes=torch.full((2, 2), 4, dtype=torch.long), ids=torch.zeros(2, dtype=torch.long,
+                                                                               device=device_of_ids))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_a_tensor_on_another_device_is_refused_before_any_launch(backend):
+    args = _intervene_args("meta")  # stands for a host tensor given with device tensors
+    with pytest.raises(ValueError, match=r"intervene: ids is on meta, expected cpu like base"):
+        ops.intervene(noise_sigma=10.0, backend=backend, **args)
+    out = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"roi_sq_err: target is on meta, expected cpu like outputs"):
+        ops.roi_sq_err(out, torch.zeros(3, 4, 4, device="meta"), ROI(0, 0, 4, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"roi_sq_err_multi: target is on meta"):
+        ops.roi_sq_err_multi(out, torch.zeros(3, 8, 8, device="meta"), [ROI(0, 0, 4, 4)], backend=backend)

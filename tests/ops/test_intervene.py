@@ -3,10 +3,13 @@ backend that can run here against the reference, bit for bit (CUDA ones on a GPU
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from cem_fast import ops, rng
+from cem_fast import ops, reference, rng, triton_ops
 from cem_fast.reference import intervene_ref
-from helpers import CPU_BACKENDS, GPU_BACKENDS, assert_same, backend_case, naive_intervene, random_case, sized_case
+from helpers import (CPU_BACKENDS, GPU_BACKENDS, assert_same, backend_case, hypothesis_settings, naive_intervene,
+                     random_case, sized_case)
 
 
 # --- the reference against the naive paste ----------------------------------------------------------------------
@@ -186,3 +189,46 @@ def test_gpu_intervene_equals_the_reference(backend, dtype):
             want = intervene_ref(**args, **kw, out=out.clone())
             assert_same(ops.intervene(**args, **kw, out=out, backend=backend), want)
 
+
+# ---- the reference against the naive paste, over random shapes and windows (hypothesis) ------------------------------
+
+SETTINGS = hypothesis_settings()
+
+
+@SETTINGS
+@given(st.data())
+def test_intervene_matches_the_naive_paste(data):
+    h, w = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
+    pb = data.draw(st.integers(1, min(5, h, w)))
+    K, P = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 3))
+    seed = data.draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (3, h, w), generator=g).float() / 255
+    patches = torch.randint(0, 256, (P, 3, pb, pb), generator=g, dtype=torch.uint8)
+    idx = torch.randint(0, P, (K,), generator=g)
+    by = torch.randint(0, (h + pb - 1) // pb, (K,), generator=g) * pb
+    bx = torch.randint(0, (w + pb - 1) // pb, (K,), generator=g) * pb
+    origins = torch.stack([by, bx], 1)
+    sizes = torch.stack([(h - by).clamp(max=pb), (w - bx).clamp(max=pb)], 1)
+    wh, ww = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
+    windows = torch.stack([torch.randint(0, h - wh + 1, (K,), generator=g),
+                           torch.randint(0, w - ww + 1, (K,), generator=g)], 1)
+    got = intervene_ref(base, patches, idx, origins, sizes, window_origins=windows, window_size=(wh, ww))
+    want = naive_intervene(base, patches, idx, origins, sizes, windows=windows.tolist(), wsize=(wh, ww)).float()
+    assert torch.equal(got, want)
+
+
+# ---- one v / 255 table for every backend -----------------------------------------------------------------------------
+
+def test_the_unit_table_is_the_exact_quotient_and_the_reference_uses_it():
+    exact = np.arange(256, dtype=np.float32) / np.float32(255.0)  # IEEE division, correctly rounded
+    assert np.array_equal(reference.unit_table().numpy(), exact)
+    # what torch does on CUDA for x / 255.0 (x * (1 / 255)): 126 values differ in the last bit
+    assert (np.arange(256, dtype=np.float32) * np.float32(1 / 255.0) != exact).sum() == 126
+    # every pasted value goes through the table: a bank holding all 256 values, pasted whole
+    bank = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    base = torch.zeros(3, 16, 16)
+    out = reference.intervene_ref(base, bank, torch.zeros(1, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
+                                  torch.full((1, 2), 16, dtype=torch.long))
+    assert np.array_equal(out[0, 0].flatten().numpy(), exact)
+    assert triton_ops.unit_table is reference.unit_table  # Triton looks the same values up

@@ -1,19 +1,25 @@
 """The map figure as a paper uses it (issue 25): a 32-px ROI on a 512-px picture zoomed onto its effects, the ROI
 outlined with the photograph inside it, the photograph's strength, the locality box off by default and on whole
 blocks when shown, no title or caption on request, a print-size pie over the evaluated blocks, and typographic
-minus signs. Checked on the rendered pixels where a reader would see it."""
+minus signs. Checked on the rendered pixels where a reader would see it. Also the colour scales that show
+ordinary effects, the labelled colour bar and boxes, vector output, the many-ROI sheet, undecided blocks
+hatched, and the locality crop outlined on the overlay."""
 import json
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+import cem_fast
 from cem_fast import plotting
 from cem_fast.geometry import ROI
 from cem_fast.report import write_report
-from cem_fast.result import CEMResult
+from cem_fast.intervals import UNDECIDED
+from cem_fast.result import CEMResult, CEMResults
+from helpers import ConvStack, make_result, random_bank, random_image
 
 SIZE, BLOCK = 512, 8
 ROI_BOX = (240, 256, 32, 32)  # y, x, h, w: 32 px on 512 px
@@ -280,3 +286,148 @@ def test_save_writes_the_zoomed_map_and_checks_its_options_first(tmp_path):
         with pytest.raises(ValueError):
             res.save(tmp_path / "b", **bad)
         assert not (tmp_path / "b" / "result.npz").exists()
+
+
+# ---- colour scales ---------------------------------------------------------------------------------------------------
+
+WHITE = np.array([255, 255, 255])
+
+
+def block_colour(picture, row, col):
+    return picture[row * 8 + 4, col * 8 + 4].astype(int)
+
+
+def seismic(v):
+    return np.array(matplotlib.colormaps["seismic"](v)[:3])
+
+
+def test_auto_scale_makes_a_tenth_of_a_db_visible_and_paper_keeps_the_fixed_bounds():
+    res = make_result([[0.0, 0.1, 0.0], [0.0, 0.0, 0.0]])  # ROI = block (0, 0)
+    auto = block_colour(plotting.overlay(res, "auto"), 0, 1)
+    assert np.abs(auto - WHITE).max() > 150, auto  # a clearly red block, not near-white
+    assert np.abs(block_colour(plotting.overlay(res, "auto"), 1, 1) - WHITE).max() <= 2  # 0 stays white
+    # "paper": DN bound 1 dB, |c|^(1/1.2); on a white picture the colours themselves
+    assert np.array_equal(block_colour(plotting.overlay(res, "paper"), 0, 1),
+                          np.round(seismic((0.1 ** (1 / 1.2) + 1) / 2) * 255))
+    # background="paper": blended 0.9 map + 0.1 degraded input (white), as the paper does
+    expected = np.round((0.9 * seismic((0.1 ** (1 / 1.2) + 1) / 2) + 0.1) * 255)
+    assert np.array_equal(block_colour(plotting.overlay(res, "paper", background="paper"), 0, 1), expected)
+    for task, bound in (("DN", 1.0), ("SR", 2.5), ("DR", 2.0)):
+        cs = make_result([[0.0, 0.1]], task=task).colour_scale("paper")
+        assert (cs.bound, cs.gamma) == (bound, 1.2)
+
+
+def test_auto_bound_is_readable_never_zero_and_ignores_the_roi():
+    assert make_result([[9.0, 0.23, 0.0]]).colour_scale().bound == 0.25  # the ROI's 9 dB does not set it
+    assert make_result([[0.0, -0.7, 0.04]]).colour_scale().bound == 0.8
+    assert make_result([[0.0, 0.0, 0.0]]).colour_scale().bound == 0.01  # all zero: tol, not 0
+    assert plotting.readable_bound(0.3) == 0.3 and plotting.readable_bound(0.31) == 0.4
+    assert plotting.readable_bound(1.26) == 1.5 and plotting.readable_bound(12) == 15
+
+
+def test_a_number_is_a_linear_bound_in_db():
+    res = make_result([[0.0, 0.25, 1.0]])
+    pic = plotting.overlay(res, 0.5)
+    expected = np.round(seismic(0.75) * 255)  # 0.25 of 0.5 dB, linear; on a white ground truth the colour itself
+    assert np.array_equal(block_colour(pic, 0, 1), expected)
+    assert np.array_equal(block_colour(pic, 0, 2), np.round(seismic(1.0) * 255))  # clipped
+    for bad in (0, -1, float("inf"), "big", True):
+        with pytest.raises(ValueError, match="scale must be 'auto', 'paper' or a positive number of dB"):
+            res.colour_scale(bad)
+
+
+# ---- the map figure --------------------------------------------------------------------------------------------------
+
+def test_colour_bar_is_labelled_keeps_zero_and_the_boxes_have_a_legend():
+    res = make_result([[0.0, 0.3, -0.004, 0.0]], crop=(0, 0, 8, 20),  # minimum next to 0 used to hide the 0 tick
+                      reachable=np.array([[True, True, True, False]]))
+    fig = res.plot(locality=True)
+    image_ax, bar = fig.axes
+    assert "causal effect on ROI PSNR (dB)" in bar.get_ylabel() and "helps" in bar.get_ylabel()
+    assert "0" in [t.get_text() for t in bar.get_yticklabels()]
+    assert np.array_equal(image_ax.images[0].get_array(), plotting.map_picture(res, "auto"))
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "ROI (green outline)" in legend and "locality (grey): blocks outside it cannot reach the ROI" in legend
+    assert "no block hurts" not in image_ax.get_xlabel() and "min \u22120.004 dB" in image_ax.get_xlabel()
+    off = " ".join(t.get_text() for t in res.plot().legends[0].get_texts())  # the reach box is off by default
+    assert "locality" not in off
+    no_crop = make_result([[0.0, 0.3]]).plot(locality=True)
+    assert "locality" not in " ".join(t.get_text() for t in no_crop.legends[0].get_texts())
+    assert "no block hurts the ROI" in no_crop.axes[0].get_xlabel()
+
+
+@pytest.mark.parametrize("suffix,magic", [(".pdf", b"%PDF"), (".svg", b"<?xml")])
+def test_plot_writes_vector_files_by_suffix(tmp_path, suffix, magic):
+    res = make_result([[0.0, 0.3], [-0.1, 0.0]])
+    res.plot(tmp_path / f"map{suffix}")
+    data = (tmp_path / f"map{suffix}").read_bytes()
+    assert data.startswith(magic) and (suffix != ".svg" or b"<svg" in data)
+
+
+def test_save_writes_vector_copies_and_records_the_scale(tmp_path):
+    res = make_result([[0.0, 0.3], [-0.1, 0.0]])
+    res.save(tmp_path, scale="paper", vector=("pdf", "svg"))
+    assert (tmp_path / "cem.pdf").read_bytes().startswith(b"%PDF")
+    assert b"<svg" in (tmp_path / "cem.svg").read_bytes()
+    assert json.loads((tmp_path / "summary.json").read_text())["display_scale"] == {
+        "kind": "paper", "bound_db": 1.0, "gamma": 1.2}
+    with pytest.raises(ValueError, match="vector formats must be among pdf, svg, got 'eps'"):
+        res.save(tmp_path / "b", vector="eps")
+    with pytest.raises(ValueError, match="suffix must be one of"):
+        res.plot(tmp_path / "map.xyz")
+
+
+def test_many_roi_sheet_labels_each_tile_and_has_one_colour_bar(tmp_path):
+    maps = CEMResults([make_result([[0.0, 0.2], [0.1, 0.0]], roi=ROI(0, 0, 8, 8)),
+                       make_result([[-0.3, 0.0], [0.0, 0.0]], roi=ROI(8, 8, 8, 8))])
+    fig = plotting.overlay_grid_figure(maps)
+    assert len(fig.axes) == 2 and "causal effect on ROI PSNR (dB)" in fig.axes[1].get_ylabel()
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels == ["ROI 0, 0, 8x8", "ROI 8, 8, 8x8"]
+    assert "0.3" in fig.axes[1].get_ylabel()  # one scale shared by both maps: the larger one's bound
+    maps.save(tmp_path)
+    from PIL import Image
+    sheet = Image.open(tmp_path / "maps.png")
+    assert sheet.width > 2 * (16 + 2) + 100  # the bare sheet was two 16-px tiles wide; now a bar beside them
+
+
+def test_the_map_figure_hatches_undecided_blocks():
+    from importlib import resources
+
+    from matplotlib.patches import Rectangle
+
+    from cem_fast.plotting import cem_figure, plt
+    image = str(resources.files("cem_fast") / "data" / "demo.png")
+    res = cem_fast.causal_effect_map("bicubic", image, task="SR", scale=4, roi=(48, 56, 16), mode="exhaustive",
+                                     samples=4, progress=False)
+    undecided = int(((res.decided() == UNDECIDED) & ~res.roi_mask).sum())
+    assert undecided > 0
+    fig = cem_figure(res)
+    hatched = [p for p in fig.axes[0].patches if isinstance(p, Rectangle) and p.get_hatch()]
+    assert len(hatched) == undecided
+    assert any(f"{undecided} undecided" in t.get_text() for t in fig.legends[0].get_texts())
+    plt.close(fig)
+
+
+# ---- the overlay -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def image(rng):
+    return random_image(rng, 48, 64)
+
+
+@pytest.fixture
+def bank(rng):
+    return random_bank(rng, 32)
+
+
+def test_overlay_outlines_the_crop_in_speed_mode(image, bank):
+    from cem_fast.plotting import overlay
+    res = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
+                                     patches=bank)
+    y, x, h, w = res.extra["locality"]["crop"]
+    pic = overlay(res)
+    assert tuple(pic[y + h // 2, x]) == (96, 96, 96) and tuple(pic[y + h - 1, x + w // 2]) == (96, 96, 96)
+    exact = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
+                                       patches=bank, locality="off")
+    assert tuple(overlay(exact)[y + h // 2, x]) != (96, 96, 96)

@@ -16,7 +16,7 @@ from cem_fast.geometry import ROI
 from cem_fast.reference import intervene_ref, roi_psnr_ref, roi_sq_err_multi_ref
 from helpers import random_case
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPP_OPS = ["intervene", "intervene_into", "roi_sq_err", "roi_sq_err_multi"]
 TRITON_OPS = ["intervene_triton", "intervene_triton_into", "roi_sq_err_triton", "roi_sq_err_multi_triton"]
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the kernels run interpreted

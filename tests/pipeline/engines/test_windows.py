@@ -10,7 +10,8 @@ import torch
 
 import cem_fast
 from cem_fast.pipeline.windows import Spread
-from helpers import ConvStack
+from helpers import ConvStack, random_bank, random_image
+from model_factories import NaNEveryThird
 
 
 # Samples of one intervention computed on inputs of different shapes (its own window against the crop, the
@@ -137,12 +138,40 @@ def test_nan_probes_run_without_cudnn_and_no_forward_autotunes(image, bank, monk
     assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.enabled is True
 
 
-def test_the_flags_are_restored_after_an_error():
-    from cem_fast.locality import nan_probes
-    from cem_fast.pipeline.precision import no_cudnn_autotune, precision_mode
-    before = (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark)
-    for ctx in (nan_probes(), no_cudnn_autotune(), precision_mode("fp32", torch.device("cpu"))):
-        with pytest.raises(RuntimeError, match="boom"):
-            with ctx:
-                raise RuntimeError("boom")
-        assert (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark) == before
+# ---- what the windows compose and what they refuse -------------------------------------------------------------------
+
+@pytest.fixture
+def image32(rng):
+    return random_image(rng, 32, 32)
+
+
+@pytest.fixture
+def bank256(rng):
+    return random_bank(rng, 256)
+
+
+def test_nan_in_a_window_outside_the_changed_rectangle_is_still_the_models(image32, bank256):
+    """A flaky model's NaN that falls in a ROI but outside the part an intervention changes is its output's all the
+    same: reported, not composed away."""
+    with pytest.raises(ValueError, match=r"NaNEveryThird produced NaN/Inf outputs in the ROI for \d+ coarse "
+                                         r"interventions \(first: block \(\d+, \d+\), draw \d\)"):
+        cem_fast.causal_effect_map(NaNEveryThird(), np.tile(image32, (2, 2, 1))[:48, :48], task="DN", sigma=25,
+                                   roi=(16, 16, 8), patches=bank256)
+
+
+def test_probes_that_disagree_are_named_not_an_overflowed_window():
+    """A block that the reach map says meets a ROI but whose measured spread changes none (a model whose probe
+    forwards disagree) was given a window of height about -2**63 ('window_size [-9223372036854775805, ...]')."""
+    from types import SimpleNamespace
+
+    from cem_fast.geometry import ROI, BlockGrid
+    from cem_fast.pipeline.windows import Spread, block_windows
+    grid = BlockGrid(64, 64, 8)
+    reach = np.zeros((1, grid.rows, grid.cols), dtype=bool)
+    reach[0, 0, 0] = reach[0, 7, 7] = True  # (7, 7) lies far from the ROI at (0, 0) for a spread of 2 px
+    plan = SimpleNamespace(grid=grid, task=SimpleNamespace(scale=1), rois=[ROI(0, 0, 8, 8)],
+                           locality=SimpleNamespace(reach=reach))
+    with pytest.raises(ValueError, match=r"block \(row 7, col 7\) was measured to reach a ROI.*locality=off"):
+        block_windows(plan, Spread(2, 2, 2, 2))
+    reach[0, 7, 7] = False
+    assert block_windows(plan, Spread(2, 2, 2, 2)).inputs.min() >= 0

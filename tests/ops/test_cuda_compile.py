@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NVCC = shutil.which("nvcc")
 
 
