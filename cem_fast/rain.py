@@ -1,4 +1,4 @@
-"""Synthetic rain streaks (METHOD.md, "DR"), written with numpy and torch convolutions (no OpenCV).
+"""Synthetic rain streaks (docs/method.md, "DR"), written with numpy and torch convolutions (no OpenCV).
 
 ``rain_layer(h, w, rng, preset)`` draws a streak amount, width, length and angle from the preset, makes sparse
 uniform noise, blurs it into streaks with a rotated, Gaussian-smoothed line kernel and normalises it to 0..255.
