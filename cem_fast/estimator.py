@@ -1,4 +1,4 @@
-"""The Causal Effect Map estimator (METHOD.md): coarse-to-fine or exhaustive Monte Carlo over patch interventions.
+"""The Causal Effect Map estimator (docs/method.md): coarse-to-fine or exhaustive Monte Carlo over patch interventions.
 
 ``CE_ij = Y(I) - mean_k Y(I with block ij <- p_k)`` with ``Y`` the ROI PSNR (uint8 convention). Every block gets
 ``coarse`` interventions; blocks whose largest |Y(I) - Y_k| reaches ``tol`` get ``fine`` fresh ones, whose mean
