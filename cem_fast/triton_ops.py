@@ -27,7 +27,7 @@ try:
     from torch.library import wrap_triton
 
     from ._kernels.intervene import _intervene_kernel
-    from ._kernels.roi_reduce import _roi_sq_err_kernel
+    from ._kernels.roi_sq_err import _roi_sq_err_kernel
     IMPORT_ERROR: Optional[str] = None
 except Exception as e:  # noqa: BLE001 - any failure to import means the backend is unavailable
     IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})".splitlines()[0]

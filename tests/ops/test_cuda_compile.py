@@ -27,7 +27,7 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
 
 
 def test_there_are_cuda_sources():
-    assert {p.name for p in CSRC.glob("*.cu")} >= {"intervene_cuda.cu", "roi_reduce_cuda.cu"}
+    assert {p.name for p in CSRC.glob("*.cu")} >= {"intervene_cuda.cu", "roi_sq_err_cuda.cu"}
 
 
 def test_the_cuda_registrations_compile(tmp_path):

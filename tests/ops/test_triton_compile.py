@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     print(triton.__version__)
     from triton.backends.compiler import GPUTarget
     from cem_fast._kernels.intervene import _intervene_kernel
-    from cem_fast._kernels.roi_reduce import _roi_sq_err_kernel
+    from cem_fast._kernels.roi_sq_err import _roi_sq_err_kernel
 
     INTERVENE = {"out_ptr": "*fp32", "base_ptr": "*fp32", "patch_ptr": "*u8", "idx_ptr": "*i64", "org_ptr": "*i64",
                  "size_ptr": "*i64", "win_ptr": "*i64", "ids_ptr": "*i64", "rain_ptr": "*fp32", "lut_ptr": "*fp32",
