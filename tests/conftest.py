@@ -74,22 +74,8 @@ def demo2(shared) -> np.ndarray:
     return np.asarray(Image.open(shared / "images" / "demo_2.png").convert("RGB")).copy()
 
 
-class TinyNet(torch.nn.Module):
-    """A small same-size conv net with a bounded receptive field (two 3x3 convs: radius 2)."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(8, 3, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-    def forward(self, x):
-        return x + self.c2(torch.relu(self.c1(x)))
-
-
 @pytest.fixture
-def tiny_net() -> TinyNet:
+def tiny_net():
+    """model_factories.TinyNet: two 3x3 convolutions, 3 -> 8 -> 3 channels, radius 2."""
+    from model_factories import TinyNet
     return TinyNet()

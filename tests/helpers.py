@@ -1,8 +1,8 @@
 """Helpers shared by several test files (one module: no test file imports another).
 
 Cases for the ops (random inputs, a naive one-pixel-at-a-time intervention, the backends to compare with the
-reference and cases sized for them), the DN counter noise by hand, a local model with a known receptive field and
-the locality expectations, and the golden-reference agreement; random images and patch banks of a given size,
+reference and cases sized for them), the DN counter noise by hand, the locality expectations (of
+model_factories.ConvStack), and the golden-reference agreement; random images and patch banks of a given size,
 the small runs several files share, and what the CLI tests need (running it, its one error line, strict JSON).
 """
 import builtins
@@ -140,25 +140,6 @@ def counter_noise_by_hand(gt: torch.Tensor, sigma: float, seed: int) -> torch.Te
     return torch.div(total, 1 << 24, rounding_mode="floor").clamp(0, 255).float() / 255
 
 
-class ConvStack(torch.nn.Module):
-    """``n`` same-padded 3x3 convs with ``dilation``: receptive-field radius ``n * dilation`` px."""
-
-    def __init__(self, n=2, dilation=1, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.convs = torch.nn.ModuleList(
-            torch.nn.Conv2d(3, 3, 3, padding=dilation, dilation=dilation) for _ in range(n))
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-    def forward(self, x):
-        y = x
-        for c in self.convs:
-            y = torch.tanh(c(y))
-        return x + 0.5 * y
-
-
 def reach_from_radius(grid: BlockGrid, roi: ROI, radius_in_px: int) -> np.ndarray:
     """Blocks whose input pixels lie within ``radius`` (input px) of the ROI's input footprint."""
     s = grid.scale
@@ -292,6 +273,7 @@ def ols_hc3(y, x):
 
 def control_variate_case():
     """An exhaustive DN map of a ConvStack on 16 draws per block, for the control-variate tests."""
+    from model_factories import ConvStack
     g = np.random.RandomState(3)
     image = g.randint(0, 256, (48, 48, 3)).astype(np.uint8)
     bank = PatchBank(torch.from_numpy(g.randint(0, 256, (64, 3, 8, 8)).astype(np.uint8)))

@@ -8,6 +8,52 @@ import torch.nn.functional as F
 from cem_fast.models import FDnCNN
 
 
+class ConvStack(torch.nn.Module):
+    """The small conv-stack restorer of many tests: ``n`` same-padded 3x3 convolutions (``dilation``) from 3
+    channels to 3, ``width`` channels between them, ``act`` (``"tanh"`` or ``"relu"``) after each but the last
+    (and after the last too with ``act_last``), plus ``residual`` x the input when it is not None. Weights drawn
+    from ``randn * init`` with one generator seeded ``seed`` for all parameters in order, or with
+    ``seed_per_parameter`` a generator seeded ``seed + i`` for the i-th. Receptive-field radius ``n * dilation``
+    px.
+
+    The defaults are the tanh stack of known reach that the locality tests probe; :class:`TinyNet` is the
+    two-layer ReLU net, and ``ConvStack(2, width=4, act="relu", act_last=False, residual=None,
+    seed_per_parameter=True, init=0.1)`` the plain conv-ReLU-conv of the custom-op compile tests."""
+
+    def __init__(self, n=2, dilation=1, seed=0, *, width=3, act="tanh", act_last=True, residual=0.5, init=0.2,
+                 seed_per_parameter=False):
+        super().__init__()
+        channels = [3] + [width] * (n - 1) + [3]
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(channels[i], channels[i + 1], 3, padding=dilation, dilation=dilation) for i in range(n))
+        self.act = {"tanh": torch.tanh, "relu": torch.relu}[act]
+        self.act_last, self.residual = act_last, residual
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters()):
+                if seed_per_parameter:
+                    g = torch.Generator().manual_seed(seed + i)
+                p.copy_(torch.randn(p.shape, generator=g) * init)
+
+    def forward(self, x):
+        y = x
+        for i, c in enumerate(self.convs):
+            y = c(y)
+            if self.act_last or i < len(self.convs) - 1:
+                y = self.act(y)
+        if self.residual is None:
+            return y
+        return x + (y if self.residual == 1 else self.residual * y)
+
+
+class TinyNet(ConvStack):
+    """A small same-size restorer with a bounded receptive field (radius 2): 3 -> 8 -> 3 channels, ReLU between,
+    ``x + net(x)``, weights ``randn * 0.1`` (the ``tiny_net`` fixture)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(2, seed=seed, width=8, act="relu", act_last=False, residual=1.0, init=0.1)
+
+
 class SharpSR(torch.nn.Module):
     def forward(self, x):
         up = F.interpolate(x, scale_factor=4.0, mode="bicubic", align_corners=False)

@@ -66,7 +66,7 @@ def test_a_crashed_run_resumes_to_identical_samples(img, bank, tmp_path, monkeyp
 
 def test_speed_mode_resumes_too(img, bank, tmp_path, monkeypatch):
     """Locality on: the probe runs again on resume, finds the same crop, hence the same cache entry."""
-    from helpers import ConvStack
+    from model_factories import ConvStack
     img = np.tile(img, (3, 3, 1))  # 72x96: room to skip blocks
     want = exact_cem(ConvStack(2), img, bank, locality="auto", roi=(32, 40, 8))
     assert want.extra["locality"]["active"]

@@ -10,7 +10,8 @@ import cem_fast
 from cem_fast import plotting
 from cem_fast.compare import difference
 from cem_fast.models import DnCNN
-from helpers import ConvStack, control_variate_case, make_result
+from helpers import control_variate_case, make_result
+from model_factories import ConvStack
 
 
 def test_a_model_compared_with_itself_differs_by_nothing(rng):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cem_fast.patches import PatchBank
-from helpers import ConvStack
+from model_factories import ConvStack
 
 
 def test_the_convergence_command_writes_its_table_and_plot(tmp_path, capsys):

@@ -17,6 +17,7 @@ from PIL import Image
 import cem_fast
 from cem_fast import distributed
 from cem_fast import options
+from model_factories import TinyNet
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -161,19 +162,6 @@ def test_a_failure_on_one_rank_fails_the_run_on_all_without_a_hang(study):
     assert_same_result(root / "one" / RESULT, root / "failed" / "make_fdncnn" / "im2" / "result.npz")  # went on
 
 
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 3, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-    def forward(self, x):
-        return x + self.c2(torch.relu(self.c1(x)))
-
-
 # coarse-to-fine, and the adaptive mode where this tree has it (its rounds depend on the gathered scores)
 MODES = [dict(mode="coarse-to-fine", fine=5, tol=0)] + \
     ([dict(mode="adaptive", fine=16, tol=0.05)] if "adaptive" in options.MODES else [])
@@ -181,7 +169,7 @@ MODES = [dict(mode="coarse-to-fine", fine=5, tol=0)] + \
 
 def api_maps() -> list:
     img = np.random.RandomState(1).randint(0, 256, (24, 32, 3)).astype(np.uint8)
-    return [cem_fast.causal_effect_map(Net(), img, task="DN", sigma=30, roi=(8, 8, 8), coarse=3, seed=2,
+    return [cem_fast.causal_effect_map(TinyNet(), img, task="DN", sigma=30, roi=(8, 8, 8), coarse=3, seed=2,
                                        batch_size=3, progress=False, **m) for m in MODES]
 
 

@@ -9,6 +9,7 @@ import cem_fast
 from cem_fast.patches import PatchBank
 from cem_fast.result import Deferred
 from cem_fast.rng import patch_draws
+from model_factories import RollBlur
 
 
 @pytest.fixture
@@ -79,30 +80,23 @@ def test_estimator_matches_the_naive_reference_loop(tiny_net, small_image, bank,
 
 def test_dn_counter_input_noise_runs_on_the_run_device(small_image, bank):
     from helpers import counter_noise_by_hand
-    res = cem_fast.causal_effect_map(Blur(), small_image, task="DN", sigma=25, noise_seed=4, input_noise="counter",
+    res = cem_fast.causal_effect_map(RollBlur(), small_image, task="DN", sigma=25, noise_seed=4, input_noise="counter",
                                      roi=(4, 4, 8), coarse=2, fine=2, patches=bank, seed=1, device="cpu")
     base = counter_noise_by_hand(torch.from_numpy(small_image).permute(2, 0, 1), 25, 4)
     assert res.task["input_noise"] == "counter"
     assert torch.equal(res.degraded, (base * 255).round().to(torch.uint8))
-    q = torch.round(Blur()(base[None])[0].clamp(0, 1) * 255).double()
+    q = torch.round(RollBlur()(base[None])[0].clamp(0, 1) * 255).double()
     mse = ((q[:, 4:12, 4:12] - torch.from_numpy(small_image).permute(2, 0, 1)[:, 4:12, 4:12].double()) ** 2).mean()
     assert res.psnr_origin == pytest.approx(10 * math.log10(255 ** 2 / mse.item()), abs=1e-9)
 
 
-class Blur(torch.nn.Module):
-    """Batch-invariant (no conv algorithm choice): a 3-tap average along x and a gain."""
-
-    def forward(self, x):
-        return 0.9 * (x + x.roll(1, -1) + x.roll(-1, -1)) / 3 + 0.05
-
-
 def test_samples_do_not_depend_on_the_batch_size(small_image, bank):
-    runs = [cem_fast.causal_effect_map(Blur(), small_image, task="DN", sigma=25, roi=(4, 4, 8), coarse=2,
+    runs = [cem_fast.causal_effect_map(RollBlur(), small_image, task="DN", sigma=25, roi=(4, 4, 8), coarse=2,
                                        fine=3, patches=bank, seed=1, batch_size=b) for b in (1, 7, 64)]
     for r in runs[1:]:
         np.testing.assert_array_equal(r.samples_coarse, runs[0].samples_coarse)
         np.testing.assert_array_equal(r.samples_fine, runs[0].samples_fine)
-    other = cem_fast.causal_effect_map(Blur(), small_image, task="DN", sigma=25, roi=(4, 4, 8), coarse=2,
+    other = cem_fast.causal_effect_map(RollBlur(), small_image, task="DN", sigma=25, roi=(4, 4, 8), coarse=2,
                                        fine=3, patches=bank, seed=2, batch_size=7)
     assert not np.array_equal(other.samples_coarse, runs[0].samples_coarse)
 

@@ -12,7 +12,8 @@ import cem_fast
 from cem_fast.locality import Window, plan_locality
 from cem_fast.geometry import ROI, BlockGrid
 from cem_fast.patches import PatchBank
-from helpers import ConvStack, probe, reach_from_radius, tight_window
+from helpers import probe, reach_from_radius, tight_window
+from model_factories import ConvStack
 
 
 class GlobalMean(torch.nn.Module):
@@ -339,7 +340,8 @@ def test_exhaustive_mode_with_locality_equals_exact_mode(image, bank):
 def test_probe_reach_is_the_receptive_field(n, dilation, block, h, w, data):
     """Any conv stack, image size (partial edge blocks included) and ROI: the probed reach is exactly the blocks
     within the receptive field, and the plan is verified."""
-    from helpers import ConvStack, probe, reach_from_radius, tight_window
+    from helpers import probe, reach_from_radius, tight_window
+    from model_factories import ConvStack
     rh, rw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
     y, x = data.draw(st.integers(0, h - rh)), data.draw(st.integers(0, w - rw))
     plan, grid = probe(ConvStack(n, dilation), (h, w), block, [(y, x, rh, rw)])

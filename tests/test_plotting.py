@@ -19,7 +19,8 @@ from cem_fast.geometry import ROI
 from cem_fast.report import write_report
 from cem_fast.intervals import UNDECIDED
 from cem_fast.result import CEMResult, CEMResults
-from helpers import ConvStack, make_result, random_bank, random_image
+from helpers import make_result, random_bank, random_image
+from model_factories import ConvStack
 
 SIZE, BLOCK = 512, 8
 ROI_BOX = (240, 256, 32, 32)  # y, x, h, w: 32 px on 512 px

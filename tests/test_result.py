@@ -13,7 +13,8 @@ from cem_fast.geometry import ROI
 from cem_fast.intervals import HELPS, NO_EFFECT, UNDECIDED
 from cem_fast.patches import PatchBank
 from cem_fast.result import CEMResult, Deferred
-from helpers import ConvStack, random_bank, strict_json
+from helpers import random_bank, strict_json
+from model_factories import ConvStack
 
 
 # ---- statistics ------------------------------------------------------------------------------------------------------

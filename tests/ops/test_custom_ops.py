@@ -15,6 +15,7 @@ from cem_fast import _extension, ops
 from cem_fast.geometry import ROI
 from cem_fast.reference import intervene_ref, roi_psnr_ref, roi_sq_err_multi_ref
 from helpers import random_case
+from model_factories import ConvStack
 
 ROOT = Path(__file__).resolve().parents[2]
 CPP_OPS = ["intervene", "intervene_into", "roi_sq_err", "roi_sq_err_multi"]
@@ -117,11 +118,8 @@ def pipeline_case():
 
 
 def small_net():
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 3, padding=1))
-    with torch.no_grad():
-        for i, p in enumerate(net.parameters()):
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
-    return net.eval()
+    """Conv 3 -> 4, ReLU, conv 4 -> 3, each parameter drawn with its own seed (its index)."""
+    return ConvStack(2, width=4, act="relu", act_last=False, residual=None, init=0.1, seed_per_parameter=True).eval()
 
 
 def pipeline(backend, model, target, roi=ROI(2, 3, 5, 4), rois=(ROI(0, 0, 5, 5), ROI(4, 2, 6, 8))):

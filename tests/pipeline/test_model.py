@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import cem_fast
-from helpers import ConvStack, random_bank, random_image, small_run
-from model_factories import ExitsOnBatches, InPlace, OutOfPlace
+from helpers import random_bank, random_image, small_run
+from model_factories import ConvStack, ExitsOnBatches, InPlace, OutOfPlace
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import cem_fast
-from helpers import ConvStack, random_image
+from helpers import random_image
+from model_factories import ConvStack
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import cem_fast
-from helpers import ConvStack, exact_cem, random_bank, random_image
-from model_factories import RollBlur
+from helpers import exact_cem, random_bank, random_image
+from model_factories import ConvStack, RollBlur
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_syncs import SyncCounter  # noqa: E402

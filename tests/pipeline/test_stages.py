@@ -7,7 +7,7 @@ import torch
 import cem_fast
 from cem_fast.intervals import UNDECIDED
 from cem_fast.patches import PatchBank
-from helpers import ConvStack
+from model_factories import ConvStack
 
 
 @pytest.fixture(scope="module")

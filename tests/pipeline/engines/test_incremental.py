@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import cem_fast
 from cem_fast.patches import PatchBank
 from cem_fast.pipeline.incremental import IncrementalEngine, Unsupported
-from helpers import ConvStack
+from model_factories import ConvStack
 from test_windows import assert_same_samples  # the cross-shape bound on CUDA (documented there)
 
 

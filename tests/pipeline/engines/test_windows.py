@@ -10,8 +10,8 @@ import torch
 
 import cem_fast
 from cem_fast.pipeline.windows import Spread
-from helpers import ConvStack, random_bank, random_image
-from model_factories import NaNEveryThird
+from helpers import random_bank, random_image
+from model_factories import ConvStack, NaNEveryThird
 
 
 # Samples of one intervention computed on inputs of different shapes (its own window against the crop, the
