@@ -11,11 +11,6 @@ Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceba
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import re
-import shutil
 import sys
 import time
 from importlib import resources
@@ -23,273 +18,17 @@ from pathlib import Path
 from typing import Optional
 
 from .checks import first_line
-from .names import CACHE_DIR, safe_name as _safe_name, take_name as _take, unique_names  # noqa: F401
+from .config_runs import run_config, runs_report
+from .names import CACHE_DIR
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-
-
-def image_labels(images: list[str]) -> tuple[list[str], list[str]]:
-    """(folder name, label) of each image: ``A/img.png`` and ``B/img.png``, or ``a b.png`` and ``a_b.png``, get
-    folders of their own (``img``, ``img_2``) and labels that tell them apart (the path where names repeat)."""
-    folders = unique_names([_safe_name(Path(i).stem, "image") for i in images])
-    names = [Path(i).name for i in images]
-    labels = [n if names.count(n) == 1 else str(i) for n, i in zip(names, images)]
-    return folders, labels
-
-
-# the temporaries atomic_write leaves when killed, for the files a run writes (and never anyone else's)
-OUR_TEMPORARY = re.compile(r"^\.(result\.npz|summary\.json|rois\.json|error\.json|meta\.json|report\.html|"
-                           r"compare\.html|study\.(csv|json|md|html)|diff\.(npz|json|png)|[a-z_]+\.png|[^/]+_cem\.png|"
-                           r"\d{9}-\d{6}\.npz)\.tmp\d+$")
-RESULT_FILES = ("result.npz", "summary.json", "rois.json", "report.html", "maps.png", "cem.png", "overlay.png",
-                "pie.png", "gt.png", "input.png", "output.png")
-
-
-# a run's outputs are written into .<folder>.staging<pid> beside its folder, then moved in (see _staged)
-OUR_STAGING = re.compile(r"^\.[^/]+\.staging(\d+)$")
-
-
-def _clear_outputs(run_dir: Path, keep: frozenset = frozenset()) -> None:
-    """Remove what a run writes into its folder (and nothing else), but the names in ``keep``."""
-    if run_dir.is_dir():
-        for f in RESULT_FILES + ("error.json",):
-            if f not in keep:
-                (run_dir / f).unlink(missing_ok=True)
-        for d in run_dir.glob("roi_*"):
-            if d.is_dir() and d.name not in keep:
-                shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _staged(run_dir: Path):
-    """A folder beside ``run_dir`` to write a run's outputs into. Once every one is written they replace the earlier
-    run's (renames only), and what the earlier run wrote that this one does not (rois.json after a single ROI) is
-    removed; an error or an interrupt on the way removes the staging folder and leaves ``run_dir`` as it was."""
-    staging = run_dir.with_name(f".{run_dir.name}.staging{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    run_dir.mkdir(parents=True, exist_ok=True)
-    written = sorted(staging.iterdir())
-    for p in written:
-        target = run_dir / p.name
-        if p.is_dir() and target.is_dir():
-            shutil.rmtree(target)  # the same ROI's folder of the earlier run: os.replace cannot replace a folder
-        os.replace(p, target)
-    staging.rmdir()
-    _clear_outputs(run_dir, keep=frozenset(p.name for p in written))
-
-
-def _mark_failed(run_dir: Path, message: str) -> None:
-    """A failed run leaves no earlier result behind in its folder (it would pass for this run's), and an
-    error.json saying what happened."""
-    from .fileio import atomic_write
-    _clear_outputs(run_dir)
-    try:
-        atomic_write(run_dir / "error.json", lambda f: f.write(json.dumps({"error": message}).encode()))
-    except OSError:
-        pass  # a full disk: the report and the exit code still say it failed
-
-
-def run_config(cfg, out_dir: Path, progress: Optional[bool], title: str = "Causal Effect Maps",
-               fresh: bool = False, keep: Optional[list] = None,
-               entries: Optional[list] = None, keep_all: Optional[list] = None) -> tuple[Path, int]:
-    """Run every model on every image of ``cfg``; returns the report path and the number of failed runs. One run
-    failing (a model that does not load, any error, a full disk) does not stop the others; the report is always
-    written. With ``keep``, (model name, image label, image folder, CEMResult) of each successful run are appended
-    to it; with ``keep_all``, (model name, image label, run folder relative to ``out_dir``, CEMResults of every ROI,
-    whether each ROI has a folder of its own)
-    to it. Under a process group (torchrun) every rank computes its share of each run and rank 0 alone writes."""
-    from . import distributed
-    from .fileio import clean_stale_folders, clean_stale_temporaries
-
-    if not str(out_dir).strip():
-        raise ValueError("--out must name a folder, got ''")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {str(out_dir)!r} is a file, expected a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # ours only, left by a killed run or a full disk; by rank 0 before any rank writes
-    distributed.rank0_first(lambda first: first and (clean_stale_temporaries(out_dir, OUR_TEMPORARY),
-                                                     clean_stale_folders(out_dir, OUR_STAGING)), "clean")
-    entries = [] if entries is None else entries
-    folders, labels = image_labels(cfg.images)
-    failed = 0
-    taken: set[str] = set()  # model folder names: two models never share one
-    completed = False
-    try:
-        for spec in cfg.models:
-            failed += _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries,
-                                 keep_all)
-        completed = True
-    finally:
-        report = _report(out_dir, entries, title, completed) if distributed.is_lead() else out_dir / "report.html"
-    return report, failed
-
-
-def _report(out_dir: Path, entries: list, title: str, completed: bool = True) -> Optional[Path]:
-    """report.html of ``entries``, or None when no run succeeded: a page of error lines only says what stderr and
-    each run's error.json say. Then an earlier run's report.html is removed (it would show results that the failed
-    runs removed), unless the runs were interrupted."""
-    from .report import write_report
-    if any("error" not in e for e in entries):
-        return write_report(out_dir, entries, title=title)
-    if completed:
-        (out_dir / "report.html").unlink(missing_ok=True)
-    return None
 
 
 def _say_report(report: Optional[Path]) -> None:
     """Where the report is; nothing when every run failed (their errors, one line each, said it all)."""
     if report is not None:
         print(f"report: {report}")
-
-
-def _spec_name(spec: str) -> str:
-    """A folder name for a model that failed to load (a loaded model is named by :func:`load_model`)."""
-    is_path = bool(Path(spec).suffix) or "/" in spec
-    return _safe_name(Path(spec).stem if is_path else spec.rsplit(":", 1)[-1], "model")
-
-
-def _run_model(cfg, spec, taken, folders, labels, out_dir, progress, fresh, keep, entries, keep_all=None) -> int:
-    from dataclasses import replace
-
-    from .distributed import GroupLost, agreed_step, is_lead
-    from .models import apply_model_options, load_model
-    from .options import split_options
-    run, task_opts, rest = split_options(cfg.options)
-    run = replace(run, progress=progress, cache=out_dir / CACHE_DIR, fresh=fresh)
-    name, lead = None, is_lead()  # under torchrun, rank 0 alone writes and speaks
-    try:
-        with agreed_step("load model"):  # a model that does not load on one rank fails on all
-            model, loaded_name = load_model(spec, scale=task_opts.scale, trust_model_code=run.trust_model_code,
-                                            module_dirs=cfg.module_dirs)
-            name = _take(_safe_name(loaded_name, "model"), taken)
-            scale = task_opts.scale if str(rest["task"]).upper() == "SR" else 1
-            model = apply_model_options(model, rest.get("model_options"), scale)
-    except GroupLost:
-        raise  # a rank of the study is gone: no further run can go on
-    except (Exception, SystemExit) as e:  # every image of this model gets its row; the other models run
-        name = name or _take(_spec_name(spec), taken)
-        msg = first_line(e)
-        for image, folder, label in zip(cfg.images, folders, labels):
-            if lead:
-                _mark_failed(out_dir / name / folder, msg)
-            entries.append({"model": name, "image": label, "dir": f"{name}/{folder}", "error": msg})
-        if lead:
-            print(f"cem-fast: error: {msg if msg.startswith('model') else f'model {name}: {msg}'}", file=sys.stderr)
-        return len(cfg.images)
-    failed = 0
-    for image, folder, label in zip(cfg.images, folders, labels):
-        rel = f"{name}/{folder}"
-        if lead:
-            print(f"[cem-fast] {name} on {label} ...", file=sys.stderr, flush=True)
-        try:
-            with agreed_step("run"):  # one rank failing (a missing image file) fails the run on all
-                entry = _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts, rest)
-        except GroupLost:
-            raise
-        except (Exception, SystemExit) as e:  # SystemExit: a model's own sys.exit / argparse ends this run only
-            failed += 1
-            msg = first_line(e)
-            entries.append({"model": name, "image": label, "dir": rel, "error": msg})
-            if lead:
-                print(f"cem-fast: error: {name} on {label}: {msg}", file=sys.stderr)
-                _mark_failed(out_dir / rel, msg)
-            continue
-        result = entry.pop("_result")  # _run_one cleared the folder's earlier outputs, error.json included
-        results = entry.pop("_results")
-        entries.append(entry)
-        if keep is not None:
-            keep.append((name, label, folder, result))
-        if keep_all is not None:
-            keep_all.append((name, label, rel, results, cfg.multi_roi))
-    return failed
-
-
-def _run_one(cfg, model, spec, name, image, label, out_dir, rel, run, task_opts, rest) -> dict:
-    """One model on one image: compute, save, and the report entry (with the result under ``_result``)."""
-    from .distributed import is_lead
-    from .models import factory_module_origin
-    from .pipeline.run import run_cem
-    source = _load_cropped(image, rest["crop"], run.max_pixels) if rest.get("crop") else image
-    results = run_cem(model, source, rest["task"], None if cfg.roi_grid else cfg.rois, cfg.roi_grid,
-                      rest["patches"], run, task_opts, model_name=name, image_name=Path(image).name)
-    res = results[0]
-    if not is_lead():  # another rank of a torchrun study: it computed its share, rank 0 writes
-        return {"model": name, "image": label, "dir": rel, "_result": res, "_results": results}
-    if "cropped_from" in res.extra:
-        h, w = res.extra["cropped_from"]
-        print(f"[cem-fast]   note: {label} ({h}x{w}) was cropped to {res.gt.shape[-2]}x"
-              f"{res.gt.shape[-1]}, a multiple of the scale", file=sys.stderr)
-    for note in res.extra.get("cache_dropped_chunks", []):
-        print(f"[cem-fast]   note: cached chunk {note}; recomputed", file=sys.stderr)
-    if "switched_to_eval" in res.extra:
-        print(f"[cem-fast]   note: {res.extra['switched_to_eval']['submodules_in_training']} submodule(s) of the "
-              "model were in training mode: run in eval mode, their modes restored after", file=sys.stderr)
-    extra = {"config": json_safe(cfg.raw), "model_spec": spec, "image_path": str(image)}
-    origin = factory_module_origin(spec, cfg.module_dirs)  # pkg.module:factory: which file, found where
-    if origin:
-        extra.update(model_module_path=origin["path"], model_module_found_in=origin["found_in"])
-    loc = _locality_note(res.extra.get("locality", {}))
-    if cfg.multi_roi:
-        for r in results:
-            r.extra.update(extra)
-        with _staged(out_dir / rel) as staging:  # the earlier results stay until these are all written
-            results.save(staging, scale=rest["plot_scale"])
-        shared = "rois_in_pass" in res.extra  # one pass for all; else one run per ROI (the cheaper plan)
-        forwards = res.num_forwards if shared else sum(r.num_forwards for r in results)
-        wall = res.wall_time if shared else sum(r.wall_time for r in results)
-        how = "" if shared else " (one run per ROI: fewer input pixels)"
-        print(f"[cem-fast]   {len(results)} ROIs from {forwards} forwards{how}{_reused(res)}{loc}, "
-              f"{wall:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
-        return {"model": name, "image": label, "dir": rel, "rois": json_safe(results.summary()), "_result": res,
-                "_results": results}
-    colours = res.colour_scale(rest["plot_scale"])
-    with _staged(out_dir / rel) as staging:
-        res.save(staging, summary_extra=extra, scale=colours)
-    st = res.stats()
-    print(f"[cem-fast]   Y(I) {res.psnr_origin:.2f} dB, {st['positive']} help, {st['negative']} hurt, "
-          f"{st['zero']} no effect, range {st.get('range_db', 0):.3f} dB, {res.num_forwards} forwards"
-          f"{_reused(res)}{loc}, {res.wall_time:.1f} s -> {out_dir / rel}", file=sys.stderr, flush=True)
-    summary = json_safe({**res.summary(), **extra, "display_scale": colours.as_dict()})  # as in summary.json
-    return {"model": name, "image": label, "dir": rel, "summary": summary, "_result": res, "_results": results}
-
-
-def _load_cropped(image: str, box, max_pixels):
-    """The ``crop`` box of an image, read the way the estimator reads images (orientation, 16-bit, pixel limit)."""
-    from .images import load_image
-    full, _ = load_image(image, max_pixels)
-    h, w = full.shape[-2:]
-    if box[2] > w or box[3] > h:
-        raise ValueError(f"crop {list(box)} must lie inside the {w}x{h} image {Path(image).name}")
-    return full[:, box[1]:box[3], box[0]:box[2]].contiguous()
-
-
-def _locality_note(info: dict) -> str:
-    """How locality changed the run, for the progress line."""
-    if not info.get("active"):
-        return f" (whole image: {info['reason']})" if info.get("mode") == "auto" and info.get("reason") else ""
-    crop = info.get("crop")
-    what = [f"{info['skipped_blocks']} blocks skipped"] + ([f"crop {crop[2]}x{crop[3]} input px"] if crop else [])
-    if (info.get("incremental") or {}).get("used"):
-        what.append("recomputed layer by layer")
-    elif (info.get("windows") or {}).get("used"):
-        what.append("each intervention on its own window")
-    return f" (locality: {', '.join(what)}, verified)"
-
-
-def _reused(res) -> str:
-    n = res.extra.get("reused_from_cache", 0)
-    return f" (+{n} samples from the cache)" if n else ""
-
-
-def json_safe(obj):
-    from .jsonsafe import json_safe as safe  # numpy: imported when needed, not at start-up
-    return safe(obj)
 
 
 def _with_exact(args) -> list[str]:
@@ -315,6 +54,7 @@ def _lead() -> bool:
 def cmd_compare(args) -> int:
     from .compare import difference, save_difference
     from .config import load_config
+    from .jsonsafe import json_safe
     from .report import write_compare_report
     cfg = load_config(args.config, _with_exact(args))
     if cfg.multi_roi:
@@ -374,7 +114,7 @@ def cmd_demo(args) -> int:
             _, n_failed = run_config(cfg, out, progress=False if args.no_progress else None, entries=entries)
             failed += n_failed
     if _lead():  # under torchrun the ranks shared the runs; rank 0 writes
-        report = _report(out, entries, "cem_fast demo: the shipped denoiser, x4 SR and deraining models")
+        report = runs_report(out, entries, "cem_fast demo: the shipped denoiser, x4 SR and deraining models")
         if report is not None:
             print(f"demo report written in {time.perf_counter() - t0:.1f} s: {report.resolve()}")
     return EXIT_FAILED if failed else 0

@@ -84,7 +84,7 @@ class Study:
     @classmethod
     def from_runs(cls, runs: list, far_px: Optional[float] = None, seed: int = 0) -> "Study":
         """A study of the CLI's runs: (model, image label, run folder, CEMResults, one folder per ROI?) each,
-        as :func:`cem_fast.cli.run_config` keeps them with ``keep_all``."""
+        as :func:`cem_fast.config_runs.run_config` keeps them with ``keep_all``."""
         maps, dirs = {}, {}
         for model, image, rel, results, per_roi in runs:
             maps[model, image] = list(results)

@@ -269,16 +269,6 @@ def test_version_and_bare_command_show_what_it_is():
     assert p.returncode == 0 and "usage: cem-fast" in p.stdout and "run" in p.stdout and not p.stderr
 
 
-def test_the_run_line_names_how_interventions_ran():
-    from cem_fast.cli import _locality_note
-    base = {"active": True, "skipped_blocks": 12, "crop": [0, 0, 40, 40]}
-    assert _locality_note(base) == " (locality: 12 blocks skipped, crop 40x40 input px, verified)"
-    assert "recomputed layer by layer" in _locality_note({**base, "incremental": {"used": True},
-                                                          "windows": {"used": True}})
-    assert "each intervention on its own window" in _locality_note({**base, "incremental": {"used": False},
-                                                                    "windows": {"used": True}})
-
-
 # ---- paths in a config: relative to the config's folder; what cannot be opened says why, with the full path ----
 
 def _same_files_in(*folders: Path) -> None:
@@ -347,18 +337,6 @@ def test_symlink_loops_and_missing_files_say_what_they_are(tmp_path, monkeypatch
 
 
 # ---- folder names keep the letters of any script -------------------------------------------------------------
-
-def test_folder_names_keep_letters_of_any_script_and_stay_safe():
-    from cem_fast.cli import _safe_name, image_labels
-    folders, labels = image_labels(["/a/ïmg_😀.png", "/b/ïmg_😁.png", "/c/日本語 テスト.png", "/d/नमस्ते.png",
-                                    "/e/😀.png", "/f/i\u0308mg_2.jpg", "/g/a\u202eb.png", "/h/.hidden.png"])
-    assert folders == ["ïmg", "ïmg_2", "日本語_テスト", "नमस्ते", "image", "ïmg_2_2", "a_b", "hidden"]
-    assert labels[:2] == ["ïmg_😀.png", "ïmg_😁.png"]  # the report tells them apart by their names
-    assert _safe_name("ä" * 300).encode() == ("ä" * 100).encode()  # at most 200 bytes: a file name may hold 255
-    assert _safe_name("report.html") == "report.html_" and _safe_name("..") == "run"
-    from cem_fast.cli import OUR_TEMPORARY  # what a killed compare leaves under such a name is cleaned up
-    assert OUR_TEMPORARY.match(".ïmg_cem.png.tmp12") and not OUR_TEMPORARY.match(".ïmg.png.tmp12")
-
 
 def test_an_image_with_a_unicode_name_gets_a_readable_folder(sr_config, tmp_path):
     Image.open(tmp_path / "img_7.png").save(tmp_path / "ïmg_😀.png")
