@@ -91,7 +91,8 @@ def cmd_compare(args) -> int:
 def _shared_scale_maps(runs: list, out: Path, rel: str, cfg) -> dict[str, str]:
     """Each model's map again, all on one colour scale (each run's own cem.png has its own "auto" bound, so equal
     colours there need not mean equal effects); returns model name -> picture relative to ``out``."""
-    from .plotting import cem_figure, colour_scale, save_figure
+    from .map_pictures import colour_scale
+    from .plotting import cem_figure, save_figure
     shared = colour_scale(cfg.options.get("plot_scale", "auto"), [res for _, res in runs])
     maps = {}
     for name, res in runs:

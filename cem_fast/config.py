@@ -312,7 +312,7 @@ def normalise(raw: dict[str, Any], base: Path = Path("."), set_keys: "set[str]" 
 
 
 def _check_plot_scale(value: Any) -> None:
-    """plot_scale: what cem_fast.plotting.colour_scale accepts (checked here: the pictures come after the run)."""
+    """plot_scale: what cem_fast.map_pictures.colour_scale accepts (checked here: the pictures come after the run)."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (value in ("auto", "paper") or (number and 0 < value < float("inf"))):
         raise ValueError(f"plot_scale must be auto, paper or a positive bound in dB, got {value!r}")

@@ -276,8 +276,8 @@ class CEMResult:
         return fig
 
     def colour_scale(self, scale: "str | float" = "auto"):
-        """The :class:`cem_fast.plotting.ColourScale` (bound in dB, gamma) that ``scale`` gives for this map."""
-        from .plotting import colour_scale
+        """The :class:`cem_fast.map_pictures.ColourScale` (bound in dB, gamma) that ``scale`` gives for this map."""
+        from .map_pictures import colour_scale
         return colour_scale(scale, [self])
 
     def save(self, out_dir: "str | os.PathLike", summary_extra: Optional[dict] = None,
@@ -288,11 +288,11 @@ class CEMResult:
         scale of cem.png and overlay.png (see :meth:`plot`; summary.json: display_scale says which bound it
         gave); ``vector``: "pdf", "svg" or both, to write cem.pdf / cem.svg beside cem.png; ``zoom``,
         ``background``, ``locality``: cem.png's, as in :meth:`plot`."""
-        from . import plotting
-        colours = plotting.colour_scale(scale, [self])  # all checked before anything is written
+        from . import map_pictures, plotting
+        colours = map_pictures.colour_scale(scale, [self])  # all checked before anything is written
         vector = plotting.vector_formats(vector)
-        plotting.check_background(background)
-        plotting.zoom_box(self, zoom)
+        map_pictures.check_background(background)
+        map_pictures.zoom_box(self, zoom)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         low, high = self.interval()

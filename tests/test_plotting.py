@@ -1,12 +1,11 @@
 """The map figure as a paper uses it (issue 25): a 32-px ROI on a 512-px picture zoomed onto its effects, the ROI
 outlined with the photograph inside it, the photograph's strength, the locality box off by default and on whole
 blocks when shown, no title or caption on request, a print-size pie over the evaluated blocks, and typographic
-minus signs. Checked on the rendered pixels where a reader would see it. Also the colour scales that show
-ordinary effects, the labelled colour bar and boxes, vector output, the many-ROI sheet, undecided blocks
-hatched, and the locality crop outlined on the overlay."""
+minus signs. Checked on the rendered pixels where a reader would see it. Also the labelled colour bar and boxes,
+vector output, the many-ROI sheet and undecided blocks hatched. The colour scales and the overlay are tested in
+test_map_pictures.py."""
 import json
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -14,13 +13,12 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 import cem_fast
-from cem_fast import plotting
+from cem_fast import map_pictures, plotting
 from cem_fast.geometry import ROI
 from cem_fast.report import write_report
 from cem_fast.intervals import UNDECIDED
 from cem_fast.result import CEMResult, CEMResults
-from helpers import make_result, random_bank, random_image
-from model_factories import ConvStack
+from helpers import make_result
 
 SIZE, BLOCK = 512, 8
 ROI_BOX = (240, 256, 32, 32)  # y, x, h, w: 32 px on 512 px
@@ -93,7 +91,7 @@ def test_auto_zoom_frames_the_effects_and_the_roi_on_whole_blocks():
     fig = res.plot()
     ax = fig.axes[0]
     y, x, h, w = limits_box(ax)
-    assert (y, x, h, w) == plotting.zoom_box(res)
+    assert (y, x, h, w) == map_pictures.zoom_box(res)
     assert all(v % BLOCK == 0 for v in (y, x, h, w))
     assert h <= SIZE / 2 and w <= SIZE / 2  # zoomed: the 32-px ROI is no longer a spot in the panel
     ry, rx, rh, rw = ROI_BOX
@@ -108,7 +106,7 @@ def test_auto_zoom_frames_the_effects_and_the_roi_on_whole_blocks():
 
 def test_auto_zoom_shows_everything_when_the_effects_are_spread():
     res = paper_result(spread=True, locality=False)
-    assert plotting.zoom_box(res) == (0, 0, SIZE, SIZE)
+    assert map_pictures.zoom_box(res) == (0, 0, SIZE, SIZE)
     ax = res.plot().axes[0]
     assert limits_box(ax) == (0, 0, SIZE, SIZE) and "zoom" not in ax.get_xlabel()
 
@@ -118,15 +116,15 @@ def test_reach_full_and_a_box_in_output_pixels():
     rows, cols = np.nonzero(res.reachable)
     reach = (rows.min() * BLOCK, cols.min() * BLOCK, (rows.max() + 1 - rows.min()) * BLOCK,
              (cols.max() + 1 - cols.min()) * BLOCK)
-    assert plotting.zoom_box(res, "reach") == reach
+    assert map_pictures.zoom_box(res, "reach") == reach
     assert limits_box(res.plot(zoom="reach").axes[0]) == reach
     assert limits_box(res.plot(zoom="full").axes[0]) == (0, 0, SIZE, SIZE)
     assert limits_box(res.plot(zoom=(250, 251, 20, 22)).axes[0]) == (248, 248, 24, 32)  # grown to whole blocks: x 251-273
-    assert plotting.zoom_box(res, (500, 500, 100, 100)) == (496, 496, 16, 16)  # clipped to the picture
-    assert plotting.zoom_box(paper_result(locality=False), "reach") == (0, 0, SIZE, SIZE)  # nothing skipped
+    assert map_pictures.zoom_box(res, (500, 500, 100, 100)) == (496, 496, 16, 16)  # clipped to the picture
+    assert map_pictures.zoom_box(paper_result(locality=False), "reach") == (0, 0, SIZE, SIZE)  # nothing skipped
     for bad in ("tight", (1, 2, 3), (0, 0, 0, 8), (600, 0, 8, 8), (1.5, 0, 8, 8), None):
         with pytest.raises(ValueError, match="zoom must be 'auto', 'reach', 'full' or a"):
-            plotting.zoom_box(res, bad)
+            map_pictures.zoom_box(res, bad)
 
 
 # ---- the ROI and the photograph ----------------------------------------------------------------------------------
@@ -149,8 +147,8 @@ def test_the_roi_is_an_outline_and_its_inside_shows_the_photograph():
         assert side.sum() > (c1 - c0) / 2
     # inside: the photograph (grey ground truth at the background's strength), no fill
     grey = photo()[0].numpy() / 255
-    expected = np.round(255 * (1 - plotting.DEFAULT_BACKGROUND * (1 - grey)))
-    picture = plotting.map_picture(res)
+    expected = np.round(255 * (1 - map_pictures.DEFAULT_BACKGROUND * (1 - grey)))
+    picture = map_pictures.map_picture(res)
     roi_pixels = picture[ry:ry + rh, rx:rx + rw]
     assert np.array_equal(roi_pixels, np.repeat(expected[ry:ry + rh, rx:rx + rw, None], 3, axis=2))
     centre = pic[int((r0 + r1) / 2), int((c0 + c1) / 2)]
@@ -163,13 +161,13 @@ def test_background_sets_the_strength_of_the_photograph():
     grey = photo()[0].numpy().astype(float) / 255
     y, x = 40, 40  # no effect there
     for b in (0.0, 0.6, 1.0):
-        pic = plotting.map_picture(res, background=b)
+        pic = map_pictures.map_picture(res, background=b)
         assert np.array_equal(pic[y, x], np.repeat(np.round(255 * (1 - b * (1 - grey[y, x]))), 3))
-    assert np.array_equal(plotting.map_picture(res)[y, x], plotting.map_picture(res, background=0.6)[y, x])
+    assert np.array_equal(map_pictures.map_picture(res)[y, x], map_pictures.map_picture(res, background=0.6)[y, x])
     # a saturated block keeps the colour of the bar over any photograph; the default shows the photograph clearly
-    sat = plotting.map_picture(res, 0.1, background=1.0)[27 * BLOCK + 4, 31 * BLOCK + 4]
-    assert np.array_equal(sat, np.round(plotting.ColourScale(0.1).colours(np.array([0.2]))[0] * 255))
-    default = plotting.map_picture(res)
+    sat = map_pictures.map_picture(res, 0.1, background=1.0)[27 * BLOCK + 4, 31 * BLOCK + 4]
+    assert np.array_equal(sat, np.round(map_pictures.ColourScale(0.1).colours(np.array([0.2]))[0] * 255))
+    default = map_pictures.map_picture(res)
     assert np.ptp(default[:64, :].astype(int)) > 60  # the ramp's contrast is not washed out to near white
     for bad in (-0.1, 1.5, "dark", True):
         with pytest.raises(ValueError, match="background must be a number from 0"):
@@ -179,7 +177,7 @@ def test_background_sets_the_strength_of_the_photograph():
 # ---- the locality box -------------------------------------------------------------------------------------------
 
 def grey_boxes(ax):
-    grey = tuple(np.array(plotting.GREY) / 255)
+    grey = tuple(np.array(map_pictures.GREY) / 255)
     return [p for p in ax.patches if isinstance(p, Rectangle) and not p.get_hatch()
             and tuple(np.round(p.get_edgecolor()[:3], 4)) == tuple(np.round(grey, 4))]
 
@@ -289,54 +287,6 @@ def test_save_writes_the_zoomed_map_and_checks_its_options_first(tmp_path):
         assert not (tmp_path / "b" / "result.npz").exists()
 
 
-# ---- colour scales ---------------------------------------------------------------------------------------------------
-
-WHITE = np.array([255, 255, 255])
-
-
-def block_colour(picture, row, col):
-    return picture[row * 8 + 4, col * 8 + 4].astype(int)
-
-
-def seismic(v):
-    return np.array(matplotlib.colormaps["seismic"](v)[:3])
-
-
-def test_auto_scale_makes_a_tenth_of_a_db_visible_and_paper_keeps_the_fixed_bounds():
-    res = make_result([[0.0, 0.1, 0.0], [0.0, 0.0, 0.0]])  # ROI = block (0, 0)
-    auto = block_colour(plotting.overlay(res, "auto"), 0, 1)
-    assert np.abs(auto - WHITE).max() > 150, auto  # a clearly red block, not near-white
-    assert np.abs(block_colour(plotting.overlay(res, "auto"), 1, 1) - WHITE).max() <= 2  # 0 stays white
-    # "paper": DN bound 1 dB, |c|^(1/1.2); on a white picture the colours themselves
-    assert np.array_equal(block_colour(plotting.overlay(res, "paper"), 0, 1),
-                          np.round(seismic((0.1 ** (1 / 1.2) + 1) / 2) * 255))
-    # background="paper": blended 0.9 map + 0.1 degraded input (white), as the paper does
-    expected = np.round((0.9 * seismic((0.1 ** (1 / 1.2) + 1) / 2) + 0.1) * 255)
-    assert np.array_equal(block_colour(plotting.overlay(res, "paper", background="paper"), 0, 1), expected)
-    for task, bound in (("DN", 1.0), ("SR", 2.5), ("DR", 2.0)):
-        cs = make_result([[0.0, 0.1]], task=task).colour_scale("paper")
-        assert (cs.bound, cs.gamma) == (bound, 1.2)
-
-
-def test_auto_bound_is_readable_never_zero_and_ignores_the_roi():
-    assert make_result([[9.0, 0.23, 0.0]]).colour_scale().bound == 0.25  # the ROI's 9 dB does not set it
-    assert make_result([[0.0, -0.7, 0.04]]).colour_scale().bound == 0.8
-    assert make_result([[0.0, 0.0, 0.0]]).colour_scale().bound == 0.01  # all zero: tol, not 0
-    assert plotting.readable_bound(0.3) == 0.3 and plotting.readable_bound(0.31) == 0.4
-    assert plotting.readable_bound(1.26) == 1.5 and plotting.readable_bound(12) == 15
-
-
-def test_a_number_is_a_linear_bound_in_db():
-    res = make_result([[0.0, 0.25, 1.0]])
-    pic = plotting.overlay(res, 0.5)
-    expected = np.round(seismic(0.75) * 255)  # 0.25 of 0.5 dB, linear; on a white ground truth the colour itself
-    assert np.array_equal(block_colour(pic, 0, 1), expected)
-    assert np.array_equal(block_colour(pic, 0, 2), np.round(seismic(1.0) * 255))  # clipped
-    for bad in (0, -1, float("inf"), "big", True):
-        with pytest.raises(ValueError, match="scale must be 'auto', 'paper' or a positive number of dB"):
-            res.colour_scale(bad)
-
-
 # ---- the map figure --------------------------------------------------------------------------------------------------
 
 def test_colour_bar_is_labelled_keeps_zero_and_the_boxes_have_a_legend():
@@ -346,7 +296,7 @@ def test_colour_bar_is_labelled_keeps_zero_and_the_boxes_have_a_legend():
     image_ax, bar = fig.axes
     assert "causal effect on ROI PSNR (dB)" in bar.get_ylabel() and "helps" in bar.get_ylabel()
     assert "0" in [t.get_text() for t in bar.get_yticklabels()]
-    assert np.array_equal(image_ax.images[0].get_array(), plotting.map_picture(res, "auto"))
+    assert np.array_equal(image_ax.images[0].get_array(), map_pictures.map_picture(res, "auto"))
     legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
     assert "ROI (green outline)" in legend and "locality (grey): blocks outside it cannot reach the ROI" in legend
     assert "no block hurts" not in image_ax.get_xlabel() and "min \u22120.004 dB" in image_ax.get_xlabel()
@@ -408,27 +358,3 @@ def test_the_map_figure_hatches_undecided_blocks():
     assert len(hatched) == undecided
     assert any(f"{undecided} undecided" in t.get_text() for t in fig.legends[0].get_texts())
     plt.close(fig)
-
-
-# ---- the overlay -----------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def image(rng):
-    return random_image(rng, 48, 64)
-
-
-@pytest.fixture
-def bank(rng):
-    return random_bank(rng, 32)
-
-
-def test_overlay_outlines_the_crop_in_speed_mode(image, bank):
-    from cem_fast.plotting import overlay
-    res = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
-                                     patches=bank)
-    y, x, h, w = res.extra["locality"]["crop"]
-    pic = overlay(res)
-    assert tuple(pic[y + h // 2, x]) == (96, 96, 96) and tuple(pic[y + h - 1, x + w // 2]) == (96, 96, 96)
-    exact = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
-                                       patches=bank, locality="off")
-    assert tuple(overlay(exact)[y + h // 2, x]) != (96, 96, 96)
