@@ -24,15 +24,17 @@ A model that does not treat every block alike (it reads a fixed place of whateve
 NaN in one whole block-row (or block-column) per probe input, reachable blocks = (reached rows) x (reached
 columns) per ROI, verified as in 2 against the whole input or the probe window, and the crop found with NaN in
 each pixel row and column of the outermost reached blocks. That costs a forward of the union per block row and
-column, and one per ROI (62 forwards for the DN demo, against 8 from the spread).
+column, and one per ROI, where the spread costs a few small forwards.
 
 Models with global paths (global pooling, channel attention, full attention) reach the window's edge every time;
 the window grows to the whole image and nothing is skipped or cropped. A model that hides NaN, fails on crops
 or changes the output size is run without locality, and the reason is reported.
+
+This module plans (the probes' order, the reach, the crop and the fallbacks); the NaN probes, the window and the
+verifications it plans with are :mod:`cem_fast.locality_probes`.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -40,30 +42,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .geometry import ROI, BlockGrid, rois_finite
+from .geometry import ROI, BlockGrid
+from .locality_probes import (VERIFY_TOL, Forward, NoLocality, Prober, Window, aligned, block_span, nan_probes,
+                              tight_crop, verification_blocks, verify_crop, verify_reach, verify_reach_locally)
+
+# the pipeline's engines import these from here: Window, VERIFY_TOL and nan_probes above, and this one
+_verification_blocks = verification_blocks
 
 INITIAL_MARGIN_BLOCKS = 4  # 32 px at 8-px blocks: most CNNs need one probe round
 PROBE_MAX_INPUT_PX = 2048 * 2048  # beyond this the probe gives up: the ROI depends on most of a huge input
-# Largest |ROI output (crop) - ROI output (reference)| accepted, in [0, 1] output units, per precision.
-VERIFY_TOL = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
-
-Forward = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Window:
-    """A rectangle of input pixels ``[y, y + h) x [x, x + w)``."""
-
-    y: int
-    x: int
-    h: int
-    w: int
-
-    def crop(self, t: torch.Tensor) -> torch.Tensor:
-        return t[..., self.y:self.y + self.h, self.x:self.x + self.w]
-
-    def as_list(self) -> list[int]:
-        return [self.y, self.x, self.h, self.w]
 
 
 @dataclass
@@ -86,94 +73,6 @@ class LocalityPlan:
                    {"mode": mode, "active": False, "reason": reason, **info})
 
 
-@contextlib.contextmanager
-def nan_probes():
-    """cuDNN off around forwards whose inputs hold NaN (the probes). cuDNN may pick Winograd or FFT convolutions,
-    which compute a whole output tile from transforms of all its inputs: one NaN then spreads over whole tiles,
-    the measured spread exceeds the true reach, and the windows and the layer-by-layer engine are refused without
-    an error (the map is still right, only slower). Without cuDNN, ATen's own convolution (im2col and a matrix
-    product) takes each output from its receptive field alone. Only ``enabled`` is touched (and restored, also
-    after an error): ``torch.backends.cudnn.flags()`` would also reset TF32, determinism and, in newer torch, the
-    fp32 precision setting to its own defaults. No effect on the CPU."""
-    c = torch.backends.cudnn
-    saved = c.enabled
-    c.enabled = False
-    try:
-        yield
-    finally:
-        c.enabled = saved
-
-
-def _block_span(index: int, in_block: int, limit: int) -> tuple[int, int]:
-    return index * in_block, min((index + 1) * in_block, limit)
-
-
-def _forward_batched(forward: Forward, inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [forward(inputs[i:i + batch_size]) for i in range(0, inputs.shape[0], batch_size)]
-
-
-class _Prober:
-    def __init__(self, forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: Sequence[ROI],
-                 batch_size: int):
-        self.forward, self.base, self.grid, self.rois = forward, base, grid, list(rois)
-        self.batch_size = max(1, batch_size)
-        self.forwards = 0
-
-    def window_of_blocks(self, r0: int, r1: int, c0: int, c1: int) -> Window:
-        g = self.grid
-        y0, y1 = r0 * g.in_block, min(r1 * g.in_block, g.in_h)
-        x0, x1 = c0 * g.in_block, min(c1 * g.in_block, g.in_w)
-        return Window(y0, x0, y1 - y0, x1 - x0)
-
-    def run(self, make_inputs: Callable[[int, int], torch.Tensor], n: int, win: Window) -> torch.Tensor:
-        """(n, n_rois) bool: ROI finite for each of ``n`` inputs (crops of ``win``), built a batch at a time by
-        ``make_inputs(start, end)`` so that a large window never holds all its probe inputs at once."""
-        s = self.grid.scale
-        finite = []
-        for i in range(0, n, self.batch_size):
-            inputs = make_inputs(i, min(n, i + self.batch_size))
-            with nan_probes():
-                out = self.forward(inputs)
-            want = (inputs.shape[0], inputs.shape[1], win.h * s, win.w * s)
-            if tuple(out.shape) != want:
-                raise _NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, "
-                                  f"expected {want}")
-            finite.append(rois_finite(out, self.rois, win.y * s, win.x * s).cpu())
-            self.forwards += inputs.shape[0]
-        return torch.cat(finite)
-
-    def reached(self, win: Window, rows: Sequence[tuple[int, int]],
-                cols: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """One probe input per span: NaN in input rows ``[a, b)`` of ``rows``, then in the columns of ``cols``, of
-        the window's crop. Returns (n_rois, len(rows)), (n_rois, len(cols)): NaN reached that ROI."""
-        crop = win.crop(self.base)
-        spans = [(0, a - win.y, b - win.y) for a, b in rows] + [(1, a - win.x, b - win.x) for a, b in cols]
-
-        def make_inputs(i0: int, i1: int) -> torch.Tensor:
-            inputs = crop.unsqueeze(0).repeat(i1 - i0, 1, 1, 1)
-            for i in range(i0, i1):
-                axis, a, b = spans[i]
-                if axis == 0:
-                    inputs[i - i0, :, a:b, :] = float("nan")
-                else:
-                    inputs[i - i0, :, :, a:b] = float("nan")
-            return inputs
-
-        reached = ~self.run(make_inputs, len(spans), win).numpy().T  # (n_rois, len(spans))
-        return reached[:, :len(rows)], reached[:, len(rows):]
-
-    def probe(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
-        """NaN in each block-row, then each block-column of the window: (n_rois, nrows), (n_rois, ncols) reached."""
-        g = self.grid
-        rows = [_block_span(r, g.in_block, g.in_h) for r in range(r0, r1)]
-        cols = [_block_span(c, g.in_block, g.in_w) for c in range(c0, c1)]
-        return self.reached(self.window_of_blocks(r0, r1, c0, c1), rows, cols)
-
-
-class _NoLocality(Exception):
-    pass
-
-
 def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: Sequence[ROI], *,
                   batch_size: int, precision: str = "fp32", full_output: Optional[torch.Tensor] = None,
                   interventions: Optional[Callable[[np.ndarray, Window], torch.Tensor]] = None,
@@ -184,11 +83,11 @@ def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: S
     the whole input (else against the probe window)."""
     t0 = time.perf_counter()
     rois = list(rois)
-    prober = _Prober(forward, base, grid, rois, batch_size)
+    prober = Prober(forward, base, grid, rois, batch_size)
     try:
         with torch.inference_mode():
             plan = _probe_and_verify(prober, grid, rois, precision, interventions, verify_blocks, full_output)
-    except _NoLocality as e:
+    except NoLocality as e:
         plan = LocalityPlan.off(len(rois), grid, "auto", str(e))
     except Exception as e:  # a model that cannot run on crops: run it whole
         plan = LocalityPlan.off(len(rois), grid, "auto", f"the model failed on a crop: {type(e).__name__}: "
@@ -197,11 +96,11 @@ def plan_locality(forward: Forward, base: torch.Tensor, grid: BlockGrid, rois: S
     return plan
 
 
-def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
+def _probe_and_verify(prober: Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
                       full_output: Optional[torch.Tensor]) -> LocalityPlan:
     try:
         return _plan_from_block_spread(prober, grid, rois, precision, interventions, verify_blocks, full_output)
-    except _NoLocality as e:  # not translation-invariant, or reaching the image's edge: probe the union
+    except NoLocality as e:  # not translation-invariant, or reaching the image's edge: probe the union
         refused = str(e)
     plan = _plan_from_union_probe(prober, grid, rois, precision, interventions, verify_blocks, full_output)
     plan.info["reach_from"] = "the union's row and column probe"
@@ -209,7 +108,7 @@ def _probe_and_verify(prober: _Prober, grid: BlockGrid, rois, precision, interve
     return plan
 
 
-def _plan_from_union_probe(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
+def _plan_from_union_probe(prober: Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
                            full_output: Optional[torch.Tensor]) -> LocalityPlan:
     b = grid.block
     ra, rb = min(r.y // b for r in rois), max((r.y + r.height - 1) // b for r in rois)
@@ -221,7 +120,7 @@ def _plan_from_union_probe(prober: _Prober, grid: BlockGrid, rois, precision, in
         c0, c1 = max(0, ca - margin[2]), min(grid.cols, cb + 1 + margin[3])
         win = prober.window_of_blocks(r0, r1, c0, c1)
         if win.h * win.w > PROBE_MAX_INPUT_PX:
-            raise _NoLocality(f"the ROI depends on more than a {win.h}x{win.w} input window (global paths?)")
+            raise NoLocality(f"the ROI depends on more than a {win.h}x{win.w} input window (global paths?)")
         rows, cols = prober.probe(r0, r1, c0, c1)
         rounds += 1
         grow = [r0 > 0 and rows[:, 0].any(), r1 < grid.rows and rows[:, -1].any(),
@@ -234,7 +133,7 @@ def _plan_from_union_probe(prober: _Prober, grid: BlockGrid, rois, precision, in
         own_r = range(roi.y // b - r0, (roi.y + roi.height - 1) // b - r0 + 1)
         own_c = range(roi.x // b - c0, (roi.x + roi.width - 1) // b - c0 + 1)
         if not (rows[j, list(own_r)].all() and cols[j, list(own_c)].all()):
-            raise _NoLocality("NaN put into the ROI's own input does not reach the ROI: the model hides NaN, "
+            raise NoLocality("NaN put into the ROI's own input does not reach the ROI: the model hides NaN, "
                               "so its reach cannot be probed")
     reach = np.zeros((len(rois), grid.rows, grid.cols), bool)
     for j in range(len(rois)):
@@ -244,12 +143,12 @@ def _plan_from_union_probe(prober: _Prober, grid: BlockGrid, rois, precision, in
     info = {"mode": "auto", "windows_are": "[y, x, height, width] in input pixels", "probe_rounds": rounds,
             "probe_window": win.as_list(),
             "verified_against": "full input" if reference == whole else f"probe window {win.as_list()}"}
-    _verify_reach(prober, grid, rois, reach, reference)
+    verify_reach(prober, grid, rois, reach, reference)
     return _crop_and_verify(prober, grid, rois, reach, reference, info, precision, interventions, verify_blocks,
                             full_output, tight=None)
 
 
-def _plan_from_block_spread(prober: _Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
+def _plan_from_block_spread(prober: Prober, grid: BlockGrid, rois, precision, interventions, verify_blocks,
                             full_output: Optional[torch.Tensor]) -> LocalityPlan:
     """Many ROIs: how far a change of one block reaches (NaN in it) gives every ROI's reach at once, for a model
     that treats every block alike; each ROI's reach is then verified in a window of its own (NaN in a ring of
@@ -258,7 +157,7 @@ def _plan_from_block_spread(prober: _Prober, grid: BlockGrid, rois, precision, i
     spread, pixel_spread, rounds, probe_window = _block_spread(prober, grid, rois)
     reach = _reach_from_spread(grid, rois, spread)
     ring = max(1, -(-max(spread) // grid.block))  # at least as wide as the spread itself
-    windows = _verify_reach_locally(prober, grid, rois, reach, ring)
+    windows = verify_reach_locally(prober, grid, rois, reach, ring)
     whole = Window(0, 0, grid.in_h, grid.in_w)
     if full_output is not None:
         reference = whole
@@ -275,7 +174,7 @@ def _plan_from_block_spread(prober: _Prober, grid: BlockGrid, rois, precision, i
                             full_output, tight=_crop_from_spread(grid, rois, pixel_spread))
 
 
-def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, int, int, int], int, Window]:
+def _block_spread(prober: Prober, grid: BlockGrid, rois) -> tuple[tuple[int, int, int, int], int, Window]:
     """NaN in the block nearest the centre of the ROIs' union: how far the NaN outputs reach beyond the block's
     output footprint (up, down, left, right, output px), the probe rounds and the last probe window. The window
     grows (margin doubled) while the NaN reaches its edge."""
@@ -289,9 +188,9 @@ def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, in
             min(g.cols, cc + margin + 1)
         win = prober.window_of_blocks(r0, r1, c0, c1)
         if win.h * win.w > PROBE_MAX_INPUT_PX:
-            raise _NoLocality(f"one block's change reaches beyond a {win.h}x{win.w} input window")
-        by0, by1 = _block_span(rc, ib, g.in_h)
-        bx0, bx1 = _block_span(cc, ib, g.in_w)
+            raise NoLocality(f"one block's change reaches beyond a {win.h}x{win.w} input window")
+        by0, by1 = block_span(rc, ib, g.in_h)
+        bx0, bx1 = block_span(cc, ib, g.in_w)
         py, px = (by0 + by1) // 2, (bx0 + bx1) // 2
         inp = win.crop(prober.base).unsqueeze(0).repeat(2, 1, 1, 1)
         inp[0, :, by0 - win.y:by1 - win.y, bx0 - win.x:bx1 - win.x] = float("nan")
@@ -302,12 +201,12 @@ def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, in
         rounds += 1
         want = (2, inp.shape[1], win.h * s, win.w * s)
         if tuple(out.shape) != want:
-            raise _NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, expected {want}")
+            raise NoLocality(f"the model's output on a {win.h}x{win.w} crop is {tuple(out.shape)}, expected {want}")
         boxes = []
         for bad in (~torch.isfinite(out)).any(1):
             ys, xs = torch.nonzero(bad.any(1)).flatten(), torch.nonzero(bad.any(0)).flatten()
             if not len(ys):
-                raise _NoLocality("NaN put into a block reaches no output: the model hides NaN")
+                raise NoLocality("NaN put into a block reaches no output: the model hides NaN")
             boxes.append((int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1))
         y0, y1, x0, x1 = boxes[0]
         H, W = out.shape[-2:]
@@ -316,7 +215,7 @@ def _block_spread(prober: _Prober, grid: BlockGrid, rois) -> tuple[tuple[int, in
             margin *= 2
             continue
         if any(at for at, _ in sides):
-            raise _NoLocality("one block's change reaches the image's edge")
+            raise NoLocality("one block's change reaches the image's edge")
         break
     oy, ox = win.y * s, win.x * s
 
@@ -336,8 +235,8 @@ def _crop_from_spread(grid: BlockGrid, rois, pixel_spread) -> Window:
     y1 = max(min(grid.in_h, -(-(r.y + r.height + up) // s)) for r in rois)
     x0 = min(max(0, -(-(r.x - right - s + 1) // s)) for r in rois)
     x1 = max(min(grid.in_w, -(-(r.x + r.width + left) // s)) for r in rois)
-    y0, y1 = _aligned(y0, y1, grid.in_h)
-    x0, x1 = _aligned(x0, x1, grid.in_w)
+    y0, y1 = aligned(y0, y1, grid.in_h)
+    x0, x1 = aligned(x0, x1, grid.in_w)
     return Window(y0, x0, y1 - y0, x1 - x0)
 
 
@@ -354,59 +253,20 @@ def _reach_from_spread(grid: BlockGrid, rois, spread) -> np.ndarray:
     return rows[:, :, None] & cols[:, None, :]
 
 
-def _verify_reach_locally(prober: _Prober, grid: BlockGrid, rois, reach: np.ndarray, ring: int) -> np.ndarray:
-    """Each ROI on its reach grown by ``ring`` blocks, with NaN in every block of that window outside its reach:
-    the ROI must stay finite. ROIs whose windows have one shape run as one batch. Returns the windows (n, 4)."""
-    g, s, ib = grid, grid.scale, grid.in_block
-    spans, windows = [], []
-    for j in range(len(rois)):
-        rr, cc = np.flatnonzero(reach[j].any(1)), np.flatnonzero(reach[j].any(0))
-        span = (max(0, int(rr[0]) - ring), min(g.rows, int(rr[-1]) + 1 + ring),
-                max(0, int(cc[0]) - ring), min(g.cols, int(cc[-1]) + 1 + ring))
-        spans.append(span)
-        windows.append(prober.window_of_blocks(*span).as_list())
-    windows = np.array(windows, dtype=np.int64)
-    shapes = windows[:, 2] * 1_000_003 + windows[:, 3]
-    for key in np.unique(shapes):
-        group = np.flatnonzero(shapes == key)
-        for i in range(0, len(group), prober.batch_size):
-            part = group[i:i + prober.batch_size]
-            inputs = []
-            for j in part:
-                r0, r1, c0, c1 = spans[j]
-                y, x, h, w = (int(v) for v in windows[j])
-                outside = torch.from_numpy(~reach[j, r0:r1, c0:c1])
-                mask = outside.repeat_interleave(ib, 0).repeat_interleave(ib, 1)[:h, :w].to(prober.base.device)
-                inputs.append(prober.base[:, y:y + h, x:x + w].masked_fill(mask, float("nan")))
-            with nan_probes():
-                out = prober.forward(torch.stack(inputs))
-            prober.forwards += len(part)
-            h, w = (int(v) for v in windows[part[0], 2:])
-            if tuple(out.shape[-2:]) != (h * s, w * s):
-                raise _NoLocality(f"the model's output on a {h}x{w} crop is {tuple(out.shape)}")
-            for k, j in enumerate(part):
-                q, oy, ox = rois[j], int(windows[j, 0]) * s, int(windows[j, 1]) * s
-                roi_out = out[k, :, q.y - oy:q.y - oy + q.height, q.x - ox:q.x - ox + q.width]
-                if not bool(torch.isfinite(roi_out).all()):
-                    raise _NoLocality(f"NaN from outside the reach that one block's spread predicts reached ROI "
-                                      f"{int(j)}: the model does not treat every block alike")
-    return windows
-
-
-def _crop_and_verify(prober: _Prober, grid: BlockGrid, rois, reach: np.ndarray, reference: Window, info: dict,
+def _crop_and_verify(prober: Prober, grid: BlockGrid, rois, reach: np.ndarray, reference: Window, info: dict,
                      precision, interventions, verify_blocks, full_output, tight: Optional[Window]) -> LocalityPlan:
     """The crop of the verified reach, checked against ``reference``: ``tight`` (pixel-tight, None: probed
     inside the block-aligned crop) first, the block-aligned one where the model refuses it."""
     rr, cc = np.flatnonzero(reach.any((0, 2))), np.flatnonzero(reach.any((0, 1)))
     block_crop = prober.window_of_blocks(int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1)
     whole = Window(0, 0, grid.in_h, grid.in_w)
-    tight = _tight_crop(prober, grid, block_crop) if tight is None else tight
+    tight = tight_crop(prober, grid, block_crop) if tight is None else tight
     reference_output = full_output if reference == whole else None
     # the pixel-tight crop first; a model that needs its input grid kept (windowed attention, downsampling) gets
     # the block-aligned one
     for crop in ([tight] if tight == block_crop else [tight, block_crop]):
         try:
-            max_err = _verify_crop(prober, grid, rois, reach, crop, reference, interventions, verify_blocks,
+            max_err = verify_crop(prober, grid, rois, reach, crop, reference, interventions, verify_blocks,
                                    precision, reference_output)
             break
         except Exception as e:  # also a model that fails on the tight crop's size (a U-Net wanting multiples of 8)
@@ -421,99 +281,3 @@ def _crop_and_verify(prober: _Prober, grid: BlockGrid, rois, reach: np.ndarray, 
                 crop=plan.window.as_list() if plan.window else None, verify_max_abs_err=max_err,
                 verify_tol=VERIFY_TOL[precision])
     return plan
-
-
-TIGHT_ALIGN = 4  # input px: the tight crop's size is rounded up to a multiple (CPU convolutions run faster)
-
-
-def _tight_crop(prober: _Prober, grid: BlockGrid, block_crop: Window) -> Window:
-    """The crop cut to the input pixels that reach some ROI: NaN in each pixel row (column) of the outermost
-    reached block-rows (block-columns). DnCNN-20's 32-px ROI needs 72 px of its 80-px block crop: 0.81x the pixels."""
-    ib = grid.in_block
-    c = block_crop
-    ys = sorted({*range(c.y, min(c.y + ib, c.y + c.h)), *range(max(c.y, c.y + c.h - ib), c.y + c.h)})
-    xs = sorted({*range(c.x, min(c.x + ib, c.x + c.w)), *range(max(c.x, c.x + c.w - ib), c.x + c.w)})
-    # probed inside the block crop: every path from an input pixel to the ROI runs through positions the ROI
-    # depends on, all inside it (0.7x the probe window's pixels for DnCNN; verification checks the result anyway)
-    rows, cols = prober.reached(block_crop, [(y, y + 1) for y in ys], [(x, x + 1) for x in xs])
-    rows, cols = rows.any(0), cols.any(0)  # reached some ROI
-    if not rows.any() or not cols.any():
-        return block_crop
-    y0, y1 = ys[int(np.argmax(rows))], ys[len(ys) - 1 - int(np.argmax(rows[::-1]))] + 1
-    x0, x1 = xs[int(np.argmax(cols))], xs[len(xs) - 1 - int(np.argmax(cols[::-1]))] + 1
-    y0, y1 = _aligned(y0, y1, grid.in_h)
-    x0, x1 = _aligned(x0, x1, grid.in_w)
-    return Window(y0, x0, y1 - y0, x1 - x0)
-
-
-def _aligned(a: int, b: int, limit: int) -> tuple[int, int]:
-    """[a, b) grown to a multiple of TIGHT_ALIGN pixels (at the end, else at the start), inside [0, limit)."""
-    grow = -(b - a) % TIGHT_ALIGN
-    b2 = min(limit, b + grow)
-    return max(0, a - (grow - (b2 - b))), b2
-
-
-def _verify_reach(prober: _Prober, grid, rois, reach, reference: Window) -> None:
-    g = grid
-    base_ref = reference.crop(prober.base)
-    # (a) NaN in every block outside each ROI's reach (inside the reference region) at once: the ROI stays finite.
-    r0, r1 = reference.y // g.in_block, -(-(reference.y + reference.h) // g.in_block)
-    c0, c1 = reference.x // g.in_block, -(-(reference.x + reference.w) // g.in_block)
-    outside = torch.from_numpy(~reach[:, r0:r1, c0:c1])  # (n_rois, block rows, block cols) of the reference
-    ib = g.in_block
-    pixel_mask = outside.repeat_interleave(ib, 1).repeat_interleave(ib, 2)
-    oy, ox = reference.y - r0 * ib, reference.x - c0 * ib
-    pixel_mask = pixel_mask[:, oy:oy + reference.h, ox:ox + reference.w].to(base_ref.device)
-
-    def nan_outside(i0: int, i1: int) -> torch.Tensor:  # input j: NaN outside ROI j's reach
-        inputs = base_ref.unsqueeze(0).repeat(i1 - i0, 1, 1, 1)
-        return inputs.masked_fill_(pixel_mask[i0:i1].unsqueeze(1), float("nan"))
-
-    finite = prober.run(nan_outside, len(rois), reference).numpy()
-    if not np.diagonal(finite).all():
-        j = int(np.flatnonzero(~np.diagonal(finite))[0])
-        raise _NoLocality(f"blocks outside the probed reach still change ROI {j} (NaN reached it): the model's "
-                          "dependency is not a rectangle")
-
-
-def _verify_crop(prober: _Prober, grid, rois, reach, crop: Window, reference: Window, interventions,
-                 verify_blocks, precision, reference_output: Optional[torch.Tensor]) -> float:
-    g = grid
-    s = g.scale
-    base_ref = reference.crop(prober.base)
-    if crop == reference:
-        return 0.0
-    # (b) the crop reproduces the reference's ROI values: unintervened and a few interventions.
-    pairs = [(base_ref.unsqueeze(0), crop.crop(prober.base).unsqueeze(0), reference_output)]
-    if interventions is not None and verify_blocks > 0:
-        ids = _verification_blocks(reach.any(0), verify_blocks, g.cols)
-        pairs.append((interventions(ids, reference), interventions(ids, crop), None))
-    err = 0.0
-    for full_in, crop_in, known in pairs:
-        if known is None:
-            prober.forwards += full_in.shape[0]
-            known = torch.cat(_forward_batched(prober.forward, full_in, prober.batch_size))
-        prober.forwards += crop_in.shape[0]
-        c = torch.cat(_forward_batched(prober.forward, crop_in, prober.batch_size))
-        for r in rois:
-            ay, ax = r.y - reference.y * s, r.x - reference.x * s
-            cy, cx = r.y - crop.y * s, r.x - crop.x * s
-            da = known[:, :, ay:ay + r.height, ax:ax + r.width].float()
-            dc = c[:, :, cy:cy + r.height, cx:cx + r.width].float()
-            err = max(err, float((da - dc).abs().max()))
-    if not err <= VERIFY_TOL[precision]:
-        raise _NoLocality(f"the ROI computed from the {crop.h}x{crop.w} crop differs from the full input by "
-                          f"{err:.3g} (tolerance {VERIFY_TOL[precision]:g} for {precision})")
-    return err
-
-
-def _verification_blocks(reachable: np.ndarray, n: int, cols: int) -> np.ndarray:
-    """Up to ``n`` reachable block ids, the farthest-apart first (the reach's corners, then its centre)."""
-    r, c = np.nonzero(reachable)
-    picks = [np.argmin(r + c), np.argmax(r + c), np.argmin(r - c), np.argmax(r - c), len(r) // 2]
-    ids = []
-    for p in picks:
-        bid = int(r[p] * cols + c[p])
-        if bid not in ids:
-            ids.append(bid)
-    return np.array(ids[:n], dtype=np.int64)

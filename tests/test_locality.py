@@ -151,7 +151,7 @@ def test_the_block_spread_costs_a_window_per_roi_not_the_union_per_block_row(mon
     fast, _ = probe(ConvStack(2), (160, 160), 8, [(y, x, 16) for y in range(0, 160, 16) for x in range(0, 160, 16)])
 
     def refuse(*args, **kwargs):
-        raise locality._NoLocality("refused by the test")
+        raise locality.NoLocality("refused by the test")
     monkeypatch.setattr(locality, "_plan_from_block_spread", refuse)
     union, _ = probe(ConvStack(2), (160, 160), 8, [(y, x, 16) for y in range(0, 160, 16) for x in range(0, 160, 16)])
     assert union.info["block_spread_refused"] == "refused by the test"
