@@ -262,8 +262,9 @@ class CEMResult:
                 ``"reach"``: the box of the blocks that can reach the ROI (speed mode; else the whole image);
                 ``"full"``: the whole image; ``(y, x, height, width)``: that box in output pixels.
             background: strength of the photograph (grey ground truth) under the map, 0 (white) to 1 (full
-                contrast), default 0.7: blocks with no effect show the photograph, saturated ones their colour
-                on the bar; ``"paper"``: the paper's 0.9 map + 0.1 degraded input.
+                contrast), default 0.6 (``map_pictures.DEFAULT_BACKGROUND``): blocks with no effect show the
+                photograph, saturated ones their colour on the bar; ``"paper"``: the paper's 0.9 map + 0.1 degraded
+                input.
             locality: draw the grey reach box (speed mode): on whole blocks, every block outside it was
                 skipped (cannot reach the ROI, CE = 0). Off by default.
             caption: show the caption (strongest blocks, zoom box) under the map; default: as ``legend``.

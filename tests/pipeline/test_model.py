@@ -169,7 +169,7 @@ def test_auto_batch_size_is_remembered_per_model_and_shape(image, bank):
     first = cem_fast.causal_effect_map(model, image, **args)
     assert first.extra["batch_size"] == "auto"
     assert first.extra["final_batch_size"] == min(256, placement.CPU_BATCH_PIXELS // (48 * 64))
-    key = ((3, 48, 64), "fp32", "cpu")
+    key = ((3, 48, 64), "fp32", "cpu", None)  # crop shape, precision, device, engine input px (None: the crop)
     placement.remember_batch_size(model, key, 7)
     again = cem_fast.causal_effect_map(model, image, **args)
     assert again.extra["final_batch_size"] == 7
@@ -190,7 +190,7 @@ def test_compiled_model_gives_the_same_samples(image, bank):
 
 def test_the_flags_are_restored_after_an_error():
     from cem_fast.locality import nan_probes
-    from cem_fast.pipeline.precision import no_cudnn_autotune, precision_mode
+    from cem_fast.pipeline.model import no_cudnn_autotune, precision_mode
     before = (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark)
     for ctx in (nan_probes(), no_cudnn_autotune(), precision_mode("fp32", torch.device("cpu"))):
         with pytest.raises(RuntimeError, match="boom"):

@@ -9,7 +9,7 @@ the loop must hold them to a small constant per batch, whatever the number of ba
 Measured before issue 26 (ConvStack(4), 96x96, one 16-px ROI, batches of 8): the layer-by-layer engine 23 per
 batch (two index copies per convolution and per pasted rectangle, the batch's blocks read back twice), the
 windows 3 per batch; now 2 per batch on every path but the crop's 1: the batch's blocks read back once where the
-geometry is computed on the host (runner._window_scores, IncrementalPlan.scores), and the scores' copy of the
+geometry is computed on the host (the windows and layer-by-layer engines' scores), and the scores' copy of the
 previous batch (runner.HostCopies: an event one batch late, by design). Index arrays go to the device by
 non-blocking copies from pinned memory (windows.upload)."""
 import sys

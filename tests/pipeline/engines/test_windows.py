@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cem_fast
-from cem_fast.pipeline.windows import Spread
+from cem_fast.pipeline.engines.windows import Spread
 from helpers import random_bank, random_image
 from model_factories import ConvStack, NaNEveryThird
 
@@ -102,7 +102,7 @@ def test_a_global_model_keeps_no_windows(image, bank):
 def test_the_composition_is_checked_against_the_crop(image, bank, monkeypatch):
     """A spread measured too small (a model whose reach the one-pixel probe underestimates) must be caught by the
     verification and the run must keep the crop, with the reason."""
-    from cem_fast.pipeline import windows
+    from cem_fast.pipeline.engines import windows
     monkeypatch.setattr(windows, "spread_of", lambda plan, region: Spread(1, 1, 1, 1))
     res = cem_fast.causal_effect_map(ConvStack(4), image, task="DN", roi=(40, 36, 16), coarse=1, fine=0,
                                      patches=bank)
@@ -165,7 +165,7 @@ def test_probes_that_disagree_are_named_not_an_overflowed_window():
     from types import SimpleNamespace
 
     from cem_fast.geometry import ROI, BlockGrid
-    from cem_fast.pipeline.windows import Spread, block_windows
+    from cem_fast.pipeline.engines.windows import Spread, block_windows
     grid = BlockGrid(64, 64, 8)
     reach = np.zeros((1, grid.rows, grid.cols), dtype=bool)
     reach[0, 0, 0] = reach[0, 7, 7] = True  # (7, 7) lies far from the ROI at (0, 0) for a spread of 2 px
