@@ -13,7 +13,11 @@ from .runner import Runner
 from .samples import Samples, dense
 
 
-STAGES = ("prepare", "probe", "sampling", "finish")  # summary.json: timings_s
+# summary.json: timings_s, seconds per stage: loading and placing the model, the image and the bank; the unintervened
+# forward and the locality probe; the engine's planning and check, the batch size and the cache entry; the
+# interventions (Y(I) and its check at the end included); the estimates and the precision check; the pictures and
+# the results
+STAGES = ("prepare", "probe", "engine", "sampling", "estimate", "finish")
 
 
 def output_picture(plan: RunPlan, window_output: Optional[torch.Tensor]) -> torch.Tensor:
@@ -47,9 +51,8 @@ def pictures(plan: RunPlan, runner: Runner) -> dict:
 
 
 def timings(t0: float, marks: dict, wall: float) -> dict:
-    """Seconds: loading and degrading the image and model; full forward, batch sizing and locality probe; the
-    interventions; statistics, precision check and pictures."""
-    stamps = [t0, marks["prepare"], marks["probe"], marks["sampling"], t0 + wall]
+    """Seconds per stage (:data:`STAGES`) from the time each stage ended (``marks``, the last one's is the wall)."""
+    stamps = [t0, *(marks[stage] for stage in STAGES[:-1]), t0 + wall]
     return {stage: round(b - a, 4) for stage, a, b in zip(STAGES, stamps, stamps[1:])}
 
 

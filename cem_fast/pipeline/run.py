@@ -58,13 +58,14 @@ def run_request(request: RunRequest) -> CEMResults:
 def _planned(plan: RunPlan, marks: dict) -> RunPlan:
     """The loaded plan probed, its engine chosen and its cache entry open (under ``torch.inference_mode``)."""
     plan = plan_sampling(plan)
+    marks["probe"] = time.perf_counter()
     engine, verdicts = choose_engine(plan)
     plan = size_batches(plan.but(engine=engine, verdicts=verdicts))
     if not plan.shared_too_big:
         plan = open_cache(plan)
         coarse, fine = plan.options.stages
         check_sample_memory(reachable_blocks(plan), coarse, fine, len(plan.rois))
-    marks["probe"] = time.perf_counter()
+    marks["engine"] = time.perf_counter()
     return plan
 
 
@@ -95,6 +96,7 @@ def _run(request: RunRequest) -> CEMResults:
         for j, e in enumerate(effects):
             refuse_infinite_effects(e, float(psnr_origin[j]), plan.rois[j], plan.name)
         precision_check = _precision_check(plan, effects, psnr_origin, sampled)
+        marks["estimate"] = time.perf_counter()
         pics = pictures(plan, runner)
     wall = time.perf_counter() - t0
     extra = run_extra(plan, runner, timings(t0, marks, wall), precision_check)
