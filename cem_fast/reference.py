@@ -65,6 +65,9 @@ def intervene_ref(
     dev = base.device
     whole_input = window_origins is None
     window_origins, wh, ww, out = intervene_buffers(base, K, window_origins, window_size, out, ids, noise_sigma)
+    # read in float32, as every kernel reads them: a float64 base or rain gives the same values on every backend
+    base = base if base.dtype == torch.float32 else base.float()
+    rain = rain if rain is None or rain.dtype == torch.float32 else rain.float()
     if whole_input:
         out.copy_(base[:, :wh, :ww].unsqueeze(0).expand(K, C, wh, ww))
     else:

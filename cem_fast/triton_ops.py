@@ -56,7 +56,7 @@ def on_device(device: torch.device):
 def _unit_table_for(t: torch.Tensor) -> torch.Tensor:
     """The v / 255 table on ``t``'s device. While the operator is traced (fake tensors), the cached table cannot go
     into the graph, so the graph makes it: the float64 quotient rounded to float32, which is the correctly rounded
-    float32 quotient for every v (tests/test_op_intervene.py checks all 256) however the device divides."""
+    float32 quotient for every v (tests/ops/test_intervene.py checks all 256) however the device divides."""
     from torch._subclasses.fake_tensor import is_fake
     if is_fake(t):
         return (torch.arange(256, dtype=torch.float64, device=t.device) / 255.0).to(torch.float32)
@@ -75,7 +75,7 @@ def _launch_intervene(base: torch.Tensor, patches: torch.Tensor, patch_idx: torc
     C, h, w = base.shape
     K, _, wh, ww = out.shape
     noisy = noise_sigma > 0
-    if K == 0:
+    if out.numel() == 0:  # no interventions, or windows / a base without pixels: nothing to write (a grid of 0)
         return
     base_c = base.contiguous()
     windows = window_origins.contiguous() if window_origins is not None else \
