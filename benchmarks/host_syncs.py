@@ -1,4 +1,4 @@
-"""Count the host synchronisation points of the sampling loop, on any device (tests/test_host_syncs.py, and the GPU
+"""Count the host synchronisation points of the sampling loop, on any device (tests/pipeline/test_runner.py, and the GPU
 check's microbenchmark).
 
 On CUDA every one of these makes the host wait for the device (the queue drains, the GPU idles while Python

@@ -6,7 +6,7 @@ the row in progress).
   first, the median of several runs, never on zeros. On the CPU: fp32, 72x72, small batch (a rehearsal).
 * Host synchronisations of one small speed-mode CEM call: on CUDA counted by torch itself
   (``torch.cuda.set_sync_debug_mode("warn")``: one warning per synchronising call), and everywhere by the
-  instrumentation of tests/test_host_syncs.py (host_syncs.SyncCounter), per batch.
+  instrumentation of tests/pipeline/test_runner.py (host_syncs.SyncCounter), per batch.
 
     python benchmarks/micro_gpu.py ROWS.jsonl
 """

@@ -1,6 +1,6 @@
 """The layer-by-layer engine (cem_fast/pipeline/engines/incremental.py): the pipeline's samples equal the window
 path's and the crop's, and everything it cannot compute exactly falls back with the reason in summary.json (the
-recomputation itself: tests/test_layerwise.py)."""
+recomputation itself: tests/layerwise/test_layerwise.py)."""
 import numpy as np
 import pytest
 import torch
@@ -8,8 +8,7 @@ import torch
 import cem_fast
 from cem_fast.patches import PatchBank
 from cem_fast.layerwise import LayerwiseGraph
-from model_factories import ConvStack
-from test_layerwise import RandomNet, Reflect, TinySR
+from model_factories import ConvStack, RandomNet, Reflect, TinySR
 from test_windows import assert_same_samples  # the cross-shape bound on CUDA (documented there)
 
 

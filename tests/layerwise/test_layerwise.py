@@ -8,40 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cem_fast.layerwise import LayerwiseGraph, Unsupported
-
-
-class RandomNet(torch.nn.Module):
-    """Same-padded convolutions (kernel, dilation, groups drawn), eval batch norm with drawn statistics, mixed
-    activations, a residual every other layer and a global residual: what the engine claims to support."""
-
-    def __init__(self, layers, width, seed):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.convs, self.norms, self.acts = torch.nn.ModuleList(), torch.nn.ModuleList(), torch.nn.ModuleList()
-        cin, self.residual = 3, []
-        for i, (k, d, groups) in enumerate(layers):
-            cout = 3 if i == len(layers) - 1 else width
-            groups = groups if cin % groups == 0 and cout % groups == 0 else 1
-            self.convs.append(torch.nn.Conv2d(cin, cout, k, padding=d * (k - 1) // 2, dilation=d, groups=groups))
-            bn = torch.nn.BatchNorm2d(cout)
-            bn.running_mean.copy_(torch.randn(cout, generator=g) * 0.1)
-            bn.running_var.copy_(torch.rand(cout, generator=g) + 0.5)
-            self.norms.append(bn)
-            self.acts.append([torch.nn.ReLU(inplace=True), torch.nn.LeakyReLU(0.2), torch.nn.PReLU(cout),
-                              torch.nn.Tanh()][i % 4])
-            self.residual.append(i % 2 == 1 and cin == cout)
-            cin = cout
-        with torch.no_grad():
-            for p in self.convs.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        self.eval()
-
-    def forward(self, x):
-        y = x
-        for c, n, a, res in zip(self.convs, self.norms, self.acts, self.residual):
-            z = a(n(c(y)))
-            y = z + y if res else z
-        return x - 0.1 * torch.tanh(y)
+from model_factories import RandomNet, Reflect, TinySR
 
 
 def full_outputs(model, base, blocks, origins, fp):
@@ -131,15 +98,6 @@ class StridedDown(torch.nn.Module):
         return torch.nn.functional.interpolate(self.down(x), scale_factor=2)
 
 
-class Reflect(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
-
-    def forward(self, x):
-        return x + 0.1 * self.conv(x)
-
-
 class Branches(torch.nn.Module):
     def forward(self, x):
         if x.sum() > 0:  # data-dependent control flow: not traceable
@@ -165,32 +123,6 @@ class PicksTheBatch(torch.nn.Module):
 def test_an_op_across_the_batch_is_refused():
     with pytest.raises(Unsupported, match="unsupported function getitem"):
         LayerwiseGraph(PicksTheBatch())
-
-
-class TinySR(torch.nn.Module):
-    """MSRResNet's shape at a small size: convolutions, a residual block, pixel shuffles up to x``scale``, and the
-    input upsampled by interpolation (``mode``) added to the output."""
-
-    def __init__(self, scale=2, mode="bilinear", width=8, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.scale, self.mode = scale, mode
-        self.first = torch.nn.Conv2d(3, width, 3, padding=1)
-        self.body = torch.nn.Conv2d(width, width, 3, padding=1)
-        self.ups = torch.nn.ModuleList(torch.nn.Conv2d(width, width * 4, 3, padding=1) for _ in range(scale // 2))
-        self.last = torch.nn.Conv2d(width, 3, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-    def forward(self, x):
-        f = torch.nn.functional.leaky_relu(self.first(x), 0.1)
-        f = f + torch.relu(self.body(f))
-        for up in self.ups:
-            f = torch.nn.functional.leaky_relu(torch.nn.functional.pixel_shuffle(up(f), 2), 0.1)
-        base = torch.nn.functional.interpolate(x, scale_factor=self.scale, mode=self.mode,
-                                               align_corners=None if self.mode == "nearest" else False)
-        return self.last(f) + base
 
 
 @settings(max_examples=20, deadline=None)

@@ -1,4 +1,4 @@
-"""The engine seam (cem_fast/pipeline/engines): a new engine is one module plus one line in select.CANDIDATES; the
+"""The engine seam (cem_fast/pipeline/engines/select.py and base.py): a new engine is one module plus one line in select.CANDIDATES; the
 candidates' verdicts are typed and serialised as summary.json has always shown them."""
 import numpy as np
 import pytest
@@ -8,11 +8,11 @@ import cem_fast
 from cem_fast.pipeline.engines import select
 from cem_fast.pipeline.engines.base import EngineBase, Verdict
 from cem_fast.pipeline.engines.crop import CropEngine
+from model_factories import ConvStack
 
 
 def _net() -> torch.nn.Module:
-    torch.manual_seed(3)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
+    return ConvStack(2, width=8, act="relu", act_last=False, residual=None, seed=3)
 
 
 def _image() -> np.ndarray:
