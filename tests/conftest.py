@@ -68,6 +68,20 @@ def bank(rng):
     return PatchBank(torch.from_numpy(rng.randint(0, 256, (32, 3, 8, 8)).astype(np.uint8)))
 
 
+@pytest.fixture
+def image32(rng) -> np.ndarray:
+    """A 32x32 noise image."""
+    from helpers import random_image
+    return random_image(rng, 32, 32)
+
+
+@pytest.fixture
+def bank256(rng):
+    """A bank of 256 random patches."""
+    from helpers import random_bank
+    return random_bank(rng, 256)
+
+
 @pytest.fixture(scope="session")
 def demo2(shared) -> np.ndarray:
     from PIL import Image

@@ -19,7 +19,7 @@ from PIL import Image
 import cem_fast
 from cem_fast.cache import RunCache
 from cem_fast.patches import PatchBank
-from helpers import exact_cem, random_bank, random_image
+from helpers import exact_cem, random_image
 from model_factories import Drifts, OutOfPlace, RollBlur
 
 
@@ -384,16 +384,6 @@ def test_editing_a_helper_the_model_imports_invalidates_its_cached_samples(tmp_p
 
 
 # ---- a cache chunk belongs to its run; a cache that cannot be used is skipped ----------------------------------------
-
-@pytest.fixture
-def image32(rng):
-    return random_image(rng, 32, 32)
-
-
-@pytest.fixture
-def bank256(rng):
-    return random_bank(rng, 256)
-
 
 def test_chunks_copied_from_a_seed_1_run_into_the_seed_0_entry_are_dropped(image32, bank256, tmp_path):
     """The intervention ids do not depend on the seed, so before the chunks carried their run's key, a seed-1

@@ -25,11 +25,6 @@ def image24(rng):
 
 
 @pytest.fixture
-def image32(rng):
-    return random_image(rng, 32, 32)
-
-
-@pytest.fixture
 def bank8(rng):
     return random_bank(rng, 8)
 
@@ -37,11 +32,6 @@ def bank8(rng):
 @pytest.fixture
 def bank16(rng):
     return random_bank(rng, 16)
-
-
-@pytest.fixture
-def bank256(rng):
-    return random_bank(rng, 256)
 
 
 # ---- a model that writes into its input cannot change what later forwards see ----------------------------------------

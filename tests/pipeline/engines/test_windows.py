@@ -10,7 +10,6 @@ import torch
 
 import cem_fast
 from cem_fast.pipeline.engines.windows import Spread
-from helpers import random_bank, random_image
 from model_factories import ConvStack, NaNEveryThird
 
 
@@ -139,16 +138,6 @@ def test_nan_probes_run_without_cudnn_and_no_forward_autotunes(image, bank, monk
 
 
 # ---- what the windows compose and what they refuse -------------------------------------------------------------------
-
-@pytest.fixture
-def image32(rng):
-    return random_image(rng, 32, 32)
-
-
-@pytest.fixture
-def bank256(rng):
-    return random_bank(rng, 256)
-
 
 def test_nan_in_a_window_outside_the_changed_rectangle_is_still_the_models(image32, bank256):
     """A flaky model's NaN that falls in a ROI but outside the part an intervention changes is its output's all the
