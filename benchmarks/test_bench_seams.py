@@ -32,7 +32,7 @@ import torch
 import cem_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_bench_cem import BANK, DNCNN, SHARED, SIZE, demo2, plain_loop_cem  # noqa: E402
+from test_bench_cem import BANK, DNCNN, SIZE, demo2, plain_loop_cem  # noqa: E402
 
 CI = SIZE == "ci"
 DEMO = str(Path(cem_fast.__file__).parent / "data" / "demo.png")
