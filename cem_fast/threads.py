@@ -146,13 +146,24 @@ class ThreadGovernor:
                 "why": self.budget.why}
 
 
+_ACTIVE: Optional[ThreadGovernor] = None  # the governor of the run in progress (a run's per-ROI runs share it)
+
+
 @contextlib.contextmanager
 def fitted_threads(device: torch.device) -> Iterator[ThreadGovernor]:
-    """Torch's CPU threads fitted to the machine for the duration of a run (module docstring), restored after."""
-    governor = ThreadGovernor(device)
+    """Torch's CPU threads fitted to the machine for the duration of a run (module docstring), restored after. A
+    run inside a run (one run per ROI) keeps the outer run's governor: its own would take the count the outer one
+    lowered for the load as the caller's, and could never raise it again."""
+    global _ACTIVE
+    if _ACTIVE is not None and _ACTIVE.active == (device.type == "cpu"):
+        yield _ACTIVE
+        return
+    governor, outer = ThreadGovernor(device), _ACTIVE
+    _ACTIVE = governor
     try:
         yield governor
     finally:
+        _ACTIVE = outer
         governor.restore()
 
 

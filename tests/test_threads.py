@@ -59,3 +59,25 @@ def test_the_run_sets_its_threads_and_restores_the_callers(monkeypatch):
 def test_the_run_queue_is_read_on_linux():
     assert threads.busy_elsewhere() >= 0
     assert "usable CPUs" in threads.describe()
+
+
+def test_a_run_inside_a_run_keeps_the_outer_governor(monkeypatch):
+    """One run per ROI runs inside the many-ROI run: a governor of its own would read the outer one's lowered count
+    as the caller's ceiling and could never give the threads back once the load is gone."""
+    monkeypatch.delenv("CEM_FAST_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cpu_budget", lambda: threads.CpuBudget(2, 2, False, "test"))
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 1)
+    monkeypatch.setattr(threads, "RECHECK_S", 0.0)
+    before = torch.get_num_threads()
+    try:
+        with threads.fitted_threads(torch.device("cpu")) as outer:
+            assert torch.get_num_threads() == 1
+            with threads.fitted_threads(torch.device("cpu")) as inner:
+                assert inner is outer
+                monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0)  # the other process ended
+                inner.recheck()
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 2  # the inner run restored nothing of its own
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
