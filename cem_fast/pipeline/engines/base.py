@@ -42,6 +42,13 @@ class Verdict:
         return {**d, **self.facts}
 
 
+def equal_runs(keys: np.ndarray) -> list[tuple[int, int]]:
+    """``[first, last)`` of each run of equal ``keys`` (a batch's interventions of one input shape share a
+    forward: the engines order blocks so that the runs are few)."""
+    cuts = [0, *(np.flatnonzero(np.diff(keys)) + 1), len(keys)]
+    return list(zip(cuts, cuts[1:]))
+
+
 def verdict_of(verdicts, engine: str) -> Optional[Verdict]:
     """The verdict ``engine`` gave, if it was asked."""
     return next((v for v in verdicts if v.engine == engine), None)

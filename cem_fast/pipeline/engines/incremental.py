@@ -20,7 +20,7 @@ from ..draws import intervened
 from ..memory import free_memory
 from ..model import precision_mode
 from ..plan import RunPlan
-from .base import EngineBase, Verdict, verdict_of
+from .base import EngineBase, Verdict, equal_runs, verdict_of
 from .windows import BlockWindows, WindowsEngine, block_windows, largest_difference_from_crop, measured_spread
 
 MIN_GAIN = 1.2  # fewer convolution pixels than the windows (or the crop) needed to be worth it
@@ -87,12 +87,10 @@ class IncrementalEngine(EngineBase):
         """Yields (first, last, outputs, absolute output origins (K, 2)) per footprint shape of the batch
         (``np_blocks``: the blocks on the host, when the caller has them: one device-to-host copy less)."""
         np_blocks = blocks.cpu().numpy() if np_blocks is None else np_blocks
-        keys = self.shape_key(np_blocks)
-        cuts = [0, *(np.flatnonzero(np.diff(keys)) + 1), len(keys)]
         shift = np.array([self.region.y, self.region.x])
         s = self.graph.output_scale()
         dev_origins = plan.prep.extra["origins"][blocks]
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in equal_runs(self.shape_key(np_blocks)):
             fh, fw = (int(v) for v in self.sizes[np_blocks[a]])
             footprints = intervened(plan, blocks[a:b], draws[a:b], window=(dev_origins[a:b], (fh, fw)))
             with precision_mode(forward.precision, plan.device):

@@ -26,7 +26,7 @@ from ...locality import VERIFY_TOL, Window, _verification_blocks, nan_probes
 from ...transfers import upload
 from ..draws import intervened, verification_inputs
 from ..plan import RunPlan
-from .base import EngineBase, Verdict, verdict_of
+from .base import EngineBase, Verdict, equal_runs, verdict_of
 
 MIN_GAIN = 1.1  # the windows must save at least this factor of input pixels over the crop to be worth a group each
 
@@ -155,10 +155,8 @@ class WindowsEngine(EngineBase):
     def scores(self, runner, blocks: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         w = self.tables
         rows = w.rows(blocks.cpu().numpy())
-        keys = w.shape_key(w.blocks[rows])
-        cuts = [0, *(np.flatnonzero(np.diff(keys)) + 1), len(rows)]
         parts = []
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in equal_runs(w.shape_key(w.blocks[rows])):
             vh, vw = (int(v) for v in w.inputs[rows[a], 2:])
             buf = runner.buffer(b - a, vh, vw)
             inputs = windows_inputs(runner.plan, w, blocks[a:b], draws[a:b], rows[a:b], out=buf)
