@@ -16,7 +16,8 @@ import importlib.util
 from ._version import __version__
 
 _PUBLIC = {
-    "causal_effect_map": "estimator", "causal_effect_maps": "estimator", "load_image": "images",
+    "causal_effect_map": "estimator", "causal_effect_maps": "estimator", "causal_field": "field",
+    "CausalField": "field_result", "load_image": "images",
     "ROI": "geometry", "BlockGrid": "geometry", "load_model": "models", "compare_models": "compare",
     "difference": "compare", "intervene": "ops", "roi_psnr": "ops", "roi_sq_err": "ops", "roi_sq_err_multi": "ops",
     "roi_grid": "reference", "PatchBank": "patches", "load_patch_bank": "patches", "CEMResult": "result",

@@ -4,6 +4,7 @@
     cem-fast demo [--out DIR]
     cem-fast convergence CONFIG.yml --out DIR [--truth 1000] [--seeds 3]
     cem-fast study CONFIG.yml --out DIR [--far-px PX]
+    cem-fast field CONFIG.yml --out DIR [--set key=value ...] [--fresh]
     cem-fast info
 
 Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
@@ -44,6 +45,33 @@ def cmd_run(args) -> int:
     if _lead():
         _say_report(report)
     return EXIT_FAILED if failed else 0
+
+
+def cmd_field(args) -> int:
+    from .field import causal_field
+    from .options import split_options
+    from .config import load_config
+    cfg = load_config(args.config, _with_exact(args), field=True)
+    if len(cfg.models) != 1 or len(cfg.images) != 1:
+        raise ValueError(f"cem-fast field takes one model and one image, got {len(cfg.models)} model(s) and "
+                         f"{len(cfg.images)} image(s)")
+    run, task, rest = split_options(cfg.options)
+    given = {k: v for k, v in {**vars(run), **vars(task)}.items()
+             if v is not None and k not in ("cache", "fresh", "roi_plan", "progress")}
+    from .models import apply_model_options, load_model
+    model, name = load_model(cfg.models[0], scale=task.scale, trust_model_code=run.trust_model_code,
+                             module_dirs=cfg.module_dirs)
+    model = apply_model_options(model, rest.get("model_options"), task.scale if str(rest["task"]).upper() == "SR"
+                                else 1)
+    out = Path(args.out)
+    field = causal_field(model, cfg.images[0], rest["task"], model_name=name, tile=cfg.raw.get("tile", 32),
+                         max_memory=cfg.raw.get("max_memory"), patches=rest["patches"], out=out, fresh=args.fresh,
+                         progress=False if args.no_progress else None, image_name=Path(cfg.images[0]).name,
+                         **given)
+    if _lead():
+        print(f"{field}", file=sys.stderr)
+        _say_report(field.save(out))
+    return 0
 
 
 def _lead() -> bool:
@@ -247,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
     st.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
     st.set_defaults(func=cmd_study)
+    f = sub.add_parser("field", help="every tile of an image an ROI: a causal field, its metric maps and report")
+    f.add_argument("config", help="YAML config: model, image, task options and tile (default 32 px)")
+    f.add_argument("--out", required=True, help="output folder (chunks, metrics.npz, pictures, report.html); a "
+                                                "killed field resumes from it")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--fresh", action="store_true", help="discard what OUT holds and start again")
+    f.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
+    f.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
+    f.set_defaults(func=cmd_field)
     i = sub.add_parser("info", help="versions, device, available backends and why others are not")
     i.set_defaults(func=cmd_info)
     return p
@@ -267,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warning  # restored below: main may run inside another program (tests)
     try:
-        if args.command in ("run", "compare", "demo", "study"):
+        if args.command in ("run", "compare", "demo", "study", "field"):
             from .distributed import init_from_env
             init_from_env()  # under torchrun: join the group, each rank takes its share of every run
         return args.func(args)

@@ -159,7 +159,11 @@ def parse_value(text: str, key: str = "value") -> Any:
         return text
 
 
-def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> RunConfig:
+FIELD_KEYS = ("tile", "max_memory")  # cem-fast field's own keys (its ROIs are its tiles)
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None, field: bool = False) -> RunConfig:
+    """The config at ``path`` with ``--set`` ``overrides``; ``field``: a causal field's (``tile`` instead of ROIs)."""
     raw: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
@@ -189,9 +193,9 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
     for k in raw:
         if not isinstance(k, str):
             raise ValueError(f"config keys must be names (text), got {k!r}")
-        if k not in VALID_KEYS:
+        if k not in VALID_KEYS and not (field and k in FIELD_KEYS):
             raise ValueError(f"unknown config key {k!r}{_closest(k)}")
-    cfg = normalise(raw, base, {item.split("=", 1)[0].strip() for item in overrides or []})
+    cfg = normalise(raw, base, {item.split("=", 1)[0].strip() for item in overrides or []}, field)
     cfg.config_dir = base if path is not None else None
     return cfg
 
@@ -262,9 +266,10 @@ def _models(opts: dict[str, Any], base_of) -> list[str]:
     return [x for m, base in specs for x in _expand_folder(_model_spec(m, base))]
 
 
-def normalise(raw: dict[str, Any], base: Path = Path("."), set_keys: "set[str]" = frozenset()) -> RunConfig:
+def normalise(raw: dict[str, Any], base: Path = Path("."), set_keys: "set[str]" = frozenset(),
+              field: bool = False) -> RunConfig:
     """A RunConfig from a config's keys; relative paths resolve against ``base``, those of ``set_keys`` (given with
-    --set) against the current folder."""
+    --set) against the current folder; ``field``: a causal field's config, which gives no ROI."""
     _check_one_name_each(raw)
     opts = {k: v for k, v in OURS.items()}
     for k, v in raw.items():
@@ -283,7 +288,9 @@ def normalise(raw: dict[str, Any], base: Path = Path("."), set_keys: "set[str]" 
             raise ValueError(f"reference ROI keys need h, w and ROI_size; missing {', '.join(missing)}")
         roi = (raw["h"], raw["w"], raw["ROI_size"])
     given = [k for k, v in (("roi", roi), ("rois", rois), ("roi_grid", roi_grid)) if v is not None]
-    if not given:
+    if field and given:
+        raise ValueError(f"a field's ROIs are its tiles: give tile: SIZE, not {', '.join(given)}")
+    if not given and not field:
         raise ValueError("config must give roi: [y, x, size] or [y, x, height, width] (or h, w, ROI_size), "
                          "rois: a list of them, or roi_grid: a tile size")
     if len(given) > 1:

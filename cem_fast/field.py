@@ -1,0 +1,232 @@
+"""Causal fields: every tile of an image an ROI, each intervention computed once (docs/fields.md).
+
+>>> field = cem_fast.causal_field(model, "big.png", task="DN", tile=32, out="field_out")
+>>> field.map(100, 260)              # the CEMResult of the tile holding output pixel (100, 260)
+>>> field.metric("radius90_px")      # (tile rows, tile cols): how far each tile draws on its context
+>>> field.save("field_out")          # metrics.npz, radius90.png, ..., report.html
+
+The run is planned as one multi-ROI run whose ROIs are the tiles (the model placed, the locality probed, the
+engine chosen once), then its interventions run chunk by chunk (:mod:`cem_fast.pipeline.field_pass`), each chunk
+written to ``out`` as it finishes (:mod:`cem_fast.field_store`): a killed field resumes from its last chunk, and
+what is held at once is one chunk's scores and the per-(tile, block) estimates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checks, distributed
+from .cache import run_key
+from .field_result import CausalField, FieldData
+from .field_store import FieldStore
+from .images import ImageLike
+from .models import model_code_digest
+from .options import RunOptions, TaskOptions
+from .patches import PatchBank
+from .pipeline.assemble import pictures
+from .pipeline.covariates import patch_covariates
+from .pipeline.engines.select import choose_engine
+from .pipeline.field_pass import ChunkSamples, block_chunks, chunk_side, field_tiles, sample_chunk, tile_shape
+from .pipeline.memory import available_memory
+from .pipeline.model import eval_for_run
+from .pipeline.origin import check_reproduced, refuse_undefined_origin, start_origin
+from .pipeline.plan import RunPlan, cache_components, plan_sampling, prepare, size_batches
+from .pipeline.request import RunRequest
+from .pipeline.runner import Runner
+from .tasks import Task
+from .threads import fitted_threads
+
+RUN_OPTIONS = {f.name for f in dataclasses.fields(RunOptions)}
+NOT_FOR_FIELDS = {"rois": "a field's ROIs are its tiles (tile=...)", "roi_grid": "give tile=... instead",
+                  "roi_plan": "a field always shares one pass", "cache": "out= holds a field's samples",
+                  "budget": "adaptive mode is not supported by fields", "fresh": None}
+DEFAULT_MAX_MEMORY = 2 << 30
+FIELD_VERSION = 1
+
+
+def causal_field(model: Union[nn.Module, str], image: ImageLike, task: Union[str, Task] = "DN", tile: int = 32,
+                 block: int = 8, coarse: int = 3, fine: int = 50, tol: float = 0.01, seed: int = 0,
+                 patches: Union[None, str, os.PathLike, PatchBank] = None,
+                 out: Union[None, str, os.PathLike] = None, max_memory: Optional[int] = None, fresh: bool = False,
+                 image_name: Optional[str] = None, model_name: Optional[str] = None,
+                 **options: Any) -> CausalField:
+    """The causal field of ``model`` on ``image``: the CEM of every ``tile x tile`` tile of its output (the ragged
+    tiles at the right and bottom edges too), from one pass over blocks x draws.
+
+    Args:
+        model, image, task, block, coarse, fine, tol, seed, patches: as :func:`cem_fast.causal_effect_map`; each
+            tile's map equals that tile's single run with the same seed (to the engine's round-off).
+        tile: tile side in output px.
+        out: folder the samples are written to as they are computed, chunk by chunk (checked and resumed by a
+            later call with the same inputs; a folder holding another field is refused unless ``fresh``).
+            None: held in memory, nothing resumes.
+        max_memory: bytes one chunk's scores may take, about (default: 2 GiB or half the available memory).
+        fresh: discard what ``out`` holds and start again.
+        **options: the run options of :func:`cem_fast.causal_effect_maps` (locality, windows, incremental,
+            precision, device, batch_size, backend, mode "coarse-to-fine" or "exhaustive", samples, estimator,
+            progress, max_pixels, trust_model_code...) and the task's (sigma, scale, ...).
+
+    Returns:
+        :class:`~cem_fast.field_result.CausalField`: ``map(y, x)``, ``metric(name)``, ``save(dir)``.
+    """
+    request, tile, max_memory = _request(model, image, task, tile, block, coarse, fine, tol, seed, patches,
+                                         max_memory, image_name, model_name, options)
+    with distributed.agreed_step("field"), eval_for_run(request.model):
+        return _field(request, tile, out, max_memory, fresh)
+
+
+def _request(model, image, task, tile, block, coarse, fine, tol, seed, patches, max_memory, image_name, model_name,
+             options: dict) -> tuple[RunRequest, int, int]:
+    checks.integer("tile", tile, 1)
+    if max_memory is not None:
+        checks.integer("max_memory", max_memory, 1)
+    for name, why in NOT_FOR_FIELDS.items():
+        if name in options:
+            raise ValueError(f"causal_field does not take {name}: {why or 'see the arguments'}")
+    if options.get("mode", "coarse-to-fine") == "adaptive":
+        raise ValueError("causal_field mode must be coarse-to-fine or exhaustive, got 'adaptive'")
+    run_kw = {k: v for k, v in options.items() if k in RUN_OPTIONS}
+    task_kw = {k: v for k, v in options.items() if k not in RUN_OPTIONS}
+    run = RunOptions(block=block, coarse=coarse, fine=fine, tol=tol, seed=seed, roi_plan="shared", **run_kw)
+    run.check()
+    memory = max_memory or min(DEFAULT_MAX_MEMORY, (available_memory() or 2 * DEFAULT_MAX_MEMORY) // 2)
+    # one placeholder ROI: the tiles need the output's size, which prepare() finds
+    return RunRequest(model, image, task, rois=[(0, 0, 1)], patches=patches, options=run,
+                      task_options=TaskOptions.of(**task_kw), model_name=model_name,
+                      image_name=image_name), int(tile), int(memory)
+
+
+def field_key(plan: RunPlan, tile: int) -> tuple[str, dict[str, Any], Optional[str]]:
+    """The field's key (every input of its samples; a model whose code cannot be read gets a key of its own, so
+    nothing resumes), what it was made of, and a note when it cannot resume."""
+    code, unknown = model_code_digest(plan.model)
+    components = {**cache_components(plan, code), "rois": None, "tile": tile, "field": FIELD_VERSION}
+    parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
+    note = None
+    if unknown:
+        token = distributed.rank0_value(int.from_bytes(os.urandom(7), "little"), "field token")
+        parts["never_reused"] = f"{token:014x}"
+        note = f"samples not resumable: {unknown}"
+    return distributed.same_on_all("field key", run_key(parts)), components, note
+
+
+def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) -> CausalField:
+    t0 = time.perf_counter()
+    plan = prepare(request)
+    g = plan.grid
+    tiles = field_tiles(g.out_h, g.out_w, tile)
+    plan = plan.but(rois=tiles)
+    marks = {"prepare": time.perf_counter()}
+    with fitted_threads(plan.device) as threads, torch.inference_mode():
+        plan = plan_sampling(plan)
+        marks["probe"] = time.perf_counter()
+        engine, verdicts = choose_engine(plan)
+        plan = size_batches(plan.but(engine=engine, verdicts=verdicts))
+        marks["engine"] = time.perf_counter()
+        coarse, fine = plan.options.stages
+        reach = plan.locality.reach.reshape(len(tiles), -1)
+        side = chunk_side(g, len(tiles), coarse + fine, max_memory)
+        chunks = block_chunks(g, reach.any(0), side)
+        key, components, note = field_key(plan, tile)
+        store = FieldStore(out, key, components, fresh, write=distributed.is_lead()) if out is not None else None
+        runner = Runner(plan, cache=None, progress=plan.progress, threads=threads)
+        try:
+            psnr_origin = distributed.from_rank0(start_origin(plan, runner), "Y(I)")
+            refuse_undefined_origin(plan, psnr_origin)
+            found = _stored_chunks(store, side, chunks)
+            runner.expect(sum(len(c) for c in chunks) * (coarse + fine))  # an upper bound: the bar only moves on
+            cv = patch_covariates(plan) if plan.options.estimator == "control-variate" else None
+            kept, held, computed = [], [], 0
+            for i, blocks in enumerate(chunks):
+                got = found.get(i)
+                if got is None:
+                    got = sample_chunk(runner, g, reach, blocks, psnr_origin, coarse, fine, plan.options.tol, cv)
+                    _refuse_nan(got, tiles, plan.name)
+                    computed += 1
+                    if store is not None:
+                        store.save(side, i, blocks, got)
+                kept.append(_estimates(got, i))
+                if store is None:
+                    held.append(got)
+            origin_check = check_reproduced(plan, runner, psnr_origin)
+        finally:
+            runner.close()
+        marks["sampling"] = time.perf_counter()
+        pics = {k: (v.materialise() if hasattr(v, "materialise") else v) for k, v in pictures(plan, runner).items()}
+    info = _info(plan, runner, tile, side, chunks, computed, store, note, origin_check, covariates=cv)
+    info["timings_s"] = _timings(t0, marks)
+    data = FieldData(tiles=tiles, shape=tile_shape(g.out_h, g.out_w, tile), tile=tile, psnr_origin=psnr_origin,
+                     pairs={k: np.concatenate([p[k] for p in kept]) if kept else np.zeros(0) for k in _PAIR_KEYS},
+                     info=info, gt=pics["gt"], degraded=pics["degraded"], output=pics["output"],
+                     covariate_table=getattr(cv, "table", None))
+    field = CausalField(data, store=store, side=side, held=held if store is None else None)
+    if store is not None:
+        field.write_data()
+    return field
+
+
+_PAIR_KEYS = ("tiles", "blocks", "chunk", "effect", "se", "draws", "df", "gated")
+
+
+def _estimates(chunk: ChunkSamples, index: int) -> dict[str, np.ndarray]:
+    """A chunk's per-pair estimates (small: its samples stay in the chunk's file) and the chunk they came from."""
+    out = {k: getattr(chunk, k) for k in _PAIR_KEYS if k != "chunk"}
+    out["chunk"] = np.full(len(chunk.tiles), index, dtype=np.int32)
+    return out
+
+
+def _stored_chunks(store: Optional[FieldStore], side: int, chunks: list) -> dict[int, ChunkSamples]:
+    """The chunks ``store`` holds and that check, as rank 0 found them (every rank resumes from the same ones)."""
+    found: dict[int, ChunkSamples] = {}
+    if store is not None:
+        for i, blocks in enumerate(chunks):
+            got = store.load(side, i, blocks)
+            if got is not None:
+                found[i] = got
+    done = np.zeros(len(chunks), dtype=np.int64)
+    done[list(found)] = 1
+    done = distributed.from_rank0(done, "field chunks")
+    return {i: c for i, c in found.items() if done[i]}
+
+
+def _refuse_nan(chunk: ChunkSamples, tiles: list, name: str) -> None:
+    """NaN/Inf in a tile's samples: said, never averaged into a map (as a single run refuses them)."""
+    bad = np.isnan(chunk.coarse).any(1) | (np.isnan(chunk.fine) & chunk.gated[:, None]).any(1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        t = tiles[int(chunk.tiles[i])]
+        raise ValueError(f"model {name} produced NaN/Inf outputs in tile (y={t.y}, x={t.x}) for some "
+                         f"interventions (first: block {int(chunk.blocks[i])}); refusing to average them")
+
+
+def _info(plan: RunPlan, runner: Runner, tile: int, side: int, chunks: list, computed: int,
+          store: Optional[FieldStore], note: Optional[str], origin_check: dict, covariates) -> dict[str, Any]:
+    o, bank = plan.options, plan.bank
+    coarse, fine = o.stages
+    return {
+        "tile": tile, "block": o.block, "grid": [plan.grid.rows, plan.grid.cols], "scale": plan.task.scale, "tol": float(o.tol), "task": plan.task.describe(),
+        "seed": plan.seed, "mode": o.mode, "coarse": coarse, "fine": fine, "model_name": plan.name,
+        "image_name": plan.image_name, "backend": plan.backend, "device": str(plan.device),
+        "estimator": "control-variate" if covariates is not None else "mean",
+        "patch_bank": {"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
+                       "digest": plan.bank_digest},
+        "engine": plan.engine.name, "locality": plan.locality_summary(), "batch_size": runner.batch_size,
+        "chunks": {"count": len(chunks), "side_blocks": side, "computed": computed,
+                   "reused": len(chunks) - computed, "dropped": store.dropped if store is not None else 0},
+        "num_forwards": runner.forwards + (plan.full_output is not None), "origin_check": origin_check,
+        **({"note": note} if note else {}),
+    }
+
+
+def _timings(t0: float, marks: dict) -> dict[str, float]:
+    stamps = [("prepare", t0), ("probe", marks["prepare"]), ("engine", marks["probe"]),
+              ("sampling", marks["engine"])]
+    out = {name: round(marks[name] - start, 4) for name, start in stamps}
+    out["total"] = round(time.perf_counter() - t0, 4)
+    return out

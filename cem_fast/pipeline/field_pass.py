@@ -1,0 +1,150 @@
+"""One pass over blocks x draws for every tile of a causal field (:mod:`cem_fast.field`).
+
+The blocks that can reach some tile are cut into square chunks. A chunk's interventions run once, through the
+run's engine, and each is scored against every tile (the runner's scores); only the tiles a chunk's blocks can
+reach are kept, as sparse (tile, block) pairs. The coarse-to-fine gate is per (block, tile), as a single run's is
+per block, and a block's fine draws serve every tile that gated it. A chunk is the unit that is written, checked
+and resumed (:mod:`cem_fast.field_store`); what is held at once is one chunk's scores, whatever the image's size.
+Since draws are keyed by (seed, block, draw), each tile's map is the one its single run gives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..geometry import ROI, BlockGrid
+from .runner import Runner
+from .stages import sample_stages
+
+SCORE_BYTES = 8  # a runner's scores are float64 per (intervention, tile)
+
+
+def field_tiles(out_h: int, out_w: int, tile: int) -> list[ROI]:
+    """Every ``tile x tile`` tile of an output, row-major, the ragged ones at the right and bottom edges
+    included (unlike :func:`cem_fast.roi_grid`, which keeps full tiles only)."""
+    return [ROI(y, x, min(tile, out_h - y), min(tile, out_w - x))
+            for y in range(0, out_h, tile) for x in range(0, out_w, tile)]
+
+
+def tile_shape(out_h: int, out_w: int, tile: int) -> tuple[int, int]:
+    """(tile rows, tile cols) of :func:`field_tiles`."""
+    return math.ceil(out_h / tile), math.ceil(out_w / tile)
+
+
+def chunk_side(grid: BlockGrid, n_tiles: int, draws: int, max_bytes: int) -> int:
+    """The side, in blocks, of the square chunks: as large as keeps one chunk's scores (interventions x every
+    tile) within a quarter of ``max_bytes`` (the rest is for the model and the engine), at least 1."""
+    per_block = max(1, draws) * n_tiles * SCORE_BYTES
+    blocks = max(1, (max_bytes // 4) // per_block)
+    return max(1, min(int(math.isqrt(blocks)), max(grid.rows, grid.cols)))
+
+
+def block_chunks(grid: BlockGrid, reachable: np.ndarray, side: int) -> list[np.ndarray]:
+    """The reachable blocks (flat ids, ascending) of each ``side x side`` square of blocks, row-major; squares
+    with no reachable block are left out."""
+    ids = np.arange(grid.num_blocks).reshape(grid.rows, grid.cols)
+    keep = reachable.reshape(grid.rows, grid.cols)
+    chunks = []
+    for r in range(0, grid.rows, side):
+        for c in range(0, grid.cols, side):
+            blocks = ids[r:r + side, c:c + side][keep[r:r + side, c:c + side]]
+            if len(blocks):
+                chunks.append(np.sort(blocks))
+    return chunks
+
+
+@dataclass
+class ChunkSamples:
+    """What one chunk gave, per (tile, block) pair the block can reach: the estimate (``effect``, ``se``,
+    ``draws``, ``df``, as :meth:`.samples.Samples.estimate`), whether the tile gated the block, and the samples
+    (ROI PSNRs): ``coarse`` (P, coarse), ``fine`` (P, fine) NaN where the tile did not gate the block.
+    ``forwards``: the interventions the chunk ran."""
+
+    tiles: np.ndarray
+    blocks: np.ndarray
+    effect: np.ndarray
+    se: np.ndarray
+    draws: np.ndarray
+    df: np.ndarray
+    gated: np.ndarray
+    coarse: np.ndarray
+    fine: np.ndarray
+    forwards: int
+
+    ARRAYS = ("tiles", "blocks", "effect", "se", "draws", "df", "gated", "coarse", "fine")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in self.ARRAYS}
+
+
+class _TileColumns:
+    """The runner seen through the columns of some tiles only: what :func:`.stages.sample_stages` needs of a
+    runner (``run``, ``order``, ``expect``), for one chunk. The progress total is the field's (set once)."""
+
+    def __init__(self, runner: Runner, tiles: np.ndarray):
+        self.runner, self.tiles = runner, tiles
+
+    def run(self, stage: str, blocks, draws) -> np.ndarray:
+        return self.runner.run(stage, blocks, draws)[:, self.tiles]
+
+    def order(self, blocks: np.ndarray) -> np.ndarray:
+        return self.runner.order(blocks)
+
+    def expect(self, total: int) -> None:
+        pass
+
+
+def sample_chunk(runner: Runner, grid: BlockGrid, reach: np.ndarray, chunk: np.ndarray, psnr_origin: np.ndarray,
+                 coarse: int, fine: int, tol: float, covariates=None) -> ChunkSamples:
+    """Run one chunk's blocks (coarse for each, fine for those some tile gated) and keep the (tile, block) pairs
+    they can reach. ``reach``: (n_tiles, blocks) bool; ``psnr_origin``: (n_tiles,) Y(I) per tile."""
+    tiles = np.flatnonzero(reach[:, chunk].any(1))
+    before = runner.forwards
+    if not len(tiles):
+        return _empty(coarse, fine)
+    own = np.zeros(grid.num_blocks, dtype=bool)
+    own[chunk] = True
+    sub_reach = reach[tiles] & own
+    s = sample_stages(_TileColumns(runner, tiles), grid, sub_reach, psnr_origin[tiles], coarse, fine, tol,
+                      covariates=covariates)
+    coarse_row = _rows(s.run, grid.num_blocks)
+    fine_row = _rows(s.fine_run, grid.num_blocks)
+    parts = []
+    for j in range(len(tiles)):
+        blocks = np.flatnonzero(sub_reach[j])
+        effect, se, draws, df = (a[blocks] for a in s.estimate(j))
+        gated = s.gated[j][blocks]
+        c_vals = s.coarse[j][coarse_row[blocks]] if coarse else np.zeros((len(blocks), 0))
+        f_vals = np.full((len(blocks), fine), np.nan)
+        if fine:
+            has = gated & (fine_row[blocks] >= 0)
+            f_vals[has] = s.fine[j][fine_row[blocks[has]]]
+        parts.append((np.full(len(blocks), tiles[j]), blocks, effect, se, draws, df, gated, c_vals, f_vals))
+    cols = [np.concatenate(a) for a in zip(*parts)]
+    dtypes = (np.int32, np.int32, np.float64, np.float64, np.int32, np.float64, bool, np.float64, np.float64)
+    return ChunkSamples(*(c.astype(t, copy=False) for c, t in zip(cols, dtypes)),
+                        forwards=runner.forwards - before)
+
+
+def _rows(blocks: np.ndarray, num_blocks: int) -> np.ndarray:
+    """block id -> its row in ``blocks`` (-1 where absent)."""
+    rows = np.full(num_blocks, -1, dtype=np.int64)
+    rows[blocks] = np.arange(len(blocks))
+    return rows
+
+
+def _empty(coarse: int, fine: int) -> ChunkSamples:
+    z = np.zeros(0)
+    return ChunkSamples(z.astype(np.int32), z.astype(np.int32), z, z, z.astype(np.int32), z, z.astype(bool),
+                        np.zeros((0, coarse)), np.zeros((0, fine)), forwards=0)
+
+
+def chunk_plan(grid: BlockGrid, reach: np.ndarray, n_draws: int, max_bytes: int,
+               side: Optional[int] = None) -> list[np.ndarray]:
+    """The chunks of a field: :func:`block_chunks` of the blocks that reach some tile, of ``side`` blocks (or
+    :func:`chunk_side`)."""
+    side = side or chunk_side(grid, reach.shape[0], n_draws, max_bytes)
+    return block_chunks(grid, reach.any(0), side)
