@@ -134,7 +134,9 @@ def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) ->
         side = chunk_side(g, len(tiles), coarse + fine, max_memory)
         chunks = block_chunks(g, reach.any(0), side)
         key, components, note = field_key(plan, tile)
-        store = FieldStore(out, key, components, fresh, write=distributed.is_lead()) if out is not None else None
+        # rank 0 first: it alone clears (fresh) and writes the folder, the other ranks then read what it wrote
+        store = distributed.rank0_first(lambda first: FieldStore(out, key, components, fresh and first, write=first),
+                                        "field store") if out is not None else None
         runner = Runner(plan, cache=None, progress=plan.progress, threads=threads)
         try:
             psnr_origin = distributed.from_rank0(start_origin(plan, runner), "Y(I)")
@@ -166,7 +168,7 @@ def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) ->
                      info=info, gt=pics["gt"], degraded=pics["degraded"], output=pics["output"],
                      covariate_table=getattr(cv, "table", None))
     field = CausalField(data, store=store, side=side, held=held if store is None else None)
-    if store is not None:
+    if store is not None and store.write:  # rank 0 writes under torchrun
         field.write_data()
     return field
 

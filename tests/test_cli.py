@@ -802,3 +802,54 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path, rng):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "cem-fast: interrupted"
+
+
+def _field_config(tmp_path, rng, **extra) -> Path:
+    write_png(tmp_path / "small.png", rng, (64, 96))
+    cfg = tmp_path / "field.yml"
+    lines = {"model": "bicubic", "task": "SR", "scale": 4, "image": str(tmp_path / "small.png"), "tile": 32,
+             "coarse": 2, "fine": 3, **extra}
+    cfg.write_text("".join(f"{k}: {v}\n" for k, v in lines.items()))
+    return cfg
+
+
+def test_field_writes_its_metric_maps_and_report_and_resumes(tmp_path, rng):
+    cfg = _field_config(tmp_path, rng)
+    p = run("field", cfg, "--out", tmp_path / "out", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert f"report: {tmp_path / 'out' / 'report.html'}" in p.stdout
+    out = tmp_path / "out"
+    meta = json.loads((out / "field.json").read_text())
+    assert meta["status"] == "complete" and meta["shape"] == [2, 3]  # 64x96 output: 2 x 3 tiles of 32
+    assert meta["info"]["chunks"]["computed"] == meta["info"]["chunks"]["count"] > 0
+    with np.load(out / "metrics.npz") as z:
+        assert z["radius90_px"].shape == (2, 3)
+    assert all((out / link).is_file() for link in report_links(out / "report.html"))
+    again = run("field", cfg, "--out", out, "--no-progress")
+    assert again.returncode == 0, again.stderr
+    chunks = json.loads((out / "field.json").read_text())["info"]["chunks"]
+    assert chunks["computed"] == 0 and chunks["reused"] == chunks["count"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"roi": "[0, 0, 8]"}, "a field's ROIs are its tiles: give tile: SIZE, not roi"),
+    ({"tile": 0}, "tile"),
+    ({"images": "[a.png, b.png]"}, "one model and one image"),
+])
+def test_field_config_errors_are_one_line(tmp_path, rng, extra, match):
+    cfg = _field_config(tmp_path, rng, **extra)
+    if "images" in extra:
+        text = cfg.read_text().replace(f"image: {tmp_path / 'small.png'}\n", "")
+        for name in ("a.png", "b.png"):
+            write_png(tmp_path / name, rng)
+        cfg.write_text(text.replace("images: [a.png, b.png]", f"images: [{tmp_path / 'a.png'}, {tmp_path / 'b.png'}]"))
+    assert re.search(match, one_error_line(run("field", cfg, "--out", tmp_path / "o")))
+
+
+def test_a_field_folder_is_never_overwritten_by_another_field(tmp_path, rng):
+    cfg = _field_config(tmp_path, rng)
+    assert run("field", cfg, "--out", tmp_path / "out", "--no-progress").returncode == 0
+    line = one_error_line(run("field", cfg, "--out", tmp_path / "out", "--set", "seed=5", "--no-progress"))
+    assert "holds another field (its inputs differ in: seed)" in line
+    assert run("field", cfg, "--out", tmp_path / "out", "--set", "seed=5", "--fresh",
+               "--no-progress").returncode == 0
