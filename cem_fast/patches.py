@@ -5,8 +5,10 @@
   ``~/.cache/cem_fast``), keyed by the files' names and bytes. The key is stored in the cached file and
   checked on load. A folder whose files have not changed in the last seconds is not read again: its content key
   is remembered by each file's size, mtime, ctime, inode and device (ctime cannot be set back, so a patch
-  rewritten with its old size and mtime is not served stale). The cache is optional: where it cannot be written,
-  banks are built without it (one warning).
+  rewritten with its old size and mtime is not served stale); a settled folder's listing is remembered by the
+  folder's own figures, so a warm call stats every patch but lists nothing. Each call gets its own copy of a bank
+  kept in this process (what a caller writes into it never reaches the next call). The cache is optional: where
+  it cannot be written, banks are built without it (one warning).
 * :meth:`PatchBank.build` crops random patches from a folder of images and records their sharpness.
 * :meth:`PatchBank.default` is the bank shipped in the package (CC0 / public-domain images, see
   ``cem_fast/data/LICENSES.md``).
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import operator
 import os
+import struct
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
+from operator import attrgetter
 from pathlib import Path
+from stat import S_ISREG
 from typing import Optional, Sequence
 
 import numpy as np
@@ -79,20 +84,18 @@ class PatchBank:
 
     @classmethod
     def from_folder(cls, folder: "str | os.PathLike", use_cache: bool = True) -> "PatchBank":
+        return cls._from_folder(folder, use_cache)[0]
+
+    @classmethod
+    def _from_folder(cls, folder: "str | os.PathLike", use_cache: bool = True) -> "tuple[PatchBank, Optional[str]]":
+        """The folder's bank and, when it was kept in this process, its :meth:`digest` (else None)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"patch folder {str(folder)!r} does not exist or is not a folder")
-        # os.scandir and plain name sorting: the key of a 10,000-file bank in half the time of pathlib (whose
-        # objects sort slowly); same order, same key
-        with os.scandir(folder) as it:
-            # regular files only: a pipe named like a patch would never finish reading
-            # (a bare ".png" is a name without a suffix, as os.path.splitext reads it)
-            entries = [e for e in it if e.name.lower().endswith(_SUFFIX_TUPLE) and e.is_file()
-                       and (e.name[0] != "." or os.path.splitext(e.name)[1])]
-        entries.sort(key=operator.attrgetter("name"))
-        if not entries:
+        names, stats = _patch_files(folder)
+        if not names:
             raise ValueError(f"patch folder {str(folder)!r} holds no images (expected .png/.jpg patches)")
-        stat_key = _settled_stat_key(folder, entries) if use_cache else None
+        stat_key = _settled_stat_key(folder, names, stats) if use_cache else None
         if stat_key is not None:
             known = _bank_by_stat(stat_key, str(folder))
             if known is not None:
@@ -101,13 +104,13 @@ class PatchBank:
         # here are the ones decoded below, so a file changed meanwhile cannot be cached under the old key.
         h = hashlib.sha256(b"cem_fast patch bank v2\n")
         datas = []
-        for e in entries:
+        for name in names:
             try:
-                data = (folder / e.name).read_bytes()
+                data = (folder / name).read_bytes()
             except OSError as err:
-                raise ValueError(f"patch {str(folder / e.name)!r} cannot be read: {err}") from None
+                raise ValueError(f"patch {str(folder / name)!r} cannot be read: {err}") from None
             datas.append(data)
-            for part in (e.name.encode(), data):
+            for part in (name.encode(), data):
                 h.update(len(part).to_bytes(8, "little"))
                 h.update(part)
         key = h.hexdigest()
@@ -115,28 +118,28 @@ class PatchBank:
         if use_cache:
             cached = _cached_bank(key, str(folder))
             if cached is not None:
-                return _remember(stat_key, key, cached)
+                return _remember(stat_key, key, cached), None
         arrays, size = [], None
-        for e, data in zip(entries, datas):
+        for name, data in zip(names, datas):
             try:
                 a = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
             except Exception as err:
-                raise ValueError(f"patch {str(folder / e.name)!r} cannot be read as an image: {err}") from None
+                raise ValueError(f"patch {str(folder / name)!r} cannot be read as an image: {err}") from None
             if size is None:
                 size = a.shape[:2]
             if a.shape[:2] != size or size[0] != size[1]:
-                raise ValueError(f"patch {e.name} is {a.shape[0]}x{a.shape[1]}: expected square patches of one "
+                raise ValueError(f"patch {name} is {a.shape[0]}x{a.shape[1]}: expected square patches of one "
                                  f"size ({size[0]}x{size[1]} like the first)")
             arrays.append(a)
         patches = np.stack(arrays).transpose(0, 3, 1, 2).copy()
-        bank = cls(torch.from_numpy(patches), [e.name for e in entries], str(folder))
+        bank = cls(torch.from_numpy(patches), list(names), str(folder))
         if use_cache:
             try:
                 _atomic_savez(cache, patches=patches, names=np.array(bank.names), key=np.array(key))
             except OSError as err:  # read-only or full cache, or none can be made: the bank is fine without
                 _warn_cache_once(cache.parent, err)
             _remember(stat_key, key, bank)
-        return bank
+        return bank, None
 
     @classmethod
     def build(cls, images: Sequence["str | os.PathLike"], count: int, size: int = 8, seed: int = 0) -> "PatchBank":
@@ -202,42 +205,121 @@ class PatchBank:
 # clock tick), so as git does with its index, a folder with a change in the last SETTLE_NS is never remembered:
 # a rewrite within the same tick would keep every figure. In this process the bank itself is kept (a few banks at
 # most); across processes the stat key names the content key, whose cached bank is loaded and checked against it.
-_BANKS_BY_STAT: "dict[tuple[str, str], PatchBank]" = {}  # (stat key, cache folder) -> bank
+_BANKS_BY_STAT: "dict[tuple[str, str], tuple[PatchBank, str]]" = {}  # (stat key, cache folder) -> (bank, digest)
 SETTLE_NS = 2_000_000_000
+# The stat of every patch is the cost of a warm call (one system call each); each is made relative
+# to the open folder (no path walk per file), and the folder's listing itself is remembered in this process by the
+# folder's own figures (device, inode, mtime_ns, ctime_ns): a name added, removed or renamed in it changes its
+# mtime and ctime, so a remembered listing whose folder figures still hold is the listing. It is remembered, as
+# the stat key, only once the folder settled. What each listed name is (a regular file, a link to one, a dangling
+# link, something else) is asked of every name on every call.
+_LISTINGS: "dict[str, tuple[tuple, list[str], list[bytes]]]" = {}  # real path -> (figures, names, as bytes)
+LISTINGS_KEPT = 8
+_DIR_FD = os.stat in os.supports_dir_fd and os.listdir in os.supports_fd and hasattr(os, "O_DIRECTORY")
+_STAT_ROW = struct.Struct("<qqqQQ")  # size, mtime_ns, ctime_ns, inode, device
 
 
-def _settled_stat_key(folder: Path, entries: list) -> "Optional[str]":
+def _patch_files(folder: Path) -> "tuple[list[str], list[os.stat_result]]":
+    """The folder's patch files in name order with their stats: regular files (or links to them) named with an
+    image suffix (a bare ".png" is a name without a suffix, as os.path.splitext reads it), never a pipe named like
+    a patch (it would never finish reading)."""
+    if not _DIR_FD:  # no stat relative to an open folder here: by path, and the listing is not remembered
+        names = _patch_names(os.listdir(folder))
+        return _regular(names, [os.path.join(folder, n) for n in names], os.stat)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        names, encoded = _listing(os.path.realpath(folder), fd)
+        return _regular(names, encoded, partial(os.stat, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def _patch_names(names) -> list[str]:
+    """The names with an image suffix, sorted."""
+    return sorted(n for n in names if n.lower().endswith(_SUFFIX_TUPLE) and (n[0] != "." or os.path.splitext(n)[1]))
+
+
+def _listing(real: str, fd: int) -> "tuple[list[str], list[bytes]]":
+    """The open folder's patch names, and as bytes (stat takes them without encoding each): remembered by the
+    folder's figures (taken before it is listed, so a change during the listing is seen at the next call)."""
+    st = os.stat(fd)
+    figures = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    kept = _LISTINGS.get(real)
+    if kept is not None and kept[0] == figures:
+        return kept[1], kept[2]
+    names = _patch_names(os.listdir(fd))
+    encoded = [os.fsencode(n) for n in names]
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) >= SETTLE_NS:
+        if len(_LISTINGS) >= LISTINGS_KEPT:
+            _LISTINGS.pop(next(iter(_LISTINGS)))
+        _LISTINGS[real] = (figures, names, encoded)
+    return names, encoded
+
+
+def _regular(names: list[str], paths: list, stat) -> "tuple[list[str], list[os.stat_result]]":
+    """``names`` that are regular files (following links, as ``DirEntry.is_file``: a dangling link is none) and
+    their stats (``stat(paths[i])``)."""
+    try:
+        stats = list(map(stat, paths))
+    except FileNotFoundError:  # a dangling link, or a file removed meanwhile: name by name
+        stats = [_stat_or_none(stat, p) for p in paths]
+    if None not in stats and all(map(S_ISREG, map(attrgetter("st_mode"), stats))):
+        return names, stats
+    keep = [i for i, s in enumerate(stats) if s is not None and S_ISREG(s.st_mode)]
+    return [names[i] for i in keep], [stats[i] for i in keep]
+
+
+def _stat_or_none(stat, path) -> "Optional[os.stat_result]":
+    try:
+        return stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _settled_stat_key(folder: Path, names: list[str], stats: list) -> "Optional[str]":
     """The stat key of the folder's patches, or None while a patch changed in the last SETTLE_NS."""
     now = time.time_ns()
-    lines = [f"cem_fast patch folder stat v1\0{os.path.realpath(folder)}"]
-    newest = 0
-    for e in entries:
-        st = e.stat()
-        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
-        lines.append(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}")
-    if now - newest < SETTLE_NS:
+    rows = b"".join([_STAT_ROW.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                     for st in stats])
+    table = np.frombuffer(rows, dtype=np.int64).reshape(-1, 5)
+    if now - int(table[:, 1:3].max()) < SETTLE_NS:
         return None
-    return hashlib.sha256("\0\0".join(lines).encode("utf-8", "surrogateescape")).hexdigest()  # no name holds \0
+    h = hashlib.sha256(f"cem_fast patch folder stat v2\0{os.path.realpath(folder)}\0\0".encode("utf-8",
+                                                                                               "surrogateescape"))
+    h.update("\0".join(names).encode("utf-8", "surrogateescape"))  # no name holds \0
+    h.update(b"\0\0")
+    h.update(rows)
+    return h.hexdigest()
 
 
 def _stat_index(stat_key: str) -> Path:
     return cache_dir() / "patch_banks" / "by_stat" / f"{stat_key[:32]}.txt"
 
 
-def _bank_by_stat(stat_key: str, source: str) -> "Optional[PatchBank]":
-    """The bank whose folder had these figures: from this process, or from the bank cache through the key the
-    index file names (the cached bank must still carry that content key)."""
+def _bank_by_stat(stat_key: str, source: str) -> "Optional[tuple[PatchBank, str]]":
+    """A copy of the bank whose folder had these figures and its digest: from this process, or from the bank cache
+    through the key the index file names (the cached bank must still carry that content key)."""
     memo = (stat_key, str(cache_dir()))  # per cache folder: a bank is cached in each one it is asked for with
-    if memo in _BANKS_BY_STAT:
-        return _BANKS_BY_STAT[memo]
-    try:
-        text = _stat_index(stat_key).read_text().split()
-    except OSError:  # absent or unreadable: the folder is read and hashed instead
-        return None
-    bank = _cached_bank(text[1], source) if len(text) == 2 and text[0] == stat_key else None
-    if bank is not None:
-        _BANKS_BY_STAT[memo] = bank
-    return bank
+    if memo not in _BANKS_BY_STAT:
+        try:
+            text = _stat_index(stat_key).read_text().split()
+        except OSError:  # absent or unreadable: the folder is read and hashed instead
+            return None
+        bank = _cached_bank(text[1], source) if len(text) == 2 and text[0] == stat_key else None
+        if bank is None:
+            return None
+        _keep(memo, bank)
+    kept, digest = _BANKS_BY_STAT[memo]
+    # a copy: what a caller does to its bank (patches written in place) never reaches the kept one
+    return PatchBank(torch.from_numpy(kept.patches.numpy().copy()), list(kept.names), source), digest
+
+
+def _keep(memo: "tuple[str, str]", bank: "PatchBank") -> None:
+    """Keep a copy of ``bank`` (never handed out) with its digest."""
+    if len(_BANKS_BY_STAT) >= 8:
+        _BANKS_BY_STAT.clear()
+    kept = PatchBank(torch.from_numpy(bank.patches.numpy().copy()), list(bank.names), bank.source)
+    _BANKS_BY_STAT[memo] = (kept, kept.digest())
 
 
 def _cached_bank_path(key: str) -> Path:
@@ -259,9 +341,7 @@ def _cached_bank(key: str, source: str) -> "Optional[PatchBank]":
 def _remember(stat_key: "Optional[str]", key: str, bank: "PatchBank") -> "PatchBank":
     if stat_key is None:  # not settled, or the cache is off: nothing is remembered
         return bank
-    if len(_BANKS_BY_STAT) >= 8:
-        _BANKS_BY_STAT.clear()
-    _BANKS_BY_STAT[(stat_key, str(cache_dir()))] = bank
+    _keep((stat_key, str(cache_dir())), bank)
     try:
         atomic_write(_stat_index(stat_key), lambda f: f.write(f"{stat_key} {key}\n".encode()))
     except OSError:
@@ -286,14 +366,22 @@ def _warn_cache_once(folder: Path, err: OSError) -> None:
 
 def load_patch_bank(spec: "str | os.PathLike | PatchBank | None") -> PatchBank:
     """``None``/"default": the shipped bank; a folder of patch images; an ``.npz`` saved by :meth:`PatchBank.save`."""
+    return load_patch_bank_with_digest(spec, digest=False)[0]
+
+
+def load_patch_bank_with_digest(spec: "str | os.PathLike | PatchBank | None",
+                                digest: bool = True) -> "tuple[PatchBank, Optional[str]]":
+    """:func:`load_patch_bank` and the bank's :meth:`PatchBank.digest` (None with ``digest=False``): a folder's
+    bank kept in this process comes with the digest taken when it was kept (the bank handed out is a copy, which
+    nothing has touched yet)."""
     if isinstance(spec, PatchBank):
-        return spec
+        return spec, spec.digest() if digest else None
     if spec is None or (isinstance(spec, str) and spec == "default"):
-        return PatchBank.default()
+        bank = PatchBank.default()
+        return bank, bank.digest() if digest else None
     if not isinstance(spec, (str, os.PathLike)):
         raise ValueError(f"patches must be None, 'default', a folder of patch images, an .npz file or a PatchBank, "
                          f"got {type(spec).__name__}")
     p = Path(spec)
-    if p.suffix == ".npz" and p.is_file():
-        return PatchBank.load(p)
-    return PatchBank.from_folder(p)
+    bank, known = (PatchBank.load(p), None) if p.suffix == ".npz" and p.is_file() else PatchBank._from_folder(p)
+    return bank, (known or bank.digest()) if digest else None

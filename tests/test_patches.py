@@ -121,6 +121,64 @@ def test_a_rewrite_with_its_old_mtime_is_read_again(tmp_path, monkeypatch, rng):
     assert np.array_equal(PatchBank.from_folder(folder).patches.numpy(), want)
 
 
+def test_a_settled_folder_listing_is_remembered_but_never_stale(tmp_path, monkeypatch, rng):
+    """The listing of a settled folder is remembered by the folder's figures: a patch added, one removed, the
+    folder's mtime set back (its ctime moves), and a dangling link that gets its target are each seen."""
+    import time
+    folder, want, patches_mod = _settled_bank_folder(tmp_path, monkeypatch, rng)
+    monkeypatch.setattr(patches_mod, "_LISTINGS", {})
+    lists = []
+    real = os.listdir
+    monkeypatch.setattr(patches_mod.os, "listdir", lambda *a: lists.append(a) or real(*a))
+    PatchBank.from_folder(folder)
+    PatchBank.from_folder(folder)
+    assert len(lists) == 1, "a settled folder is listed once"
+    extra = rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)
+    Image.fromarray(extra).save(folder / "p3.bmp")
+    assert PatchBank.from_folder(folder).names == ["p0.bmp", "p1.bmp", "p2.bmp", "p3.bmp"]
+    st = folder.stat()
+    time.sleep(0.05)  # not synchronisation: the file system's clock must tick past the listing's ctime
+    (folder / "p0.bmp").unlink()
+    os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))  # the folder's mtime as it was: its ctime moved
+    assert PatchBank.from_folder(folder).names == ["p1.bmp", "p2.bmp", "p3.bmp"]
+    (folder / "p4.bmp").symlink_to(tmp_path / "outside.bmp")  # dangling: not a patch
+    assert PatchBank.from_folder(folder).names == ["p1.bmp", "p2.bmp", "p3.bmp"]
+    Image.fromarray(extra).save(tmp_path / "outside.bmp")  # the folder itself does not change
+    bank = PatchBank.from_folder(folder)
+    assert bank.names == ["p1.bmp", "p2.bmp", "p3.bmp", "p4.bmp"]
+    extra_chw = extra.transpose(2, 0, 1)[None]
+    assert np.array_equal(bank.patches.numpy(), np.concatenate([want[1:], extra_chw, extra_chw]))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+def test_only_regular_files_named_like_patches_are_patches(tmp_path, monkeypatch, rng):
+    """A pipe (it would never finish reading), a folder and a dangling link named like patches are not patches, on
+    the first listing and on a remembered one; a link to a patch file is one."""
+    folder, want, patches_mod = _settled_bank_folder(tmp_path, monkeypatch, rng)
+    monkeypatch.setattr(patches_mod, "_LISTINGS", {})
+    os.mkfifo(folder / "pipe.png")
+    (folder / "folder.png").mkdir()
+    (folder / "dangling.png").symlink_to(tmp_path / "nothing.png")
+    (folder / "q.bmp").symlink_to(folder / "p2.bmp")
+    for _ in range(2):
+        bank = PatchBank.from_folder(folder)
+        assert bank.names == ["p0.bmp", "p1.bmp", "p2.bmp", "q.bmp"]
+        assert np.array_equal(bank.patches.numpy(), np.concatenate([want, want[2:]]))
+
+
+def test_a_bank_changed_by_its_caller_is_not_served_to_the_next(tmp_path, monkeypatch, rng):
+    """Each call gets its own copy of the bank kept in this process, with the kept bank's digest: patches a caller
+    writes in place never reach the next call."""
+    folder, want, _ = _settled_bank_folder(tmp_path, monkeypatch, rng)
+    first = PatchBank.from_folder(folder)
+    first.patches.zero_()
+    bank, digest = patches_mod.load_patch_bank_with_digest(folder)
+    assert bank is not first and np.array_equal(bank.patches.numpy(), want) and digest == bank.digest()
+    bank.patches[0] = 255
+    again, digest_again = patches_mod.load_patch_bank_with_digest(folder)
+    assert np.array_equal(again.patches.numpy(), want) and digest_again == digest == again.digest()
+
+
 def test_a_folder_changed_moments_ago_is_not_remembered(tmp_path, monkeypatch, rng):
     """Timestamps are coarse: a folder with a change in the last SETTLE_NS is read and hashed on every call."""
     import cem_fast.patches as patches_mod

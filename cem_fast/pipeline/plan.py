@@ -28,7 +28,7 @@ from ..images import load_image
 from ..locality import LocalityPlan, plan_locality
 from ..models import load_model, model_code_digest, model_digest
 from ..options import RunOptions, TaskOptions
-from ..patches import PatchBank, load_patch_bank
+from ..patches import PatchBank, load_patch_bank_with_digest
 from ..tasks import Prepared, Task, make_task
 from .draws import DRAWS_VERSION, verification_inputs
 from .memory import available_memory, shared_pass_bytes
@@ -147,7 +147,7 @@ def prepare(request: RunRequest) -> RunPlan:
     task_obj = make_task(request.task, **task_options.as_kwargs())
     clean, default_name = load_image(request.image, options.max_pixels)
     image_name = request.image_name or default_name
-    bank = load_patch_bank(request.patches)
+    bank, digest = load_patch_bank_with_digest(request.patches)
     if request.rois is None and request.roi_grid is None:  # said before the device is touched
         raise ValueError(NO_ROIS)
     dev = pick_device(model, options.device)
@@ -155,7 +155,6 @@ def prepare(request: RunRequest) -> RunPlan:
     roi_list = parse_rois(request.rois, request.roi_grid, prep.grid.out_h, prep.grid.out_w)
     backend = ops.resolve_backend(options.backend, dev)
     model, forward = place_model(model, dev, options.precision, options.compile)
-    digest = bank.digest()
     progress = sys.stderr.isatty() if options.progress is None else bool(options.progress)
     return RunPlan(model=model, forward=forward, name=name, image_name=image_name, task=task_obj, clean=clean,
                    prep=prep.to(dev), rois=roi_list, bank=bank, bank_digest=digest,
