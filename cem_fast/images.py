@@ -55,10 +55,10 @@ def load_image(image: ImageLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS)
             raise ValueError(f"image array must be (H, W, 3), got {image.shape}")
         if image.dtype == np.uint16:
             image = _u16_to_u8(image)
-        # the (3, H, W) copy at the end detaches the tensor from the caller's array: no second copy here (its
-        # time grows with the image)
-        usable = image.flags.writeable and min(image.strides) >= 0  # torch takes neither read-only nor flipped
-        image = torch.from_numpy(image if usable else image.copy()).permute(2, 0, 1)
+        # one (3, H, W) copy, which detaches the tensor from the caller's array (whatever its layout: flipped,
+        # read-only, 1x1), made by numpy on one thread: torch's copy wakes its thread pool, which on a busy machine
+        # waits a scheduler tick for what takes a tenth of a millisecond
+        image = torch.from_numpy(image.transpose(2, 0, 1).copy())
     if not isinstance(image, torch.Tensor):
         raise ValueError(f"image must be a path, PIL image, array or tensor, got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:

@@ -46,6 +46,16 @@ def test_flipped_read_only_and_strided_arrays_are_read_as_given(bank, rng):
     assert res.gt.sum() > 0
 
 
+def test_an_array_image_never_aliases_the_callers_array():
+    """Whatever the array's shape (a 1x1 image's transpose is contiguous already), the tensor is a copy."""
+    from cem_fast.images import load_image
+    for shape in ((1, 1, 3), (1, 5, 3), (5, 1, 3), (4, 6, 3)):
+        arr = np.zeros(shape, np.uint8)
+        tensor, _ = load_image(arr)
+        arr[...] = 7
+        assert tensor.shape == (3,) + shape[:2] and tensor.is_contiguous() and int(tensor.max()) == 0, shape
+
+
 # ---- 16 bits, floats, orientation, size ------------------------------------------------------------------------------
 
 def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path, bank):
