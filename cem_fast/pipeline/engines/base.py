@@ -73,6 +73,10 @@ class Engine(Protocol):
     def cache_components(self) -> dict[str, str]:
         """What the engine adds to the cache key (the samples it computes may differ by float round-off)."""
 
+    def for_rois(self, plan: Any) -> "Engine":
+        """This engine for ``plan``, a plan of the same run whose ROIs and reach are a part of those it was chosen
+        for (a causal field's chunk): its per-ROI tables rebuilt, nothing measured or verified again."""
+
     def budget(self) -> dict[str, Any]:
         """The plan line's facts: ``windows`` ("crop" or "intervention-centred"), ``incremental`` (bool) and
         ``input_px`` (input pixels per draw over every reachable block, or None for the crop's)."""
@@ -98,6 +102,9 @@ class EngineBase:
 
     def for_precision(self, precision: str) -> Engine:
         return self
+
+    def for_rois(self, plan: Any) -> Engine:
+        return self  # no per-ROI state (the crop scores through the runner's scorer)
 
     def cache_components(self) -> dict[str, str]:
         return self.instead.cache_components() if self.instead is not None else {}

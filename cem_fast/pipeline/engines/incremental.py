@@ -75,6 +75,11 @@ class IncrementalEngine(EngineBase):
     def cache_components(self) -> dict[str, str]:
         return {**self.instead.cache_components(), "incremental": "layer by layer"}
 
+    def for_rois(self, plan: RunPlan) -> "IncrementalEngine":
+        """The same graph and unintervened activations, the tables of ``plan``'s ROIs."""
+        return IncrementalEngine(self.graph, block_windows(plan, self.windows.spread), self.region, self.origins,
+                                 self.sizes, self.precision, self.instead.for_rois(plan))
+
     def budget(self) -> dict:
         return {**self.instead.budget(), "incremental": True}
 

@@ -166,6 +166,9 @@ class WindowsEngine(EngineBase):
     def cache_components(self) -> dict[str, str]:
         return {"windows": "intervention-centred"}
 
+    def for_rois(self, plan: RunPlan) -> "WindowsEngine":
+        return WindowsEngine(block_windows(plan, self.tables.spread), self.instead.for_rois(plan))
+
     def budget(self) -> dict:
         return {"windows": "intervention-centred", "incremental": False, "input_px": self.tables.pixels()}
 
