@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any, Optional, Union
 
@@ -29,10 +30,13 @@ from .images import ImageLike
 from .models import model_code_digest
 from .options import RunOptions, TaskOptions
 from .patches import PatchBank
+from .result import Deferred
 from .pipeline.assemble import pictures
 from .pipeline.covariates import patch_covariates
 from .pipeline.engines.select import choose_engine
-from .pipeline.field_pass import ChunkSamples, block_chunks, chunk_side, field_tiles, sample_chunk, tile_shape
+from .pipeline.engines.crop import CropEngine
+from .pipeline.field_pass import (ChunkSamples, block_chunks, chunk_plan, chunk_side, field_tiles, sample_chunk,
+                                  tile_shape)
 from .pipeline.memory import available_memory
 from .pipeline.model import eval_for_run
 from .pipeline.origin import check_reproduced, refuse_undefined_origin, start_origin
@@ -126,43 +130,50 @@ def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) ->
     with fitted_threads(plan.device) as threads, torch.inference_mode():
         plan = plan_sampling(plan)
         marks["probe"] = time.perf_counter()
-        engine, verdicts = choose_engine(plan)
-        plan = size_batches(plan.but(engine=engine, verdicts=verdicts))
-        marks["engine"] = time.perf_counter()
         coarse, fine = plan.options.stages
         reach = plan.locality.reach.reshape(len(tiles), -1)
-        side = chunk_side(g, len(tiles), coarse + fine, max_memory)
+        side = chunk_side(g, tile, len(tiles), _halo_px(plan), coarse + fine, max_memory)
         chunks = block_chunks(g, reach.any(0), side)
-        key, components, note = field_key(plan, tile)
+        chosen = _choose_engine(plan, reach, chunks)
+        marks["engine"] = time.perf_counter()
+        key, components, note = field_key(chosen, tile)
         # rank 0 first: it alone clears (fresh) and writes the folder, the other ranks then read what it wrote
         store = distributed.rank0_first(lambda first: FieldStore(out, key, components, fresh and first, write=first),
                                         "field store") if out is not None else None
-        runner = Runner(plan, cache=None, progress=plan.progress, threads=threads)
+        whole = Runner(plan.but(engine=CropEngine()), threads=threads)  # Y(I) of every tile, and its check
+        psnr_origin = distributed.from_rank0(start_origin(plan, whole), "Y(I)")
+        refuse_undefined_origin(plan, psnr_origin)
+        found = _stored_chunks(store, side, chunks)
+        bar = _bar(plan, sum(len(c) for c in chunks) * (coarse + fine))  # an upper bound: gating lowers it
+        cv = patch_covariates(plan) if plan.options.estimator == "control-variate" else None
+        kept, held, computed, forwards, batch = [], [], 0, 0, chosen.batch_size
         try:
-            psnr_origin = distributed.from_rank0(start_origin(plan, runner), "Y(I)")
-            refuse_undefined_origin(plan, psnr_origin)
-            found = _stored_chunks(store, side, chunks)
-            runner.expect(sum(len(c) for c in chunks) * (coarse + fine))  # an upper bound: the bar only moves on
-            cv = patch_covariates(plan) if plan.options.estimator == "control-variate" else None
-            kept, held, computed = [], [], 0
             for i, blocks in enumerate(chunks):
                 got = found.get(i)
                 if got is None:
-                    got = sample_chunk(runner, g, reach, blocks, psnr_origin, coarse, fine, plan.options.tol, cv)
+                    sub, touched = chunk_plan(chosen, reach, blocks)
+                    runner = Runner(sub.but(engine=chosen.engine.for_rois(sub), batch_size=batch), threads=threads)
+                    runner.bar, runner.expect = bar, _keep_total  # one bar for the field, with the field's total
+                    got = sample_chunk(runner, touched, psnr_origin, coarse, fine, plan.options.tol, cv)
+                    forwards, batch = forwards + runner.forwards, runner.batch_size
                     _refuse_nan(got, tiles, plan.name)
                     computed += 1
                     if store is not None:
                         store.save(side, i, blocks, got)
+                elif bar is not None:
+                    bar.update(got.forwards)
                 kept.append(_estimates(got, i))
                 if store is None:
                     held.append(got)
-            origin_check = check_reproduced(plan, runner, psnr_origin)
+            origin_check = check_reproduced(plan, whole, psnr_origin)
         finally:
-            runner.close()
+            if bar is not None:
+                bar.close()
         marks["sampling"] = time.perf_counter()
-        pics = {k: (v.materialise() if hasattr(v, "materialise") else v) for k, v in pictures(plan, runner).items()}
-    info = _info(plan, runner, tile, side, chunks, computed, store, note, origin_check, covariates=cv)
-    info["timings_s"] = _timings(t0, marks)
+        pics = {k: (v.build() if isinstance(v, Deferred) else v) for k, v in pictures(plan, whole).items()}
+    info = _info(chosen, tile, side, chunks, computed, store, note, origin_check, covariates=cv)
+    info.update(num_forwards=forwards + whole.forwards + (plan.full_output is not None), batch_size=batch,
+                timings_s=_timings(t0, marks))
     data = FieldData(tiles=tiles, shape=tile_shape(g.out_h, g.out_w, tile), tile=tile, psnr_origin=psnr_origin,
                      pairs={k: np.concatenate([p[k] for p in kept]) if kept else np.zeros(0) for k in _PAIR_KEYS},
                      info=info, gt=pics["gt"], degraded=pics["degraded"], output=pics["output"],
@@ -171,6 +182,35 @@ def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) ->
     if store is not None and store.write:  # rank 0 writes under torchrun
         field.write_data()
     return field
+
+
+def _halo_px(plan: RunPlan) -> Optional[int]:
+    """How far beyond its footprint one block's change can reach (output px), or None where not measured."""
+    spread = plan.locality.info.get("pixel_spread_px")
+    return None if spread is None else int(max(spread)) + plan.grid.block
+
+
+def _choose_engine(plan: RunPlan, reach: np.ndarray, chunks: list) -> RunPlan:
+    """The field's plan with the engine chosen, and its batch size sized, on its middle chunk's plan (each chunk
+    then gets the same engine with its own tables: the tables of every block x every tile would grow with the
+    square of the image)."""
+    if not chunks:
+        return plan.but(engine=CropEngine())
+    middle, _ = chunk_plan(plan, reach, chunks[len(chunks) // 2])
+    engine, verdicts = choose_engine(middle)
+    sized = size_batches(middle.but(engine=engine, verdicts=verdicts))
+    return plan.but(engine=engine, verdicts=verdicts, batch_size=sized.batch_size, batch_key=sized.batch_key)
+
+
+def _keep_total(total: int) -> None:
+    pass
+
+
+def _bar(plan: RunPlan, total: int):
+    if not plan.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="fwd", desc="field", leave=False, file=sys.stderr)
 
 
 _PAIR_KEYS = ("tiles", "blocks", "chunk", "effect", "se", "draws", "df", "gated")
@@ -207,7 +247,7 @@ def _refuse_nan(chunk: ChunkSamples, tiles: list, name: str) -> None:
                          f"interventions (first: block {int(chunk.blocks[i])}); refusing to average them")
 
 
-def _info(plan: RunPlan, runner: Runner, tile: int, side: int, chunks: list, computed: int,
+def _info(plan: RunPlan, tile: int, side: int, chunks: list, computed: int,
           store: Optional[FieldStore], note: Optional[str], origin_check: dict, covariates) -> dict[str, Any]:
     o, bank = plan.options, plan.bank
     coarse, fine = o.stages
@@ -218,10 +258,10 @@ def _info(plan: RunPlan, runner: Runner, tile: int, side: int, chunks: list, com
         "estimator": "control-variate" if covariates is not None else "mean",
         "patch_bank": {"source": bank.source, "size": len(bank), "patch_size": bank.patch_size,
                        "digest": plan.bank_digest},
-        "engine": plan.engine.name, "locality": plan.locality_summary(), "batch_size": runner.batch_size,
+        "engine": plan.engine.name, "locality": plan.locality_summary(),
         "chunks": {"count": len(chunks), "side_blocks": side, "computed": computed,
                    "reused": len(chunks) - computed, "dropped": store.dropped if store is not None else 0},
-        "num_forwards": runner.forwards + (plan.full_output is not None), "origin_check": origin_check,
+        "origin_check": origin_check,
         **({"note": note} if note else {}),
     }
 

@@ -1,8 +1,9 @@
 """One pass over blocks x draws for every tile of a causal field (:mod:`cem_fast.field`).
 
-The blocks that can reach some tile are cut into square chunks. A chunk's interventions run once, through the
-run's engine, and each is scored against every tile (the runner's scores); only the tiles a chunk's blocks can
-reach are kept, as sparse (tile, block) pairs. The coarse-to-fine gate is per (block, tile), as a single run's is
+The blocks that can reach some tile are cut into square chunks. A chunk is a plan of its own whose ROIs are the
+tiles its blocks can reach (:func:`chunk_plan`; the engine chosen once for the field, its tables rebuilt for them),
+so that each intervention runs once and is scored against the tiles it can change only, kept as sparse
+(tile, block) pairs. The coarse-to-fine gate is per (block, tile), as a single run's is
 per block, and a block's fine draws serve every tile that gated it. A chunk is the unit that is written, checked
 and resumed (:mod:`cem_fast.field_store`); what is held at once is one chunk's scores, whatever the image's size.
 Since draws are keyed by (seed, block, draw), each tile's map is the one its single run gives.
@@ -16,10 +17,13 @@ from typing import Optional
 import numpy as np
 
 from ..geometry import ROI, BlockGrid
+from ..locality import LocalityPlan
+from .plan import RunPlan
 from .runner import Runner
 from .stages import sample_stages
 
 SCORE_BYTES = 8  # a runner's scores are float64 per (intervention, tile)
+MAX_CHUNK_SIDE = 16  # blocks: a kill loses at most one chunk (256 blocks x draws), tables and batches stay full
 
 
 def field_tiles(out_h: int, out_w: int, tile: int) -> list[ROI]:
@@ -34,12 +38,22 @@ def tile_shape(out_h: int, out_w: int, tile: int) -> tuple[int, int]:
     return math.ceil(out_h / tile), math.ceil(out_w / tile)
 
 
-def chunk_side(grid: BlockGrid, n_tiles: int, draws: int, max_bytes: int) -> int:
-    """The side, in blocks, of the square chunks: as large as keeps one chunk's scores (interventions x every
-    tile) within a quarter of ``max_bytes`` (the rest is for the model and the engine), at least 1."""
-    per_block = max(1, draws) * n_tiles * SCORE_BYTES
-    blocks = max(1, (max_bytes // 4) // per_block)
-    return max(1, min(int(math.isqrt(blocks)), max(grid.rows, grid.cols)))
+def chunk_side(grid: BlockGrid, tile: int, n_tiles: int, halo_px: Optional[int], draws: int,
+               max_bytes: int) -> int:
+    """The side, in blocks, of the square chunks: at most :data:`MAX_CHUNK_SIDE`, and small enough that one
+    chunk's scores (interventions x the tiles it can reach, ``halo_px`` beyond its blocks; None: all of them)
+    take at most a quarter of ``max_bytes`` (the rest is for the model and the engine); at least 1."""
+    side = MAX_CHUNK_SIDE
+    while side > 1:
+        if halo_px is None:
+            touched = n_tiles
+        else:
+            across = -(-(side * grid.block + 2 * halo_px) // tile) + 1
+            touched = min(n_tiles, across * across)
+        if side * side * max(1, draws) * touched * SCORE_BYTES <= max_bytes // 4:
+            break
+        side -= 1
+    return side
 
 
 def block_chunks(grid: BlockGrid, reachable: np.ndarray, side: int) -> list[np.ndarray]:
@@ -80,41 +94,34 @@ class ChunkSamples:
         return {k: getattr(self, k) for k in self.ARRAYS}
 
 
-class _TileColumns:
-    """The runner seen through the columns of some tiles only: what :func:`.stages.sample_stages` needs of a
-    runner (``run``, ``order``, ``expect``), for one chunk. The progress total is the field's (set once)."""
-
-    def __init__(self, runner: Runner, tiles: np.ndarray):
-        self.runner, self.tiles = runner, tiles
-
-    def run(self, stage: str, blocks, draws) -> np.ndarray:
-        return self.runner.run(stage, blocks, draws)[:, self.tiles]
-
-    def order(self, blocks: np.ndarray) -> np.ndarray:
-        return self.runner.order(blocks)
-
-    def expect(self, total: int) -> None:
-        pass
-
-
-def sample_chunk(runner: Runner, grid: BlockGrid, reach: np.ndarray, chunk: np.ndarray, psnr_origin: np.ndarray,
-                 coarse: int, fine: int, tol: float, covariates=None) -> ChunkSamples:
-    """Run one chunk's blocks (coarse for each, fine for those some tile gated) and keep the (tile, block) pairs
-    they can reach. ``reach``: (n_tiles, blocks) bool; ``psnr_origin``: (n_tiles,) Y(I) per tile."""
+def chunk_plan(plan: RunPlan, reach: np.ndarray, chunk: np.ndarray) -> tuple[RunPlan, np.ndarray]:
+    """(the plan of one chunk, the tiles its blocks can reach): its ROIs are those tiles, its reach theirs cut to
+    the chunk's blocks. ``reach``: (n_tiles, blocks) bool."""
+    g = plan.grid
     tiles = np.flatnonzero(reach[:, chunk].any(1))
-    before = runner.forwards
+    own = np.zeros(g.num_blocks, dtype=bool)
+    own[chunk] = True
+    sub = (reach[tiles] & own).reshape(len(tiles), g.rows, g.cols)
+    locality = LocalityPlan(sub, plan.locality.window, plan.locality.info)
+    return plan.but(rois=[plan.rois[t] for t in tiles], locality=locality), tiles
+
+
+def sample_chunk(runner: Runner, tiles: np.ndarray, psnr_origin: np.ndarray, coarse: int, fine: int, tol: float,
+                 covariates=None) -> ChunkSamples:
+    """Run one chunk's blocks (coarse for each, fine for those some tile gated) with the runner of its plan
+    (:func:`chunk_plan`) and keep the (tile, block) pairs they can reach. ``tiles``: the chunk's tiles (global
+    indices); ``psnr_origin``: (n_tiles,) Y(I) of every tile."""
+    plan, before = runner.plan, runner.forwards
+    g = plan.grid
     if not len(tiles):
         return _empty(coarse, fine)
-    own = np.zeros(grid.num_blocks, dtype=bool)
-    own[chunk] = True
-    sub_reach = reach[tiles] & own
-    s = sample_stages(_TileColumns(runner, tiles), grid, sub_reach, psnr_origin[tiles], coarse, fine, tol,
-                      covariates=covariates)
-    coarse_row = _rows(s.run, grid.num_blocks)
-    fine_row = _rows(s.fine_run, grid.num_blocks)
+    reach = plan.locality.reach.reshape(len(tiles), -1)
+    s = sample_stages(runner, g, reach, psnr_origin[tiles], coarse, fine, tol, covariates=covariates)
+    coarse_row = _rows(s.run, g.num_blocks)
+    fine_row = _rows(s.fine_run, g.num_blocks)
     parts = []
     for j in range(len(tiles)):
-        blocks = np.flatnonzero(sub_reach[j])
+        blocks = np.flatnonzero(reach[j])
         effect, se, draws, df = (a[blocks] for a in s.estimate(j))
         gated = s.gated[j][blocks]
         c_vals = s.coarse[j][coarse_row[blocks]] if coarse else np.zeros((len(blocks), 0))
@@ -140,11 +147,3 @@ def _empty(coarse: int, fine: int) -> ChunkSamples:
     z = np.zeros(0)
     return ChunkSamples(z.astype(np.int32), z.astype(np.int32), z, z, z.astype(np.int32), z, z.astype(bool),
                         np.zeros((0, coarse)), np.zeros((0, fine)), forwards=0)
-
-
-def chunk_plan(grid: BlockGrid, reach: np.ndarray, n_draws: int, max_bytes: int,
-               side: Optional[int] = None) -> list[np.ndarray]:
-    """The chunks of a field: :func:`block_chunks` of the blocks that reach some tile, of ``side`` blocks (or
-    :func:`chunk_side`)."""
-    side = side or chunk_side(grid, reach.shape[0], n_draws, max_bytes)
-    return block_chunks(grid, reach.any(0), side)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cem_fast.geometry import BlockGrid
-from cem_fast.pipeline.field_pass import SCORE_BYTES, block_chunks, chunk_side, field_tiles, tile_shape
+from cem_fast.pipeline.field_pass import MAX_CHUNK_SIDE, SCORE_BYTES, block_chunks, chunk_side, field_tiles, tile_shape
 
 
 @pytest.mark.parametrize("h, w, tile", [(64, 64, 32), (72, 80, 16), (5, 7, 32), (33, 100, 32)])
@@ -32,9 +32,15 @@ def test_chunks_hold_every_reachable_block_exactly_once(rng):
 
 
 def test_a_chunk_scores_fit_a_quarter_of_the_memory_given():
+    """Its scores: interventions x the tiles it can reach (its blocks grown by the halo), or every tile."""
     grid = BlockGrid(1024, 1024, 8)
-    for tiles, draws, memory in [(1024, 53, 2 << 30), (4096, 53, 256 << 20), (16, 3, 1 << 20), (1024, 53, 1)]:
-        side = chunk_side(grid, tiles, draws, memory)
-        assert side >= 1
+    for tiles, halo, draws, memory in [(1024, 24, 53, 2 << 30), (4096, None, 53, 256 << 20), (16, 8, 3, 1 << 20),
+                                       (1024, 24, 53, 1), (1024, 24, 53, 40 << 20)]:
+        side = chunk_side(grid, 32, tiles, halo, draws, memory)
+        assert 1 <= side <= MAX_CHUNK_SIDE
+        touched = tiles if halo is None else min(tiles, (-(-(side * 8 + 2 * halo) // 32) + 1) ** 2)
         if side > 1:
-            assert side * side * draws * tiles * SCORE_BYTES <= memory // 4
+            assert side * side * draws * touched * SCORE_BYTES <= memory // 4
+        if side < MAX_CHUNK_SIDE:  # one more block a side would not fit
+            bigger = tiles if halo is None else min(tiles, (-(-((side + 1) * 8 + 2 * halo) // 32) + 1) ** 2)
+            assert (side + 1) ** 2 * draws * bigger * SCORE_BYTES > memory // 4
