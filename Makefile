@@ -43,11 +43,11 @@ ext: $(VENV)/.ready
 demo: ext
 	$(VENV)/bin/cem-fast demo --out $(OUT)
 
-# the whole-CEM and seam benchmarks at CI size first (about 3 minutes: they must keep running), then the tests
-# (summary last)
+# the whole-CEM, seam and field benchmarks at CI size first (about 3 minutes: they must keep running), then the
+# tests (summary last)
 test: ext
 	CEM_FAST_BENCH_SIZE=ci $(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_cem.py \
-	  benchmarks/test_bench_seams.py --benchmark-only \
+	  benchmarks/test_bench_seams.py benchmarks/test_bench_field.py --benchmark-only \
 	  > .bench-ci.log 2>&1; rc=$$?; tail -1 .bench-ci.log; [ $$rc -eq 5 ] && rc=0; exit $$rc  # 5: skipped whole (no ../shared)
 	$(PY) -m pytest -q
 
