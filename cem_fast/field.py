@@ -152,10 +152,16 @@ def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) ->
                 got = found.get(i)
                 if got is None:
                     sub, touched = chunk_plan(chosen, reach, blocks)
-                    runner = Runner(sub.but(engine=chosen.engine.for_rois(sub), batch_size=batch), threads=threads)
-                    runner.bar, runner.expect = bar, _keep_total  # one bar for the field, with the field's total
-                    got = sample_chunk(runner, touched, psnr_origin, coarse, fine, plan.options.tol, cv)
-                    forwards, batch = forwards + runner.forwards, runner.batch_size
+                    runners = []
+
+                    def runner_for(p: RunPlan) -> Runner:
+                        r = Runner(p.but(engine=chosen.engine.for_rois(p),
+                                         batch_size=runners[-1].batch_size if runners else batch), threads=threads)
+                        r.bar, r.expect = bar, _keep_total  # one bar for the field, with the field's total
+                        runners.append(r)
+                        return r
+                    got = sample_chunk(sub, touched, runner_for, psnr_origin, coarse, fine, plan.options.tol, cv)
+                    forwards, batch = forwards + got.forwards, runners[-1].batch_size
                     _refuse_nan(got, tiles, plan.name)
                     computed += 1
                     if store is not None:

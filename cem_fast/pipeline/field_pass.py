@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from ..geometry import ROI, BlockGrid
 from ..locality import LocalityPlan
 from .plan import RunPlan
 from .runner import Runner
+from .samples import Samples
 from .stages import sample_stages
 
 SCORE_BYTES = 8  # a runner's scores are float64 per (intervention, tile)
@@ -106,19 +108,47 @@ def chunk_plan(plan: RunPlan, reach: np.ndarray, chunk: np.ndarray) -> tuple[Run
     return plan.but(rois=[plan.rois[t] for t in tiles], locality=locality), tiles
 
 
-def sample_chunk(runner: Runner, tiles: np.ndarray, psnr_origin: np.ndarray, coarse: int, fine: int, tol: float,
-                 covariates=None) -> ChunkSamples:
-    """Run one chunk's blocks (coarse for each, fine for those some tile gated) with the runner of its plan
-    (:func:`chunk_plan`) and keep the (tile, block) pairs they can reach. ``tiles``: the chunk's tiles (global
-    indices); ``psnr_origin``: (n_tiles,) Y(I) of every tile."""
-    plan, before = runner.plan, runner.forwards
-    g = plan.grid
-    if not len(tiles):
+def sample_chunk(plan: RunPlan, tiles: np.ndarray, runner_for: Callable[[RunPlan], Runner],
+                 psnr_origin: np.ndarray, coarse: int, fine: int, tol: float, covariates=None) -> ChunkSamples:
+    """Run one chunk's blocks (coarse for each, fine for those some tile gated) and keep the (tile, block) pairs
+    they can reach. ``plan``: the chunk's (:func:`chunk_plan`), ``tiles`` its tiles (global indices);
+    ``runner_for(plan)``: a runner of a plan; ``psnr_origin``: (n_tiles,) Y(I) of every tile.
+
+    Coarse-to-fine runs its fine stage on a plan whose reach is the gated pairs only: a block's fine draws then
+    compute what it changes in the tiles that gated it (the engines' tables cut to them), not in every tile it
+    reaches."""
+    g, n = plan.grid, len(tiles)
+    if not n:
         return _empty(coarse, fine)
-    reach = plan.locality.reach.reshape(len(tiles), -1)
-    s = sample_stages(runner, g, reach, psnr_origin[tiles], coarse, fine, tol, covariates=covariates)
-    coarse_row = _rows(s.run, g.num_blocks)
-    fine_row = _rows(s.fine_run, g.num_blocks)
+    reach = plan.locality.reach.reshape(n, -1)
+    origin = psnr_origin[tiles]
+    first = runner_for(plan)
+    if not (coarse and fine):  # one stage (exhaustive, or coarse alone): every pair it reaches
+        s = sample_stages(first, g, reach, origin, coarse, fine, tol, covariates=covariates)
+        return _pairs(s, tiles, reach, coarse, fine, first.forwards)
+    s = sample_stages(first, g, reach, origin, coarse, 0, tol, covariates=covariates)  # the coarse stage, the gate
+    gated = s.gated & reach
+    fine_run = np.flatnonzero(gated.any(0))
+    got = np.zeros((n, 0, fine))
+    forwards = first.forwards
+    if len(fine_run):
+        narrow = plan.but(locality=LocalityPlan(gated.reshape(n, g.rows, g.cols), plan.locality.window,
+                                                plan.locality.info))
+        second = runner_for(narrow)
+        fine_run = second.order(fine_run)
+        b = torch.from_numpy(fine_run).repeat_interleave(fine)
+        d = coarse + torch.arange(fine).repeat(len(fine_run))
+        got = second.run("fine", b, d).reshape(len(fine_run), fine, n).transpose(2, 0, 1)
+        forwards += second.forwards
+    s = Samples(s.run, s.coarse, fine_run, got, s.gated, reach, np.asarray(origin, np.float64),
+                covariates=covariates)
+    return _pairs(s, tiles, reach, coarse, fine, forwards)
+
+
+def _pairs(s: Samples, tiles: np.ndarray, reach: np.ndarray, coarse: int, fine: int, forwards: int) -> ChunkSamples:
+    """The (tile, block) pairs of a chunk's samples ``s``: estimates, gate and samples."""
+    nb = reach.shape[1]
+    coarse_row, fine_row = _rows(s.run, nb), _rows(s.fine_run, nb)
     parts = []
     for j in range(len(tiles)):
         blocks = np.flatnonzero(reach[j])
@@ -132,8 +162,7 @@ def sample_chunk(runner: Runner, tiles: np.ndarray, psnr_origin: np.ndarray, coa
         parts.append((np.full(len(blocks), tiles[j]), blocks, effect, se, draws, df, gated, c_vals, f_vals))
     cols = [np.concatenate(a) for a in zip(*parts)]
     dtypes = (np.int32, np.int32, np.float64, np.float64, np.int32, np.float64, bool, np.float64, np.float64)
-    return ChunkSamples(*(c.astype(t, copy=False) for c, t in zip(cols, dtypes)),
-                        forwards=runner.forwards - before)
+    return ChunkSamples(*(c.astype(t, copy=False) for c, t in zip(cols, dtypes)), forwards=forwards)
 
 
 def _rows(blocks: np.ndarray, num_blocks: int) -> np.ndarray:
