@@ -139,7 +139,9 @@ def causal_effect_maps(
             padded stride-1 convolutions, pointwise activations and batch norm, residual sums; scale 1), each
             intervention recomputes layer by layer only what it changes, from the unintervened activations
             (:mod:`cem_fast.pipeline.engines.incremental`; checked per run against the crop, else the windows, and
-            ``summary.json: locality.incremental`` says why); "off": the windows or the crop.
+            ``summary.json: locality.incremental`` says why), where it saves enough convolution work to pay for
+            its fixed cost per graph node; "on": wherever it applies and verifies, whatever it saves; "off": the
+            windows or the crop.
         precision: "fp32" (default; TF32 off), "tf32", "bf16" or "fp16" (autocast); reduced precision is checked
             against fp32 on a sample of blocks and reported (``summary.json: precision_check``).
         compile: run the model through ``torch.compile`` (True: mode "reduce-overhead", i.e. CUDA graphs, on CUDA

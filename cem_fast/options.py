@@ -22,7 +22,7 @@ InputNoise = Literal["numpy", "counter"]
 RainPreset = Literal["small", "medium", "large", "random"]
 RoiPlan = Literal["auto", "shared", "per-roi"]
 Windows = Literal["auto", "crop"]
-Incremental = Literal["auto", "off"]
+Incremental = Literal["auto", "off", "on"]
 Estimator = Literal["control-variate", "mean"]
 
 MODES: tuple = get_args(Mode)

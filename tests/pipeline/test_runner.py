@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_syncs import SyncCounter  # noqa: E402
 
 PER_BATCH = {"incremental": 2, "windows": 2, "crop": 1}
-PATHS = {"incremental": {}, "windows": dict(incremental="off"), "crop": dict(windows="crop", incremental="off")}
+PATHS = {"incremental": dict(incremental="on"), "windows": dict(incremental="off"),
+         "crop": dict(windows="crop", incremental="off")}
 
 
 def count(image, bank, coarse, **opts):

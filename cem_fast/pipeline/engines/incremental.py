@@ -24,6 +24,11 @@ from .base import EngineBase, Verdict, equal_runs, verdict_of
 from .windows import BlockWindows, WindowsEngine, block_windows, largest_difference_from_crop, measured_spread
 
 MIN_GAIN = 1.2  # fewer convolution pixels than the windows (or the crop) needed to be worth it
+# Its fixed cost: each graph node costs about this much per run of the graph whatever its rectangles' size (Python:
+# the node's rectangles, gathers and call), counted as the convolution work (multiply-accumulates) that takes as
+# long; measured on the 2-core CPU: benchmarks/results/cpu-2core-2026-12-07-node-cost.md
+NODE_COST_MACS = 2_000_000
+PLAN_RUNS = 8  # graph runs its planning costs: the trace, the unintervened activations and the checked blocks
 
 
 def build_graph(plan: RunPlan) -> LayerwiseGraph:
@@ -133,6 +138,27 @@ def _counted(plan: RunPlan, graph: LayerwiseGraph, inc: IncrementalEngine, chose
     return facts
 
 
+def _fixed_cost_refusal(plan: RunPlan, graph: LayerwiseGraph, inc: IncrementalEngine, facts: dict) -> str:
+    """Why the convolution work it saves over the coarse stage (the draws every reachable block gets; the fine
+    stage's count is not known yet) cannot pay for its fixed cost: ``NODE_COST_MACS`` per graph node and run, over
+    its planning's runs and one run per footprint shape and stage; "" when it can. A small net (a few thin layers)
+    saves convolution pixels but not the time of its graph's nodes."""
+    convs = [x for x in graph.order if x.kind == "conv"]
+    weight = sum(x.scale ** 2 for x in convs)  # a window's convolution pixels, per layer (window_conv_pixels)
+    macs_per_px = sum(x.conv.in_channels // x.conv.groups * x.conv.out_channels * x.conv.kernel_size[0] *
+                      x.conv.kernel_size[1] * x.scale ** 2 for x in convs) / max(1, weight)
+    coarse = plan.options.stages[0]
+    saved = coarse * len(inc.windows.blocks) * max(0, facts["instead_conv_px_per_intervention"] -
+                                                    facts["conv_px_per_intervention"]) * macs_per_px
+    nodes = sum(1 for x in graph.order if x.kind not in ("const", "output"))
+    runs = PLAN_RUNS + 2 * len(np.unique(inc.shape_key(inc.windows.blocks)))
+    fixed = nodes * runs * NODE_COST_MACS
+    if saved >= fixed:
+        return ""
+    return (f"saves less than its fixed cost ({saved:.3g} multiply-accumulates over the coarse stage against "
+            f"{fixed:.3g} for {nodes} graph nodes x {runs} runs)")
+
+
 def _materialised(plan: RunPlan, inc: IncrementalEngine) -> torch.Tensor:
     """The unintervened activations of the region kept by the graph; returns its output there."""
     crop_in = inc.region.crop(plan.prep.base).unsqueeze(0)
@@ -185,9 +211,13 @@ def plan(plan: RunPlan, chosen, verdicts) -> tuple[Optional[IncrementalEngine], 
     if ((rel + inc.sizes[windows.blocks] <= 0) | (rel >= np.array([region.h, region.w]))).any():
         return no("a block that reaches the ROIs lies outside the crop")
     facts = _counted(plan, graph, inc, chosen)
-    if facts["fewer_conv_px"] < MIN_GAIN:
-        return no(f"saves too little over the {facts['instead_of']} ({facts['fewer_conv_px']:.2f}x the "
-                  "convolution pixels)", facts)
+    if plan.options.incremental != "on":  # "on": wherever it applies and verifies, whatever it saves
+        if facts["fewer_conv_px"] < MIN_GAIN:
+            return no(f"saves too little over the {facts['instead_of']} ({facts['fewer_conv_px']:.2f}x the "
+                      "convolution pixels)", facts)
+        too_small = _fixed_cost_refusal(plan, graph, inc, facts)
+        if too_small:
+            return no(too_small, facts)
     graph.margin = plan.grid.in_block
     need = graph.kept_bytes(region.h, region.w, plan.prep.base.shape[0], plan.prep.base.element_size())
     avail = free_memory(plan.device)

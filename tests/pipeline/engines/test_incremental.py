@@ -23,13 +23,16 @@ def image(rng):
 
 
 ARGS = dict(task="DN", sigma=30, coarse=2, fine=3, tol=0.0, seed=5, progress=False)
+# the test nets are too small for the engine to pay for its fixed cost: "on" runs it wherever it applies (the
+# shipped models choose it by themselves)
+ON = dict(ARGS, incremental="on")
 
 
 @pytest.mark.parametrize("model", [ConvStack(4, 2), RandomNet([(3, 1, 1), (5, 2, 3), (3, 1, 1), (3, 2, 1)], 6, 1),
                                    "default"], ids=["dilated", "random", "default-DnCNN"])
 @pytest.mark.parametrize("rois", [[(24, 32, 16)], [(0, 0, 16), (40, 48, 24, 16)]], ids=["one", "two"])
 def test_the_pipeline_gives_the_window_paths_samples(model, rois, image, bank):
-    inc = cem_fast.causal_effect_maps(model, image, rois=rois, patches=bank, **ARGS)
+    inc = cem_fast.causal_effect_maps(model, image, rois=rois, patches=bank, **(ARGS if model == "default" else ON))
     off = cem_fast.causal_effect_maps(model, image, rois=rois, patches=bank, incremental="off", **ARGS)
     info = inc[0].extra["locality"]["incremental"]
     assert info["used"], info
@@ -44,9 +47,10 @@ def test_the_pipeline_gives_the_window_paths_samples(model, rois, image, bank):
 @pytest.mark.parametrize("task,opts", [("DR", dict(rain_seed=3)), ("identity", {})])
 def test_other_tasks_give_the_crops_samples(task, opts, image, bank):
     args = dict(ARGS, task=task, **opts)
-    inc = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(8, 40, 24, 16), patches=bank, **args)
+    inc = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(8, 40, 24, 16), patches=bank,
+                                     **dict(args, incremental="on"))
     crop = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(8, 40, 24, 16), patches=bank, windows="crop",
-                                      incremental="off", **args)
+                                      **dict(args, incremental="off"))
     assert inc.extra["locality"]["incremental"]["used"]
     assert_same_samples(inc.samples_coarse, crop.samples_coarse, atol=1e-3, what="coarse samples")
     assert_same_samples(inc.samples_fine, crop.samples_fine, atol=1e-3, what="fine samples")
@@ -61,6 +65,28 @@ def test_too_small_a_gain_keeps_the_windows(image, bank, monkeypatch):
     assert not info["used"] and "saves too little" in info["reason"]
 
 
+def test_a_net_too_small_to_pay_for_its_graphs_fixed_cost_keeps_the_windows(image, bank, monkeypatch):
+    """A few thin layers save convolution pixels but not the time of the graph's nodes: auto keeps the windows and
+    says why; without the fixed cost (or with "on") the same run is recomputed layer by layer."""
+    import cem_fast.pipeline.engines.incremental as incremental
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and info["reason"].startswith("saves less than its fixed cost"), info
+    assert info["fewer_conv_px"] >= incremental.MIN_GAIN and res.extra["locality"]["windows"]["used"]
+    on = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ON)
+    assert on.extra["locality"]["incremental"]["used"]
+    monkeypatch.setattr(incremental, "NODE_COST_MACS", 0)
+    free = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    assert free.extra["locality"]["incremental"]["used"]
+    assert np.array_equal(on.gated, free.gated) and np.allclose(on.cem, res.cem, atol=1e-3)
+
+
+def test_on_still_refuses_what_it_cannot_compute_exactly(image, bank):
+    res = cem_fast.causal_effect_map(Reflect(), image, roi=(24, 32, 16), patches=bank, **ON)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and "reflect padding" in info["reason"], info
+
+
 def test_a_difference_from_the_crop_falls_back_and_says_so(image, bank, monkeypatch):
     real = LayerwiseGraph.run
 
@@ -68,7 +94,7 @@ def test_a_difference_from_the_crop_falls_back_and_says_so(image, bank, monkeypa
         out, lo = real(self, *args, **kwargs)
         return out + 1e-3, lo
     monkeypatch.setattr(LayerwiseGraph, "run", off_by_a_little)
-    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ON)
     info = res.extra["locality"]["incremental"]
     assert not info["used"] and "differ from the crop's by 0.001" in info["reason"]
 
@@ -87,7 +113,7 @@ def test_activations_that_would_not_fit_keep_the_windows(image, bank, monkeypatc
     import cem_fast.pipeline.engines.incremental as incremental
     # the activations do not fit (on CUDA the device's free memory is asked, on the CPU the host's: one function)
     monkeypatch.setattr(incremental, "free_memory", lambda device: 1 << 18)
-    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ON)
     info = res.extra["locality"]["incremental"]
     assert not info["used"] and "more than a quarter of the 0.0 GiB available" in info["reason"], info
     assert res.extra["locality"]["windows"]["used"]
@@ -102,7 +128,7 @@ def test_the_fp32_recheck_of_a_reduced_precision_run_does_not_use_its_activation
     monkeypatch.setattr(plan_module, "plan_locality", lambda forward, *a, **k: real(forward.at_precision("fp32"),
                                                                                      *a, **k))
     res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, precision="bf16",
-                                     **dict(ARGS, fine=0))
+                                     **dict(ON, fine=0))
     assert res.extra["locality"]["incremental"]["used"], res.extra["locality"]["incremental"]
     check = res.extra["precision_check"]
     assert check["max_abs_delta_ce_db"] < 0.5, check
@@ -112,7 +138,7 @@ def test_a_failure_of_the_activations_keeps_the_windows(image, bank, monkeypatch
     def fail(self, *args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
     monkeypatch.setattr(LayerwiseGraph, "materialise", fail)
-    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ON)
     info = res.extra["locality"]["incremental"]
     assert not info["used"] and "RuntimeError: CUDA out of memory (simulated)" in info["reason"], info
 
@@ -131,10 +157,11 @@ def test_the_summary_says_why_it_did_not_run(model, opts, reason, image, bank):
                          ids=["x2-bicubic", "x4-bilinear", "default-MSRResNet"])
 def test_sr_gives_the_window_paths_samples(model, scale, rng, bank):
     img = rng.randint(0, 256, (96, 96, 3) if scale == 2 else (192, 192, 3)).astype(np.uint8)
-    args = dict(task="SR", scale=scale, coarse=2, fine=2, tol=0.0, seed=5, progress=False, patches=bank)
+    args = dict(task="SR", scale=scale, coarse=2, fine=2, tol=0.0, seed=5, progress=False, patches=bank,
+                incremental="auto" if model == "default:sr" else "on")
     rois = [(32, 40, 16)] if scale == 2 else [(80, 88, 16), (8, 120, 16, 24)]
     inc = cem_fast.causal_effect_maps(model, img, rois=rois, **args)
-    crop = cem_fast.causal_effect_maps(model, img, rois=rois, windows="crop", incremental="off", **args)
+    crop = cem_fast.causal_effect_maps(model, img, rois=rois, windows="crop", **dict(args, incremental="off"))
     info = inc[0].extra["locality"]["incremental"]
     assert info["used"] and info["verify_max_abs_err"] <= 1e-4, info
     for a, b in zip(inc, crop):
