@@ -16,7 +16,7 @@ import importlib.util
 from ._version import __version__
 
 _PUBLIC = {
-    "causal_effect_map": "estimator", "causal_effect_maps": "estimator", "causal_field": "field",
+    "causal_effect_map": "estimator", "causal_effect_maps": "estimator", "causal_field": "field", "load_field": "field",
     "CausalField": "field_result", "load_image": "images",
     "ROI": "geometry", "BlockGrid": "geometry", "load_model": "models", "compare_models": "compare",
     "difference": "compare", "intervene": "ops", "roi_psnr": "ops", "roi_sq_err": "ops", "roi_sq_err_multi": "ops",

@@ -85,6 +85,11 @@ def causal_field(model: Union[nn.Module, str], image: ImageLike, task: Union[str
         return _field(request, tile, out, max_memory, fresh)
 
 
+def load_field(out: Union[str, os.PathLike]) -> CausalField:
+    """The finished field in folder ``out`` (:meth:`CausalField.load`)."""
+    return CausalField.load(out)
+
+
 def _request(model, image, task, tile, block, coarse, fine, tol, seed, patches, max_memory, image_name, model_name,
              options: dict) -> tuple[RunRequest, int, int]:
     checks.integer("tile", tile, 1)

@@ -187,6 +187,27 @@ class CausalField:
         return self.metrics()[name]
 
     # files
+    @classmethod
+    def load(cls, out: "str | os.PathLike") -> "CausalField":
+        """The field a finished :func:`cem_fast.causal_field` (or ``cem-fast field``) wrote to ``out``; its tiles'
+        samples are read from the chunks, checked, when a map is asked for."""
+        from .field_store import FieldStore, read_meta  # the store imports the pipeline: only when loading
+        out = Path(out)
+        meta = read_meta(out / "field.json")
+        if meta.get("status") != "complete" or not (out / FIELD_DATA).is_file():
+            raise ValueError(f"{out} holds no finished field (status {meta.get('status')!r}): run it again with the "
+                             "same inputs to resume it")
+        with np.load(out / FIELD_DATA, allow_pickle=False) as z:
+            pairs = {k[len("pair_"):]: z[k] for k in z.files if k.startswith("pair_")}
+            tiles = [ROI(*map(int, t)) for t in z["tiles"]]
+            data = FieldData(tiles=tiles, shape=tuple(meta["shape"]), tile=int(meta["tile"]),
+                             psnr_origin=z["psnr_origin"], pairs=pairs, info=meta["info"],
+                             gt=torch.from_numpy(z["gt"]), degraded=torch.from_numpy(z["degraded"]),
+                             output=torch.from_numpy(z["output"]),
+                             covariate_table=z["covariate_table"] if "covariate_table" in z.files else None)
+        store = FieldStore(out, meta["key"], meta.get("components", {}), write=False)
+        return cls(data, store=store, side=int(meta["info"]["chunks"]["side_blocks"]))
+
     def write_data(self, out: "str | os.PathLike | None" = None) -> Path:
         """``field.npz`` in ``out`` (default: the field's folder): what :meth:`load` needs besides the chunks."""
         d = self.data

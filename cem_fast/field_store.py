@@ -49,7 +49,7 @@ class FieldStore:
         self.dropped = 0
         meta = self.dir / META
         if meta.exists() and not fresh:
-            old = _read_meta(meta)
+            old = read_meta(meta)
             if old.get("key") != key:
                 changed = sorted(k for k in set(components) | set(old.get("components", {}))
                                  if json_safe(components.get(k)) != old.get("components", {}).get(k))
@@ -73,7 +73,7 @@ class FieldStore:
             atomic_write(self.dir / META, lambda f: f.write(text))
 
     def meta(self) -> dict[str, Any]:
-        return _read_meta(self.dir / META)
+        return read_meta(self.dir / META)
 
     def _path(self, side: int, index: int) -> Path:
         return self.dir / CHUNKS / f"s{side}_{index:06d}.npz"
@@ -119,7 +119,7 @@ class FieldStore:
         return tuple(np.concatenate(a) for a in zip(*parts))  # type: ignore[return-value]
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:

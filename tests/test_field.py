@@ -172,3 +172,17 @@ def test_save_draws_the_metrics_and_links_every_tile(img, bank64, tmp_path):
     for j in range(len(field.tiles)):
         assert f'href="tiles/{j:05d}.png"' in page
         assert (tmp_path / "s" / "tiles" / f"{j:05d}.png").is_file()
+
+
+def test_a_finished_field_loads_from_its_folder(img, bank64, tmp_path):
+    field = cem_fast.causal_field(ConvStack(3), img, tile=16, patches=bank64, out=tmp_path / "f", **KW)
+    again = cem_fast.load_field(tmp_path / "f")
+    assert again.shape == field.shape and again.info["num_forwards"] == field.info["num_forwards"]
+    for j in (0, 7, 24):
+        a, b = again.tile_result(j), field.tile_result(j)
+        np.testing.assert_array_equal(a.effect, b.effect)
+        np.testing.assert_array_equal(a.samples_fine, b.samples_fine)
+    np.testing.assert_array_equal(again.metric("far_mass_share"), field.metric("far_mass_share"))
+    with pytest.raises(ValueError, match="holds no finished field"):
+        (tmp_path / "f" / "field.npz").unlink()
+        cem_fast.load_field(tmp_path / "f")
