@@ -12,6 +12,8 @@
 #   opsbench ops benchmarks (on a GPU: its copy, Triton and CUDA rows only, inputs made on the device)
 #   pipeline pipeline tests on the device, the size of every cross-shape difference recorded
 #   morecem  the remaining CEM rows (earlier speed paths, SR demo, ROI grid plans)
+#   field    a DnCNN causal field (256x256, 32-px tiles, 3 + 50) against the loop of single-tile runs: the time per
+#            intervention that docs/fields.md estimates large fields from
 #   profile  torch.profiler of the speed-mode DN demo
 #   compile  the sm_90 compile checks of the Triton and CUDA sources (CPU only: on a GPU the build is the check)
 # Everything printed goes to <tag>-log.txt (pytest's output in full), a grep'd summary last. At most 8 files, all
@@ -170,6 +172,10 @@ morecem_step() {
     -k "test_dn_demo_speed_without_incremental or test_sr_default_demo or test_roi_grid_plans"
 }
 
+field_step() {
+  pytest_ -q benchmarks/test_bench_field.py --benchmark-only $BENCH_ARGS -k "test_field_against_the_loop_of_single_tiles"
+}
+
 profile_step() { "$PY" benchmarks/profile_cem.py "$DEST" && mv -f "$DEST/profile.txt" "$P-profile.txt" \
   && { [ ! -f "$DEST/trace.json.gz" ] || mv -f "$DEST/trace.json.gz" "$P-trace.json.gz"; }; head -30 "$P-profile.txt"; }
 
@@ -179,7 +185,7 @@ compile_step() { pytest_ -q tests/ops/test_triton_compile.py tests/ops/test_cuda
 # timeout runs commands, not functions: each step is `bash -c` of an exported function, which leaves at the first
 # SIGINT (pytest turns it into a clean exit, after which the function would go on to its next command)
 export -f env_step build_step ops_step memcheck_step cem_step micro_step opsbench_step pipeline_step morecem_step \
-  profile_step compile_step pytest_
+  field_step profile_step compile_step pytest_
 export PY P DEST ROWS BUILD_LOG CUDA BENCH_ARGS
 fn() { step "$1" "$2" "$3" bash -c "trap 'exit 130' INT; $1_step"; }
 fn env 5 60
@@ -192,6 +198,7 @@ fn micro 20 80
 fn opsbench 30 80
 fn pipeline 60 180
 fn morecem 60 150
+fn field 40 120
 fn profile 30 60
 if [ "$CUDA" = 1 ]; then STEPS+=("compile|skipped: on a GPU the build and its kernels are the check|0")
 else fn compile 60 300; fi
