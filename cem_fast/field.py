@@ -149,40 +149,20 @@ def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) ->
         psnr_origin = distributed.from_rank0(start_origin(plan, whole), "Y(I)")
         refuse_undefined_origin(plan, psnr_origin)
         found = _stored_chunks(store, side, chunks)
+        plan.say(f"field: {len(tiles)} tiles of {tile} px, {len(chunks)} chunks of up to {side}x{side} blocks "
+                 f"({len(found)} on disk), the {chosen.engine.name} engine")
         bar = _bar(plan, sum(len(c) for c in chunks) * (coarse + fine))  # an upper bound: gating lowers it
         cv = patch_covariates(plan) if plan.options.estimator == "control-variate" else None
-        kept, held, computed, forwards, batch = [], [], 0, 0, chosen.batch_size
         try:
-            for i, blocks in enumerate(chunks):
-                got = found.get(i)
-                if got is None:
-                    sub, touched = chunk_plan(chosen, reach, blocks)
-                    runners = []
-
-                    def runner_for(p: RunPlan) -> Runner:
-                        r = Runner(p.but(engine=chosen.engine.for_rois(p),
-                                         batch_size=runners[-1].batch_size if runners else batch), threads=threads)
-                        r.bar, r.expect = bar, _keep_total  # one bar for the field, with the field's total
-                        runners.append(r)
-                        return r
-                    got = sample_chunk(sub, touched, runner_for, psnr_origin, coarse, fine, plan.options.tol, cv)
-                    forwards, batch = forwards + got.forwards, runners[-1].batch_size
-                    _refuse_nan(got, tiles, plan.name)
-                    computed += 1
-                    if store is not None:
-                        store.save(side, i, blocks, got)
-                elif bar is not None:
-                    bar.update(got.forwards)
-                kept.append(_estimates(got, i))
-                if store is None:
-                    held.append(got)
+            kept, held, forwards, batch = _sample_chunks(chosen, reach, chunks, found, psnr_origin, store, side,
+                                                         threads, bar, cv)
             origin_check = check_reproduced(plan, whole, psnr_origin)
         finally:
             if bar is not None:
                 bar.close()
         marks["sampling"] = time.perf_counter()
         pics = {k: (v.build() if isinstance(v, Deferred) else v) for k, v in pictures(plan, whole).items()}
-    info = _info(chosen, tile, side, chunks, computed, store, note, origin_check, covariates=cv)
+    info = _info(chosen, tile, side, chunks, len(chunks) - len(found), store, note, origin_check, covariates=cv)
     info.update(num_forwards=forwards + whole.forwards + (plan.full_output is not None), batch_size=batch,
                 timings_s=_timings(t0, marks))
     data = FieldData(tiles=tiles, shape=tile_shape(g.out_h, g.out_w, tile), tile=tile, psnr_origin=psnr_origin,
@@ -193,6 +173,39 @@ def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) ->
     if store is not None and store.write:  # rank 0 writes under torchrun
         field.write_data()
     return field
+
+
+def _sample_chunks(plan: RunPlan, reach: np.ndarray, chunks: list, found: dict, psnr_origin: np.ndarray,
+                   store: Optional[FieldStore], side: int, threads, bar, cv) -> tuple[list, list, int, int]:
+    """Every chunk's estimates (those ``found`` on disk as they are, the others computed and written as each
+    finishes), the chunks' samples when there is no store to read them from later, the forwards run and the
+    batch size it ended with."""
+    coarse, fine = plan.options.stages
+    kept, held, forwards, batch = [], [], 0, plan.batch_size
+    for i, blocks in enumerate(chunks):
+        if i in found:
+            kept.append(found[i])
+            if bar is not None:
+                bar.update(int(found[i]["forwards"]))
+            continue
+        sub, touched = chunk_plan(plan, reach, blocks)
+        runners: list = []
+
+        def runner_for(p: RunPlan) -> Runner:
+            r = Runner(p.but(engine=plan.engine.for_rois(p), batch_size=runners[-1].batch_size if runners else batch),
+                       threads=threads)
+            r.bar, r.expect = bar, _keep_total  # one bar for the field, with the field's total
+            runners.append(r)
+            return r
+        got = sample_chunk(sub, touched, runner_for, psnr_origin, coarse, fine, plan.options.tol, cv)
+        forwards, batch = forwards + got.forwards, runners[-1].batch_size
+        _refuse_nan(got, plan.rois, plan.name)
+        if store is not None:
+            store.save(side, i, blocks, got)
+        else:
+            held.append(got)
+        kept.append(_estimates(got, i))
+    return kept, held, forwards, batch
 
 
 def _halo_px(plan: RunPlan) -> Optional[int]:
@@ -231,17 +244,19 @@ def _estimates(chunk: ChunkSamples, index: int) -> dict[str, np.ndarray]:
     """A chunk's per-pair estimates (small: its samples stay in the chunk's file) and the chunk they came from."""
     out = {k: getattr(chunk, k) for k in _PAIR_KEYS if k != "chunk"}
     out["chunk"] = np.full(len(chunk.tiles), index, dtype=np.int32)
+    out["forwards"] = np.int64(chunk.forwards)
     return out
 
 
-def _stored_chunks(store: Optional[FieldStore], side: int, chunks: list) -> dict[int, ChunkSamples]:
-    """The chunks ``store`` holds and that check, as rank 0 found them (every rank resumes from the same ones)."""
-    found: dict[int, ChunkSamples] = {}
+def _stored_chunks(store: Optional[FieldStore], side: int, chunks: list) -> dict[int, dict]:
+    """The estimates of the chunks ``store`` holds and that check, as rank 0 found them (every rank resumes from
+    the same ones)."""
+    found: dict[int, dict] = {}
     if store is not None:
         for i, blocks in enumerate(chunks):
             got = store.load(side, i, blocks)
             if got is not None:
-                found[i] = got
+                found[i] = _estimates(got, i)  # the samples stay on disk
     done = np.zeros(len(chunks), dtype=np.int64)
     done[list(found)] = 1
     done = distributed.from_rank0(done, "field chunks")

@@ -48,6 +48,8 @@ class FieldStore:
         self.dir, self.key, self.write = Path(out), key, write
         self.dropped = 0
         meta = self.dir / META
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"out {str(self.dir)!r} is a file, expected a folder")
         if meta.exists() and not fresh:
             old = read_meta(meta)
             if old.get("key") != key:

@@ -55,3 +55,9 @@ def test_another_field_in_the_folder_is_named_by_what_differs(tmp_path):
     with pytest.raises(ValueError, match="cannot be read as a field"):
         FieldStore(tmp_path / "f", "k1", {"seed": 0})
     FieldStore(tmp_path / "f", "k1", {"seed": 0}, fresh=True)  # fresh replaces whatever was there
+
+
+def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file, expected a folder"):
+        FieldStore(tmp_path / "f", "k1", {"seed": 0})
