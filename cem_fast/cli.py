@@ -221,6 +221,19 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"cem-fast: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_field_parser(sub) -> None:
+    f = sub.add_parser("field", help="every tile of an image an ROI: a causal field, its metric maps and report")
+    f.add_argument("config", help="YAML config: model, image, task options and tile (default 32 px)")
+    f.add_argument("--out", required=True, help="output folder (chunks, metrics.npz, pictures, report.html); a "
+                                                "killed field resumes from it")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--fresh", action="store_true", help="discard what OUT holds and start again")
+    f.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
+    f.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
+    f.set_defaults(func=cmd_field)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     p = _OneLineParser(prog="cem-fast", description="Causal Effect Maps for image-restoration networks.")
@@ -275,16 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
     st.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
     st.set_defaults(func=cmd_study)
-    f = sub.add_parser("field", help="every tile of an image an ROI: a causal field, its metric maps and report")
-    f.add_argument("config", help="YAML config: model, image, task options and tile (default 32 px)")
-    f.add_argument("--out", required=True, help="output folder (chunks, metrics.npz, pictures, report.html); a "
-                                                "killed field resumes from it")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
-    f.add_argument("--fresh", action="store_true", help="discard what OUT holds and start again")
-    f.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
-    f.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
-    f.set_defaults(func=cmd_field)
+    _add_field_parser(sub)
     i = sub.add_parser("info", help="versions, device, available backends and why others are not")
     i.set_defaults(func=cmd_info)
     return p
