@@ -7,7 +7,7 @@ RATIOS = ("exact_over_floor", "exact_over_speed", "pearson_vs_golden", "max_abs_
           "over_one_roi", "plain_over_pipeline", "pearson_vs_plain", "cold_s", "interventions_per_s",
           "effective_GBps", "speedup_sampling", "speedup_run", "speedup_command", "crop_over_windows",
           "loop_over_this", "windows_over_incremental", "crop_over_incremental", "max_abs_delta_cem_db",
-          "max_abs_delta_effect_db")
+          "max_abs_delta_effect_db", "loop_over_field", "bound", "ms_per_intervention", "peak_rss_gb")
 STAGES = ("prepare", "probe", "sampling", "finish")
 
 
