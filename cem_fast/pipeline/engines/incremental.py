@@ -41,6 +41,12 @@ def build_graph(plan: RunPlan) -> LayerwiseGraph:
     return graph
 
 
+def _has_convolution(model: torch.nn.Module) -> bool:
+    """Whether the model holds a convolution: without one the engine saves nothing (an interpolation-only model),
+    and its graph is not traced (a trace is milliseconds of a warm call)."""
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
 class IncrementalEngine(EngineBase):
     """The graph, its region (input px), the tables of what each block can change (from the windows: C_bj) and
     ``need`` (n, 4): per block of the tables, the output rectangle ``[y0, x0, y1, x1]`` holding its C_bj.
@@ -193,6 +199,9 @@ def plan(plan: RunPlan, chosen, verdicts) -> tuple[Optional[IncrementalEngine], 
     spread, windows_said = measured_spread(verdicts), verdict_of(verdicts, WindowsEngine.name)
     if spread is None:
         return no("no measured spread: " + str(windows_said.reason if windows_said else None))
+    if plan.options.incremental != "on" and not plan.options.compile and not _has_convolution(plan.model):
+        instead = "windows" if isinstance(chosen, WindowsEngine) else "crop"
+        return no(f"saves too little over the {instead}: the model has no convolution (not traced)")
     try:
         graph = build_graph(plan)
     except Unsupported as e:

@@ -169,11 +169,16 @@ def test_sr_gives_the_window_paths_samples(model, scale, rng, bank):
         assert_same_samples(a.cem, b.cem, atol=1e-3, what="maps")
 
 
-def test_a_model_without_convolutions_keeps_the_windows(rng, bank):
+def test_a_model_without_convolutions_keeps_the_windows(rng, bank, monkeypatch):
+    """It saves nothing there, and its graph is not even traced."""
+    traced = []
+    real = LayerwiseGraph.__init__
+    monkeypatch.setattr(LayerwiseGraph, "__init__", lambda self, model: traced.append(model) or real(self, model))
     img = rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)
     res = cem_fast.causal_effect_map("bicubic", img, task="SR", scale=2, roi=(24, 24, 16), coarse=1, fine=0,
                                      patches=bank, progress=False)
     info = res.extra["locality"]["incremental"]
-    assert not info["used"] and "saves too little" in info["reason"], info
+    assert not info["used"] and "saves too little" in info["reason"] and "no convolution" in info["reason"], info
+    assert traced == [] and res.extra["locality"]["windows"]["used"]
 
 
