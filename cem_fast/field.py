@@ -43,6 +43,7 @@ from .pipeline.origin import check_reproduced, refuse_undefined_origin, start_or
 from .pipeline.plan import RunPlan, cache_components, plan_sampling, prepare, size_batches
 from .pipeline.request import RunRequest
 from .pipeline.runner import Runner
+from .pipeline.scoring import base_error_table
 from .tasks import Task
 from .threads import fitted_threads
 
@@ -182,6 +183,8 @@ def _sample_chunks(plan: RunPlan, reach: np.ndarray, chunks: list, found: dict, 
     batch size it ended with."""
     coarse, fine = plan.options.stages
     kept, held, forwards, batch = [], [], 0, plan.batch_size
+    whole = plan.full_output is not None and plan.locality.window is None
+    base_sat = base_error_table(plan.prep.gt, plan.full_output[0], (0, 0)) if whole else None  # made once
     for i, blocks in enumerate(chunks):
         if i in found:
             kept.append(found[i])
@@ -195,6 +198,7 @@ def _sample_chunks(plan: RunPlan, reach: np.ndarray, chunks: list, found: dict, 
             r = Runner(p.but(engine=plan.engine.for_rois(p), batch_size=runners[-1].batch_size if runners else batch),
                        threads=threads)
             r.bar, r.expect = bar, _keep_total  # one bar for the field, with the field's total
+            r.whole_base_sat = base_sat
             runners.append(r)
             return r
         got = sample_chunk(sub, touched, runner_for, psnr_origin, coarse, fine, plan.options.tol, cv)

@@ -50,6 +50,8 @@ class Runner:
         self.by_rank: Optional[np.ndarray] = None  # interventions each rank computed, under a process group
         self._buffers: dict = {}  # input buffers per (h, w), reused batch after batch
         self._changed: Optional[ChangedRegionScorer] = None  # made from the unintervened output on first use
+        # the whole output's base error table, when one was made for many runners of one run (a field's chunks)
+        self.whole_base_sat: Optional[torch.Tensor] = None
         self._copies = HostCopies()
         self.origin_output: Optional[torch.Tensor] = None
         self.bar = None
@@ -81,13 +83,14 @@ class Runner:
         if self._changed is None:
             plan, s = self.plan, self.plan.task.scale
             same = self.forward.precision == plan.forward.precision  # else the base must be recomputed
+            sat = None
             if plan.locality.window is None and plan.full_output is not None and same:
-                base, origin = plan.full_output[0], (0, 0)
+                base, origin, sat = plan.full_output[0], (0, 0), self.whole_base_sat
             else:
                 if self.origin_output is None:
                     self.origin()
                 base, origin = self.origin_output, (self.win.y * s, self.win.x * s)
-            self._changed = ChangedRegionScorer(plan.prep.gt, plan.rois, s, tables, base, origin)
+            self._changed = ChangedRegionScorer(plan.prep.gt, plan.rois, s, tables, base, origin, sat)
         return self._changed
 
     def order(self, blocks: np.ndarray) -> np.ndarray:

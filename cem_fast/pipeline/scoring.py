@@ -45,20 +45,27 @@ class RoiScorer:
         return torch.where(finite, scores, torch.full_like(scores, float("nan")))
 
 
+def base_error_table(gt: torch.Tensor, base_output: torch.Tensor, base_origin: tuple) -> torch.Tensor:
+    """(h + 1, w + 1) summed-area table of the squared errors of ``base_output`` (C, h, w), the unintervened
+    output of the region at output pixel ``base_origin``, against ``gt`` (uint8 convention, float64)."""
+    oy, ox = base_origin
+    h, w = base_output.shape[-2:]
+    sq = ((quantize_output(base_output).double() - gt[:, oy:oy + h, ox:ox + w].double()) ** 2).sum(0)
+    return torch.nn.functional.pad(sq.cumsum(0).cumsum(1), (1, 0, 1, 0))
+
+
 class ChangedRegionScorer:
     """Scores of interventions run on their own windows: ``base_sq(ROI) - base_sq(C) + new_sq(C)`` per ROI."""
 
     def __init__(self, gt: torch.Tensor, rois: list[ROI], scale: int, windows, base_output: torch.Tensor,
-                 base_origin: tuple):
+                 base_origin: tuple, base_sat: Optional[torch.Tensor] = None):
         """``gt`` (C, H, W) the target of the whole output; ``windows``: the tables of each block's input window
         (``inputs`` (n, 4)) and changed rectangles (``changed`` (n, n_rois, 4)), as
         :class:`~cem_fast.pipeline.engines.windows.BlockWindows`; ``base_output`` (C, H', W'): the unintervened
-        output of the region starting at output pixel ``base_origin`` (the crop's, or the whole output)."""
+        output of the region starting at output pixel ``base_origin`` (the crop's, or the whole output);
+        ``base_sat``: :func:`base_error_table` of them when it was made already (many scorers of one run)."""
         self.gt, self.scale, self.windows = gt, scale, windows
-        oy, ox = base_origin
-        h, w = base_output.shape[-2:]
-        sq = ((quantize_output(base_output).double() - gt[:, oy:oy + h, ox:ox + w].double()) ** 2).sum(0)
-        self.base_sat = torch.nn.functional.pad(sq.cumsum(0).cumsum(1), (1, 0, 1, 0))  # (h + 1, w + 1)
+        self.base_sat = base_error_table(gt, base_output, base_origin) if base_sat is None else base_sat
         self.base_origin = base_origin
         self.rois = torch.tensor([[q.y, q.x, q.y + q.height, q.x + q.width] for q in rois],
                                  device=gt.device)  # (n_rois, 4) absolute output px
