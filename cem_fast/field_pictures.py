@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .fileio import atomic_write  # noqa: E402
-from .map_pictures import colour_scale, map_picture, reach_box  # noqa: E402
+from .map_pictures import map_picture, reach_box  # noqa: E402
 from .report import PAGE  # noqa: E402
 
 # metric -> (file, title, colour map, fixed range or None)
@@ -80,11 +80,11 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def _tile_picture(res, path: Path) -> None:
-    """The tile's CEM over the picture, cropped to the blocks that can reach it, with the tile outlined."""
-    rgb = map_picture(res, colour_scale("auto", [res]))
+    """The tile's CEM over the picture, cropped to the blocks that can reach it, with the tile outlined (drawn on
+    the crop alone: a 2048^2 field has 4,096 tiles)."""
     box = reach_box(res)
-    y, x, h, w = box if box is not None else (0, 0, *rgb.shape[:2])
-    crop = rgb[y:y + h, x:x + w].copy()
+    y, x, h, w = box if box is not None else (0, 0, *res.gt.shape[-2:])
+    crop = map_picture(res, box=(y, x, h, w))
     r = res.roi
     ty0, tx0 = max(0, r.y - y), max(0, r.x - x)
     ty1, tx1 = min(h, r.y + r.height - y) - 1, min(w, r.x + r.width - x) - 1

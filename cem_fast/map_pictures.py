@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional, Sequence, Union
 
 import matplotlib
@@ -125,13 +126,24 @@ def overlay(res, scale: ScaleLike = "auto", background: "float | str | None" = N
     return np.asarray(pil)
 
 
-def map_picture(res, scale: ScaleLike = "auto", background: "float | str | None" = None) -> np.ndarray:
+def map_picture(res, scale: ScaleLike = "auto", background: "float | str | None" = None,
+                box: Optional[tuple] = None) -> np.ndarray:
     """(H, W, 3) uint8: the map on ``scale`` over the picture, no boxes; the ROI's blocks (not rated) are left
-    uncoloured, so that the picture shows what is explained."""
+    uncoloured, so that the picture shows what is explained. ``box``: (y, x, h, w) output px on whole blocks (as
+    :func:`reach_box` gives): only that part, drawn on its own (a large image's many maps)."""
     cs = colour_scale(scale, [res])
-    rgb = cs.colours(res.cem)
-    rgb[(res.cem == 0) | res.roi_mask] = 1.0  # white (the seismic map's 0 is slightly pink): the picture itself
-    return on_picture(rgb, res, background)
+    cem, mask, pic = res.cem, res.roi_mask, res
+    if box is not None:
+        if background == "paper":
+            raise ValueError("background 'paper' draws the whole picture: give box=None")
+        y, x, h, w = box
+        b = res.block
+        rows, cols = slice(y // b, -(-(y + h) // b)), slice(x // b, -(-(x + w) // b))
+        cem, mask = cem[rows, cols], mask[rows, cols]
+        pic = SimpleNamespace(gt=res.gt[:, y:y + h, x:x + w], block=b)
+    rgb = cs.colours(cem)
+    rgb[(cem == 0) | mask] = 1.0  # white (the seismic map's 0 is slightly pink): the picture itself
+    return on_picture(rgb, pic, background)
 
 
 def check_background(background) -> "float | str":

@@ -78,3 +78,16 @@ def test_overlay_outlines_the_crop_in_speed_mode(image, bank):
     exact = cem_fast.causal_effect_map(ConvStack(2), image, task="DN", roi=(16, 24, 16), coarse=1, fine=0,
                                        patches=bank, locality="off")
     assert tuple(map_pictures.overlay(exact)[y + h // 2, x]) != (96, 96, 96)
+
+
+@pytest.mark.parametrize("box", [(8, 16, 24, 32), (0, 0, 48, 64), (40, 48, 8, 16), (16, 8, 16, 8)])
+def test_a_box_of_the_map_picture_is_that_part_of_the_whole_picture(image, bank, box):
+    """What a field draws per tile: the crop alone, the same pixels as the whole picture's crop."""
+    res = cem_fast.causal_effect_map(ConvStack(3), image, task="DN", roi=(16, 24, 16), coarse=2, fine=2,
+                                     patches=bank, tol=0)
+    y, x, h, w = box
+    whole = map_pictures.map_picture(res)
+    np.testing.assert_array_equal(map_pictures.map_picture(res, box=box), whole[y:y + h, x:x + w])
+    assert (whole[y:y + h, x:x + w] != whole[y:y + h, x:x + w].mean()).any()  # not a blank part
+    with pytest.raises(ValueError, match="paper"):
+        map_pictures.map_picture(res, background="paper", box=box)
