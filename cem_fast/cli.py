@@ -226,12 +226,17 @@ def _add_field_parser(sub) -> None:
     f.add_argument("config", help="YAML config: model, image, task options and tile (default 32 px)")
     f.add_argument("--out", required=True, help="output folder (chunks, metrics.npz, pictures, report.html); a "
                                                 "killed field resumes from it")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
-    f.add_argument("--fresh", action="store_true", help="discard what OUT holds and start again")
-    f.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
-    f.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
+    _run_flags(f, "discard what OUT holds and start again")
     f.set_defaults(func=cmd_field)
+
+
+def _run_flags(p, fresh_help: str) -> None:
+    """--set, --no-progress, --fresh, --exact and --trust-model, as the commands that run CEMs take them."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fresh", action="store_true", help=fresh_help)
+    p.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
+    p.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,11 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="run several models with the same draws and compare their maps")
     c.add_argument("config", help="YAML config with `models:` (two or more)")
     c.add_argument("--out", required=True, help="output folder")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.add_argument("--fresh", action="store_true", help="ignore cached samples and recompute")
-    c.add_argument("--exact", action="store_true", help="exact mode (locality off, fp32)")
-    c.add_argument("--trust-model", action="store_true", help=TRUST_HELP)
+    _run_flags(c, "ignore cached samples and recompute")
     c.set_defaults(func=cmd_compare)
     d = sub.add_parser("demo", help="run the offline demo and write a report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

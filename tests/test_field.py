@@ -1,11 +1,10 @@
 """cem_fast.field: a causal field's maps are the single runs', it resumes after a kill, refuses what it must."""
 import numpy as np
 import pytest
-import torch
 
 import cem_fast
 from cem_fast.metrics import map_metrics
-from cem_fast.patches import PatchBank
+from helpers import random_bank, random_image
 from model_factories import ConvStack
 
 KW = dict(task="DN", coarse=2, fine=5, seed=3)
@@ -14,12 +13,12 @@ KW = dict(task="DN", coarse=2, fine=5, seed=3)
 @pytest.fixture
 def img(rng):
     """72x80: 16-px tiles leave ragged ones at the bottom edge (72 = 4 x 16 + 8)."""
-    return rng.randint(0, 256, (72, 80, 3)).astype(np.uint8)
+    return random_image(rng, 72, 80)
 
 
 @pytest.fixture
 def bank64(rng):
-    return PatchBank(torch.from_numpy(rng.randint(0, 256, (64, 3, 8, 8)).astype(np.uint8)))
+    return random_bank(rng, 64)
 
 
 def _single(model, img, bank, roi, **kw):
