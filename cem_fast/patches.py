@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import _extension
 from .checks import first_line
 from .fileio import atomic_write
 
@@ -92,10 +93,10 @@ class PatchBank:
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"patch folder {str(folder)!r} does not exist or is not a folder")
-        names, stats = _patch_files(folder)
+        names, rows = _patch_files(folder)
         if not names:
             raise ValueError(f"patch folder {str(folder)!r} holds no images (expected .png/.jpg patches)")
-        stat_key = _settled_stat_key(folder, names, stats) if use_cache else None
+        stat_key = _settled_stat_key(folder, names, rows) if use_cache else None
         if stat_key is not None:
             known = _bank_by_stat(stat_key, str(folder))
             if known is not None:
@@ -219,19 +220,37 @@ _DIR_FD = os.stat in os.supports_dir_fd and os.listdir in os.supports_fd and has
 _STAT_ROW = struct.Struct("<qqqQQ")  # size, mtime_ns, ctime_ns, inode, device
 
 
-def _patch_files(folder: Path) -> "tuple[list[str], list[os.stat_result]]":
-    """The folder's patch files in name order with their stats: regular files (or links to them) named with an
-    image suffix (a bare ".png" is a name without a suffix, as os.path.splitext reads it), never a pipe named like
-    a patch (it would never finish reading)."""
+def _patch_files(folder: Path) -> "tuple[list[str], bytes]":
+    """The folder's patch files in name order and their stat rows (:data:`_STAT_ROW` each): regular files (or links
+    to them) named with an image suffix (a bare ".png" is a name without a suffix, as os.path.splitext reads it),
+    never a pipe named like a patch (it would never finish reading)."""
     if not _DIR_FD:  # no stat relative to an open folder here: by path, and the listing is not remembered
         names = _patch_names(os.listdir(folder))
         return _regular(names, [os.path.join(folder, n) for n in names], os.stat)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         names, encoded = _listing(os.path.realpath(folder), fd)
+        native = _native_stat_rows()
+        if native is not None:  # one C loop over fstatat: half of what os.stat per name costs
+            rows, kinds = native(fd, encoded)
+            return _keep_regular(names, rows, kinds)
         return _regular(names, encoded, partial(os.stat, dir_fd=fd))
     finally:
         os.close(fd)
+
+
+def _native_stat_rows():
+    """``cem_fast._C.stat_rows`` when the extension is built, else None (the stats are then made in Python)."""
+    return getattr(_extension._C, "stat_rows", None) if _extension._C is not None else None
+
+
+def _keep_regular(names: list[str], rows: bytes, kinds: bytes) -> "tuple[list[str], bytes]":
+    """The names the native stat found to be regular files (kind 0), and their rows."""
+    if not any(kinds):
+        return names, rows
+    keep = [i for i, k in enumerate(kinds) if k == 0]
+    table = np.frombuffer(rows, dtype=np.int64).reshape(-1, 5)[keep]
+    return [names[i] for i in keep], table.tobytes()
 
 
 def _patch_names(names) -> list[str]:
@@ -256,17 +275,18 @@ def _listing(real: str, fd: int) -> "tuple[list[str], list[bytes]]":
     return names, encoded
 
 
-def _regular(names: list[str], paths: list, stat) -> "tuple[list[str], list[os.stat_result]]":
+def _regular(names: list[str], paths: list, stat) -> "tuple[list[str], bytes]":
     """``names`` that are regular files (following links, as ``DirEntry.is_file``: a dangling link is none) and
-    their stats (``stat(paths[i])``)."""
+    their stat rows (``stat(paths[i])``)."""
     try:
         stats = list(map(stat, paths))
     except FileNotFoundError:  # a dangling link, or a file removed meanwhile: name by name
         stats = [_stat_or_none(stat, p) for p in paths]
-    if None not in stats and all(map(S_ISREG, map(attrgetter("st_mode"), stats))):
-        return names, stats
-    keep = [i for i, s in enumerate(stats) if s is not None and S_ISREG(s.st_mode)]
-    return [names[i] for i in keep], [stats[i] for i in keep]
+    if not (None not in stats and all(map(S_ISREG, map(attrgetter("st_mode"), stats)))):
+        keep = [i for i, s in enumerate(stats) if s is not None and S_ISREG(s.st_mode)]
+        names, stats = [names[i] for i in keep], [stats[i] for i in keep]
+    return names, b"".join([_STAT_ROW.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+                            for st in stats])
 
 
 def _stat_or_none(stat, path) -> "Optional[os.stat_result]":
@@ -276,11 +296,10 @@ def _stat_or_none(stat, path) -> "Optional[os.stat_result]":
         return None
 
 
-def _settled_stat_key(folder: Path, names: list[str], stats: list) -> "Optional[str]":
-    """The stat key of the folder's patches, or None while a patch changed in the last SETTLE_NS."""
+def _settled_stat_key(folder: Path, names: list[str], rows: bytes) -> "Optional[str]":
+    """The stat key of the folder's patches (``rows``: their :data:`_STAT_ROW` rows), or None while a patch
+    changed in the last SETTLE_NS."""
     now = time.time_ns()
-    rows = b"".join([_STAT_ROW.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-                     for st in stats])
     table = np.frombuffer(rows, dtype=np.int64).reshape(-1, 5)
     if now - int(table[:, 1:3].max()) < SETTLE_NS:
         return None

@@ -79,7 +79,12 @@ TORCH_LIBRARY_IMPL(cem_fast, CUDA, m) {
 }
 #endif
 
+namespace cem {
+void register_folder_stat(pybind11::module_& m);  // folder_stat.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  cem::register_folder_stat(m);
   m.def(
       "set_trusted_indices",
       [](bool on) {

@@ -301,3 +301,31 @@ def test_a_bank_file_without_its_arrays_says_so_in_one_line(tmp_path):
     np.savez(tmp_path / "y.npz", patches=np.zeros((2, 3, 8, 8), np.uint8))
     bank = PatchBank.load(tmp_path / "y.npz")
     assert len(bank) == 2 and bank.names == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+@pytest.mark.skipif(patches_mod._native_stat_rows() is None, reason="needs the built extension cem_fast._C")
+def test_the_native_folder_stat_gives_what_python_gives(tmp_path, rng):
+    """The extension's one-call stat of a folder's patches: the same names (regular files only) and the same stat
+    rows, byte for byte, hence the same stat key, as os.stat name by name."""
+    folder = tmp_path / "bank"
+    write_bmps(folder, rng.randint(0, 256, (3, 8, 8, 3)).astype(np.uint8))
+    os.mkfifo(folder / "pipe.png")
+    (folder / "folder.png").mkdir()
+    (folder / "dangling.png").symlink_to(tmp_path / "nothing.png")
+    (folder / "q.bmp").symlink_to(folder / "p2.bmp")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        names = patches_mod._patch_names(os.listdir(folder))
+        encoded = [os.fsencode(n) for n in names]
+        native = patches_mod._keep_regular(names, *patches_mod._native_stat_rows()(fd, encoded))
+        python = patches_mod._regular(names, encoded, lambda p: os.stat(p, dir_fd=fd))
+        with pytest.raises(TypeError):
+            patches_mod._native_stat_rows()(fd, names)  # str, not bytes
+        with pytest.raises(OSError):
+            patches_mod._native_stat_rows()(-1, encoded)  # not an open folder: an error, never a wrong row
+    finally:
+        os.close(fd)
+    assert native == python and native[0] == ["p0.bmp", "p1.bmp", "p2.bmp", "q.bmp"]
+    assert np.frombuffer(native[1], np.int64).reshape(-1, 5)[:, 0].tolist() == [(folder / n).stat().st_size
+                                                                                  for n in native[0]]
