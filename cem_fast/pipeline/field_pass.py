@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from ..geometry import ROI, BlockGrid
 from ..locality import LocalityPlan
 from .plan import RunPlan
 from .runner import Runner
 from .samples import Samples
-from .stages import sample_stages
+from .stages import run_draws, sample_stages
 
 SCORE_BYTES = 8  # a runner's scores are float64 per (intervention, tile)
 MAX_CHUNK_SIDE = 16  # blocks: a kill loses at most one chunk (256 blocks x draws), tables and batches stay full
@@ -136,9 +135,7 @@ def sample_chunk(plan: RunPlan, tiles: np.ndarray, runner_for: Callable[[RunPlan
                                                 plan.locality.info))
         second = runner_for(narrow)
         fine_run = second.order(fine_run)
-        b = torch.from_numpy(fine_run).repeat_interleave(fine)
-        d = coarse + torch.arange(fine).repeat(len(fine_run))
-        got = second.run("fine", b, d).reshape(len(fine_run), fine, n).transpose(2, 0, 1)
+        got = run_draws(second, "fine", fine_run, coarse, fine, n)
         forwards += second.forwards
     s = Samples(s.run, s.coarse, fine_run, got, s.gated, reach, np.asarray(origin, np.float64),
                 covariates=covariates)

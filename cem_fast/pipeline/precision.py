@@ -3,12 +3,12 @@ around each forward is :func:`cem_fast.pipeline.model.precision_mode`."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .plan import RunPlan
 from .runner import Runner
 from .covariates import patch_covariates
 from .samples import Samples
+from .stages import run_draws
 
 PRECISION_CHECK_BLOCKS = 8
 
@@ -34,9 +34,7 @@ def check_precision(plan: RunPlan, effects: list, psnr_origin: np.ndarray, gated
     coarse, fine = plan.options.stages
     gated = np.asarray(gated).reshape(n, -1)
     draws_per_block = coarse + (fine if gated[:, blocks].any() else 0)
-    b = torch.from_numpy(blocks).repeat_interleave(draws_per_block)
-    d = torch.arange(draws_per_block).repeat(len(blocks))
-    got = runner.run("precision", b, d).reshape(len(blocks), draws_per_block, n).transpose(2, 0, 1)
+    got = run_draws(runner, "precision", blocks, 0, draws_per_block, n)
     # the checked blocks' fp32 samples, read the way the run's were
     fine_run = blocks if draws_per_block > coarse else blocks[:0]
     cv = patch_covariates(plan) if plan.options.estimator == "control-variate" else None

@@ -15,6 +15,16 @@ from .runner import Runner
 from .samples import Samples, effects
 
 
+def run_draws(runner, stage: str, blocks: np.ndarray, first: int, k: int, n: int) -> np.ndarray:
+    """(n, len(blocks), k) ROI PSNRs of draws first..first+k-1 of each of ``blocks`` (``n`` ROIs), one runner call
+    (its batches, cache and shards); zeros in that shape when there is nothing to draw."""
+    if not (len(blocks) and k):
+        return np.zeros((n, len(blocks), k))
+    b = torch.from_numpy(np.asarray(blocks)).repeat_interleave(k)
+    d = first + torch.arange(k).repeat(len(blocks))
+    return runner.run(stage, b, d).reshape(len(blocks), k, n).transpose(2, 0, 1)
+
+
 def sample_stages(runner: Runner, grid, reach: np.ndarray, psnr_origin: np.ndarray, coarse: int, fine: int,
                   tol: float, covariates=None) -> Samples:
     """Run the coarse stage on every block that reaches some ROI and the fine stage on every block gated for some
@@ -25,12 +35,8 @@ def sample_stages(runner: Runner, grid, reach: np.ndarray, psnr_origin: np.ndarr
     run = runner.order(np.flatnonzero(flat_reach.any(0))) if coarse else np.zeros(0, np.int64)
     # the progress total: every reachable block's fine stage as an upper bound, the real count once gated
     runner.expect(len(run) * coarse + int(flat_reach.any(0).sum()) * fine)
-    got_coarse = np.zeros((n, len(run), coarse))
+    got_coarse = run_draws(runner, "coarse", run, 0, coarse, n)
     if coarse:
-        if len(run):
-            b = torch.from_numpy(run).repeat_interleave(coarse)
-            d = torch.arange(coarse).repeat(len(run))
-            got_coarse = runner.run("coarse", b, d).reshape(len(run), coarse, n).transpose(2, 0, 1)
         gated = np.zeros((n, nb), dtype=bool)
         origin = psnr_origin.reshape(n, 1, 1)
         gated[:, run] = (np.abs(effects(origin, got_coarse)) >= tol).any(axis=2) & flat_reach[:, run]
@@ -38,11 +44,7 @@ def sample_stages(runner: Runner, grid, reach: np.ndarray, psnr_origin: np.ndarr
         gated = np.ones((n, nb), dtype=bool)
     fine_run = runner.order(np.flatnonzero((gated & flat_reach).any(0))) if fine else np.zeros(0, np.int64)
     runner.expect(len(run) * coarse + len(fine_run) * fine)
-    got_fine = np.zeros((n, len(fine_run), fine))
-    if len(fine_run):
-        b = torch.from_numpy(fine_run).repeat_interleave(fine)
-        d = coarse + torch.arange(fine).repeat(len(fine_run))
-        got_fine = runner.run("fine", b, d).reshape(len(fine_run), fine, n).transpose(2, 0, 1)
+    got_fine = run_draws(runner, "fine", fine_run, coarse, fine, n)
     return Samples(run, got_coarse, fine_run, got_fine, gated, flat_reach, np.asarray(psnr_origin, np.float64),
                    covariates=covariates)
 
@@ -120,11 +122,7 @@ def sample_adaptive(runner: Runner, grid, reach: np.ndarray, psnr_origin: np.nda
     flat_reach = reach.reshape(n, nb)
     run = runner.order(np.flatnonzero(flat_reach.any(0)))
     runner.expect(len(run) * (coarse + cap) if rule.budget is None else len(run) * coarse + rule.budget)
-    got_coarse = np.zeros((n, len(run), coarse))
-    if len(run):
-        b = torch.from_numpy(run).repeat_interleave(coarse)
-        got_coarse = runner.run("coarse", b, torch.arange(coarse).repeat(len(run))).reshape(
-            len(run), coarse, n).transpose(2, 0, 1)
+    got_coarse = run_draws(runner, "coarse", run, 0, coarse, n)
     fine = np.full((n, len(run), cap), np.nan)  # filled in place round by round: ``samples`` reads it
     drawn = np.zeros(len(run), dtype=np.int64)
     gated = np.zeros((n, nb), dtype=bool)
