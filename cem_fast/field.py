@@ -23,11 +23,9 @@ import torch
 from torch import nn
 
 from . import checks, distributed
-from .cache import run_key
 from .field_result import CausalField, FieldData
 from .field_store import FieldStore
 from .images import ImageLike
-from .models import model_code_digest
 from .options import RunOptions, TaskOptions
 from .patches import PatchBank
 from .result import Deferred
@@ -40,7 +38,7 @@ from .pipeline.field_pass import (ChunkSamples, block_chunks, chunk_plan, chunk_
 from .pipeline.memory import available_memory
 from .pipeline.model import eval_for_run
 from .pipeline.origin import check_reproduced, refuse_undefined_origin, start_origin
-from .pipeline.plan import RunPlan, cache_components, plan_sampling, prepare, size_batches
+from .pipeline.plan import RunPlan, plan_sampling, prepare, samples_key, size_batches
 from .pipeline.request import RunRequest
 from .pipeline.runner import Runner
 from .pipeline.scoring import base_error_table
@@ -115,15 +113,8 @@ def _request(model, image, task, tile, block, coarse, fine, tol, seed, patches, 
 def field_key(plan: RunPlan, tile: int) -> tuple[str, dict[str, Any], Optional[str]]:
     """The field's key (every input of its samples; a model whose code cannot be read gets a key of its own, so
     nothing resumes), what it was made of, and a note when it cannot resume."""
-    code, unknown = model_code_digest(plan.model)
-    components = {**cache_components(plan, code), "rois": None, "tile": tile, "field": FIELD_VERSION}
-    parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
-    note = None
-    if unknown:
-        token = distributed.rank0_value(int.from_bytes(os.urandom(7), "little"), "field token")
-        parts["never_reused"] = f"{token:014x}"
-        note = f"samples not resumable: {unknown}"
-    return distributed.same_on_all("field key", run_key(parts)), components, note
+    key, components, unknown = samples_key(plan, {"rois": None, "tile": tile, "field": FIELD_VERSION}, "field")
+    return key, components, f"samples not resumable: {unknown}" if unknown else None
 
 
 def _field(request: RunRequest, tile: int, out, max_memory: int, fresh: bool) -> CausalField:

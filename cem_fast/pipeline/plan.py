@@ -234,19 +234,25 @@ def cache_components(plan: RunPlan, code_digest: Optional[str]) -> dict[str, Any
     }
 
 
+def samples_key(plan: RunPlan, extra: dict[str, Any], step: str) -> tuple[str, dict[str, Any], Optional[str]]:
+    """(the key of the plan's samples, what it was made of: :func:`cache_components` updated with ``extra``, why
+    the model's code cannot be read or None). A model whose code may change unseen gets a key of its own, one for
+    all ranks, so that its samples are never reused; ranks that planned other samples stop here (``step``)."""
+    code_digest, code_unknown = model_code_digest(plan.model)
+    components = {**cache_components(plan, code_digest), **extra}
+    key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
+    if code_unknown:
+        token = distributed.rank0_value(int.from_bytes(os.urandom(7), "little"), f"{step} token")
+        key_parts["never_reused"] = f"{token:014x}"
+    return distributed.same_on_all(f"{step} key", run_key(key_parts)), components, code_unknown
+
+
 def open_cache(plan: RunPlan) -> RunPlan:
     """The plan with its cache entry, keyed by every input of the samples (the engine included)."""
     if plan.options.cache is None:
         return plan
-    code_digest, code_unknown = model_code_digest(plan.model)
-    components = cache_components(plan, code_digest)
-    key_parts = {k: v for k, v in components.items() if k not in ("model_name", "image")}
-    note = None
-    if code_unknown:  # a model whose code may have changed unseen: its samples are never reused
-        token = distributed.rank0_value(int.from_bytes(os.urandom(7), "little"), "cache token")  # one for all ranks
-        key_parts["never_reused"] = f"{token:014x}"
-        note = f"samples not reused across runs: {code_unknown}"
-    key = distributed.same_on_all("cache key", run_key(key_parts))  # ranks that planned other runs stop here
+    key, components, code_unknown = samples_key(plan, {}, "cache")
+    note = f"samples not reused across runs: {code_unknown}" if code_unknown else None
     # rank 0 first: it alone clears the entry (fresh) and writes meta.json, so ranks never race on them
     cache, failed = distributed.rank0_first(lambda first: _cache_entry(plan, key, components, first), "cache")
     return plan.but(cache=cache, cache_note="; ".join(filter(None, [note, failed])) or None)
