@@ -5,7 +5,6 @@ tile's samples from the chunk files that hold them when its map is asked for (:m
 """
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,9 +216,7 @@ class CausalField:
                       output=d.output.numpy(), tiles=np.array([r.as_tuple() for r in d.tiles], dtype=np.int64))
         if d.covariate_table is not None:
             arrays["covariate_table"] = d.covariate_table
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write(path, lambda f: f.write(buf.getvalue()))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         if self.store is not None and Path(out or self.store.dir) == self.store.dir:
             self.store.save_meta({**self.store.meta(), "status": "complete", "info": d.info,
                                   "shape": list(self.shape), "tile": d.tile})
@@ -233,7 +230,5 @@ class CausalField:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         metrics = self.metrics(n_boot=n_boot)
-        buf = io.BytesIO()
-        np.savez(buf, **metrics)
-        atomic_write(out / "metrics.npz", lambda f: f.write(buf.getvalue()))
+        atomic_write(out / "metrics.npz", lambda f: np.savez(f, **metrics))
         return write_field_pictures(self, metrics, out)

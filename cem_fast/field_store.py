@@ -12,7 +12,6 @@ unless ``fresh``: one field's results never overwrite another's.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -85,9 +84,8 @@ class FieldStore:
             return
         arrays = chunk.arrays()
         digest = chunk_digest(self.key, index, blocks, arrays)
-        buf = io.BytesIO()
-        np.savez(buf, chunk_blocks=blocks, forwards=np.int64(chunk.forwards), digest=np.array(digest), **arrays)
-        atomic_write(self._path(side, index), lambda f: f.write(buf.getvalue()))
+        atomic_write(self._path(side, index), lambda f: np.savez(f, chunk_blocks=blocks, forwards=np.int64(
+            chunk.forwards), digest=np.array(digest), **arrays))
 
     def load(self, side: int, index: int, blocks: np.ndarray) -> Optional[ChunkSamples]:
         """Chunk ``index`` when its file is there, checks and holds ``blocks``; else None (recompute it)."""
