@@ -21,7 +21,7 @@ TaskName = Literal["SR", "DN", "DR", "identity"]
 InputNoise = Literal["numpy", "counter"]
 RainPreset = Literal["small", "medium", "large", "random"]
 RoiPlan = Literal["auto", "shared", "per-roi"]
-Windows = Literal["auto", "crop"]
+Windows = Literal["auto", "crop", "on"]
 Incremental = Literal["auto", "off", "on"]
 Estimator = Literal["control-variate", "mean"]
 
@@ -177,6 +177,13 @@ class RunOptions:
         if self.mode == "exhaustive":
             return 0, int(self.fine if self.samples is None else self.samples)
         return int(self.coarse), int(self.fine)
+
+    @property
+    def every_block_draws(self) -> int:
+        """The draws every reachable block gets whatever the gate says: the coarse stage's, or all of exhaustive
+        mode's (what an engine's saving is counted over before the fine stage's size is known)."""
+        coarse, fine = self.stages
+        return coarse or fine
 
     @property
     def half_width_rel_or_default(self) -> float:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_syncs import SyncCounter  # noqa: E402
 
 PER_BATCH = {"incremental": 2, "windows": 2, "crop": 1}
-PATHS = {"incremental": dict(incremental="on"), "windows": dict(incremental="off"),
+PATHS = {"incremental": dict(incremental="on", windows="on"), "windows": dict(windows="on", incremental="off"),
          "crop": dict(windows="crop", incremental="off")}
 
 

@@ -27,6 +27,7 @@ from ...transfers import upload
 from ..draws import intervened, verification_inputs
 from ..plan import RunPlan
 from .base import EngineBase, Verdict, equal_runs, verdict_of
+from .cost import count_forward
 
 MIN_GAIN = 1.1  # the windows must save at least this factor of input pixels over the crop to be worth a group each
 
@@ -202,8 +203,12 @@ def plan(plan: RunPlan, chosen, verdicts) -> tuple[Optional[WindowsEngine], Verd
     facts = {"spread_px": [spread.up, spread.down, spread.left, spread.right],
              "input_px_per_draw": windows.pixels(), "crop_px_per_draw": int(crop_px), "gain": round(gain, 3),
              "shapes": int(len(np.unique(windows.shape_key(windows.blocks))))}
-    if gain < MIN_GAIN:
-        return no(f"saves too little over the crop ({gain:.2f}x the pixels)", facts=facts)
+    if plan.options.windows != "on":  # "on": wherever they apply and verify, whatever they save
+        if gain < MIN_GAIN:
+            return no(f"saves too little over the crop ({gain:.2f}x the pixels)", facts=facts)
+        too_small = _fixed_cost_refusal(plan, windows, region, facts)
+        if too_small:
+            return no(too_small, facts=facts)
     err = verify_windows(plan, windows, region)
     tol = VERIFY_TOL[plan.options.precision]
     if not err <= tol:
@@ -213,6 +218,31 @@ def plan(plan: RunPlan, chosen, verdicts) -> tuple[Optional[WindowsEngine], Verd
 
 
 VERIFY_WINDOW_BLOCKS = 4
+
+
+def _fixed_cost_refusal(plan: RunPlan, windows: BlockWindows, region: Window, facts: dict) -> str:
+    """Why the model work the windows save over the crop, on the draws every reachable block gets, cannot pay for
+    the forwards they add: their check's (the spread, then each checked block on its window and on the crop) and
+    one more per window shape and stage, each a batch of the pipeline and the model's operators
+    (:meth:`ForwardCount.fixed_macs`); "" when it can. A small net (a few thin layers) saves pixels but not the
+    time of its extra forwards. The model's cost is counted on one forward of the first block's window."""
+    y, x, h, w = (int(v) for v in windows.inputs[0])
+    try:
+        count = count_forward(plan.forward, Window(y, x, h, w).crop(plan.prep.base).unsqueeze(0))
+    except RuntimeError:  # the model refuses that window: the check says so, with the reason
+        return ""
+    stages = sum(1 for n in plan.options.stages if n)
+    forwards = (0 if plan.locality.info.get("pixel_spread_px") is not None else 1) + 2 * VERIFY_WINDOW_BLOCKS + \
+        stages * (facts["shapes"] - 1)
+    saved = plan.options.every_block_draws * (facts["crop_px_per_draw"] - facts["input_px_per_draw"]) * \
+        count.macs_per_px
+    fixed = count.fixed_macs(forwards)
+    facts.update(forward_ops=count.ops, macs_per_input_px=round(count.macs_per_px, 1), saved_macs=float(saved),
+                 fixed_macs=float(fixed))
+    if saved >= fixed:
+        return ""
+    return (f"saves less than its fixed cost ({saved:.3g} multiply-accumulates over the draws every block gets "
+            f"against {fixed:.3g} for {forwards} more forwards of {count.ops} operators)")
 
 
 def largest_difference_from_crop(plan: RunPlan, windows: BlockWindows, region: Window, own) -> float:

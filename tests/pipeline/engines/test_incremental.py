@@ -25,7 +25,7 @@ def image(rng):
 ARGS = dict(task="DN", sigma=30, coarse=2, fine=3, tol=0.0, seed=5, progress=False)
 # the test nets are too small for the engine to pay for its fixed cost: "on" runs it wherever it applies (the
 # shipped models choose it by themselves)
-ON = dict(ARGS, incremental="on")
+ON = dict(ARGS, incremental="on", windows="on")
 
 
 @pytest.mark.parametrize("model", [ConvStack(4, 2), RandomNet([(3, 1, 1), (5, 2, 3), (3, 1, 1), (3, 2, 1)], 6, 1),
@@ -33,7 +33,8 @@ ON = dict(ARGS, incremental="on")
 @pytest.mark.parametrize("rois", [[(24, 32, 16)], [(0, 0, 16), (40, 48, 24, 16)]], ids=["one", "two"])
 def test_the_pipeline_gives_the_window_paths_samples(model, rois, image, bank):
     inc = cem_fast.causal_effect_maps(model, image, rois=rois, patches=bank, **(ARGS if model == "default" else ON))
-    off = cem_fast.causal_effect_maps(model, image, rois=rois, patches=bank, incremental="off", **ARGS)
+    off = cem_fast.causal_effect_maps(model, image, rois=rois, patches=bank, incremental="off", windows="on",
+                                      **ARGS)
     info = inc[0].extra["locality"]["incremental"]
     assert info["used"], info
     assert info["verify_max_abs_err"] <= 1e-4 and info["fewer_conv_px"] >= 1.2
@@ -66,13 +67,13 @@ def test_too_small_a_gain_keeps_the_windows(image, bank, monkeypatch):
 
 
 def test_a_net_too_small_to_pay_for_its_graphs_fixed_cost_keeps_the_windows(image, bank, monkeypatch):
-    """A few thin layers save convolution pixels but not the time of the graph's nodes: auto keeps the windows and
-    says why; without the fixed cost (or with "on") the same run is recomputed layer by layer."""
+    """A few thin layers save convolution pixels but not the time of the graph's nodes: auto keeps an engine without
+    a graph and says why; without the fixed cost (or with "on") the same run is recomputed layer by layer."""
     import cem_fast.pipeline.engines.incremental as incremental
     res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
     info = res.extra["locality"]["incremental"]
     assert not info["used"] and info["reason"].startswith("saves less than its fixed cost"), info
-    assert info["fewer_conv_px"] >= incremental.MIN_GAIN and res.extra["locality"]["windows"]["used"]
+    assert info["fewer_conv_px"] >= incremental.MIN_GAIN and not res.extra["plan"]["incremental"]
     on = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ON)
     assert on.extra["locality"]["incremental"]["used"]
     monkeypatch.setattr(incremental, "NODE_COST_MACS", 0)
@@ -103,7 +104,7 @@ def test_a_failed_windows_check_refuses_the_engine_too(image, bank, monkeypatch)
     """The engine reads the same changed rectangles as the windows: where their check failed, it does not run."""
     import cem_fast.pipeline.engines.windows as windows
     monkeypatch.setattr(windows, "verify_windows", lambda *a, **k: 1.0)
-    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, windows="on", **ARGS)
     loc = res.extra["locality"]
     assert loc["windows"]["check_failed"] and not loc["windows"]["used"]
     assert not loc["incremental"]["used"] and loc["incremental"]["reason"].startswith("the windows' check failed")
@@ -176,7 +177,7 @@ def test_a_model_without_convolutions_keeps_the_windows(rng, bank, monkeypatch):
     monkeypatch.setattr(LayerwiseGraph, "__init__", lambda self, model: traced.append(model) or real(self, model))
     img = rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)
     res = cem_fast.causal_effect_map("bicubic", img, task="SR", scale=2, roi=(24, 24, 16), coarse=1, fine=0,
-                                     patches=bank, progress=False)
+                                     patches=bank, progress=False, windows="on")
     info = res.extra["locality"]["incremental"]
     assert not info["used"] and "saves too little" in info["reason"] and "no convolution" in info["reason"], info
     assert traced == [] and res.extra["locality"]["windows"]["used"]

@@ -48,7 +48,7 @@ def assert_same_samples(a, b, atol=0.0, what=""):
 
 def both(model, image, **kw):
     """The windows and the crop, each alone (the incremental engine, which would take over, is off)."""
-    return (cem_fast.causal_effect_maps(model, image, windows="auto", incremental="off", **kw),
+    return (cem_fast.causal_effect_maps(model, image, windows="on", incremental="off", **kw),
             cem_fast.causal_effect_maps(model, image, windows="crop", incremental="off", **kw))
 
 
@@ -104,7 +104,7 @@ def test_the_composition_is_checked_against_the_crop(image, bank, monkeypatch):
     from cem_fast.pipeline.engines import windows
     monkeypatch.setattr(windows, "spread_of", lambda plan, region: Spread(1, 1, 1, 1))
     res = cem_fast.causal_effect_map(ConvStack(4), image, task="DN", roi=(40, 36, 16), coarse=1, fine=0,
-                                     patches=bank)
+                                     patches=bank, windows="on")
     info = res.extra["locality"]["windows"]
     assert not info["used"] and "differ from the crop's" in info["reason"], info
 
@@ -128,7 +128,8 @@ def test_nan_probes_run_without_cudnn_and_no_forward_autotunes(image, bank, monk
     batch: each new one would be autotuned), and both flags are the user's again afterwards."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     model = Recording(4)
-    res = cem_fast.causal_effect_map(model, image, task="DN", roi=(40, 36, 16), coarse=1, fine=0, patches=bank)
+    res = cem_fast.causal_effect_map(model, image, task="DN", roi=(40, 36, 16), coarse=1, fine=0, patches=bank,
+                                     windows="on")
     assert res.extra["locality"]["windows"]["used"]
     probes = [s for s in model.seen if s[0]]
     assert probes and all(not enabled for _, enabled, _ in probes), probes
@@ -147,7 +148,7 @@ def test_nan_in_a_window_outside_the_changed_rectangle_is_still_the_models(image
     with pytest.raises(ValueError, match=r"NaNEveryThird produced NaN/Inf outputs in the ROI for \d+ coarse "
                                          r"interventions \(first: block \(\d+, \d+\), draw \d\)"):
         cem_fast.causal_effect_map(model, np.tile(image32, (2, 2, 1))[:48, :48], task="DN", sigma=25,
-                                   roi=(16, 16, 8), patches=bank256)
+                                   roi=(16, 16, 8), patches=bank256, windows="on")
 
 
 def test_probes_that_disagree_are_named_not_an_overflowed_window():
