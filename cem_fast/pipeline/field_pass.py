@@ -21,7 +21,7 @@ from ..locality import LocalityPlan
 from .plan import RunPlan
 from .runner import Runner
 from .samples import Samples
-from .stages import run_draws, sample_stages
+from .stages import sample_stages
 
 SCORE_BYTES = 8  # a runner's scores are float64 per (intervention, tile)
 MAX_CHUNK_SIDE = 16  # blocks: a kill loses at most one chunk (256 blocks x draws), tables and batches stay full
@@ -113,33 +113,15 @@ def sample_chunk(plan: RunPlan, tiles: np.ndarray, runner_for: Callable[[RunPlan
     they can reach. ``plan``: the chunk's (:func:`chunk_plan`), ``tiles`` its tiles (global indices);
     ``runner_for(plan)``: a runner of a plan; ``psnr_origin``: (n_tiles,) Y(I) of every tile.
 
-    Coarse-to-fine runs its fine stage on a plan whose reach is the gated pairs only: a block's fine draws then
-    compute what it changes in the tiles that gated it (the engines' tables cut to them), not in every tile it
-    reaches."""
-    g, n = plan.grid, len(tiles)
+    Coarse-to-fine runs its fine stage on the gated pairs only (:meth:`Runner.narrow_to`): a block's fine draws
+    compute what it changes in the tiles that gated it, not in every tile it reaches."""
+    n = len(tiles)
     if not n:
         return _empty(coarse, fine)
     reach = plan.locality.reach.reshape(n, -1)
-    origin = psnr_origin[tiles]
-    first = runner_for(plan)
-    if not (coarse and fine):  # one stage (exhaustive, or coarse alone): every pair it reaches
-        s = sample_stages(first, g, reach, origin, coarse, fine, tol, covariates=covariates)
-        return _pairs(s, tiles, reach, coarse, fine, first.forwards)
-    s = sample_stages(first, g, reach, origin, coarse, 0, tol, covariates=covariates)  # the coarse stage, the gate
-    gated = s.gated & reach
-    fine_run = np.flatnonzero(gated.any(0))
-    got = np.zeros((n, 0, fine))
-    forwards = first.forwards
-    if len(fine_run):
-        narrow = plan.but(locality=LocalityPlan(gated.reshape(n, g.rows, g.cols), plan.locality.window,
-                                                plan.locality.info))
-        second = runner_for(narrow)
-        fine_run = second.order(fine_run)
-        got = run_draws(second, "fine", fine_run, coarse, fine, n)
-        forwards += second.forwards
-    s = Samples(s.run, s.coarse, fine_run, got, s.gated, reach, np.asarray(origin, np.float64),
-                covariates=covariates)
-    return _pairs(s, tiles, reach, coarse, fine, forwards)
+    runner = runner_for(plan)
+    s = sample_stages(runner, plan.grid, reach, psnr_origin[tiles], coarse, fine, tol, covariates=covariates)
+    return _pairs(s, tiles, reach, coarse, fine, runner.forwards)
 
 
 def _pairs(s: Samples, tiles: np.ndarray, reach: np.ndarray, coarse: int, fine: int, forwards: int) -> ChunkSamples:

@@ -19,7 +19,7 @@ import torch
 from .. import distributed
 from ..cache import RunCache, missing_ranges
 from ..geometry import ROI
-from ..locality import Window
+from ..locality import LocalityPlan, Window
 from ..options import intervention_ids
 from ..threads import ThreadGovernor
 from .memory import is_oom
@@ -80,6 +80,8 @@ class Runner:
         """The scorer of outputs that hold only what an intervention changed, for the windows' ``tables``: built
         once, from the whole output when the run is not cropped and at this runner's precision, else from the
         crop's unintervened output (computed here when it is not yet)."""
+        if self._changed is not None and self._changed.windows is not tables:  # narrowed: the same base errors
+            self._changed = self._changed.for_windows(tables)
         if self._changed is None:
             plan, s = self.plan, self.plan.task.scale
             same = self.forward.precision == plan.forward.precision  # else the base must be recomputed
@@ -92,6 +94,15 @@ class Runner:
                 base, origin = self.origin_output, (self.win.y * s, self.win.x * s)
             self._changed = ChangedRegionScorer(plan.prep.gt, plan.rois, s, tables, base, origin, sat)
         return self._changed
+
+    def narrow_to(self, pairs: np.ndarray) -> None:
+        """Cut the engine's tables to ``pairs`` ((n_rois, blocks) bool, within the reach): an intervention then
+        computes what it changes in its block's ROIs of ``pairs`` alone and scores the others as unchanged (Y(I)).
+        Coarse-to-fine's fine stage with many ROIs: only the ROIs that gated a block read its fine draws."""
+        plan, g = self.plan, self.plan.grid
+        narrow = plan.but(locality=LocalityPlan(pairs.reshape(len(plan.rois), g.rows, g.cols), plan.locality.window,
+                                                plan.locality.info))
+        self.engine = plan.engine.for_rois(narrow).for_precision(self.forward.precision)
 
     def order(self, blocks: np.ndarray) -> np.ndarray:
         """Blocks in the order the engine runs them best (batches of one input shape, or few)."""

@@ -7,6 +7,8 @@ convention every term is a sum of integers, exact in float64.
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Optional
 
 import numpy as np
@@ -72,6 +74,12 @@ class ChangedRegionScorer:
         self.base_roi = self._base_sum(self.rois)  # (n_rois,)
         self.values = torch.tensor([q.height * q.width * gt.shape[0] for q in rois], dtype=torch.float64,
                                    device=gt.device)
+
+    def for_windows(self, windows) -> "ChangedRegionScorer":
+        """This scorer for other tables of the same run and ROIs (a narrowed fine stage's)."""
+        other = copy.copy(self)
+        other.windows = windows
+        return other
 
     def _base_sum(self, rects: torch.Tensor) -> torch.Tensor:
         """Sums of the base squared errors over ``[y0, x0, y1, x1]`` rectangles (absolute output px)."""

@@ -42,6 +42,8 @@ def sample_stages(runner: Runner, grid, reach: np.ndarray, psnr_origin: np.ndarr
         gated[:, run] = (np.abs(effects(origin, got_coarse)) >= tol).any(axis=2) & flat_reach[:, run]
     else:
         gated = np.ones((n, nb), dtype=bool)
+    if fine and coarse and n > 1 and (gated & flat_reach).any() and (flat_reach & ~gated).any():  # only the ROIs that gated a block read its fine
+        runner.narrow_to(gated & flat_reach)  # draws: they compute what they change there alone
     fine_run = runner.order(np.flatnonzero((gated & flat_reach).any(0))) if fine else np.zeros(0, np.int64)
     runner.expect(len(run) * coarse + len(fine_run) * fine)
     got_fine = run_draws(runner, "fine", fine_run, coarse, fine, n)

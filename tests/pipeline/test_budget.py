@@ -49,12 +49,13 @@ def test_a_grid_whose_union_is_the_image_runs_one_run_per_roi_with_the_single_ma
 def test_with_windows_of_their_own_one_shared_pass_serves_the_grid(image, bank):
     """Each intervention on its own window serves every ROI it can change: the shared pass is the cheaper plan,
     and every map still equals its single run."""
-    maps = cem_fast.causal_effect_maps(BoxBlur(), image, roi_grid=32, patches=bank, **ARGS)
+    maps = cem_fast.causal_effect_maps(BoxBlur(), image, roi_grid=32, patches=bank, windows="on", **ARGS)
     plan = maps[0].extra["plan"]["rois"]
     assert plan["chosen"] == "shared" and plan["shared_px_per_draw"] < plan["per_roi_px_per_draw"], plan
     assert maps[0].extra["locality"]["windows"]["used"]
     for j in (0, 6, 15):
-        single = cem_fast.causal_effect_map(BoxBlur(), image, roi=maps[j].roi.as_tuple(), patches=bank, **ARGS)
+        single = cem_fast.causal_effect_map(BoxBlur(), image, roi=maps[j].roi.as_tuple(), patches=bank,
+                                            windows="on", **ARGS)
         np.testing.assert_array_equal(maps[j].samples_coarse, single.samples_coarse)
         np.testing.assert_array_equal(maps[j].effect, single.effect)
 
@@ -124,3 +125,28 @@ def test_a_grid_too_large_for_one_pass_runs_one_roi_at_a_time(image, bank, monke
     for j in (0, 3):
         single = cem_fast.causal_effect_map(BoxBlur(), image, roi=maps[j].roi.as_tuple(), patches=bank, **ARGS)
         np.testing.assert_array_equal(maps[j].effect, single.effect)
+
+
+@pytest.mark.parametrize("engine", ["windows", "incremental"])
+def test_a_blocks_fine_draws_score_only_the_rois_that_gated_it(image, bank, monkeypatch, engine):
+    """Many ROIs, coarse-to-fine: the fine stage's tables are cut to the gated (ROI, block) pairs (a block near a
+    tile's edge is gated by one tile and not by its neighbour); every map, gate and fine sample equals its single
+    run's all the same."""
+    from cem_fast.pipeline.runner import Runner
+    from model_factories import ConvStack
+    narrowed = []
+    real = Runner.narrow_to
+    monkeypatch.setattr(Runner, "narrow_to", lambda self, pairs: narrowed.append(pairs.copy()) or real(self, pairs))
+    model = ConvStack(4) if engine == "incremental" else BoxBlur()
+    kw = dict(ARGS, patches=bank, tol=0.005, windows="on", incremental="on" if engine == "incremental" else "off")
+    maps = cem_fast.causal_effect_maps(model, image[:64, :64], roi_grid=32, roi_plan="shared", **kw)
+    assert maps[0].extra["locality"][engine]["used"], maps[0].extra["locality"]
+    assert len(narrowed) == 1
+    gated = np.stack([m.gated.reshape(-1) for m in maps])
+    np.testing.assert_array_equal(narrowed[0], gated)
+    assert (gated.any(0) & ~gated).any(), "some block gated by one tile and not by another"
+    for j, m in enumerate(maps):
+        single = cem_fast.causal_effect_map(model, image[:64, :64], roi=m.roi.as_tuple(), **kw)
+        np.testing.assert_array_equal(m.gated, single.gated)
+        np.testing.assert_allclose(m.effect, single.effect, atol=1e-9)
+        np.testing.assert_allclose(m.samples_fine, single.samples_fine, atol=1e-9, equal_nan=True)
