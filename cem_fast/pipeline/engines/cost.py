@@ -10,19 +10,17 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 # Fixed costs, whatever the input's size, counted as the convolution work that takes as long (measured on the
 # 2-core CPU by benchmarks/node_cost.py: benchmarks/results/cpu-2core-2026-12-07-node-cost.md):
 OP_COST_MACS = 300_000  # one operator of a plain forward (dispatch, allocation, a kernel's set-up)
 BATCH_COST_MACS = 6_000_000  # one more batch of the pipeline around the model (draws, scoring, transfers)
-_CONVOLUTION = flop_registry[torch.ops.aten.convolution]  # the formula of every convolution op the mode sees
 
 
 @dataclass(frozen=True)
 class ForwardCount:
     """One forward's operators (views excluded) and multiply-accumulates per input pixel (matrix products and
-    convolutions by their formula, any other operator one per output element)."""
+    convolutions from their shapes, any other operator one per output element)."""
 
     ops: int
     macs_per_px: float
@@ -32,26 +30,37 @@ class ForwardCount:
         return batches * (BATCH_COST_MACS + self.ops * OP_COST_MACS)
 
 
+def _macs(name: str, args: tuple, out) -> int:
+    """Multiply-accumulates of a matrix product or a convolution (any form the mode sees: conv2d, convolution,
+    mkldnn_convolution, conv_transpose2d...), from the shapes; 0 for other operators."""
+    if not isinstance(out, torch.Tensor) or len(args) < 2 or not isinstance(args[1], torch.Tensor):
+        return 0
+    if name.startswith(("conv", "_conv", "mkldnn_conv", "cudnn_conv", "miopen_conv", "_slow_conv")):
+        x, w = args[0], args[1]
+        transposed = "transpose" in name or (name in ("convolution", "_convolution") and len(args) > 6 and
+                                             bool(args[6]))
+        # weight (out, in / groups, *k), or (in, out / groups, *k) transposed: each output (input) element
+        # gathers (scatters) w.shape[1] * prod(k) products
+        return (x.numel() if transposed else out.numel()) * w[0].numel()
+    if name in ("mm", "bmm", "matmul", "linear"):
+        return out.numel() * args[0].shape[-1]
+    if name in ("addmm", "baddbmm") and len(args) > 2:
+        return out.numel() * args[1].shape[-1]
+    return 0
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops, self.macs = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = func(*args, **(kwargs or {}))
         if func.is_view:
             return out
         self.ops += 1
-        formula = flop_registry.get(func._overloadpacket)
-        name = func._overloadpacket.__name__
-        if formula is not None:
-            self.macs += formula(*args, **kwargs, out_val=out) // 2
-        elif name.startswith("conv") and len(args) >= 2:  # conv2d, conv_transpose2d... (not decomposed here)
-            self.macs += _CONVOLUTION(args[0], args[1], None, None, None, None, "transpose" in name,
-                                      out_val=out) // 2
-        elif isinstance(out, torch.Tensor):
-            self.macs += out.numel()
+        macs = _macs(func._overloadpacket.__name__, args, out)
+        self.macs += macs if macs else out.numel() if isinstance(out, torch.Tensor) else 0
         return out
 
 

@@ -80,3 +80,13 @@ def test_exhaustive_mode_counts_its_draws_as_what_every_block_gets(rng, bank):
                                      samples=2, patches=bank, progress=False)
     info = res.extra["locality"]["incremental"]
     assert info["used"], info
+
+
+@pytest.mark.parametrize("inference", [True, False], ids=["inference-mode", "grad-mode"])
+def test_matrix_products_count_their_inner_dimension(inference):
+    """A linear layer over the last axis (12 -> 5) of a (1, 3, 10, 12) input: 150 outputs x 12 products, over 120
+    pixels, whether the mode sees linear or its matmul / mm / addmm."""
+    torch.manual_seed(0)
+    with torch.inference_mode(inference), torch.set_grad_enabled(not inference):
+        count = count_forward(torch.nn.Linear(12, 5), torch.rand(1, 3, 10, 12))
+    assert count.macs_per_px == pytest.approx(150 * 12 / 120, rel=0.05), count  # + the bias add, if apart
