@@ -13,8 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # Fixed costs, whatever the input's size, counted as the convolution work that takes as long (measured on the
 # 2-core CPU by benchmarks/node_cost.py: benchmarks/results/cpu-2core-2026-12-07-node-cost.md):
-OP_COST_MACS = 300_000  # one operator of a plain forward (dispatch, allocation, a kernel's set-up)
-BATCH_COST_MACS = 6_000_000  # one more batch of the pipeline around the model (draws, scoring, transfers)
+# the lower ends (one thread, quiet): a choice is refused only where it clearly cannot pay for itself
+OP_COST_MACS = 1_000_000  # one operator of a plain forward (dispatch, allocation, a kernel's set-up)
+BATCH_COST_MACS = 17_000_000  # one more batch of the pipeline around the model (draws, scoring, transfers)
 
 
 @dataclass(frozen=True)
