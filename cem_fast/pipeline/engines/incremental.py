@@ -164,6 +164,25 @@ def _fixed_cost_refusal(plan: RunPlan, graph: LayerwiseGraph, inc: IncrementalEn
             f"{fixed:.3g} for {nodes} graph nodes x {runs} runs)")
 
 
+def _untraced_refusal(plan: RunPlan, chosen, windows_said: Optional[Verdict]) -> str:
+    """The fixed-cost rule before the graph is traced (a trace is milliseconds of a small net's call), from the
+    windows' count of one forward: the most it can save, all the model work of the engine it would replace over the
+    draws every block gets, against the least its fixed cost can be, a graph node per operator the model runs
+    (each convolution, activation or addition of a conv net is one of each) over its planning's runs and one run
+    per stage. "" when it might pay (then the traced rule decides), or nothing was counted."""
+    facts = windows_said.facts if windows_said is not None else {}
+    if "forward_ops" not in facts:
+        return ""
+    px = facts["input_px_per_draw"] if isinstance(chosen, WindowsEngine) else facts["crop_px_per_draw"]
+    most = plan.options.every_block_draws * px * facts["macs_per_input_px"]
+    least = facts["forward_ops"] * (PLAN_RUNS + 2) * NODE_COST_MACS
+    if most >= least:
+        return ""
+    return (f"saves less than its fixed cost (at most {most:.3g} multiply-accumulates over the draws every block "
+            f"gets against at least {least:.3g} for {facts['forward_ops']} operators x {PLAN_RUNS + 2} runs; not "
+            "traced)")
+
+
 def _materialised(plan: RunPlan, inc: IncrementalEngine) -> torch.Tensor:
     """The unintervened activations of the region kept by the graph; returns its output there."""
     crop_in = inc.region.crop(plan.prep.base).unsqueeze(0)
@@ -201,6 +220,10 @@ def plan(plan: RunPlan, chosen, verdicts) -> tuple[Optional[IncrementalEngine], 
     if plan.options.incremental != "on" and not plan.options.compile and not _has_convolution(plan.model):
         instead = "windows" if isinstance(chosen, WindowsEngine) else "crop"
         return no(f"saves too little over the {instead}: the model has no convolution (not traced)")
+    if plan.options.incremental != "on":
+        too_small = _untraced_refusal(plan, chosen, windows_said)
+        if too_small:
+            return no(too_small)
     try:
         graph = build_graph(plan)
     except Unsupported as e:

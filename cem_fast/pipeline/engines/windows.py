@@ -227,8 +227,9 @@ def _fixed_cost_refusal(plan: RunPlan, windows: BlockWindows, region: Window, fa
     (:meth:`ForwardCount.fixed_macs`); "" when it can. A small net (a few thin layers) saves pixels but not the
     time of its extra forwards. The model's cost is counted on one forward of the first block's window."""
     y, x, h, w = (int(v) for v in windows.inputs[0])
-    try:
-        count = count_forward(plan.forward, Window(y, x, h, w).crop(plan.prep.base).unsqueeze(0))
+    inp = Window(y, x, h, w).crop(plan.prep.base).unsqueeze(0).contiguous(memory_format=plan.forward.memory_format)
+    try:  # owned: the model's operators alone, as a batch of the sampling runs them
+        count = count_forward(lambda batch: plan.forward(batch, owned=True), inp)
     except RuntimeError:  # the model refuses that window: the check says so, with the reason
         return ""
     stages = sum(1 for n in plan.options.stages if n)

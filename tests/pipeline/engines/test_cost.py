@@ -90,3 +90,21 @@ def test_matrix_products_count_their_inner_dimension(inference):
     with torch.inference_mode(inference), torch.set_grad_enabled(not inference):
         count = count_forward(torch.nn.Linear(12, 5), torch.rand(1, 3, 10, 12))
     assert count.macs_per_px == pytest.approx(150 * 12 / 120, rel=0.05), count  # + the bias add, if apart
+
+
+def test_a_net_too_small_for_the_graph_is_refused_before_it_is_traced(rng, bank, monkeypatch):
+    """The windows' count bounds what the layer-by-layer engine could save (all of the crop's work) against the
+    least its fixed cost can be: on two thin convolutions the graph is never traced; "on" still runs it."""
+    from cem_fast.layerwise import LayerwiseGraph
+    traced = []
+    real = LayerwiseGraph.__init__
+    monkeypatch.setattr(LayerwiseGraph, "__init__", lambda self, model: traced.append(model) or real(self, model))
+    img = rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)
+    kw = dict(ARGS, incremental="auto")
+    res = cem_fast.causal_effect_map(thin(), img, patches=bank, **kw)
+    info = res.extra["locality"]["incremental"]
+    assert not info["used"] and info["reason"].startswith("saves less than its fixed cost (at most"), info
+    assert "not traced" in info["reason"] and traced == []
+    on = cem_fast.causal_effect_map(thin(), img, patches=bank, **dict(kw, incremental="on"))
+    assert on.extra["locality"]["incremental"]["used"] and len(traced) == 1
+    np.testing.assert_allclose(on.cem, res.cem, atol=1e-6)

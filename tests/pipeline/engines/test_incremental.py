@@ -61,23 +61,26 @@ def test_too_small_a_gain_keeps_the_windows(image, bank, monkeypatch):
     """The engine runs only where it computes clearly fewer convolution pixels (here: demanding 1000x)."""
     import cem_fast.pipeline.engines.incremental as incremental
     monkeypatch.setattr(incremental, "MIN_GAIN", 1000)
-    res = cem_fast.causal_effect_map(ConvStack(1), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    res = cem_fast.causal_effect_map(ConvStack(1), image, roi=(24, 32, 16), patches=bank, windows="on", **ARGS)
     info = res.extra["locality"]["incremental"]
     assert not info["used"] and "saves too little" in info["reason"]
 
 
 def test_a_net_too_small_to_pay_for_its_graphs_fixed_cost_keeps_the_windows(image, bank, monkeypatch):
     """A few thin layers save convolution pixels but not the time of the graph's nodes: auto keeps an engine without
-    a graph and says why; without the fixed cost (or with "on") the same run is recomputed layer by layer."""
+    a graph and says why; without the fixed cost (or with "on") the same run is recomputed layer by layer. The
+    windows "on": the graph is traced and weighed (auto's windows count a forward, by which it is refused untraced:
+    tests/pipeline/engines/test_cost.py)."""
     import cem_fast.pipeline.engines.incremental as incremental
-    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    args = dict(ARGS, windows="on")
+    res = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **args)
     info = res.extra["locality"]["incremental"]
     assert not info["used"] and info["reason"].startswith("saves less than its fixed cost"), info
     assert info["fewer_conv_px"] >= incremental.MIN_GAIN and not res.extra["plan"]["incremental"]
     on = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ON)
     assert on.extra["locality"]["incremental"]["used"]
     monkeypatch.setattr(incremental, "NODE_COST_MACS", 0)
-    free = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **ARGS)
+    free = cem_fast.causal_effect_map(ConvStack(4, 2), image, roi=(24, 32, 16), patches=bank, **args)
     assert free.extra["locality"]["incremental"]["used"]
     assert np.array_equal(on.gated, free.gated) and np.allclose(on.cem, res.cem, atol=1e-3)
 
@@ -146,7 +149,7 @@ def test_a_failure_of_the_activations_keeps_the_windows(image, bank, monkeypatch
 
 @pytest.mark.parametrize("model,opts,reason", [
     (ConvStack(4, 2), dict(locality="off"), "locality was not verified"),
-    (Reflect(), {}, "reflect padding"),
+    (Reflect(), dict(windows="on"), "reflect padding"),
 ])
 def test_the_summary_says_why_it_did_not_run(model, opts, reason, image, bank):
     res = cem_fast.causal_effect_map(model, image, roi=(24, 32, 16), patches=bank, **ARGS, **opts)
