@@ -169,9 +169,12 @@ def _untraced_refusal(plan: RunPlan, chosen, windows_said: Optional[Verdict]) ->
     windows' count of one forward: the most it can save, all the model work of the engine it would replace over the
     draws every block gets, against the least its fixed cost can be, a graph node per operator the model runs
     (each convolution, activation or addition of a conv net is one of each) over its planning's runs and one run
-    per stage. "" when it might pay (then the traced rule decides), or nothing was counted."""
+    per stage; a model without a convolution saves nothing. "" when it might pay (then the traced rule decides)."""
+    if not plan.options.compile and not _has_convolution(plan.model):
+        instead = "windows" if isinstance(chosen, WindowsEngine) else "crop"
+        return f"saves too little over the {instead}: the model has no convolution (not traced)"
     facts = windows_said.facts if windows_said is not None else {}
-    if "forward_ops" not in facts:
+    if "forward_ops" not in facts:  # not counted (the windows were refused before, or "on")
         return ""
     px = facts["input_px_per_draw"] if isinstance(chosen, WindowsEngine) else facts["crop_px_per_draw"]
     most = plan.options.every_block_draws * px * facts["macs_per_input_px"]
@@ -217,13 +220,9 @@ def plan(plan: RunPlan, chosen, verdicts) -> tuple[Optional[IncrementalEngine], 
     spread, windows_said = measured_spread(verdicts), verdict_of(verdicts, WindowsEngine.name)
     if spread is None:
         return no("no measured spread: " + str(windows_said.reason if windows_said else None))
-    if plan.options.incremental != "on" and not plan.options.compile and not _has_convolution(plan.model):
-        instead = "windows" if isinstance(chosen, WindowsEngine) else "crop"
-        return no(f"saves too little over the {instead}: the model has no convolution (not traced)")
-    if plan.options.incremental != "on":
-        too_small = _untraced_refusal(plan, chosen, windows_said)
-        if too_small:
-            return no(too_small)
+    too_small = _untraced_refusal(plan, chosen, windows_said) if plan.options.incremental != "on" else ""
+    if too_small:
+        return no(too_small)
     try:
         graph = build_graph(plan)
     except Unsupported as e:
