@@ -87,20 +87,29 @@ class FieldStore:
         atomic_write(self._path(side, index), lambda f: np.savez(f, chunk_blocks=blocks, forwards=np.int64(
             chunk.forwards), digest=np.array(digest), **arrays))
 
-    def load(self, side: int, index: int, blocks: np.ndarray) -> Optional[ChunkSamples]:
-        """Chunk ``index`` when its file is there, checks and holds ``blocks``; else None (recompute it)."""
+    def _read(self, side: int, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+        """Chunk ``index``'s blocks, arrays and forwards, its digest checked; ValueError (one line) where the file
+        does not read (missing, truncated, not a zip, an array missing) or changed since it was written."""
         path = self._path(side, index)
-        if not path.exists():
-            return None
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ChunkSamples.ARRAYS}
-                ok = (np.array_equal(z["chunk_blocks"], blocks)
-                      and str(z["digest"]) == chunk_digest(self.key, index, z["chunk_blocks"], arrays))
-                forwards = int(z["forwards"])
-        except Exception:  # truncated, not a zip, a missing array: recomputed like a bad digest
-            ok = False
-        if not ok:
+                blocks, digest, forwards = z["chunk_blocks"], str(z["digest"]), int(z["forwards"])
+        except Exception as e:
+            raise ValueError(f"field chunk {path} does not read ({type(e).__name__})") from None
+        if digest != chunk_digest(self.key, index, blocks, arrays):
+            raise ValueError(f"field chunk {path} changed since it was written (its digest does not check)")
+        return blocks, arrays, forwards
+
+    def load(self, side: int, index: int, blocks: np.ndarray) -> Optional[ChunkSamples]:
+        """Chunk ``index`` when its file is there, checks and holds ``blocks``; else None (recompute it)."""
+        if not self._path(side, index).exists():
+            return None
+        try:
+            held, arrays, forwards = self._read(side, index)
+        except ValueError:  # recomputed
+            held = None
+        if held is None or not np.array_equal(held, blocks):
             self.dropped += 1
             return None
         return ChunkSamples(**arrays, forwards=forwards)
@@ -109,11 +118,10 @@ class FieldStore:
         """(blocks, coarse, fine) of ``tile``'s pairs in the chunks ``indices`` (their files, checked)."""
         parts = []
         for i in indices:
-            with np.load(self._path(side, i), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ChunkSamples.ARRAYS}
-                if str(z["digest"]) != chunk_digest(self.key, i, z["chunk_blocks"], arrays):
-                    raise ValueError(f"field chunk {self._path(side, i)} changed since it was written (its digest "
-                                     "does not check): run the field again to recompute it")
+            try:
+                _, arrays, _ = self._read(side, i)
+            except ValueError as e:
+                raise ValueError(f"{e}: run the field again to recompute it") from None
             keep = arrays["tiles"] == tile
             parts.append((arrays["blocks"][keep], arrays["coarse"][keep], arrays["fine"][keep]))
         return tuple(np.concatenate(a) for a in zip(*parts))  # type: ignore[return-value]

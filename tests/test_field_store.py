@@ -61,3 +61,28 @@ def test_a_file_where_the_folder_should_be_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file, expected a folder"):
         FieldStore(tmp_path / "f", "k1", {"seed": 0})
+
+
+@pytest.mark.parametrize("spoil", ["flip", "missing"])
+def test_a_tiles_samples_read_from_a_spoiled_chunk_are_refused_in_one_line(tmp_path, rng, spoil):
+    """A finished field reads a tile's samples from its chunks on demand: a chunk changed or lost since it was
+    written is an error naming it (never samples that do not check)."""
+    store = FieldStore(tmp_path / "f", "k1", {"seed": 0})
+    c, blocks = chunk(rng), np.arange(3, 9)
+    store.save(2, 0, blocks, c)
+    tile = int(c.tiles[0])
+    got_blocks, coarse, fine = store.samples_of(2, [0], tile)
+    keep = c.tiles == tile
+    np.testing.assert_array_equal(got_blocks, c.blocks[keep])
+    np.testing.assert_array_equal(coarse, c.coarse[keep])
+    np.testing.assert_array_equal(fine, c.fine[keep])
+    path = next((tmp_path / "f" / "chunks").glob("*.npz"))
+    if spoil == "flip":
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 3] ^= 0x01
+        path.write_bytes(bytes(raw))
+    else:
+        path.unlink()
+    with pytest.raises(ValueError, match=r"^field chunk .*\.npz (changed since it was written|does not read).*: "
+                                         r"run the field again to recompute it$"):
+        store.samples_of(2, [0], tile)
