@@ -252,7 +252,8 @@ def open_cache(plan: RunPlan) -> RunPlan:
     if plan.options.cache is None:
         return plan
     # many ROIs, coarse-to-fine: a block's fine draws score only the ROIs that gated it (Runner.narrow_to), the
-    # others as Y(I): their cached rows are not those of an entry that scored every ROI
+    # others as Y(I): their cached rows are not those of an entry that scored every ROI (and the fine stage's rows
+    # are kept under a name that digests the gates: stages.narrowed_stage)
     narrowed = len(plan.rois) > 1 and plan.options.mode == "coarse-to-fine"
     key, components, code_unknown = samples_key(plan, {"fine_scores": "gated ROIs"} if narrowed else {}, "cache")
     note = f"samples not reused across runs: {code_unknown}" if code_unknown else None

@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..cache import digest_bytes
 from ..intervals import UNDECIDED, decide, t975
 from ..options import HALF_WIDTH_DB, HALF_WIDTH_REL
 from .runner import Runner
@@ -42,13 +43,25 @@ def sample_stages(runner: Runner, grid, reach: np.ndarray, psnr_origin: np.ndarr
         gated[:, run] = (np.abs(effects(origin, got_coarse)) >= tol).any(axis=2) & flat_reach[:, run]
     else:
         gated = np.ones((n, nb), dtype=bool)
-    if fine and coarse and n > 1 and (gated & flat_reach).any() and (flat_reach & ~gated).any():  # only the ROIs that gated a block read its fine
-        runner.narrow_to(gated & flat_reach)  # draws: they compute what they change there alone
+    stage = "fine"
+    if fine and coarse and n > 1 and (gated & flat_reach).any() and (flat_reach & ~gated).any():
+        stage = narrowed_stage(runner, gated & flat_reach)
     fine_run = runner.order(np.flatnonzero((gated & flat_reach).any(0))) if fine else np.zeros(0, np.int64)
     runner.expect(len(run) * coarse + len(fine_run) * fine)
-    got_fine = run_draws(runner, "fine", fine_run, coarse, fine, n)
+    got_fine = run_draws(runner, stage, fine_run, coarse, fine, n)
     return Samples(run, got_coarse, fine_run, got_fine, gated, flat_reach, np.asarray(psnr_origin, np.float64),
                    covariates=covariates)
+
+
+def narrowed_stage(runner: Runner, pairs: np.ndarray) -> str:
+    """Only the ROIs that gated a block read its fine draws: they compute what they change there alone
+    (:meth:`Runner.narrow_to`) and score the other ROIs as unchanged. The stage's name, under which the sample cache
+    keeps its rows, carries a digest of ``pairs``: a resumed run whose gates moved (Y(I) recomputed on another
+    device, a coarse chunk recomputed) computes its fine stage again instead of reading an unchanged score as the
+    sample of a pair that gates now."""
+    runner.narrow_to(pairs)
+    packed = np.packbits(np.ascontiguousarray(pairs, dtype=bool))
+    return "fine-" + digest_bytes(np.array(pairs.shape, "<i8").tobytes(), packed.tobytes())[:16]
 
 
 ADAPTIVE_STEP = 8  # draws added per round to every block still drawing

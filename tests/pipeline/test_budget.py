@@ -150,3 +150,35 @@ def test_a_blocks_fine_draws_score_only_the_rois_that_gated_it(image, bank, monk
         np.testing.assert_array_equal(m.gated, single.gated)
         np.testing.assert_allclose(m.effect, single.effect, atol=1e-9)
         np.testing.assert_allclose(m.samples_fine, single.samples_fine, atol=1e-9, equal_nan=True)
+
+
+def test_a_resumed_run_whose_gates_moved_never_reads_an_unchanged_score_as_a_sample(tmp_path, monkeypatch):
+    """The narrowed fine stage scores the pairs that did not gate as unchanged (Y(I)). A resumed run whose gates
+    moved (its Y(I) recomputed on another device, a recomputed coarse chunk) must not read those rows as samples of
+    a pair that gates now: the fine stage's cache rows belong to the gates they were computed for. Found by review:
+    nested ROIs, an inner ROI's effect just below tol, then just above."""
+    import cem_fast.pipeline.stages as stages
+    rng = np.random.RandomState(0)  # an image and bank with such a pair
+    img = rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)
+    bank = PatchBank(torch.from_numpy(rng.randint(0, 256, (16, 3, 8, 8)).astype(np.uint8)))
+    kw = dict(ARGS, patches=bank, windows="on", incremental="off", rois=[(8, 8, 48), (24, 24, 16)],
+              roi_plan="shared", tol=0.01)
+    cem_fast.causal_effect_maps(BoxBlur(), img, cache=tmp_path / "cache", **kw)
+    real, flipped = stages.effects, []
+
+    def inner_gates_one_more(origin, got):  # of the blocks the outer ROI gates, the one whose inner effect is
+        e = real(origin, got).copy()        # largest below tol: now just above it (the fine blocks stay the same)
+        if e.ndim == 3 and e.shape[0] == 2:  # the coarse stage's gate (ROIs, blocks, draws)
+            inner, outer = np.abs(e[1]).max(1), np.abs(e[0]).max(1) >= 0.01
+            candidates = np.where((inner < 0.01) & (inner > 0) & outer, inner, -1)
+            k = int(np.argmax(candidates))
+            flipped.append(candidates[k] > 0)
+            e[1, k] = np.sign(e[1, k]) * np.maximum(np.abs(e[1, k]), 0.0101)
+        return e
+    monkeypatch.setattr(stages, "effects", inner_gates_one_more)
+    resumed = cem_fast.causal_effect_maps(BoxBlur(), img, cache=tmp_path / "cache", **kw)
+    fresh = cem_fast.causal_effect_maps(BoxBlur(), img, **kw)
+    assert flipped and all(flipped), "a pair just below tol in the first run"
+    np.testing.assert_array_equal(resumed[1].gated, fresh[1].gated)
+    np.testing.assert_allclose(resumed[1].samples_fine, fresh[1].samples_fine, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(resumed[1].effect, fresh[1].effect, atol=1e-9)
