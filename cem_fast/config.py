@@ -21,7 +21,7 @@ import yaml
 
 from .geometry import ROI
 from .paths import looks_like_file, missing
-from .options import TASKS, config_defaults, split_options
+from .options import INCREMENTAL, LOCALITY, TASKS, WINDOWS, config_defaults, split_options
 
 
 MAX_DEPTH = 32  # a config nests 3 levels (rois: a list of lists); deeper would only exhaust the stack
@@ -160,6 +160,9 @@ def parse_value(text: str, key: str = "value") -> Any:
 
 
 FIELD_KEYS = ("tile", "max_memory")  # cem-fast field's own keys (its ROIs are its tiles)
+# options whose words include on / off, which YAML 1.1 reads as booleans (``windows: on`` is True)
+ON_OFF_KEYS = tuple(k for k, words in (("locality", LOCALITY), ("windows", WINDOWS), ("incremental", INCREMENTAL))
+                    if "on" in words or "off" in words)
 
 
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None, field: bool = False) -> RunConfig:
@@ -190,6 +193,9 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None, fiel
         for name in _other_names(k.strip()):  # --set fine=2 replaces the config's fine_num, roi its h, w, ROI_size
             raw.pop(name, None)
         raw[k.strip()] = parse_value(v, k.strip())
+    for k in ON_OFF_KEYS:
+        if isinstance(raw.get(k), bool):
+            raw[k] = "on" if raw[k] else "off"
     for k in raw:
         if not isinstance(k, str):
             raise ValueError(f"config keys must be names (text), got {k!r}")

@@ -65,3 +65,24 @@ def test_plot_scale_config_key(tmp_path):
     for bad in ("0", "big", "-1"):
         with pytest.raises(ValueError, match="plot_scale must be auto, paper or a positive bound in dB"):
             load_config(str(cfg), [f"plot_scale={bad}"])
+
+
+@pytest.mark.parametrize("line,key,want", [("windows: on", "windows", "on"), ("incremental: off", "incremental", "off"),
+                                           ("incremental: on", "incremental", "on"), ("locality: off", "locality", "off")])
+def test_on_and_off_are_the_words_not_yamls_booleans(tmp_path, line, key, want):
+    """YAML 1.1 reads on / off as true / false: the options whose words they are get the words back, in a config
+    and with --set."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"task: DN\nmodel: bicubic\nimage: x.png\nroi: [8, 8, 16]\n{line}\n")
+    assert load_config(str(cfg)).options[key] == want
+    plain = tmp_path / "p.yml"
+    plain.write_text("task: DN\nmodel: bicubic\nimage: x.png\nroi: [8, 8, 16]\n")
+    assert load_config(str(plain), [f"{key}={line.split(': ')[1]}"]).options[key] == want
+
+
+def test_windows_off_is_refused_with_the_words_it_takes(tmp_path, capsys):
+    from cem_fast.cli import main
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("task: DN\nmodel: bicubic\nimage: x.png\nroi: [8, 8, 16]\nwindows: off\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "cem-fast: error: windows must be one of auto, crop, on, got 'off'"
