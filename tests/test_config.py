@@ -67,8 +67,10 @@ def test_plot_scale_config_key(tmp_path):
             load_config(str(cfg), [f"plot_scale={bad}"])
 
 
-@pytest.mark.parametrize("line,key,want", [("windows: on", "windows", "on"), ("incremental: off", "incremental", "off"),
-                                           ("incremental: on", "incremental", "on"), ("locality: off", "locality", "off")])
+@pytest.mark.parametrize("line,key,want", [("windows: on", "windows", "on"),
+                                           ("incremental: off", "incremental", "off"),
+                                           ("incremental: on", "incremental", "on"),
+                                           ("locality: off", "locality", "off")])
 def test_on_and_off_are_the_words_not_yamls_booleans(tmp_path, line, key, want):
     """YAML 1.1 reads on / off as true / false: the options whose words they are get the words back, in a config
     and with --set."""

@@ -251,11 +251,9 @@ def open_cache(plan: RunPlan) -> RunPlan:
     """The plan with its cache entry, keyed by every input of the samples (the engine included)."""
     if plan.options.cache is None:
         return plan
-    # many ROIs, coarse-to-fine: a block's fine draws score only the ROIs that gated it (Runner.narrow_to), the
-    # others as Y(I): their cached rows are not those of an entry that scored every ROI (and the fine stage's rows
-    # are kept under a name that digests the gates: stages.narrowed_stage)
-    narrowed = len(plan.rois) > 1 and plan.options.mode == "coarse-to-fine"
-    key, components, code_unknown = samples_key(plan, {"fine_scores": "gated ROIs"} if narrowed else {}, "cache")
+    # a narrowed fine stage (many ROIs) keeps its rows under a stage name that digests its gates
+    # (stages.narrowed_stage): the key need not say it
+    key, components, code_unknown = samples_key(plan, {}, "cache")
     note = f"samples not reused across runs: {code_unknown}" if code_unknown else None
     # rank 0 first: it alone clears the entry (fresh) and writes meta.json, so ranks never race on them
     cache, failed = distributed.rank0_first(lambda first: _cache_entry(plan, key, components, first), "cache")

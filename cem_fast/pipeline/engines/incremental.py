@@ -146,22 +146,22 @@ def _counted(plan: RunPlan, graph: LayerwiseGraph, inc: IncrementalEngine, chose
 
 def _fixed_cost_refusal(plan: RunPlan, graph: LayerwiseGraph, inc: IncrementalEngine, facts: dict) -> str:
     """Why the convolution work it saves over the draws every reachable block gets (the coarse stage, or
-    exhaustive mode's; the fine stage's count is not known yet) cannot pay for its fixed cost: ``NODE_COST_MACS`` per graph node and run, over
-    its planning's runs and one run per footprint shape and stage; "" when it can. A small net (a few thin layers)
-    saves convolution pixels but not the time of its graph's nodes."""
+    exhaustive mode's; the fine stage's count is not known yet) cannot pay for its fixed cost: ``NODE_COST_MACS``
+    per graph node and run, over its planning's runs and one run per footprint shape and stage; "" when it can. A
+    small net (a few thin layers) saves convolution pixels but not the time of its graph's nodes."""
     convs = [x for x in graph.order if x.kind == "conv"]
     weight = sum(x.scale ** 2 for x in convs)  # a window's convolution pixels, per layer (window_conv_pixels)
     macs_per_px = sum(x.conv.in_channels // x.conv.groups * x.conv.out_channels * x.conv.kernel_size[0] *
                       x.conv.kernel_size[1] * x.scale ** 2 for x in convs) / max(1, weight)
-    saved = plan.options.every_block_draws * len(inc.windows.blocks) * max(0, facts["instead_conv_px_per_intervention"] -
-                                                    facts["conv_px_per_intervention"]) * macs_per_px
+    fewer_px = max(0, facts["instead_conv_px_per_intervention"] - facts["conv_px_per_intervention"])
+    saved = plan.options.every_block_draws * len(inc.windows.blocks) * fewer_px * macs_per_px
     nodes = sum(1 for x in graph.order if x.kind not in ("const", "output"))
     runs = PLAN_RUNS + 2 * len(np.unique(inc.shape_key(inc.windows.blocks)))
     fixed = nodes * runs * NODE_COST_MACS
     if saved >= fixed:
         return ""
-    return (f"saves less than its fixed cost ({saved:.3g} multiply-accumulates over the draws every block gets against "
-            f"{fixed:.3g} for {nodes} graph nodes x {runs} runs)")
+    return (f"saves less than its fixed cost ({saved:.3g} multiply-accumulates over the draws every block gets "
+            f"against {fixed:.3g} for {nodes} graph nodes x {runs} runs)")
 
 
 def _untraced_refusal(plan: RunPlan, chosen, windows_said: Optional[Verdict]) -> str:
